@@ -1,0 +1,44 @@
+# Switchboard developer commands. Everything installs itself: a Python virtual environment
+# in .venv (pinned requirements) and Azurite from the committed npm lock file.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ONLY ?=
+
+.PHONY: demo start test lint typecheck pytest bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+deps: $(VENV)/.installed node_modules/.installed
+
+demo: deps
+	$(PY) -m devhost.services -- $(PY) -m demo
+
+start: deps
+	$(PY) -m devhost.services --data .azurite -- $(PY) -m devhost serve
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: deps
+	$(VENV)/bin/mypy
+
+pytest: deps
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+bench: deps
+	$(PY) -m bench $(ONLY)
+
+clean:
+	rm -rf $(VENV) .venv313 node_modules .azurite .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Segment file arrival: a CDP audience export landing in the `segments` container."""

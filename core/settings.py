@@ -1,0 +1,144 @@
+"""The one place that reads the environment.
+
+Every app setting Switchboard understands is a field here, named exactly as it appears in
+the Azure portal, `local.settings.json` and `local.settings.example.json`. `load_settings()`
+validates all of them at once and raises `ConfigError` naming each bad setting and what it
+expects; values are never echoed, because some of them are secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+from core.schedule import CronSchedule
+from core.storage.connection import StorageAccount, parse_connection_string
+
+
+class Settings(BaseSettings):
+    """Typed view of the app settings (environment variables)."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    storage_connection: str | None = Field(
+        default=None,
+        validation_alias="AzureWebJobsStorage",
+        description="Storage connection string, or UseDevelopmentStorage=true for Azurite.",
+    )
+    storage_account_name: str | None = Field(
+        default=None,
+        validation_alias="AzureWebJobsStorage__accountName",
+        description="Identity-based connection: storage account name (managed identity).",
+    )
+    storage_client_id: str | None = Field(
+        default=None,
+        validation_alias="AzureWebJobsStorage__clientId",
+        description="Identity-based connection: client id of a user-assigned identity.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO",
+        validation_alias="SWITCHBOARD_LOG_LEVEL",
+        description="Level for Switchboard's own loggers.",
+    )
+    segments_trigger_source: Literal["LogsAndContainerScan", "EventGrid"] = Field(
+        default="LogsAndContainerScan",
+        validation_alias="SWITCHBOARD_SEGMENTS_TRIGGER_SOURCE",
+        description="How the segment blob trigger learns of new files (Flex needs EventGrid).",
+    )
+    log_export_schedule: str = Field(
+        default="0 0 */4 * * *",
+        validation_alias="SWITCHBOARD_LOG_EXPORT_SCHEDULE",
+        description="NCRONTAB schedule of the CDP log export timer (six fields, UTC).",
+    )
+    currents_schedule: str = Field(
+        default="0 */5 * * * *",
+        validation_alias="SWITCHBOARD_CURRENTS_SCHEDULE",
+        description="NCRONTAB schedule of the Braze Currents S3 discovery timer.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_S3_ENDPOINT_URL",
+        description="S3 endpoint for S3-compatible stores and local runs; unset means AWS.",
+    )
+    s3_region: str = Field(
+        default="us-east-1",
+        validation_alias="SWITCHBOARD_S3_REGION",
+        description="AWS region of the Currents bucket.",
+    )
+
+    @field_validator("storage_connection")
+    @classmethod
+    def _connection_parses(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            parse_connection_string(value)
+        except ConfigError as exc:  # pydantic only collects ValueErrors
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("log_export_schedule", "currents_schedule")
+    @classmethod
+    def _schedule_parses(cls, value: str) -> str:
+        try:
+            CronSchedule.parse(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _storage_is_configured(self) -> Settings:
+        if self.storage_connection is None and self.storage_account_name is None:
+            raise ValueError(
+                "AzureWebJobsStorage is not set: expected a storage connection string, "
+                "UseDevelopmentStorage=true, or AzureWebJobsStorage__accountName for a "
+                "managed-identity connection"
+            )
+        return self
+
+    def storage_account(self) -> StorageAccount:
+        if self.storage_connection is not None:
+            return parse_connection_string(self.storage_connection)
+        assert self.storage_account_name is not None  # guaranteed by the model validator
+        return StorageAccount.for_managed_identity(
+            self.storage_account_name, client_id=self.storage_client_id
+        )
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+def _setting_name(location: tuple[int | str, ...]) -> str:
+    if not location:
+        return ""
+    field = Settings.model_fields.get(str(location[0]))
+    if field is not None and isinstance(field.validation_alias, str):
+        return field.validation_alias
+    return str(location[0])
+
+
+def load_settings() -> Settings:
+    """Read and validate every setting; raise ConfigError listing what is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            message = str(error["msg"]).removeprefix("Value error, ")
+            name = _setting_name(tuple(error["loc"]))
+            problems.append(message if message.startswith(name) else f"{name}: {message}")
+        raise ConfigError("invalid app settings: " + "; ".join(problems)) from None

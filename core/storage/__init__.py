@@ -1,0 +1,87 @@
+"""Azure Storage (blob, table, queue) behind one object, the same against Azurite and Azure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from azure.core.exceptions import AzureError
+from azure.data.tables import TableServiceClient
+from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueServiceClient
+
+from core.storage.blobs import CHUNK_BYTES, BlobRef, BlobStore
+from core.storage.connection import StorageAccount
+from core.storage.queues import QueueSender
+from core.storage.tables import Tables
+
+__all__ = ["BlobRef", "ServiceHealth", "Storage"]
+
+# Health pings must answer quickly or report the service as down.
+_PING_TIMEOUT_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class ServiceHealth:
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"ok": self.ok, "latency_ms": round(self.latency_ms, 1)}
+        if self.error:
+            result["error"] = self.error
+        return result
+
+
+class Storage:
+    """Blob, table and queue clients for one account."""
+
+    def __init__(self, account: StorageAccount) -> None:
+        self.account = account
+        self.blob_service = BlobServiceClient(
+            account.blob_url,
+            credential=account.credential("blob"),
+            max_single_get_size=CHUNK_BYTES,
+            max_chunk_get_size=CHUNK_BYTES,
+        )
+        self.table_service = TableServiceClient(
+            account.table_url, credential=account.credential("table")
+        )
+        self.queue_service = QueueServiceClient(
+            account.queue_url, credential=account.credential("queue")
+        )
+        self.blobs = BlobStore(self.blob_service)
+        self.tables = Tables(self.table_service)
+        self.queues = QueueSender(self.queue_service)
+
+    def ping(self) -> dict[str, ServiceHealth]:
+        """Round-trip each service once, without retries; used by the health route."""
+        fast: dict[str, Any] = {
+            "retry_total": 0,
+            "connection_timeout": _PING_TIMEOUT_SECONDS,
+            "read_timeout": _PING_TIMEOUT_SECONDS,
+        }
+        account = self.account
+        probes = {
+            "blob": lambda: BlobServiceClient(
+                account.blob_url, credential=account.credential("blob"), **fast
+            ).list_containers(results_per_page=1),
+            "table": lambda: TableServiceClient(
+                account.table_url, credential=account.credential("table"), **fast
+            ).list_tables(results_per_page=1),
+            "queue": lambda: QueueServiceClient(
+                account.queue_url, credential=account.credential("queue"), **fast
+            ).list_queues(results_per_page=1),
+        }
+        results = {}
+        for name, listing in probes.items():
+            started = time.perf_counter()
+            try:
+                next(iter(listing()), None)
+                results[name] = ServiceHealth(True, (time.perf_counter() - started) * 1000)
+            except AzureError as exc:
+                elapsed = (time.perf_counter() - started) * 1000
+                results[name] = ServiceHealth(False, elapsed, type(exc).__name__)
+        return results

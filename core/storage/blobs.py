@@ -1,0 +1,328 @@
+"""Blob storage access that never holds a whole blob in memory.
+
+Reads are chunked downloads pinned to one ETag (a blob overwritten mid-read fails instead
+of mixing two versions). Writes are create-only unless asked otherwise; large writes are
+staged block by block and committed once, so readers never see half a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import BlobServiceClient, ContentSettings
+
+from core.errors import BlobAlreadyExists, LeaseUnavailable, StorageError
+
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """One version of one blob: what a trigger hands over and receipts are keyed by."""
+
+    container: str
+    name: str
+    etag: str
+    size: int
+    last_modified: datetime | None = None
+
+    @property
+    def path(self) -> str:
+        return f"{self.container}/{self.name}"
+
+
+def deterministic_name(prefix: str, *parts: str, suffix: str = "") -> str:
+    """A blob name that is the same every time for the same inputs (retries overwrite-safe)."""
+    cleaned = [p.strip("/") for p in (prefix, *parts) if p]
+    return "/".join(cleaned) + suffix
+
+
+class ChunkReader(io.RawIOBase):
+    """A read-only file object over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while self._offset >= len(self._buffer):
+            next_chunk = next(self._chunks, None)
+            if next_chunk is None:
+                return 0
+            self._buffer, self._offset = next_chunk, 0
+        view = memoryview(target).cast("B")
+        size = min(len(view), len(self._buffer) - self._offset)
+        view[:size] = self._buffer[self._offset : self._offset + size]
+        self._offset += size
+        return size
+
+
+class BlockWriter:
+    """Streams bytes into a block blob, committing once on close.
+
+    Blocks of `block_bytes` are staged as they fill; `close()` commits the list, create-only
+    unless `overwrite` is set. Leaving the `with` block on an exception commits nothing.
+    """
+
+    def __init__(
+        self,
+        service: BlobServiceClient,
+        container: str,
+        name: str,
+        *,
+        overwrite: bool = False,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+        block_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self._client = service.get_blob_client(container, name)
+        self._overwrite = overwrite
+        self._content_type = content_type
+        self._metadata = metadata
+        self._block_bytes = block_bytes
+        self._pending = bytearray()
+        self._block_ids: list[str] = []
+        self.bytes_written = 0
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.etag: str | None = None
+
+    def write(self, data: bytes) -> int:
+        self._pending += data
+        self.bytes_written += len(data)
+        self.md5.update(data)
+        while len(self._pending) >= self._block_bytes:
+            self._stage(bytes(self._pending[: self._block_bytes]))
+            del self._pending[: self._block_bytes]
+        return len(data)
+
+    def _stage(self, block: bytes) -> None:
+        block_id = base64.b64encode(f"{len(self._block_ids):08d}".encode()).decode()
+        self._client.stage_block(block_id, block)
+        self._block_ids.append(block_id)
+
+    def close(self) -> str:
+        if self._pending or not self._block_ids:
+            self._stage(bytes(self._pending))
+            self._pending.clear()
+        kwargs: dict[str, Any] = {}
+        if not self._overwrite:
+            kwargs = {"etag": "*", "match_condition": MatchConditions.IfMissing}
+        settings = ContentSettings(
+            content_type=self._content_type, content_md5=bytearray(self.md5.digest())
+        )
+        try:
+            result = self._client.commit_block_list(
+                self._block_ids, content_settings=settings, metadata=self._metadata, **kwargs
+            )
+        except (ResourceExistsError, ResourceModifiedError):
+            raise BlobAlreadyExists(f"blob {self._client.blob_name} already exists") from None
+        self.etag = str(result["etag"])
+        return self.etag
+
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class BlobLease:
+    """A held lease on a blob, renewed in the background until released."""
+
+    def __init__(self, lease: Any, seconds: int) -> None:
+        self._lease = lease
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(
+            target=self._renew_loop, args=(max(1, seconds // 3),), daemon=True
+        )
+        self._renewer.start()
+
+    @property
+    def id(self) -> str:
+        return str(self._lease.id)
+
+    def _renew_loop(self, every: int) -> None:
+        while not self._stop.wait(every):
+            try:
+                self._lease.renew()
+            except HttpResponseError:
+                return  # the next write under this lease fails loudly instead
+
+    def release(self) -> None:
+        self._stop.set()
+        self._renewer.join(timeout=5)
+        try:
+            self._lease.release()
+        except HttpResponseError:
+            pass  # expired or broken: nothing left to release
+
+
+class BlobStore:
+    """Blob operations on one storage account."""
+
+    def __init__(self, service: BlobServiceClient) -> None:
+        self.service = service
+        self._ensured: set[str] = set()
+
+    def ensure_container(self, container: str) -> None:
+        if container in self._ensured:
+            return
+        try:
+            self.service.create_container(container)
+        except ResourceExistsError:
+            pass
+        self._ensured.add(container)
+
+    def ref(self, container: str, name: str) -> BlobRef:
+        try:
+            props = self.service.get_blob_client(container, name).get_blob_properties()
+        except ResourceNotFoundError:
+            raise StorageError(f"blob {container}/{name} does not exist") from None
+        return BlobRef(container, name, str(props.etag), int(props.size), props.last_modified)
+
+    def exists(self, container: str, name: str) -> bool:
+        return bool(self.service.get_blob_client(container, name).exists())
+
+    def iter_chunks(
+        self,
+        blob: BlobRef,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+    ) -> Iterator[bytes]:
+        """The blob's bytes in chunks, failing if it changed since `blob.etag`."""
+        client = self.service.get_blob_client(blob.container, blob.name)
+        try:
+            downloader = client.download_blob(
+                offset=offset,
+                length=length,
+                etag=blob.etag,
+                match_condition=MatchConditions.IfNotModified,
+                max_concurrency=1,
+            )
+            yield from downloader.chunks()
+        except ResourceModifiedError:
+            raise StorageError(f"blob {blob.path} changed while it was being read") from None
+
+    def open_reader(
+        self, blob: BlobRef, *, offset: int = 0, length: int | None = None
+    ) -> io.BufferedReader:
+        """A buffered binary file object streaming the blob (or a byte range of it)."""
+        return io.BufferedReader(
+            ChunkReader(self.iter_chunks(blob, offset=offset, length=length)), CHUNK_BYTES
+        )
+
+    def create(
+        self,
+        container: str,
+        name: str,
+        data: bytes | Iterable[bytes],
+        *,
+        overwrite: bool = False,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        """Write a blob, create-only by default (BlobAlreadyExists). Returns the ETag."""
+        self.ensure_container(container)
+        if isinstance(data, bytes) and len(data) <= CHUNK_BYTES:
+            client = self.service.get_blob_client(container, name)
+            try:
+                result = client.upload_blob(
+                    data,
+                    overwrite=overwrite,
+                    content_settings=ContentSettings(content_type=content_type),
+                    metadata=metadata,
+                )
+            except ResourceExistsError:
+                raise BlobAlreadyExists(f"blob {container}/{name} already exists") from None
+            return str(result["etag"])
+        with BlockWriter(
+            self.service,
+            container,
+            name,
+            overwrite=overwrite,
+            content_type=content_type,
+            metadata=metadata,
+        ) as writer:
+            for piece in [data] if isinstance(data, bytes) else data:
+                writer.write(piece)
+        assert writer.etag is not None
+        return writer.etag
+
+    def writer(
+        self,
+        container: str,
+        name: str,
+        *,
+        overwrite: bool = False,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> BlockWriter:
+        self.ensure_container(container)
+        return BlockWriter(
+            self.service,
+            container,
+            name,
+            overwrite=overwrite,
+            content_type=content_type,
+            metadata=metadata,
+        )
+
+    def list(self, container: str, prefix: str | None = None) -> Iterator[BlobRef]:
+        client = self.service.get_container_client(container)
+        try:
+            for item in client.list_blobs(name_starts_with=prefix):
+                yield BlobRef(
+                    container, item.name, str(item.etag), int(item.size), item.last_modified
+                )
+        except ResourceNotFoundError:
+            return
+
+    @contextmanager
+    def lease(self, container: str, name: str, *, seconds: int = 60) -> Iterator[BlobLease]:
+        """Hold an exclusive lease on `name` (created empty if missing) for the block."""
+        if not 15 <= seconds <= 60:
+            raise ValueError("blob leases last 15 to 60 seconds")
+        self.ensure_container(container)
+        client = self.service.get_blob_client(container, name)
+        try:
+            client.upload_blob(b"", overwrite=False)
+        except ResourceExistsError:
+            pass
+        try:
+            raw = client.acquire_lease(lease_duration=seconds)
+        except HttpResponseError as exc:
+            if exc.status_code == 409:
+                raise LeaseUnavailable(f"blob {container}/{name} is leased by another writer")
+            raise
+        held = BlobLease(raw, seconds)
+        try:
+            yield held
+        finally:
+            held.release()

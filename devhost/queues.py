@@ -1,0 +1,130 @@
+"""Queue triggers: polling with the host's dequeue, retry and poison-queue rules.
+
+Messages are fetched in batches of `batchSize`, kept invisible while the function runs,
+deleted on success and made visible again after `visibilityTimeout` on failure. A message
+that has failed `maxDequeueCount` times moves to `<queue>-poison`. Empty polls back off
+exponentially up to `maxPollingInterval`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+from concurrent.futures import Executor, Future, wait
+from typing import Any
+
+import azure.functions as func
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.storage.queue import QueueClient, QueueMessage
+
+from devhost.app import HostedFunction, resolve_setting_refs
+from devhost.hostconfig import HostConfig
+from devhost.storage import storage_for
+
+log = logging.getLogger("devhost.queues")
+_MIN_POLL_SECONDS = 0.1
+
+
+class QueueTriggerWatcher:
+    def __init__(self, function: HostedFunction, executor: Executor, config: HostConfig) -> None:
+        self.function = function
+        self.queue_name = resolve_setting_refs(function.trigger["queueName"]).lower()
+        storage = storage_for(function.trigger.get("connection"))
+        self.queue: QueueClient = storage.queue_service.get_queue_client(self.queue_name)
+        self.poison: QueueClient = storage.queue_service.get_queue_client(
+            f"{self.queue_name}-poison"
+        )
+        self.executor = executor
+        self.config = config
+        # Invisible for the whole function timeout, like the host's renewed lease.
+        self.lease_seconds = int(max(30.0, config.function_timeout))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"queue:{function.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        for client in (self.queue, self.poison):
+            try:
+                client.create_queue()
+            except ResourceExistsError:
+                pass
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        delay = _MIN_POLL_SECONDS
+        while not self._stop.is_set():
+            try:
+                handled = self.poll_once()
+            except Exception:
+                log.exception("polling %s failed", self.queue_name)
+                handled = 0
+            delay = _MIN_POLL_SECONDS if handled else min(delay * 2, self.config.max_polling_interval)
+            self._stop.wait(delay)
+
+    def poll_once(self) -> int:
+        """Fetch one batch, run it to completion; returns the number of messages handled."""
+        messages = list(
+            self.queue.receive_messages(
+                max_messages=self.config.queue_batch_size, visibility_timeout=self.lease_seconds
+            )
+        )
+        futures: list[Future[None]] = [self.executor.submit(self._handle, m) for m in messages]
+        wait(futures)
+        return len(messages)
+
+    def _decode(self, content: Any) -> bytes:
+        raw = content.encode() if isinstance(content, str) else bytes(content)
+        if self.config.message_encoding == "base64":
+            try:
+                return base64.b64decode(raw, validate=True)
+            except binascii.Error:
+                raise ValueError("message is not valid base64 (host.json messageEncoding)")
+        return raw
+
+    def _handle(self, message: QueueMessage) -> None:
+        try:
+            body = self._decode(message.content)
+            argument = func.QueueMessage(
+                id=message.id,
+                body=body,
+                dequeue_count=message.dequeue_count,
+                expiration_time=message.expires_on,
+                insertion_time=message.inserted_on,
+                time_next_visible=message.next_visible_on,
+                pop_receipt=message.pop_receipt,
+            )
+            self.function.invoke({self.function.trigger["name"]: argument})
+        except Exception:
+            log.exception(
+                "function %s failed on message %s (dequeue count %s)",
+                self.function.name, message.id, message.dequeue_count,
+            )
+            self._after_failure(message)
+        else:
+            self._delete(message)
+
+    def _after_failure(self, message: QueueMessage) -> None:
+        if (message.dequeue_count or 0) >= self.config.max_dequeue_count:
+            self.poison.send_message(message.content)
+            self._delete(message)
+            log.warning("message %s moved to %s-poison", message.id, self.queue_name)
+            return
+        try:
+            self.queue.update_message(
+                message, visibility_timeout=int(self.config.visibility_timeout)
+            )
+        except ResourceNotFoundError:
+            pass  # the pop receipt expired; the message reappears by itself
+
+    def _delete(self, message: QueueMessage) -> None:
+        try:
+            self.queue.delete_message(message)
+        except ResourceNotFoundError:
+            pass

@@ -1,0 +1,205 @@
+"""Local backing services: Azurite (blob, queue, table) and moto's S3 server.
+
+Each runs in its own process group on free loopback ports; `LocalServices` waits until
+they answer and stops exactly the processes it started (by their ids) on exit, failure,
+SIGTERM or Ctrl-C.
+
+    python -m devhost.services [--data DIR] -- COMMAND ...
+
+runs COMMAND with `AzureWebJobsStorage` and `SWITCHBOARD_S3_ENDPOINT_URL` pointing at
+them and returns COMMAND's exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from core.storage.connection import azurite_connection_string
+
+ROOT = Path(__file__).resolve().parent.parent
+AZURITE = ROOT / "node_modules" / "azurite" / "dist" / "src" / "azurite.js"
+LOOPBACK = "127.0.0.1"
+_READY_TIMEOUT_SECONDS = 60
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+        return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server is up
+    except OSError:
+        return False
+
+
+class ManagedProcess:
+    def __init__(self, name: str, command: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_until_answers(self, url: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise ServiceError(f"{self.name} exited at start:\n{tail}")
+            if _answers(url):
+                return
+            time.sleep(0.1)
+        raise ServiceError(f"{self.name} did not answer at {url} within {_READY_TIMEOUT_SECONDS}s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # Our child leads its own process group: signal the group, nothing else.
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+class LocalServices:
+    """Azurite and an S3 server for one session of demo, start, tests or bench."""
+
+    def __init__(self, data_dir: Path | None = None, *, with_s3: bool = True) -> None:
+        self.data_dir = data_dir
+        self.with_s3 = with_s3
+        self._tmp = tempfile.TemporaryDirectory(prefix="switchboard-services-")
+        self.log_dir = Path(self._tmp.name)
+        self.processes: list[ManagedProcess] = []
+        self.env: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        if not AZURITE.exists():
+            raise ServiceError(f"Azurite is not installed at {AZURITE}; run `npm ci` first")
+        try:
+            self._start_azurite()
+            if self.with_s3:
+                self._start_s3()
+        except BaseException:
+            self.stop()
+            raise
+        return self.env
+
+    def _start_azurite(self) -> None:
+        blob, queue, table = free_port(), free_port(), free_port()
+        command = [
+            "node", str(AZURITE), "--silent", "--skipApiVersionCheck", "--loose",
+            "--disableTelemetry", "--blobHost", LOOPBACK, "--queueHost", LOOPBACK,
+            "--tableHost", LOOPBACK, "--blobPort", str(blob), "--queuePort", str(queue),
+            "--tablePort", str(table),
+        ]  # fmt: skip
+        if self.data_dir is None:
+            command.append("--inMemoryPersistence")
+        else:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            command += ["--location", str(self.data_dir)]
+        azurite = ManagedProcess("azurite", command, self.log_dir / "azurite.log")
+        self.processes.append(azurite)
+        for port in (blob, queue, table):
+            azurite.wait_until_answers(f"http://{LOOPBACK}:{port}/devstoreaccount1")
+        self.env["AzureWebJobsStorage"] = azurite_connection_string(LOOPBACK, blob, queue, table)
+
+    def _start_s3(self) -> None:
+        port = free_port()
+        command = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)]
+        moto = ManagedProcess("s3", command, self.log_dir / "s3.log")
+        self.processes.append(moto)
+        moto.wait_until_answers(f"http://{LOOPBACK}:{port}/")
+        self.env.update(
+            {
+                "SWITCHBOARD_S3_ENDPOINT_URL": f"http://{LOOPBACK}:{port}",
+                "AWS_ACCESS_KEY_ID": "switchboard-local",
+                "AWS_SECRET_ACCESS_KEY": "switchboard-local",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> dict[str, str]:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devhost.services")
+    parser.add_argument("--data", type=Path, help="persist Azurite data here (default: memory)")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give a command to run after --")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    services = LocalServices(args.data)
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        env = services.start()
+        print("services: Azurite and S3 up on loopback", flush=True)
+        child = subprocess.Popen(command, env={**os.environ, **env})
+        return child.wait()
+    except ServiceError as exc:
+        print(f"services: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Ctrl-C reached the child too (same process group); give it time to finish.
+        if child is not None:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.terminate()
+                child.wait(timeout=5)
+        return 130
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait(timeout=10)
+        services.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

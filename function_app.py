@@ -1,0 +1,10 @@
+"""Switchboard function app: registers one blueprint per trigger module, nothing else."""
+
+import azure.functions as func
+
+from functions import http_api, log_export, segment_arrival
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+app.register_functions(http_api.bp)
+app.register_functions(segment_arrival.bp)
+app.register_functions(log_export.bp)

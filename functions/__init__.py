@@ -1,0 +1,1 @@
+"""Thin trigger adapters: binding in, one core call, result out."""

@@ -1,0 +1,29 @@
+"""Blob trigger: a CDP segment export lands under `segments/{sync_id}/`."""
+
+from __future__ import annotations
+
+import azure.functions as func
+import azurefunctions.extensions.bindings.blob as blob
+
+from core.containers import SEGMENTS
+from core.segments import arrival
+from core.storage import BlobRef
+from functions._wiring import SETTINGS, services
+
+bp = func.Blueprint()
+
+
+@bp.blob_trigger(
+    arg_name="client",
+    path=SEGMENTS + "/{sync_id}/{name}",
+    connection="AzureWebJobsStorage",
+    source=SETTINGS.segments_trigger_source,
+)
+def segment_file_arrived(client: blob.BlobClient) -> None:
+    props = client.get_blob_properties()
+    ref = BlobRef(
+        client.container_name, client.blob_name, str(props.etag), props.size, props.last_modified
+    )
+    accepted = arrival.accept(services(), ref)
+    if not accepted.duplicate:
+        arrival.mark_completed(services(), ref)
