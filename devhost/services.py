@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,13 +54,38 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the process that started us dies (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: stop() still cleans up on every normal path
+
+
+def _watch_parent(stop: threading.Event) -> None:
+    """Stop this manager when whoever ran it (make, a shell) goes away without a signal."""
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 class ManagedProcess:
     def __init__(self, name: str, command: list[str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def wait_until_answers(self, url: str) -> None:
@@ -175,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("give a command to run after --")
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    watching = threading.Event()
+    threading.Thread(target=_watch_parent, args=(watching,), daemon=True).start()
     services = LocalServices(args.data)
     child: subprocess.Popen[bytes] | None = None
     try:
         env = services.start()
         print("services: Azurite and S3 up on loopback", flush=True)
-        child = subprocess.Popen(command, env={**os.environ, **env})
+        child = subprocess.Popen(command, env={**os.environ, **env}, preexec_fn=_die_with_parent)
         return child.wait()
     except ServiceError as exc:
         print(f"services: {exc}", file=sys.stderr)
@@ -195,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 child.wait(timeout=5)
         return 130
     finally:
+        watching.set()
         if child is not None and child.poll() is None:
             child.terminate()
             child.wait(timeout=10)
