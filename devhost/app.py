@@ -79,10 +79,12 @@ def _import_app_module(app_file: Path) -> Any:
     if root not in sys.path:
         sys.path.insert(0, root)
     module_name = app_file.stem
-    if module_name in sys.modules:
-        loaded = sys.modules[module_name]
+    loaded = sys.modules.get(module_name)
+    if loaded is not None:
         if Path(getattr(loaded, "__file__", "")).resolve() == app_file.resolve():
             return loaded
+        # Another app with the same file name is loaded (tests host several apps).
+        module_name = f"{module_name}_{abs(hash(str(app_file.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, app_file)
     if spec is None or spec.loader is None:
         raise HostError(f"cannot import {app_file}")
@@ -92,8 +94,20 @@ def _import_app_module(app_file: Path) -> Any:
     return module
 
 
-def load_functions(app_file: Path) -> list[HostedFunction]:
-    """Import `app_file` and return its functions as the worker would index them."""
+# `FunctionApp.get_functions()` may run only once per app (it registers names), so each
+# app file is indexed once per process.
+_INDEXED: dict[Path, tuple[Any, list[HostedFunction]]] = {}
+
+
+def load_functions(app_file: Path) -> tuple[Any, list[HostedFunction]]:
+    """Import `app_file`; return the module and its functions as the worker indexes them."""
+    key = app_file.resolve()
+    if key not in _INDEXED:
+        _INDEXED[key] = _index(app_file)
+    return _INDEXED[key]
+
+
+def _index(app_file: Path) -> tuple[Any, list[HostedFunction]]:
     module = _import_app_module(app_file)
     apps = [v for v in vars(module).values() if isinstance(v, func.FunctionRegister)]
     if len(apps) != 1:
@@ -114,4 +128,4 @@ def load_functions(app_file: Path) -> list[HostedFunction]:
                 parameters=dict(inspect.signature(user_function).parameters),
             )
         )
-    return hosted
+    return module, hosted

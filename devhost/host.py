@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import azure.functions as func
+from azure.functions.queue import QueueMessage as WorkerQueueMessage
 
 from devhost.app import HostedFunction, HostError, load_functions
 from devhost.blobs import BlobTriggerWatcher
@@ -43,7 +43,7 @@ class DevHost:
     ) -> None:
         self.app_file = app_file
         self.config = HostConfig.load(app_file.parent / "host.json")
-        self.functions = load_functions(app_file)
+        self.module, self.functions = load_functions(app_file)
         supported = {"httpTrigger", "blobTrigger", "queueTrigger", "timerTrigger"}
         for function in self.functions:
             if function.trigger_type not in supported:
@@ -130,7 +130,7 @@ class DevHost:
                 watcher = self.blob_watchers[function.name]
                 watcher.invoke(value.partition("/")[2] if "/" in value else value)
             elif function.trigger_type == "queueTrigger":
-                message = func.QueueMessage(
+                message = WorkerQueueMessage(
                     id=str(uuid.uuid4()), body=value.encode(), dequeue_count=1
                 )
                 function.invoke({function.trigger["name"]: message})

@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import Executor, Future, wait
 from typing import Any
 
-import azure.functions as func
+from azure.functions.queue import QueueMessage as WorkerQueueMessage
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.queue import QueueClient, QueueMessage
 
@@ -91,7 +91,7 @@ class QueueTriggerWatcher:
     def _handle(self, message: QueueMessage) -> None:
         try:
             body = self._decode(message.content)
-            argument = func.QueueMessage(
+            argument = WorkerQueueMessage(
                 id=message.id,
                 body=body,
                 dequeue_count=message.dequeue_count,

@@ -126,7 +126,7 @@ class BlockWriter:
             self._pending.clear()
         kwargs: dict[str, Any] = {}
         if not self._overwrite:
-            kwargs = {"etag": "*", "match_condition": MatchConditions.IfMissing}
+            kwargs = {"match_condition": MatchConditions.IfMissing}
         settings = ContentSettings(
             content_type=self._content_type, content_md5=bytearray(self.md5.digest())
         )

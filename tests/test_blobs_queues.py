@@ -1,0 +1,120 @@
+"""Blob and queue layers against Azurite."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+
+import pytest
+from pydantic import BaseModel
+
+from core.errors import BlobAlreadyExists, LeaseUnavailable, MessageTooLarge, StorageError
+from core.storage.blobs import CHUNK_BYTES, deterministic_name
+
+pytestmark = pytest.mark.integration
+
+
+def test_create_only_write_refuses_to_overwrite(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    storage.blobs.create(unique, "a/b.txt", b"first")
+    with pytest.raises(BlobAlreadyExists):
+        storage.blobs.create(unique, "a/b.txt", b"second")
+    ref = storage.blobs.ref(unique, "a/b.txt")
+    assert b"".join(storage.blobs.iter_chunks(ref)) == b"first"
+    storage.blobs.create(unique, "a/b.txt", b"third", overwrite=True)
+    assert b"".join(storage.blobs.iter_chunks(storage.blobs.ref(unique, "a/b.txt"))) == b"third"
+
+
+def test_streamed_write_and_chunked_read_of_a_large_blob(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    piece = os.urandom(1024 * 1024)
+    expected = hashlib.sha256()
+    with storage.blobs.writer(unique, "big.bin", content_type="application/octet-stream") as out:
+        for _ in range(11):
+            out.write(piece)
+            expected.update(piece)
+    ref = storage.blobs.ref(unique, "big.bin")
+    assert ref.size == 11 * len(piece)
+    digest = hashlib.sha256()
+    sizes = []
+    for chunk in storage.blobs.iter_chunks(ref):
+        sizes.append(len(chunk))
+        digest.update(chunk)
+    assert digest.hexdigest() == expected.hexdigest()
+    assert max(sizes) <= CHUNK_BYTES and len(sizes) >= 3
+
+
+def test_streamed_writer_is_create_only_and_commits_nothing_on_error(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RuntimeError), storage.blobs.writer(unique, "half.bin") as out:
+        out.write(b"x" * 100)
+        raise RuntimeError("crash mid-write")
+    assert not storage.blobs.exists(unique, "half.bin")
+    storage.blobs.create(unique, "taken.bin", b"1")
+    with pytest.raises(BlobAlreadyExists), storage.blobs.writer(unique, "taken.bin") as out:
+        out.write(b"2")
+
+
+def test_reader_is_a_file_object_for_gzip_and_ranges(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    lines = [f"row-{i},value-{i}\n".encode() for i in range(50_000)]
+    storage.blobs.create(unique, "rows.csv.gz", gzip.compress(b"".join(lines)))
+    ref = storage.blobs.ref(unique, "rows.csv.gz")
+    with gzip.open(storage.blobs.open_reader(ref)) as decompressed:
+        assert sum(1 for _ in decompressed) == 50_000
+    storage.blobs.create(unique, "plain.txt", b"0123456789")
+    plain = storage.blobs.ref(unique, "plain.txt")
+    assert storage.blobs.open_reader(plain, offset=3, length=4).read() == b"3456"
+
+
+def test_read_is_pinned_to_the_etag(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    storage.blobs.create(unique, "v.txt", b"version one")
+    ref = storage.blobs.ref(unique, "v.txt")
+    storage.blobs.create(unique, "v.txt", b"version two", overwrite=True)
+    with pytest.raises(StorageError, match="changed while it was being read"):
+        b"".join(storage.blobs.iter_chunks(ref))
+
+
+def test_listing_and_deterministic_names(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    name = deterministic_name("exports/", "2026", "11/", "file", suffix=".jsonl")
+    assert name == "exports/2026/11/file.jsonl"
+    for suffix in ("a", "b"):
+        storage.blobs.create(unique, f"p/{suffix}", b"x")
+    storage.blobs.create(unique, "q/c", b"x")
+    assert sorted(b.name for b in storage.blobs.list(unique, "p/")) == ["p/a", "p/b"]
+    assert list(storage.blobs.list("no-such-container-" + unique)) == []
+
+
+def test_lease_gives_one_writer(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    with storage.blobs.lease(unique, "locks/export", seconds=15) as held:
+        assert held.id
+        with pytest.raises(LeaseUnavailable), storage.blobs.lease(unique, "locks/export", seconds=15):
+            pass
+    with storage.blobs.lease(unique, "locks/export", seconds=15):
+        pass  # released, so it can be taken again
+
+
+class Reference(BaseModel):
+    blob: str
+    start: int
+    end: int
+
+
+def test_queue_messages_are_base64_json(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    storage.queues.send(unique, Reference(blob="segments/s/x.csv", start=0, end=100))
+    assert storage.queues.depth(unique) == 1
+    raw = storage.queue_service.get_queue_client(unique).receive_message()
+    assert json.loads(base64.b64decode(raw.content)) == {
+        "blob": "segments/s/x.csv", "start": 0, "end": 100,
+    }
+
+
+class Oversized(BaseModel):
+    data: str
+
+
+def test_messages_over_64kb_are_refused_before_sending(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(MessageTooLarge, match="put the data in a blob"):
+        storage.queues.send(unique, Oversized(data="x" * 50_000))
+    assert storage.queues.depth(unique) == 0
+    storage.queues.send(unique, Oversized(data="x" * 40_000))
+    assert storage.queues.depth(unique) == 1
