@@ -88,10 +88,17 @@ class CronSchedule:
                 "'{second} {minute} {hour} {day} {month} {day-of-week}', "
                 f"got {len(parts)}"
             )
-        fields = [_parse_field(part, i, expression) for i, part in enumerate(parts)]
+        seconds, minutes, hours, days, months, weekdays = (
+            _parse_field(part, i, expression) for i, part in enumerate(parts)
+        )
         return cls(
             expression,
-            *fields,
+            seconds,
+            minutes,
+            hours,
+            days,
+            months,
+            weekdays,
             days_restricted=parts[3] != "*",
             weekdays_restricted=parts[5] != "*",
         )

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,16 @@ class HostedFunction:
         return result
 
     def trigger_annotation(self) -> Any:
-        parameter = self.parameters.get(self.trigger["name"])
+        """The trigger parameter's type, resolving string annotations like the worker."""
+        try:
+            hints = typing.get_type_hints(self.callable)
+        except (NameError, TypeError):
+            hints = {}
+        name = self.trigger["name"]
+        if name in hints:
+            return hints[name]
+        parameter = self.parameters.get(name)
         return None if parameter is None else parameter.annotation
-
-    def context_parameter(self) -> str | None:
-        for name, parameter in self.parameters.items():
-            if parameter.annotation is func.Context or name == "context":
-                return name
-        return None
 
 
 async def _await(awaitable: Any) -> Any:
@@ -121,7 +124,7 @@ def _index(app_file: Path) -> tuple[Any, list[HostedFunction]]:
         user_function = function.get_user_function()
         hosted.append(
             HostedFunction(
-                name=function.get_function_name(),
+                name=str(function.get_function_name()),
                 trigger=triggers[0],
                 bindings=bindings,
                 callable=user_function,

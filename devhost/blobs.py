@@ -10,6 +10,7 @@ scans until `poisonBlobThreshold` attempts, then a message goes to
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -70,7 +71,9 @@ class BlobTriggerWatcher:
         self.in_flight: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"blob:{function.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"blob:{function.name}", daemon=True
+        )
 
     def start(self) -> None:
         self.storage.blobs.ensure_container(self.container)
@@ -120,7 +123,11 @@ class BlobTriggerWatcher:
             self.failures[key] = attempts
             log.exception(
                 "function %s failed on %s/%s (attempt %d of %d)",
-                self.function.name, self.container, name, attempts, self.poison_threshold,
+                self.function.name,
+                self.container,
+                name,
+                attempts,
+                self.poison_threshold,
             )
             if attempts >= self.poison_threshold:
                 self._poison(name, etag)
@@ -137,10 +144,8 @@ class BlobTriggerWatcher:
         return self.function.invoke(arguments)
 
     def _write_receipt(self, name: str, etag: str) -> None:
-        try:
+        with contextlib.suppress(ResourceExistsError):
             self._receipt(name, etag).upload_blob(b"", overwrite=False)
-        except ResourceExistsError:
-            pass
 
     def _poison(self, name: str, etag: str) -> None:
         message = json.dumps(
@@ -154,10 +159,8 @@ class BlobTriggerWatcher:
             }
         )
         queue = self.storage.queue_service.get_queue_client(POISON_QUEUE)
-        try:
+        with contextlib.suppress(ResourceExistsError):
             queue.create_queue()
-        except ResourceExistsError:
-            pass
         queue.send_message(base64.b64encode(message.encode()).decode())
 
     def argument(self, name: str) -> Any:
@@ -171,7 +174,7 @@ class BlobTriggerWatcher:
         try:
             props = client.get_blob_properties()
         except ResourceNotFoundError:
-            raise RuntimeError(f"blob {self.container}/{name} vanished before invocation")
+            raise RuntimeError(f"blob {self.container}/{name} vanished before invocation") from None
         data = client.download_blob().readall()
         stream = func.blob.InputStream(
             data=data,
@@ -202,4 +205,4 @@ class BlobTriggerWatcher:
                 }
             ),
         )
-        return annotation(data=model_binding_data).get_sdk_type()  # type: ignore[call-arg]
+        return annotation(data=model_binding_data).get_sdk_type()

@@ -80,8 +80,7 @@ class DevHost:
 
     @property
     def base_url(self) -> str:
-        host, port = self.http.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{self.http.host}:{self.http.port}"
 
     def _watchers(self) -> list[Watcher]:
         return [

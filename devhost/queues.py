@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import threading
 from concurrent.futures import Executor, Future, wait
 from typing import Any
 
-from azure.functions.queue import QueueMessage as WorkerQueueMessage
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.functions.queue import QueueMessage as WorkerQueueMessage
 from azure.storage.queue import QueueClient, QueueMessage
 
 from devhost.app import HostedFunction, resolve_setting_refs
@@ -47,10 +48,8 @@ class QueueTriggerWatcher:
 
     def start(self) -> None:
         for client in (self.queue, self.poison):
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 client.create_queue()
-            except ResourceExistsError:
-                pass
         self._thread.start()
 
     def stop(self) -> None:
@@ -65,7 +64,9 @@ class QueueTriggerWatcher:
             except Exception:
                 log.exception("polling %s failed", self.queue_name)
                 handled = 0
-            delay = _MIN_POLL_SECONDS if handled else min(delay * 2, self.config.max_polling_interval)
+            delay = (
+                _MIN_POLL_SECONDS if handled else min(delay * 2, self.config.max_polling_interval)
+            )
             self._stop.wait(delay)
 
     def poll_once(self) -> int:
@@ -85,7 +86,9 @@ class QueueTriggerWatcher:
             try:
                 return base64.b64decode(raw, validate=True)
             except binascii.Error:
-                raise ValueError("message is not valid base64 (host.json messageEncoding)")
+                raise ValueError(
+                    "message is not valid base64 (host.json messageEncoding)"
+                ) from None
         return raw
 
     def _handle(self, message: QueueMessage) -> None:
@@ -104,7 +107,9 @@ class QueueTriggerWatcher:
         except Exception:
             log.exception(
                 "function %s failed on message %s (dequeue count %s)",
-                self.function.name, message.id, message.dequeue_count,
+                self.function.name,
+                message.id,
+                message.dequeue_count,
             )
             self._after_failure(message)
         else:
@@ -116,15 +121,12 @@ class QueueTriggerWatcher:
             self._delete(message)
             log.warning("message %s moved to %s-poison", message.id, self.queue_name)
             return
-        try:
+        # A lost pop receipt means the message reappears by itself anyway.
+        with contextlib.suppress(ResourceNotFoundError):
             self.queue.update_message(
                 message, visibility_timeout=int(self.config.visibility_timeout)
             )
-        except ResourceNotFoundError:
-            pass  # the pop receipt expired; the message reappears by itself
 
     def _delete(self, message: QueueMessage) -> None:
-        try:
+        with contextlib.suppress(ResourceNotFoundError):
             self.queue.delete_message(message)
-        except ResourceNotFoundError:
-            pass

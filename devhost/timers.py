@@ -45,7 +45,9 @@ class TimerTriggerWatcher:
         self.storage = storage_for(None)
         self.status_blob = f"timers/{host_id}/Host.Functions.{function.name}/status"
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"timer:{function.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"timer:{function.name}", daemon=True
+        )
 
     def start(self) -> None:
         self.storage.blobs.ensure_container(HOSTS_CONTAINER)

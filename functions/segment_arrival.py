@@ -17,7 +17,7 @@ bp = func.Blueprint()
     arg_name="client",
     path=SEGMENTS + "/{sync_id}/{name}",
     connection="AzureWebJobsStorage",
-    source=SETTINGS.segments_trigger_source,
+    source=func.BlobSource(SETTINGS.segments_trigger_source),
 )
 def segment_file_arrived(client: blob.BlobClient) -> None:
     props = client.get_blob_properties()

@@ -87,7 +87,10 @@ def test_listing_and_deterministic_names(storage, unique: str) -> None:  # type:
 def test_lease_gives_one_writer(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
     with storage.blobs.lease(unique, "locks/export", seconds=15) as held:
         assert held.id
-        with pytest.raises(LeaseUnavailable), storage.blobs.lease(unique, "locks/export", seconds=15):
+        with (
+            pytest.raises(LeaseUnavailable),
+            storage.blobs.lease(unique, "locks/export", seconds=15),
+        ):
             pass
     with storage.blobs.lease(unique, "locks/export", seconds=15):
         pass  # released, so it can be taken again
@@ -104,7 +107,9 @@ def test_queue_messages_are_base64_json(storage, unique: str) -> None:  # type: 
     assert storage.queues.depth(unique) == 1
     raw = storage.queue_service.get_queue_client(unique).receive_message()
     assert json.loads(base64.b64decode(raw.content)) == {
-        "blob": "segments/s/x.csv", "start": 0, "end": 100,
+        "blob": "segments/s/x.csv",
+        "start": 0,
+        "end": 100,
     }
 
 

@@ -23,7 +23,9 @@ APP = Path(__file__).parent / "apps" / "triggers" / "function_app.py"
 
 
 @pytest.fixture
-def host(local_services, monkeypatch: pytest.MonkeyPatch, unique: str, port: int) -> Iterator[DevHost]:  # type: ignore[no-untyped-def]
+def host(
+    local_services, monkeypatch: pytest.MonkeyPatch, unique: str, port: int
+) -> Iterator[DevHost]:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TRIGGERS_QUEUE", unique)
     dev = DevHost(APP, port=port, blob_scan_interval=0.2, host_id=unique)
     dev.module.CALLS.clear()
@@ -97,7 +99,11 @@ def test_blob_trigger_fires_once_per_name_and_etag(host: DevHost, storage, uniqu
 
 @pytest.mark.integration
 def test_existing_blobs_fire_at_start_and_receipts_survive_restart(
-    local_services, storage, unique: str, monkeypatch: pytest.MonkeyPatch, port: int  # type: ignore[no-untyped-def]
+    local_services,
+    storage,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    port: int,  # type: ignore[no-untyped-def]
 ) -> None:
     monkeypatch.setenv("TRIGGERS_QUEUE", unique)
     storage.blobs.create("inbox", f"{unique}/before-start.txt", b"early")
@@ -125,6 +131,7 @@ def test_existing_blobs_fire_at_start_and_receipts_survive_restart(
 @pytest.mark.integration
 def test_failing_blob_goes_to_poison_after_threshold(host: DevHost, storage, unique: str) -> None:  # type: ignore[no-untyped-def]
     storage.blobs.create("inbox", f"{unique}/bad.txt", b"fail please")
+
     def attempts() -> int:
         return len([c for c in host.module.calls("inbox_blob") if unique in c["name"]])
 
@@ -149,8 +156,10 @@ def test_queue_trigger_retries_then_poisons(host: DevHost, storage, unique: str)
     calls = host.module.calls
     eventually(lambda: [c for c in calls("work_queue") if c["body"] == "good work"])
     failing = eventually(
-        lambda: [c for c in calls("work_queue") if c["body"] == "fail always"][2:] and
-        [c for c in calls("work_queue") if c["body"] == "fail always"]
+        lambda: (
+            [c for c in calls("work_queue") if c["body"] == "fail always"][2:]
+            and [c for c in calls("work_queue") if c["body"] == "fail always"]
+        )
     )
     assert [c["dequeue_count"] for c in failing] == [1, 2, 3]  # maxDequeueCount: 3
     poison = storage.queue_service.get_queue_client(f"{unique}-poison")
@@ -173,10 +182,16 @@ def test_timer_fires_on_schedule_and_records_status(host: DevHost, storage) -> N
 
 @pytest.mark.integration
 def test_missed_occurrence_fires_past_due_at_start(
-    local_services, storage, unique: str, monkeypatch: pytest.MonkeyPatch, port: int  # type: ignore[no-untyped-def]
+    local_services,
+    storage,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    port: int,  # type: ignore[no-untyped-def]
 ) -> None:
     monkeypatch.setenv("TRIGGERS_QUEUE", unique)
-    missed = datetime.now(UTC).replace(hour=3, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    missed = datetime.now(UTC).replace(hour=3, minute=0, second=0, microsecond=0) - timedelta(
+        days=1
+    )
     status = {"Last": (missed - timedelta(days=1)).isoformat(), "Next": missed.isoformat()}
     storage.blobs.create(
         HOSTS_CONTAINER,

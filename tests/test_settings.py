@@ -11,8 +11,12 @@ SECRET_KEY = "c2VjcmV0LWtleS1kby1ub3QtbG9n"  # base64 of a fake key
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in ("AzureWebJobsStorage", "AzureWebJobsStorage__accountName",
-                 "SWITCHBOARD_S3_ENDPOINT_URL", "SWITCHBOARD_LOG_EXPORT_SCHEDULE"):
+    for name in (
+        "AzureWebJobsStorage",
+        "AzureWebJobsStorage__accountName",
+        "SWITCHBOARD_S3_ENDPOINT_URL",
+        "SWITCHBOARD_LOG_EXPORT_SCHEDULE",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 

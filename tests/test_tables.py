@@ -54,8 +54,16 @@ def entity(table: EntityTable[Sample], pk: str, rk: str, **fields: object) -> Sa
 def test_round_trip_of_typed_fields(table: EntityTable[Sample]) -> None:
     when = datetime(2026, 11, 24, 4, 18, 0, 123000, tzinfo=UTC)
     original = entity(
-        table, "p", "r", counter=7, big_number=2**40, when=when, tags=["a", "b"],
-        extra={"x": 1}, nested=Nested(label="n", weight=0.5), note=None,
+        table,
+        "p",
+        "r",
+        counter=7,
+        big_number=2**40,
+        when=when,
+        tags=["a", "b"],
+        extra={"x": 1},
+        nested=Nested(label="n", weight=0.5),
+        note=None,
     )
     table.insert(original)
     stored = table.get("p", "r")

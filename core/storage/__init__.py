@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +65,7 @@ class Storage:
             "read_timeout": _PING_TIMEOUT_SECONDS,
         }
         account = self.account
-        probes = {
+        probes: dict[str, Callable[[], Iterable[Any]]] = {
             "blob": lambda: BlobServiceClient(
                 account.blob_url, credential=account.credential("blob"), **fast
             ).list_containers(results_per_page=1),

@@ -8,11 +8,12 @@ staged block by block and committed once, so readers never see half a file.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -25,7 +26,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.storage.blob import BlobServiceClient, ContentSettings
+from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings
 
 from core.errors import BlobAlreadyExists, LeaseUnavailable, StorageError
 
@@ -132,7 +133,10 @@ class BlockWriter:
         )
         try:
             result = self._client.commit_block_list(
-                self._block_ids, content_settings=settings, metadata=self._metadata, **kwargs
+                [BlobBlock(block_id) for block_id in self._block_ids],
+                content_settings=settings,
+                metadata=self._metadata,
+                **kwargs,
             )
         except (ResourceExistsError, ResourceModifiedError):
             raise BlobAlreadyExists(f"blob {self._client.blob_name} already exists") from None
@@ -177,10 +181,9 @@ class BlobLease:
     def release(self) -> None:
         self._stop.set()
         self._renewer.join(timeout=5)
-        try:
+        # Expired or broken: nothing left to release.
+        with contextlib.suppress(HttpResponseError):
             self._lease.release()
-        except HttpResponseError:
-            pass  # expired or broken: nothing left to release
 
 
 class BlobStore:
@@ -193,10 +196,8 @@ class BlobStore:
     def ensure_container(self, container: str) -> None:
         if container in self._ensured:
             return
-        try:
+        with suppress(ResourceExistsError):
             self.service.create_container(container)
-        except ResourceExistsError:
-            pass
         self._ensured.add(container)
 
     def ref(self, container: str, name: str) -> BlobRef:
@@ -311,15 +312,15 @@ class BlobStore:
             raise ValueError("blob leases last 15 to 60 seconds")
         self.ensure_container(container)
         client = self.service.get_blob_client(container, name)
-        try:
+        with suppress(ResourceExistsError):
             client.upload_blob(b"", overwrite=False)
-        except ResourceExistsError:
-            pass
         try:
             raw = client.acquire_lease(lease_duration=seconds)
         except HttpResponseError as exc:
             if exc.status_code == 409:
-                raise LeaseUnavailable(f"blob {container}/{name} is leased by another writer")
+                raise LeaseUnavailable(
+                    f"blob {container}/{name} is leased by another writer"
+                ) from None
             raise
         held = BlobLease(raw, seconds)
         try:

@@ -8,6 +8,7 @@ refused here rather than by the service, with a message that says what to do ins
 from __future__ import annotations
 
 import base64
+import contextlib
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
@@ -37,16 +38,12 @@ class QueueSender:
             message_decode_policy=TextBase64DecodePolicy(),
         )
         if queue not in self._ensured:
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 client.create_queue()
-            except ResourceExistsError:
-                pass
             self._ensured.add(queue)
         return client
 
-    def send(
-        self, queue: str, message: BaseModel, *, delay_seconds: int | None = None
-    ) -> str:
+    def send(self, queue: str, message: BaseModel, *, delay_seconds: int | None = None) -> str:
         """Enqueue `message` as JSON; returns the message id."""
         text = message.model_dump_json()
         size = encoded_size(text)

@@ -9,6 +9,7 @@ always detected. Batches respect the service's transaction limits: one partition
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 import typing
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -133,10 +134,8 @@ class EntityTable(Generic[E]):
         self._client: TableClient = service.get_table_client(self.name)
 
     def ensure(self) -> None:
-        try:
+        with contextlib.suppress(ResourceExistsError):
             self._client.create_table()
-        except ResourceExistsError:
-            pass
 
     # -- single entities -------------------------------------------------------------
 
@@ -145,7 +144,7 @@ class EntityTable(Generic[E]):
             row = self._client.get_entity(partition_key, row_key)
         except ResourceNotFoundError:
             return None
-        return Versioned(from_table_entity(self.model, row), row.metadata["etag"])
+        return Versioned(from_table_entity(self.model, row), str(row.metadata["etag"]))
 
     def insert(self, entity: E) -> str:
         """Create-only insert; raises EntityExists if the keys are taken. Returns the ETag."""
@@ -259,7 +258,7 @@ class EntityTable(Generic[E]):
         """One page of a query, with the token to resume from (None at the end)."""
         pager = self._client.query_entities(
             filter_text, parameters=parameters or {}, results_per_page=page_size
-        ).by_page(continuation_token=continuation)
+        ).by_page(continuation_token=cast(Any, continuation))  # tables use a dict token
         items = [from_table_entity(self.model, row) for row in next(pager, [])]
         return Page(items, pager.continuation_token)  # type: ignore[attr-defined]
 
