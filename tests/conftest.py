@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,46 +54,9 @@ def port() -> int:
     return free_port()
 
 
-class RunningApp:
-    """`python -m devhost serve` in a child process, hosting the real function_app.py."""
-
-    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
-        import subprocess
-        import sys
-
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "devhost", "serve", "--port", str(port),
-             "--blob-scan-interval", "0.2"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def wait_ready(self) -> None:
-        import requests
-
-        from tests.helpers import eventually
-
-        def healthy() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError("devhost exited:\n" + self.log_path.read_text())
-            try:
-                return requests.get(f"{self.base_url}/api/health", timeout=2).ok
-            except requests.ConnectionError:
-                return False
-
-        eventually(healthy, timeout=30)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=15)
-        self._log.close()
-
-
 @pytest.fixture(scope="session")
 def running_app(local_services: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    app = RunningApp(local_services, free_port(), tmp_path_factory.mktemp("devhost") / "log")
+    app = HostProcess(local_services, free_port(), tmp_path_factory.mktemp("devhost") / "log")
     try:
         app.wait_ready()
         yield app

@@ -1,0 +1,1 @@
+"""`make demo`: the sample flows end to end through the local host."""
