@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from core.containers import SEGMENTS
+from core.errors import ConfigError
+from core.settings import load_settings
 from core.storage import Storage
-from core.storage.connection import parse_connection_string
 from devhost.process import HostProcess
 from devhost.services import free_port
 
@@ -57,11 +58,11 @@ def heading(text: str) -> None:
 
 
 def main() -> int:
-    env = {name: os.environ[name] for name in ("AzureWebJobsStorage",) if name in os.environ}
-    if "AzureWebJobsStorage" not in env:
-        print("demo: run me through `make demo` (needs Azurite)", file=sys.stderr)
+    try:
+        storage = Storage(load_settings().storage_account())
+    except ConfigError as exc:
+        print(f"demo: {exc} (run me through `make demo`)", file=sys.stderr)
         return 2
-    storage = Storage(parse_connection_string(env["AzureWebJobsStorage"]))
     log_path = Path(tempfile.mkdtemp(prefix="switchboard-demo-")) / "devhost.log"
     host = HostProcess(dict(os.environ), free_port(), log_path)
     try:

@@ -99,3 +99,18 @@ def test_several_bad_settings_are_reported_together(env: pytest.MonkeyPatch) -> 
     assert "SWITCHBOARD_LOG_EXPORT_SCHEDULE" in message and "expected 6 NCRONTAB fields" in message
     assert "SWITCHBOARD_S3_ENDPOINT_URL: expected an http:// or https:// URL" in message
     assert "SWITCHBOARD_LOG_LEVEL" in message
+
+
+def test_every_setting_is_documented() -> None:
+    from pathlib import Path
+
+    from core.settings import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    example = (root / "local.settings.example.json").read_text()
+    for field in Settings.model_fields.values():
+        name = str(field.validation_alias)
+        assert f"`{name}`" in readme, f"{name} missing from README settings table"
+        if not name.startswith("AzureWebJobsStorage__"):
+            assert f'"{name}"' in example, f"{name} missing from local.settings.example.json"

@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` runs all, `make bench ONLY=<name>` one of them."""
