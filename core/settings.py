@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
@@ -59,6 +59,21 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_CURRENTS_SCHEDULE",
         description="NCRONTAB schedule of the Braze Currents S3 discovery timer.",
     )
+    syncs_file: str = Field(
+        default="config/syncs.yaml",
+        validation_alias="SWITCHBOARD_SYNCS_FILE",
+        description="Sync definitions document (YAML/JSON), relative to the app root.",
+    )
+    braze_rest_endpoint: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_BRAZE_REST_ENDPOINT",
+        description="Braze REST endpoint, e.g. https://rest.fra-01.braze.eu.",
+    )
+    braze_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_BRAZE_API_KEY",
+        description="Braze REST API key with the users.track permission (a secret).",
+    )
     s3_endpoint_url: str | None = Field(
         default=None,
         validation_alias="SWITCHBOARD_S3_ENDPOINT_URL",
@@ -90,7 +105,7 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("s3_endpoint_url", "braze_rest_endpoint")
     @classmethod
     def _endpoint_is_url(cls, value: str | None) -> str | None:
         if not value:

@@ -6,8 +6,8 @@ import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
 from core.containers import SEGMENTS
-from core.segments import arrival
 from core.storage import BlobRef
+from core.sync.service import process_segment_file
 from functions._wiring import SETTINGS, services
 
 bp = func.Blueprint()
@@ -24,6 +24,4 @@ def segment_file_arrived(client: blob.BlobClient) -> None:
     ref = BlobRef(
         client.container_name, client.blob_name, str(props.etag), props.size, props.last_modified
     )
-    accepted = arrival.accept(services(), ref)
-    if not accepted.duplicate:
-        arrival.mark_completed(services(), ref)
+    process_segment_file(services(), ref)

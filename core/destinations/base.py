@@ -1,0 +1,41 @@
+"""What every destination offers the sync engine: batch limits and one batch call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """One object of a batch that the destination did not apply."""
+
+    index: int
+    unmatched: bool
+    """True when the destination does not know the profile (never created by us)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    failures: dict[int, ItemFailure] = field(default_factory=dict)
+    requests: int = 1
+    rate_limited_waits: int = 0
+    retries: int = 0
+
+
+class Destination(Protocol):
+    """A profile destination: builds one object per profile, sends batches of them."""
+
+    name: str
+    max_batch_objects: int
+    max_body_bytes: int
+
+    def object_size(self, item: dict[str, Any]) -> int:
+        """Bytes `item` adds to a request body."""
+        ...
+
+    def send_batch(self, items: list[dict[str, Any]]) -> BatchResult:
+        """Send all of `items`; failures are per item. Raises TerminalError or
+        TransientError (after its own retries) when the batch as a whole failed."""
+        ...

@@ -1,0 +1,55 @@
+"""Client-side pacing: a token bucket per endpoint, shared by the threads that use it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class TokenBucket:
+    """At most `rate` acquisitions per second on average, bursts up to `burst`."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.capacity
+        self._clock = clock
+        self._sleep = sleep
+        self._updated = clock()
+        self._lock = threading.Lock()
+        self._paused_until = 0.0
+
+    def pause_for(self, seconds: float) -> None:
+        """The server said stop: nobody acquires until `seconds` have passed."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+            self._tokens = 0.0
+            self._updated = self._paused_until  # no refill is earned while paused
+
+    def acquire(self) -> float:
+        """Take one token, waiting as needed; returns the seconds waited."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                now = self._clock()
+                if now < self._paused_until:
+                    delay = self._paused_until - now
+                else:
+                    self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+                    self._updated = now
+                    if self._tokens >= 1.0:
+                        self._tokens -= 1.0
+                        return waited
+                    delay = (1.0 - self._tokens) / self.rate
+            self._sleep(delay)
+            waited += delay

@@ -1,0 +1,107 @@
+"""The suppression list: addresses that must never be messaged, with why and since when.
+
+Table `suppressions`: PartitionKey is the channel (`email`, `phone`), RowKey is
+`{sha256 of the normalised address}:{reason}`. Addresses are stored only as hashes plus a
+masked hint, so the table carries no raw personal data. One row per reason lets a
+re-subscribe lift an unsubscribe without lifting a hard bounce on the same address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import ClassVar
+
+from core.storage import Storage
+from core.storage.tables import EntityTable, TableEntity
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+
+
+class Reason(StrEnum):
+    HARD_BOUNCE = "hard_bounce"
+    UNSUBSCRIBE = "unsubscribe"
+    SPAM_COMPLAINT = "spam_complaint"
+    MANUAL_BLOCKLIST = "manual_blocklist"
+
+
+class Suppression(TableEntity):
+    table_name: ClassVar[str] = "suppressions"
+
+    reason: Reason
+    source: str
+    hint: str
+    suppressed_at: datetime
+
+
+def address_hash(address: str) -> str:
+    return hashlib.sha256(address.encode()).hexdigest()
+
+
+def mask(address: str) -> str:
+    """`a***@example.com` / `+31******78`: enough for an operator, not a contact."""
+    if "@" in address:
+        local, _, domain = address.partition("@")
+        return f"{local[:1]}***@{domain}"
+    return f"{address[:3]}{'*' * max(0, len(address) - 5)}{address[-2:]}"
+
+
+@dataclass(frozen=True)
+class SuppressionSnapshot:
+    """Hashes of suppressed addresses per channel with their first reason, for one run."""
+
+    by_channel: dict[Channel, dict[str, Reason]]
+
+    def reason_for(self, channel: Channel, address: str | None) -> Reason | None:
+        if not address:
+            return None
+        return self.by_channel.get(channel, {}).get(address_hash(address))
+
+
+class SuppressionList:
+    def __init__(self, storage: Storage) -> None:
+        self._table: EntityTable[Suppression] = storage.tables.get(Suppression)
+
+    def add(
+        self,
+        channel: Channel,
+        address: str,
+        reason: Reason,
+        *,
+        source: str,
+        at: datetime | None = None,
+    ) -> None:
+        self._table.upsert(
+            Suppression(
+                partition_key=channel.value,
+                row_key=f"{address_hash(address)}:{reason.value}",
+                reason=reason,
+                source=source,
+                hint=mask(address),
+                suppressed_at=at or datetime.now(UTC),
+            )
+        )
+
+    def remove(self, channel: Channel, address: str, reason: Reason) -> None:
+        self._table.delete(channel.value, f"{address_hash(address)}:{reason.value}")
+
+    def reasons(self, channel: Channel, address: str) -> list[Reason]:
+        prefix = address_hash(address)
+        rows = self._table.query_partition(
+            channel.value, row_from=f"{prefix}:", row_before=f"{prefix};"
+        )
+        return [row.reason for row in rows]
+
+    def snapshot(self) -> SuppressionSnapshot:
+        by_channel: dict[Channel, dict[str, Reason]] = {}
+        for channel in Channel:
+            hashes: dict[str, Reason] = {}
+            for row in self._table.query_partition(channel.value):
+                hashes.setdefault(row.row_key.partition(":")[0], row.reason)
+            by_channel[channel] = hashes
+        return SuppressionSnapshot(by_channel)

@@ -1,0 +1,1 @@
+"""Segment sync: CDP audience exports to destination updates, deltas only."""

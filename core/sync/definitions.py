@@ -1,0 +1,254 @@
+"""Sync definitions: the versioned document that declares every segment sync.
+
+One YAML (or JSON) document, `version: 1`, with a list of syncs. Each sync says where its
+files land, how to read them, which column identifies a person, how columns map to typed
+destination attributes and audience memberships, what the destination is, and the mode.
+Validation errors name the sync, the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import ConfigError
+
+SUPPORTED_VERSIONS = (1,)
+_SYNC_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+# Braze standard profile fields and what a source column may never be mapped to instead.
+BRAZE_STANDARD_FIELDS = {
+    "first_name", "last_name", "email", "phone", "dob", "gender", "country", "language",
+    "home_city", "time_zone", "email_subscribe", "push_subscribe",
+}  # fmt: skip
+# Custom attribute names that would shadow a standard field (Braze creates a duplicate).
+SHADOWED_STANDARD_FIELDS = {
+    "birthday": "dob", "birthdate": "dob", "birth_date": "dob", "date_of_birth": "dob",
+    "dateofbirth": "dob", "firstname": "first_name", "lastname": "last_name",
+    "phone_number": "phone", "mobile": "phone", "city": "home_city", "timezone": "time_zone",
+}  # fmt: skip
+_RESERVED_TARGETS = {"external_id", "braze_id", "user_alias", "_update_existing_only"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldType(StrEnum):
+    STRING = "string"
+    INTEGER = "integer"
+    FLOAT = "float"
+    DECIMAL = "decimal"
+    BOOLEAN = "boolean"
+    DATE = "date"
+    DATETIME = "datetime"
+    ARRAY = "array"
+    OBJECT = "object"
+
+
+class SyncMode(StrEnum):
+    UPDATE_ONLY = "update_only"
+    UPSERT = "upsert"
+    MIRROR = "mirror"
+
+
+class FileFormat(StrEnum):
+    CSV = "csv"
+    TSV = "tsv"
+    JSONL = "jsonl"
+
+
+class FieldMapping(Strict):
+    source: str = Field(min_length=1, description="column name (or JSON key path a.b.c)")
+    target: str = Field(min_length=1, description="destination attribute name")
+    type: FieldType = FieldType.STRING
+    required: bool = False
+    max_length: int | None = Field(default=None, ge=1, le=255)
+    send_nulls: bool = False
+    labels: tuple[str, ...] = ()
+
+    @field_validator("target")
+    @classmethod
+    def _target_is_allowed(cls, value: str) -> str:
+        if value in _RESERVED_TARGETS:
+            raise ValueError(f"{value!r} is an identifier, not an attribute")
+        standard = SHADOWED_STANDARD_FIELDS.get(value.lower().replace(" ", "_"))
+        if standard:
+            raise ValueError(
+                f"{value!r} would create a custom attribute shadowing Braze's standard "
+                f"{standard!r}; map the column to target {standard!r}"
+            )
+        if " " in value or "." in value or "$" in value:
+            raise ValueError("attribute names cannot contain spaces, '.' or '$'")
+        if len(value) > 255:
+            raise ValueError("attribute names are at most 255 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _standard_field_types(self) -> FieldMapping:
+        expected = {"dob": FieldType.DATE, "email_subscribe": FieldType.STRING}
+        if self.target in expected and self.type != expected[self.target]:
+            raise ValueError(f"target {self.target!r} must have type {expected[self.target]}")
+        return self
+
+
+class Identity(Strict):
+    column: str = Field(min_length=1, description="source column holding the identity")
+    namespace: str = Field(min_length=1, description="CDP identity namespace, e.g. crmId")
+    destination_key: Literal["external_id", "braze_id", "email", "phone"] = "external_id"
+
+
+class AudienceSegment(Strict):
+    id: str = Field(min_length=1, description="segment id in segmentMembership.<ns>.<id>")
+    name: str = Field(min_length=1, description="audience name in the destination")
+    namespace: str = "ups"
+
+    @property
+    def column(self) -> str:
+        return f"segmentMembership.{self.namespace}.{self.id}.status"
+
+
+class Audiences(Strict):
+    representation: Literal["boolean", "array"] = "boolean"
+    attribute_prefix: str = Field(default="audience_", description="boolean attribute prefix")
+    array_attribute: str = Field(default="cdp_audiences", description="array attribute name")
+    segments: tuple[AudienceSegment, ...] = ()
+
+    def attribute_for(self, segment: AudienceSegment) -> str:
+        return f"{self.attribute_prefix}{segment.name}"
+
+
+class Consent(Strict):
+    channel: Literal["email", "push", "sms"]
+    column: str | None = Field(
+        default=None, description="column with the consent value; unset means not checked"
+    )
+    granted_values: tuple[str, ...] = ("y", "yes", "true", "1", "opted_in", "subscribed", "in")
+
+
+class BrazeDestination(Strict):
+    type: Literal["braze"] = "braze"
+    batch_size: int = Field(default=75, ge=1, le=75, description="objects per /users/track")
+    max_body_bytes: int = Field(default=3_900_000, ge=10_000, le=4_000_000)
+    requests_per_second: float = Field(default=50.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+Destination = Annotated[BrazeDestination, Field(discriminator="type")]
+
+
+class InputSpec(Strict):
+    format: FileFormat = FileFormat.CSV
+    delimiter: str | None = Field(default=None, min_length=1, max_length=1)
+    wait_for_manifest: bool = False
+
+    @property
+    def field_delimiter(self) -> str:
+        if self.delimiter:
+            return self.delimiter
+        return "\t" if self.format == FileFormat.TSV else ","
+
+
+class SyncDefinition(Strict):
+    id: str
+    description: str = ""
+    input: InputSpec = InputSpec()
+    identity: Identity
+    fields: tuple[FieldMapping, ...] = ()
+    audiences: Audiences = Audiences()
+    mode: SyncMode = SyncMode.UPDATE_ONLY
+    consent: Consent | None = None
+    destination: Destination = BrazeDestination()
+    duplicates: Literal["first_wins"] = Field(
+        default="first_wins",
+        description="a repeated identity in one file is rejected; the first row is used",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        if not _SYNC_ID.match(value):
+            raise ValueError("must be 2-63 characters of a-z, 0-9 and '-' (it is a blob prefix)")
+        return value
+
+    @model_validator(mode="after")
+    def _targets_unique(self) -> SyncDefinition:
+        seen: set[str] = set()
+        for mapping in self.fields:
+            if mapping.target in seen:
+                raise ValueError(f"target {mapping.target!r} is mapped twice")
+            seen.add(mapping.target)
+        audience_names = [s.name for s in self.audiences.segments]
+        if len(set(audience_names)) != len(audience_names):
+            raise ValueError("audience names must be unique")
+        return self
+
+
+class SyncDocument(Strict):
+    version: int
+    syncs: tuple[SyncDefinition, ...]
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value not in SUPPORTED_VERSIONS:
+            raise ValueError(f"unsupported version {value}; supported: {SUPPORTED_VERSIONS}")
+        return value
+
+    @model_validator(mode="after")
+    def _ids_unique(self) -> SyncDocument:
+        ids = [s.id for s in self.syncs]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ValueError(f"sync ids must be unique: {duplicated}")
+        return self
+
+    def get(self, sync_id: str) -> SyncDefinition | None:
+        return next((s for s in self.syncs if s.id == sync_id), None)
+
+
+def _location(data: Any, loc: tuple[int | str, ...]) -> str:
+    """`sync 'vip' field fields[2].type` from a pydantic error location."""
+    parts = list(loc)
+    prefix = ""
+    if len(parts) >= 2 and parts[0] == "syncs" and isinstance(parts[1], int):
+        index = parts[1]
+        try:
+            prefix = f"sync {data['syncs'][index]['id']!r}: "
+        except (KeyError, IndexError, TypeError):
+            prefix = f"sync #{index + 1}: "
+        parts = parts[2:]
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return prefix + (path or "document")
+
+
+def parse_document(data: Any) -> SyncDocument:
+    try:
+        return SyncDocument.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{_location(data, tuple(e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False)
+        ]
+        raise ConfigError("invalid sync definitions: " + "; ".join(problems)) from None
+
+
+def load_document(path: Path) -> SyncDocument:
+    """Read a YAML or JSON sync document; ConfigError says what and where."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read sync definitions {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"sync definitions {path} are not valid YAML/JSON: {exc}") from None
+    return parse_document(data)

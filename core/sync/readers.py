@@ -1,0 +1,146 @@
+"""Streaming readers for segment export files: CSV/TSV with a header, JSON Lines, gzip.
+
+Rows come out one at a time as (line number, values aligned to `columns`). Compression is
+recognised by gzip's magic bytes, not the file name. Text must be UTF-8 (a BOM is
+allowed): `check_utf8` streams the whole file through a strict decoder first, so a file
+that is not UTF-8 is rejected as a whole before anything is sent, instead of halfway.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from core.sync.definitions import FileFormat, InputSpec
+
+GZIP_MAGIC = b"\x1f\x8b"
+_READ_BYTES = 1 << 20
+# Field size guard: a CSV field larger than this is corrupt input, not data.
+csv.field_size_limit(1 << 20)
+
+
+class FileRejected(Exception):
+    """The whole file is unusable; `code` is the reason code for the run report."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    line: int
+    values: Sequence[Any]
+
+
+def decompressed(stream: IO[bytes]) -> IO[bytes]:
+    """The stream itself, or a gzip reader over it when it starts with gzip's magic."""
+    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)  # type: ignore[arg-type]
+    if buffered.peek(2)[:2] == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=buffered, mode="rb")
+    return buffered
+
+
+def check_utf8(stream: IO[bytes]) -> int:
+    """Consume `stream`, raising FileRejected at the first invalid UTF-8 byte; returns size."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    offset = 0
+    try:
+        while chunk := stream.read(_READ_BYTES):
+            decoder.decode(chunk)
+            offset += len(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise FileRejected(
+            "not_utf8",
+            f"file is not valid UTF-8 (byte {offset + exc.start}: {exc.reason}); "
+            "export it as UTF-8, nothing was sent",
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
+    return offset
+
+
+class RowReader:
+    """Iterates the rows of one file; `columns` names the values of each row."""
+
+    def __init__(self, stream: IO[bytes], spec: InputSpec, wanted: Sequence[str]) -> None:
+        self.spec = spec
+        self._text = io.TextIOWrapper(
+            decompressed(stream), encoding="utf-8-sig", errors="strict", newline=""
+        )
+        self.columns: list[str]
+        if spec.format == FileFormat.JSONL:
+            self.columns = list(wanted)
+        else:
+            self._csv = csv.reader(self._text, delimiter=spec.field_delimiter, strict=True)
+            try:
+                header = next(self._csv)
+            except StopIteration:
+                raise FileRejected("empty_file", "file has no header line") from None
+            except csv.Error as exc:
+                raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
+            self.columns = [name.strip() for name in header]
+            duplicated = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            if duplicated:
+                raise FileRejected("bad_header", f"header repeats columns {duplicated}")
+
+    def __iter__(self) -> Iterator[SourceRow | tuple[int, str]]:
+        """SourceRow per record, or (line, error message) for a record that cannot parse."""
+        if self.spec.format == FileFormat.JSONL:
+            yield from self._json_lines()
+        else:
+            yield from self._csv_rows()
+
+    def _csv_rows(self) -> Iterator[SourceRow | tuple[int, str]]:
+        width = len(self.columns)
+        reader = self._csv
+        while True:
+            start = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield start, f"malformed CSV: {exc}"
+                continue
+            if not values:
+                continue  # blank line
+            if len(values) != width:
+                yield start, f"expected {width} fields, found {len(values)}"
+                continue
+            yield SourceRow(start, values)
+
+    def _json_lines(self) -> Iterator[SourceRow | tuple[int, str]]:
+        paths = [column.split(".") for column in self.columns]
+        for number, line in enumerate(self._text, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, f"malformed JSON: {exc.msg} at column {exc.colno}"
+                continue
+            if not isinstance(record, dict):
+                yield number, "a JSON Lines record must be an object"
+                continue
+            yield SourceRow(number, [_lookup(record, column, path) for column, path in
+                                     zip(self.columns, paths, strict=True)])  # fmt: skip
+
+
+def _lookup(record: dict[str, Any], column: str, path: list[str]) -> Any:
+    """A flat key wins (`segmentMembership.ups.x.status` as one key), else a nested path."""
+    if column in record:
+        return record[column]
+    value: Any = record
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value

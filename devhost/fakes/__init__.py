@@ -1,0 +1,1 @@
+"""Local fakes of SaaS endpoints, speaking their documented wire protocols."""

@@ -1,0 +1,211 @@
+"""A fake Braze REST endpoint for tests, demo and benchmarks: `POST /users/track`.
+
+Speaks the documented wire protocol: Bearer auth (401 on a wrong key), at most
+`max_objects` objects per request (400 "Max Input Length Exceeded"), 4 MB bodies (413),
+per-item non-fatal `errors` ({type, input_array, index}), `_update_existing_only` against
+the profiles it knows, 429 with `X-RateLimit-*` and `Retry-After` above `rate_per_second`,
+and injectable 5xx answers and latency. It applies what it accepts to its own profiles,
+so a test can compare the destination's final state.
+
+Control from Python (`FakeBraze` object) or over HTTP (`GET /_fake/profiles`,
+`POST /_fake/config`) when it runs as its own process (`python -m devhost.fakes.braze`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+_IDENTIFIERS = ("external_id", "braze_id", "email", "phone", "user_alias")
+
+
+@dataclass
+class FakeBrazeState:
+    api_key: str = "fake-braze-key"
+    max_objects: int = 75
+    rate_per_second: float | None = None
+    latency_seconds: float = 0.0
+    fail_next: list[int] = field(default_factory=list)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: int = 0
+    accepted_objects: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    window_start: float = 0.0
+    window_count: int = 0
+
+
+def _apply(profile: dict[str, Any], attributes: dict[str, Any]) -> None:
+    for name, value in attributes.items():
+        if name in _IDENTIFIERS or name.startswith("_"):
+            continue
+        if value is None:
+            profile.pop(name, None)
+        elif isinstance(value, dict) and set(value) <= {"add", "remove"} and value:
+            current = list(profile.get(name) or [])
+            for item in value.get("remove", []):
+                while item in current:
+                    current.remove(item)
+            for item in value.get("add", []):
+                if item in current:
+                    current.remove(item)
+                current.append(item)
+            profile[name] = current
+        else:
+            profile[name] = value
+
+
+class FakeBraze:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+        self.state = FakeBrazeState(**config)
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/_fake/profiles":
+                    with fake.lock:
+                        self._reply(200, fake.state.profiles)
+                else:
+                    self._reply(404, {"message": "not found"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if self.path == "/_fake/config":
+                    fake.configure(**json.loads(body or b"{}"))
+                    self._reply(200, {"ok": True})
+                elif self.path == "/users/track":
+                    status, payload, headers = fake.track(dict(self.headers.items()), body)
+                    self._reply(status, payload, headers)
+                else:
+                    self._reply(404, {"message": "not found"})
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> FakeBraze:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def configure(self, **changes: Any) -> None:
+        with self.lock:
+            known = changes.pop("known_profiles", None)
+            for name, value in changes.items():
+                setattr(self.state, name, value)
+            for external_id in known or []:
+                self.state.profiles.setdefault(external_id, {})
+
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return json.loads(json.dumps(self.state.profiles))
+
+    def _rate_limited(self, now: float) -> dict[str, str] | None:
+        state = self.state
+        if state.rate_per_second is None:
+            return None
+        if now - state.window_start >= 1.0:
+            state.window_start, state.window_count = math.floor(now), 0
+        state.window_count += 1
+        limit = int(state.rate_per_second)
+        reset = int(state.window_start) + 1
+        if state.window_count > limit:
+            state.rate_limited += 1
+            return {
+                "X-RateLimit-Limit": str(limit),
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": str(reset),
+                "Retry-After": f"{max(0.05, reset - now):.2f}",
+            }
+        return None
+
+    def track(
+        self, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        if self.state.latency_seconds:
+            time.sleep(self.state.latency_seconds)
+        with self.lock:
+            state = self.state
+            state.requests += 1
+            auth = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
+            if auth != f"Bearer {state.api_key}":
+                return 401, {"message": "Invalid API key: unknown or missing"}, {}
+            limited = self._rate_limited(time.time())
+            if limited:
+                return 429, {"message": "API rate limit reached"}, limited
+            if state.fail_next:
+                status = state.fail_next.pop(0)
+                state.server_errors += 1
+                return status, {"message": "Internal server error"}, {}
+            if len(body) > MAX_BODY_BYTES:
+                return 413, {"message": "Payload too large"}, {}
+            try:
+                request = json.loads(body)
+            except json.JSONDecodeError:
+                return 400, {"message": "Invalid JSON"}, {}
+            attributes = request.get("attributes") or []
+            total = sum(len(request.get(k) or []) for k in ("attributes", "events", "purchases"))
+            if total > state.max_objects:
+                return 400, {"message": "Max Input Length Exceeded"}, {}
+            errors = []
+            for index, item in enumerate(attributes):
+                external_id = item.get("external_id")
+                if not isinstance(external_id, str) or not external_id:
+                    errors.append({"type": "missing identifier", "input_array": "attributes",
+                                   "index": index})  # fmt: skip
+                    continue
+                if external_id not in state.profiles:
+                    if item.get("_update_existing_only", False):
+                        errors.append({"type": f"user '{external_id[:8]}…' does not exist",
+                                       "input_array": "attributes", "index": index})  # fmt: skip
+                        continue
+                    state.profiles[external_id] = {}
+                _apply(state.profiles[external_id], item)
+                state.accepted_objects += 1
+            payload: dict[str, Any] = {"message": "success", "attributes_processed":
+                                       len(attributes) - len(errors)}  # fmt: skip
+            if errors:
+                payload["errors"] = errors
+            return 200, payload, {"X-RateLimit-Limit": "3000", "X-RateLimit-Remaining": "2999"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m devhost.fakes.braze")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key", default="fake-braze-key")
+    args = parser.parse_args()
+    fake = FakeBraze(port=args.port, api_key=args.api_key).start()
+    print(f"fake Braze on {fake.url}", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
