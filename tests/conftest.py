@@ -54,9 +54,55 @@ def port() -> int:
     return free_port()
 
 
+SCENARIOS = (
+    "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
+    "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
+)  # fmt: skip
+
+
+def scenario_syncs(path: Path) -> Path:
+    """tests/data/syncs.yaml plus a copy of its `vip` sync per scenario (`vip-<name>`),
+    so that every end-to-end test has its own delta state."""
+    import yaml
+
+    document = yaml.safe_load((ROOT / "tests/data/syncs.yaml").read_text())
+    base = next(s for s in document["syncs"] if s["id"] == "vip")
+    for name in SCENARIOS:
+        copy = {**base, "id": f"vip-{name}"}
+        if name == "upsert":
+            copy["mode"] = "upsert"
+        if name == "storm-5xx":
+            copy["destination"] = {"type": "braze", "max_attempts": 8}
+        document["syncs"].append(copy)
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
 @pytest.fixture(scope="session")
-def running_app(local_services: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    app = HostProcess(local_services, free_port(), tmp_path_factory.mktemp("devhost") / "log")
+def fake_braze():  # type: ignore[no-untyped-def]
+    from devhost.fakes.braze import FakeBraze
+
+    fake = FakeBraze().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def app_env(
+    local_services: dict[str, str], fake_braze, tmp_path_factory: pytest.TempPathFactory  # type: ignore[no-untyped-def]
+) -> dict[str, str]:
+    syncs = scenario_syncs(tmp_path_factory.mktemp("config") / "syncs.yaml")
+    return {
+        **local_services,
+        "SWITCHBOARD_SYNCS_FILE": str(syncs),
+        "SWITCHBOARD_BRAZE_REST_ENDPOINT": fake_braze.url,
+        "SWITCHBOARD_BRAZE_API_KEY": fake_braze.state.api_key,
+    }
+
+
+@pytest.fixture(scope="session")
+def running_app(app_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    app = HostProcess(app_env, free_port(), tmp_path_factory.mktemp("devhost") / "log")
     try:
         app.wait_ready()
         yield app

@@ -23,7 +23,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-_IDENTIFIERS = ("external_id", "braze_id", "email", "phone", "user_alias")
 
 
 @dataclass
@@ -33,18 +32,23 @@ class FakeBrazeState:
     rate_per_second: float | None = None
     latency_seconds: float = 0.0
     fail_next: list[int] = field(default_factory=list)
+    fail_every: int = 0
+    """Answer every n-th request with 503 (0: never), for 5xx storms."""
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: int = 0
     accepted_objects: int = 0
     rate_limited: int = 0
     server_errors: int = 0
+    record_objects: bool = True
+    received: list[dict[str, Any]] = field(default_factory=list)
+    """Every attributes object accepted, in order (when record_objects is on)."""
     window_start: float = 0.0
     window_count: int = 0
 
 
 def _apply(profile: dict[str, Any], attributes: dict[str, Any]) -> None:
     for name, value in attributes.items():
-        if name in _IDENTIFIERS or name.startswith("_"):
+        if name in ("external_id", "braze_id", "user_alias") or name.startswith("_"):
             continue
         if value is None:
             profile.pop(name, None)
@@ -124,6 +128,14 @@ class FakeBraze:
             for external_id in known or []:
                 self.state.profiles.setdefault(external_id, {})
 
+    def reset(self, known_profiles: list[str]) -> None:
+        """Forget everything: only `known_profiles` exist, with no attributes."""
+        with self.lock:
+            self.state = FakeBrazeState(
+                api_key=self.state.api_key, record_objects=self.state.record_objects
+            )
+            self.state.profiles = {external_id: {} for external_id in known_profiles}
+
     def profiles(self) -> dict[str, dict[str, Any]]:
         with self.lock:
             return json.loads(json.dumps(self.state.profiles))
@@ -161,8 +173,8 @@ class FakeBraze:
             limited = self._rate_limited(time.time())
             if limited:
                 return 429, {"message": "API rate limit reached"}, limited
-            if state.fail_next:
-                status = state.fail_next.pop(0)
+            if state.fail_next or (state.fail_every and state.requests % state.fail_every == 0):
+                status = state.fail_next.pop(0) if state.fail_next else 503
                 state.server_errors += 1
                 return status, {"message": "Internal server error"}, {}
             if len(body) > MAX_BODY_BYTES:
@@ -190,6 +202,8 @@ class FakeBraze:
                     state.profiles[external_id] = {}
                 _apply(state.profiles[external_id], item)
                 state.accepted_objects += 1
+                if state.record_objects:
+                    state.received.append(item)
             payload: dict[str, Any] = {"message": "success", "attributes_processed":
                                        len(attributes) - len(errors)}  # fmt: skip
             if errors:

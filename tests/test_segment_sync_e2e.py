@@ -1,0 +1,270 @@
+"""Segment files through the local host into the fake Braze server, end to end."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from typing import Any
+
+import pytest
+import requests
+
+from core.containers import REJECTS, SEGMENTS
+from core.storage.blobs import BlobRef
+from core.suppression import Channel, Reason, SuppressionList
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+COLUMNS = [
+    "crmId", "email", "firstName", "birthDate", "country", "points", "tier",
+    "segmentMembership.ups.seg-vip.status", "segmentMembership.ups.seg-lapsed.status",
+]  # fmt: skip
+
+
+def people(prefix: str, count: int) -> list[dict[str, str]]:
+    return [
+        {
+            "crmId": f"{prefix}-{i:05d}", "email": f"{prefix}.{i}@example.com".lower(),
+            "firstName": f"Name{i}", "birthDate": f"19{50 + i % 50}-0{1 + i % 9}-1{i % 9}",
+            "country": ["PT", "NL", "FR", "DE"][i % 4], "points": str(i * 10),
+            "tier": ["", "gold", "silver"][i % 3],
+            "segmentMembership.ups.seg-vip.status": "realized" if i % 2 else "",
+            "segmentMembership.ups.seg-lapsed.status": "",
+        }  # fmt: skip
+        for i in range(count)
+    ]
+
+
+def to_csv(rows: list[dict[str, str]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+class Scenario:
+    def __init__(self, app: Any, storage: Any, fake: Any, name: str) -> None:
+        self.app, self.storage, self.fake = app, storage, fake
+        self.sync = f"vip-{name}"
+        self.files = 0
+
+    def land(self, data: bytes, suffix: str = ".csv") -> dict[str, Any]:
+        """Upload a file for this scenario's sync and wait for its run to finish."""
+        self.files += 1
+        name = f"{self.sync}/export-{self.files:03d}{suffix}"
+        self.storage.blobs.create(SEGMENTS, name, data, overwrite=True)
+
+        def finished() -> dict[str, Any] | None:
+            answer = requests.get(
+                f"{self.app.base_url}/api/runs", params={"sync_id": self.sync}, timeout=5
+            )
+            for run in answer.json()["runs"]:
+                if run["source"].endswith(name) and run["status"] in ("succeeded", "failed"):
+                    return dict(run)
+            return None
+
+        return eventually(finished, timeout=60)
+
+    def known(self, rows: list[dict[str, str]]) -> None:
+        self.fake.configure(known_profiles=[r["crmId"] for r in rows])
+
+    def received_for(self, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+        ids = {r["crmId"] for r in rows}
+        return [o for o in self.fake.state.received if o.get("external_id") in ids]
+
+    def profiles(self, rows: list[dict[str, str]]) -> dict[str, Any]:
+        everything = self.fake.profiles()
+        return {r["crmId"]: everything.get(r["crmId"]) for r in rows}
+
+
+@pytest.fixture
+def scenario(request: pytest.FixtureRequest, running_app, storage, fake_braze):  # type: ignore[no-untyped-def]
+    def make(name: str) -> Scenario:
+        return Scenario(running_app, storage, fake_braze, name)
+
+    return make
+
+
+def test_first_file_sends_everything_and_an_identical_file_sends_nothing(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("identical")
+    rows = people("ID", 120)
+    s.known(rows)
+    first = s.land(to_csv(rows))
+    assert first["status"] == "succeeded"
+    assert first["counts"]["sent"] == 120 and first["counts"]["rows"] == 120
+    assert first["detail"]["batches_sent"] == 2  # 75 + 45
+    stored = s.profiles(rows)["ID-00001"]
+    assert stored == {
+        "email": "id.1@example.com", "first_name": "Name1", "dob": "1951-02-11",
+        "country": "NL", "loyalty_points": 10, "tier": "gold", "audience_vip": True,
+    }  # fmt: skip
+    before = len(s.received_for(rows))
+    second = s.land(to_csv(rows))
+    assert second["counts"]["unchanged"] == 120 and second["counts"]["sent"] == 0
+    assert len(s.received_for(rows)) == before
+
+
+def test_one_percent_changed_sends_exactly_the_changed_attributes(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("changes")
+    rows = people("CH", 300)
+    s.known(rows)
+    s.land(to_csv(rows))
+    already = len(s.received_for(rows))
+    changed = [dict(r) for r in rows]
+    changed[7]["firstName"] = "Renamed"
+    changed[150]["points"] = "99999"
+    changed[299]["country"] = "BE"
+    run = s.land(to_csv(changed))
+    assert run["counts"]["sent"] == 3 and run["counts"]["unchanged"] == 297
+    sent = s.received_for(rows)[already:]
+    assert sent == [
+        {"external_id": "CH-00007", "_update_existing_only": True, "first_name": "Renamed"},
+        {"external_id": "CH-00150", "_update_existing_only": True, "loyalty_points": 99999},
+        {"external_id": "CH-00299", "_update_existing_only": True, "country": "BE"},
+    ]
+
+
+def test_exited_removes_membership_we_added_only(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("exited")
+    rows = people("EX", 4)
+    s.known(rows)
+    s.land(to_csv(rows))
+    assert s.profiles(rows)["EX-00001"]["audience_vip"] is True
+    exits = [dict(r) for r in rows]
+    for row in exits:
+        row["segmentMembership.ups.seg-vip.status"] = "exited"
+        row["segmentMembership.ups.seg-lapsed.status"] = "exited"
+    run = s.land(to_csv(exits))
+    assert run["counts"]["sent"] == 2  # EX-1 and EX-3 had vip from us
+    assert s.profiles(rows)["EX-00001"]["audience_vip"] is False
+    assert "audience_vip" not in s.profiles(rows)["EX-00000"]
+    assert not any("audience_lapsed" in o for o in s.received_for(rows))
+
+
+def test_suppressed_addresses_are_never_sent(scenario, storage) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("suppressed")
+    rows = people("SU", 10)
+    s.known(rows)
+    suppressions = SuppressionList(storage)
+    suppressions.add(Channel.EMAIL, "su.3@example.com", Reason.HARD_BOUNCE, source="test")
+    suppressions.add(Channel.EMAIL, "su.4@example.com", Reason.UNSUBSCRIBE, source="test")
+    run = s.land(to_csv(rows))
+    assert run["counts"]["suppressed"] == 2 and run["counts"]["sent"] == 8
+    assert run["counts"]["suppressed.hard_bounce"] == 1
+    assert run["counts"]["suppressed.unsubscribe"] == 1
+    sent_ids = {o["external_id"] for o in s.received_for(rows)}
+    assert "SU-00003" not in sent_ids and "SU-00004" not in sent_ids
+    assert s.profiles(rows)["SU-00003"] == {}
+
+
+def test_bad_rows_go_to_rejects_with_lines_while_valid_rows_go_out(scenario, storage) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("rejects")
+    rows = people("RJ", 6)
+    s.known(rows)
+    rows[1]["crmId"] = "=1+2"  # a spreadsheet would run this
+    rows[1]["email"] = "not-an-email"
+    rows[2]["birthDate"] = "31/12/1990"
+    rows[4]["crmId"] = rows[3]["crmId"]  # duplicate identity: the first row wins
+    data = to_csv(rows) + b"RJ-99999,short,row\n"
+    run = s.land(data)
+    counts = run["counts"]
+    assert counts["rejected"] == 4 and counts["sent"] == 3
+    assert counts["rejected.invalid_email"] == 1 and counts["rejected.not_date"] == 1
+    assert counts["rejected.duplicate_identity"] == 1 and counts["rejected.malformed_row"] == 1
+    path = run["detail"]["rejects"]
+    assert path == f"{REJECTS}/{s.sync}/{run['run_id']}.csv"
+    name = path.split("/", 1)[1]
+    ref = storage.blobs.ref(REJECTS, name)
+    text = b"".join(storage.blobs.iter_chunks(ref)).decode()
+    table = list(csv.reader(io.StringIO(text)))
+    assert table[0] == ["line", "reason_code", "message", "raw_row"]
+    assert [(r[0], r[1]) for r in table[1:]] == [
+        ("3", "invalid_email"), ("4", "not_date"), ("6", "duplicate_identity"),
+        ("8", "malformed_row"),
+    ]  # fmt: skip
+    assert table[1][3].startswith("'=1+2,")  # neutralised for spreadsheets
+    assert "not-an-email" in table[1][3]
+    assert table[2][3].startswith("RJ-00002,rj.2@example.com,Name2,31/12/1990,")
+
+
+def test_a_file_that_is_not_utf8_is_rejected_whole(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("not-utf8")
+    rows = people("NU", 5)
+    s.known(rows)
+    rows[2]["firstName"] = "Chloé"
+    run = s.land(to_csv(rows).decode().encode("latin-1"))
+    assert run["status"] == "failed" and run["error"].startswith("not_utf8:")
+    assert s.received_for(rows) == []
+
+
+def test_gzip_and_unknown_profiles(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("gzip")
+    rows = people("GZ", 20)
+    s.known(rows[:15])
+    run = s.land(gzip.compress(to_csv(rows)), suffix=".csv.gz")
+    assert run["counts"]["sent"] == 15 and run["counts"]["unmatched"] == 5
+    assert all(s.profiles(rows)[r["crmId"]] is None for r in rows[15:])  # never created
+
+
+def test_upsert_mode_creates_profiles(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("upsert")
+    rows = people("UP", 5)
+    run = s.land(to_csv(rows))
+    assert run["counts"]["sent"] == 5
+    assert all(o.get("_update_existing_only") is None for o in s.received_for(rows))
+    assert all(p is not None for p in s.profiles(rows).values())
+
+
+def test_storms_end_in_the_same_state_as_a_clean_run(scenario, fake_braze) -> None:  # type: ignore[no-untyped-def]
+    rows = people("ST", 400)
+    data = to_csv(rows)
+    final_states = {}
+    for name, config in (
+        ("clean", {}),
+        ("storm-429", {"rate_per_second": 4}),
+        ("storm-5xx", {"fail_every": 3}),
+    ):
+        s = scenario(name)
+        fake_braze.reset([r["crmId"] for r in rows])
+        fake_braze.configure(**config)
+        try:
+            run = s.land(data)
+        finally:
+            fake_braze.configure(rate_per_second=None, fail_every=0)
+        assert run["status"] == "succeeded" and run["counts"]["sent"] == 400, run
+        final_states[name] = s.profiles(rows)
+        if name == "storm-429":
+            assert run["detail"]["rate_limited_waits"] > 0
+        if name == "storm-5xx":
+            assert run["detail"]["retries"] > 0
+    assert final_states["storm-429"] == final_states["clean"]
+    assert final_states["storm-5xx"] == final_states["clean"]
+
+
+def test_terminal_error_stops_the_run_and_marks_nothing_sent(scenario, fake_braze) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("terminal")
+    rows = people("TE", 10)
+    s.known(rows)
+    real_key = fake_braze.state.api_key
+    fake_braze.configure(api_key="rotated-key")
+    try:
+        run = s.land(to_csv(rows))
+    finally:
+        fake_braze.configure(api_key=real_key)
+    assert run["status"] == "failed" and "401" in run["error"]
+    again = s.land(to_csv(rows))  # nothing was marked as sent, so all of it goes now
+    assert again["counts"]["sent"] == 10
+
+
+def json_line(record: dict[str, Any]) -> bytes:
+    return json.dumps(record).encode() + b"\n"
+
+
+def test_blob_ref_is_what_the_trigger_sees(storage) -> None:  # type: ignore[no-untyped-def]
+    storage.blobs.create(SEGMENTS, "vip-clean/ref-check.csv", b"x", overwrite=True)
+    ref = storage.blobs.ref(SEGMENTS, "vip-clean/ref-check.csv")
+    assert isinstance(ref, BlobRef) and ref.etag.startswith('"')
