@@ -45,7 +45,9 @@ class TokenBucket:
                 if now < self._paused_until:
                     delay = self._paused_until - now
                 else:
-                    self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+                    self._tokens = min(
+                        self.capacity, self._tokens + (now - self._updated) * self.rate
+                    )
                     self._updated = now
                     if self._tokens >= 1.0:
                         self._tokens -= 1.0

@@ -89,7 +89,9 @@ def fake_braze():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def app_env(
-    local_services: dict[str, str], fake_braze, tmp_path_factory: pytest.TempPathFactory  # type: ignore[no-untyped-def]
+    local_services: dict[str, str],
+    fake_braze,
+    tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
 ) -> dict[str, str]:
     syncs = scenario_syncs(tmp_path_factory.mktemp("config") / "syncs.yaml")
     return {

@@ -27,13 +27,16 @@ COLUMNS = [
 def people(prefix: str, count: int) -> list[dict[str, str]]:
     return [
         {
-            "crmId": f"{prefix}-{i:05d}", "email": f"{prefix}.{i}@example.com".lower(),
-            "firstName": f"Name{i}", "birthDate": f"19{50 + i % 50}-0{1 + i % 9}-1{i % 9}",
-            "country": ["PT", "NL", "FR", "DE"][i % 4], "points": str(i * 10),
+            "crmId": f"{prefix}-{i:05d}",
+            "email": f"{prefix}.{i}@example.com".lower(),
+            "firstName": f"Name{i}",
+            "birthDate": f"19{50 + i % 50}-0{1 + i % 9}-1{i % 9}",
+            "country": ["PT", "NL", "FR", "DE"][i % 4],
+            "points": str(i * 10),
             "tier": ["", "gold", "silver"][i % 3],
             "segmentMembership.ups.seg-vip.status": "realized" if i % 2 else "",
             "segmentMembership.ups.seg-lapsed.status": "",
-        }  # fmt: skip
+        }
         for i in range(count)
     ]
 

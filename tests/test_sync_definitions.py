@@ -33,11 +33,15 @@ def test_defaults_are_safe() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"fields": [{"source": "bd", "target": "birthday", "type": "date"}]},
-         "sync 'vip': fields[0].target: 'birthday' would create a custom attribute shadowing"),
+        (
+            {"fields": [{"source": "bd", "target": "birthday", "type": "date"}]},
+            "sync 'vip': fields[0].target: 'birthday' would create a custom attribute shadowing",
+        ),
         ({"fields": [{"source": "x", "target": "external_id"}]}, "is an identifier"),
-        ({"fields": [{"source": "a", "target": "t"}, {"source": "b", "target": "t"}]},
-         "target 't' is mapped twice"),
+        (
+            {"fields": [{"source": "a", "target": "t"}, {"source": "b", "target": "t"}]},
+            "target 't' is mapped twice",
+        ),
         ({"mode": "replace"}, "sync 'vip': mode: Input should be"),
         ({"destination": {"type": "braze", "batch_size": 500}}, "destination.braze.batch_size"),
         ({"fields": [{"source": "d", "target": "dob", "type": "string"}]}, "must have type date"),
@@ -57,7 +61,7 @@ def test_document_level_errors() -> None:
     twice = {"version": 1, "syncs": [minimal()["syncs"][0], minimal()["syncs"][0]]}
     with pytest.raises(ConfigError, match="sync ids must be unique"):
         parse_document(twice)
-    with pytest.raises(ConfigError, match="sync 'Bad Id!': id: .*blob prefix"):
+    with pytest.raises(ConfigError, match=r"sync 'Bad Id!': id: .*blob prefix"):
         parse_document({"version": 1, "syncs": [{"id": "Bad Id!", "identity": {}}]})
 
 

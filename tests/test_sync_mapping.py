@@ -100,7 +100,9 @@ def test_bad_values_are_rejected_with_a_code(line: str, code: str) -> None:
 
 
 def test_memberships_and_statuses() -> None:
-    header = HEADER + ",segmentMembership.ups.seg-vip.status,segmentMembership.ups.seg-lapsed.status"
+    header = (
+        HEADER + ",segmentMembership.ups.seg-vip.status,segmentMembership.ups.seg-lapsed.status"
+    )
     row = mapped("C1,a@x.io,A,,,,,realized,exited", header)
     assert row.memberships == {"vip": True, "lapsed": False}
     assert mapped("C1,a@x.io,A,,,,,existing,", header).memberships == {"vip": True}
@@ -120,7 +122,9 @@ def test_mojibake_detection_spares_real_text() -> None:
 
 def test_diff_sends_only_changed_attributes_and_owned_memberships() -> None:
     state = SyncState({}, None)
-    first = state.diff("C1", {"first_name": "Ana", "tier": None}, {"vip": True}, frozenset({"tier"}))
+    first = state.diff(
+        "C1", {"first_name": "Ana", "tier": None}, {"vip": True}, frozenset({"tier"})
+    )
     assert first.attributes == {"first_name": "Ana"} and first.added == ("vip",)
     state.acknowledge("C1", first)
     same = state.diff("C1", {"first_name": "Ana", "tier": None}, {"vip": True}, frozenset({"tier"}))
@@ -144,5 +148,6 @@ def test_items_carry_update_only_and_membership_shapes() -> None:
     assert arrays is not None
     change = state.diff("J1", {}, {"alpha": True}, frozenset())
     assert build_item(arrays, "J1", change) == {
-        "external_id": "J1", "cdp_audiences": {"add": ["alpha"]},
+        "external_id": "J1",
+        "cdp_audiences": {"add": ["alpha"]},
     }  # upsert: no _update_existing_only

@@ -121,7 +121,9 @@ class BrazeDestination:
                 waited += delay
                 if waited > _MAX_RATE_LIMIT_WAIT_SECONDS:
                     raise RateLimitedError(
-                        "Braze kept rate limiting for over 15 minutes", status=429, retry_after=delay
+                        "Braze kept rate limiting for over 15 minutes",
+                        status=429,
+                        retry_after=delay,
                     )
                 log.info("Braze rate limit: waiting %.1fs", delay)
                 self._pacer.pause_for(delay)
@@ -157,7 +159,9 @@ class BrazeDestination:
         second = self.send_batch(items[middle:])
         failures = dict(first.failures)
         for index, failure in second.failures.items():
-            failures[index + middle] = ItemFailure(index + middle, failure.unmatched, failure.reason)
+            failures[index + middle] = ItemFailure(
+                index + middle, failure.unmatched, failure.reason
+            )
         return BatchResult(
             failures,
             requests=first.requests + second.requests + 1,
@@ -169,7 +173,9 @@ class BrazeDestination:
         if attempt >= self.max_attempts:
             raise TransientError(f"{reason}; gave up after {attempt} attempts", status=status)
         delay = random.uniform(0, min(_MAX_BACKOFF_SECONDS, 0.5 * 2**attempt))
-        log.info("%s; retrying in %.2fs (attempt %d of %d)", reason, delay, attempt, self.max_attempts)
+        log.info(
+            "%s; retrying in %.2fs (attempt %d of %d)", reason, delay, attempt, self.max_attempts
+        )
         self._sleep(delay)
 
     @staticmethod

@@ -210,8 +210,7 @@ class SegmentSyncRun:
             seen.add(row.identity)
             reason = self._suppressed(row)
             if reason is None and consent is not None and consent.column is not None:
-                if row.consent not in consent.granted_values:
-                    reason = f"no_{consent.channel}_consent"
+                reason = None if row.consent in consent.granted_values else "no_consent"
             if reason is not None:
                 self.counts.add(Outcome.SUPPRESSED, reason)
                 continue

@@ -65,9 +65,7 @@ def _countries() -> dict[str, str]:
 
 @functools.cache
 def _languages() -> frozenset[str]:
-    return frozenset(
-        lang.alpha_2 for lang in pycountry.languages if getattr(lang, "alpha_2", None)
-    )
+    return frozenset(lang.alpha_2 for lang in pycountry.languages if getattr(lang, "alpha_2", None))
 
 
 @functools.cache

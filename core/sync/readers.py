@@ -15,7 +15,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from core.sync.definitions import FileFormat, InputSpec
 
@@ -41,10 +41,10 @@ class SourceRow:
 
 def decompressed(stream: IO[bytes]) -> IO[bytes]:
     """The stream itself, or a gzip reader over it when it starts with gzip's magic."""
-    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)  # type: ignore[arg-type]
+    buffered: Any = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)
     if buffered.peek(2)[:2] == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=buffered, mode="rb")
-    return buffered
+        return cast(IO[bytes], gzip.GzipFile(fileobj=buffered, mode="rb"))
+    return cast(IO[bytes], buffered)
 
 
 def check_utf8(stream: IO[bytes]) -> int:

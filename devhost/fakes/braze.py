@@ -88,14 +88,14 @@ class FakeBraze:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path == "/_fake/profiles":
                     with fake.lock:
                         self._reply(200, fake.state.profiles)
                 else:
                     self._reply(404, {"message": "not found"})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 if self.path == "/_fake/config":
