@@ -20,10 +20,10 @@ node_modules/.installed: package.json package-lock.json
 deps: $(VENV)/.installed node_modules/.installed
 
 demo: deps
-	$(PY) -m devhost.services -- $(PY) -m demo
+	$(PY) -m devhost.services --fakes -- $(PY) -m demo
 
 start: deps
-	$(PY) -m devhost.services --data .azurite -- $(PY) -m devhost serve
+	$(PY) -m devhost.services --fakes --data .azurite -- $(PY) -m devhost serve
 
 lint: deps
 	$(VENV)/bin/ruff check .

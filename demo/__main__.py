@@ -75,6 +75,36 @@ def main() -> int:
         host.stop()
 
 
+def land(api: str, storage: Storage, blob_name: str, sample: str) -> dict[str, Any]:
+    storage.blobs.create(SEGMENTS, blob_name, (DATA / sample).read_bytes())
+    print(f"uploaded {SEGMENTS}/{blob_name}")
+
+    def finished() -> dict[str, Any] | None:
+        _, body = call("GET", f"{api}/runs?kind=segment_sync&sync_id={SYNC_ID}")
+        for run in body["runs"]:
+            if run["source"].endswith(blob_name) and run["status"] in ("succeeded", "failed"):
+                return dict(run)
+        return None
+
+    run = wait_for(f"the run of {blob_name}", finished)
+    if run["status"] != "succeeded":
+        raise DemoFailed(f"run {run['run_id']} failed: {run['error']}")
+    return run
+
+
+def brief(run: dict[str, Any]) -> str:
+    counts = run["counts"]
+    names = ("sent", "unchanged", "rejected", "unmatched", "suppressed", "failed")
+    return ", ".join(f"{counts.get(n, 0)} {n}" for n in names)
+
+
+def report(run: dict[str, Any]) -> None:
+    print(f"run {run['run_id']} {run['status']}: {brief(run)}")
+    reasons = {k: v for k, v in run["counts"].items() if "." in k}
+    if reasons:
+        print(f"  reasons: {json.dumps(reasons)}")
+
+
 def run(host: HostProcess, storage: Storage) -> int:
     api = f"{host.base_url}/api"
     summary: list[str] = []
@@ -86,22 +116,43 @@ def run(host: HostProcess, storage: Storage) -> int:
         raise DemoFailed("health check did not report ok")
     summary.append(f"HTTP   GET /api/health -> {status}, storage blob/table/queue reachable")
 
-    heading("2. Blob: a CDP drops a segment export into segments/")
+    braze = os.environ.get("SWITCHBOARD_BRAZE_REST_ENDPOINT", "")
+    known = ["CRM-0001", "CRM-0002", "CRM-0003"]
+    call("POST", f"{braze}/_fake/config", {"known_profiles": known})
+    print(f"(fake) Braze at {braze} knows profiles {', '.join(known)}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    blob_name = f"{SYNC_ID}/{stamp}/aep_audience_export.csv"
-    storage.blobs.create(SEGMENTS, blob_name, (DATA / "aep_audience_export.csv").read_bytes())
-    print(f"uploaded {SEGMENTS}/{blob_name}")
 
-    def segment_run() -> dict[str, Any] | None:
-        _, body = call("GET", f"{api}/runs?kind=segment_sync&sync_id={SYNC_ID}")
-        return next((r for r in body["runs"] if r["source"].endswith(blob_name)), None)
+    heading("2. Blob: the CDP drops a segment export into segments/ (first sync)")
+    first = land(api, storage, f"{SYNC_ID}/{stamp}/export_1.csv", "aep_audience_export.csv")
+    report(first)
+    _, profiles = call("GET", f"{braze}/_fake/profiles")
+    print("Braze profiles now:")
+    for identity, attributes in sorted(profiles.items()):
+        print(f"  {identity}: {json.dumps(attributes, ensure_ascii=False)}")
+    if first["counts"].get("sent") != 3 or first["counts"].get("unmatched") != 1:
+        raise DemoFailed("first export should send 3 rows and leave 1 unmatched")
+    summary.append(f"BLOB   export 1 -> run {first['run_id']}: {brief(first)}")
 
-    run = wait_for("the blob trigger to record a run", segment_run)
-    _, stored = call("GET", f"{api}/runs/{run['run_id']}")
-    print(json.dumps(stored, indent=2))
-    summary.append(f"BLOB   {SEGMENTS}/{blob_name} -> run {run['run_id']} ({run['status']})")
+    heading("3. Blob: the next export, with a few changes (only those are sent)")
+    _, before = call("GET", f"{braze}/_fake/received")
+    second = land(api, storage, f"{SYNC_ID}/{stamp}/export_2.csv", "aep_audience_export_2.csv")
+    report(second)
+    _, after = call("GET", f"{braze}/_fake/received")
+    print("objects Braze received for this export:")
+    for item in after[len(before) :]:
+        print(f"  {json.dumps(item, ensure_ascii=False)}")
+    rejects = second["detail"].get("rejects")
+    if rejects:
+        container, _, name = rejects.partition("/")
+        ref = storage.blobs.ref(container, name)
+        print(f"rejects file {rejects}:")
+        for line in b"".join(storage.blobs.iter_chunks(ref)).decode().splitlines():
+            print(f"  {line}")
+    if second["counts"].get("sent") != 3 or second["counts"].get("rejected") != 1:
+        raise DemoFailed("second export should send exactly the 3 changed profiles")
+    summary.append(f"BLOB   export 2 -> run {second['run_id']}: {brief(second)}")
 
-    heading("3. Timer: the four-hourly log export fires (through the host's admin API)")
+    heading("4. Timer: the four-hourly log export fires (through the host's admin API)")
     _, before = call("GET", f"{api}/runs?kind=log_export")
     status, _ = call("POST", f"{host.base_url}/admin/functions/log_export_timer", {})
     if status != 202:

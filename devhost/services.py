@@ -7,7 +7,8 @@ SIGTERM or Ctrl-C.
     python -m devhost.services [--data DIR] -- COMMAND ...
 
 runs COMMAND with `AzureWebJobsStorage` and `SWITCHBOARD_S3_ENDPOINT_URL` pointing at
-them and returns COMMAND's exit status.
+them (and, with --fakes, `SWITCHBOARD_BRAZE_REST_ENDPOINT` at the fake Braze server) and
+returns COMMAND's exit status.
 """
 
 from __future__ import annotations
@@ -116,9 +117,12 @@ class ManagedProcess:
 class LocalServices:
     """Azurite and an S3 server for one session of demo, start, tests or bench."""
 
-    def __init__(self, data_dir: Path | None = None, *, with_s3: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path | None = None, *, with_s3: bool = True, with_fakes: bool = False
+    ) -> None:
         self.data_dir = data_dir
         self.with_s3 = with_s3
+        self.with_fakes = with_fakes
         self._tmp = tempfile.TemporaryDirectory(prefix="switchboard-services-")
         self.log_dir = Path(self._tmp.name)
         self.processes: list[ManagedProcess] = []
@@ -131,6 +135,8 @@ class LocalServices:
             self._start_azurite()
             if self.with_s3:
                 self._start_s3()
+            if self.with_fakes:
+                self._start_fake_braze()
         except BaseException:
             self.stop()
             raise
@@ -170,6 +176,19 @@ class LocalServices:
             }
         )
 
+    def _start_fake_braze(self) -> None:
+        port = free_port()
+        command = [sys.executable, "-m", "devhost.fakes.braze", "--port", str(port)]
+        braze = ManagedProcess("fake-braze", command, self.log_dir / "braze.log")
+        self.processes.append(braze)
+        braze.wait_until_answers(f"http://{LOOPBACK}:{port}/_fake/profiles")
+        self.env.update(
+            {
+                "SWITCHBOARD_BRAZE_REST_ENDPOINT": f"http://{LOOPBACK}:{port}",
+                "SWITCHBOARD_BRAZE_API_KEY": "fake-braze-key",
+            }
+        )
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
@@ -195,6 +214,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devhost.services")
     parser.add_argument("--data", type=Path, help="persist Azurite data here (default: memory)")
+    parser.add_argument("--fakes", action="store_true", help="also start the fake Braze server")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -203,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     watching = threading.Event()
     threading.Thread(target=_watch_parent, args=(watching,), daemon=True).start()
-    services = LocalServices(args.data)
+    services = LocalServices(args.data, with_fakes=args.fakes)
     child: subprocess.Popen[bytes] | None = None
     try:
         env = services.start()
-        print("services: Azurite and S3 up on loopback", flush=True)
+        started = ", ".join(p.name for p in services.processes)
+        print(f"services: {started} up on loopback", flush=True)
         child = subprocess.Popen(command, env={**os.environ, **env}, preexec_fn=_die_with_parent)
         return child.wait()
     except ServiceError as exc:

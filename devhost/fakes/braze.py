@@ -8,7 +8,7 @@ and injectable 5xx answers and latency. It applies what it accepts to its own pr
 so a test can compare the destination's final state.
 
 Control from Python (`FakeBraze` object) or over HTTP (`GET /_fake/profiles`,
-`POST /_fake/config`) when it runs as its own process (`python -m devhost.fakes.braze`).
+`GET /_fake/received`, `POST /_fake/config`) when it runs as its own process (`python -m devhost.fakes.braze`).
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ class FakeBraze:
                 if self.path == "/_fake/profiles":
                     with fake.lock:
                         self._reply(200, fake.state.profiles)
+                elif self.path == "/_fake/received":
+                    with fake.lock:
+                        self._reply(200, fake.state.received)
                 else:
                     self._reply(404, {"message": "not found"})
 
