@@ -57,6 +57,7 @@ def port() -> int:
 SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
+    "fanout",
 )  # fmt: skip
 
 
@@ -71,6 +72,8 @@ def scenario_syncs(path: Path) -> Path:
         copy = {**base, "id": f"vip-{name}"}
         if name == "upsert":
             copy["mode"] = "upsert"
+        if name == "fanout":
+            copy["processing"] = {"rows_per_worker": 1000, "in_memory_max_bytes": 0}
         if name == "storm-5xx":
             copy["destination"] = {"type": "braze", "max_attempts": 8}
         document["syncs"].append(copy)

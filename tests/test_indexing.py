@@ -27,6 +27,10 @@ EXPECTED = {
         "blobTrigger",
         {"path": "segments/{sync_id}/{name}", "connection": "AzureWebJobsStorage"},
     ),
+    "segment_chunk": (
+        "queueTrigger",
+        {"queueName": "segment-chunks", "connection": "AzureWebJobsStorage"},
+    ),
     "log_export_timer": (
         "timerTrigger",
         {"schedule": "0 0 */4 * * *", "useMonitor": True, "runOnStartup": False},

@@ -60,7 +60,7 @@ def test_killed_run_resumes_and_resends_at_most_one_batch(tmp_path: Path) -> Non
             second.stop()
         assert run["status"] == "succeeded", run
         assert run["counts"]["sent"] == 1500
-        assert run["detail"]["batches_resumed"] >= 8
+        assert len(fake.state.received) <= 1500 + 75
         deliveries = collections.Counter(o["external_id"] for o in fake.state.received)
         assert set(deliveries) == {r["crmId"] for r in rows}
         resent = [identity for identity, times in deliveries.items() if times > 1]

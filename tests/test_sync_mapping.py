@@ -126,13 +126,13 @@ def test_diff_sends_only_changed_attributes_and_owned_memberships() -> None:
         "C1", {"first_name": "Ana", "tier": None}, {"vip": True}, frozenset({"tier"})
     )
     assert first.attributes == {"first_name": "Ana"} and first.added == ("vip",)
-    state.acknowledge("C1", first)
+    state.acknowledge("C1", first, None)
     same = state.diff("C1", {"first_name": "Ana", "tier": None}, {"vip": True}, frozenset({"tier"}))
     assert same.empty
     changed = state.diff("C1", {"first_name": "Anna"}, {"vip": False, "lapsed": False}, frozenset())
     assert changed.attributes == {"first_name": "Anna"}
     assert changed.removed == ("vip",)  # never "lapsed": we did not add it
-    state.acknowledge("C1", state.diff("C1", {"tier": "gold"}, {}, frozenset()))
+    state.acknowledge("C1", state.diff("C1", {"tier": "gold"}, {}, frozenset()), None)
     cleared = state.diff("C1", {"tier": None}, {}, frozenset({"tier"}))
     assert cleared.attributes == {"tier": None}  # send_nulls clears what we had sent
 

@@ -284,6 +284,7 @@ class BlobStore:
         overwrite: bool = False,
         content_type: str | None = None,
         metadata: dict[str, str] | None = None,
+        block_bytes: int = CHUNK_BYTES,
     ) -> BlockWriter:
         self.ensure_container(container)
         return BlockWriter(
@@ -293,6 +294,7 @@ class BlobStore:
             overwrite=overwrite,
             content_type=content_type,
             metadata=metadata,
+            block_bytes=block_bytes,
         )
 
     def list(self, container: str, prefix: str | None = None) -> Iterator[BlobRef]:

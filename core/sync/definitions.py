@@ -8,6 +8,7 @@ Validation errors name the sync, the field and what is wrong.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from enum import StrEnum
@@ -155,6 +156,21 @@ class InputSpec(Strict):
         return "\t" if self.format == FileFormat.TSV else ","
 
 
+class Processing(Strict):
+    state_buckets: int = Field(
+        default=64, ge=1, le=1024,
+        description="identity-hash buckets of input and delta state; fixed for a sync's life",
+    )  # fmt: skip
+    rows_per_worker: int = Field(
+        default=250_000, ge=1_000, description="rows per parallel worker before fanning out"
+    )
+    in_memory_max_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=0,
+        description="files up to this size are partitioned in memory and never fan out",
+    )
+
+
 class SyncDefinition(Strict):
     id: str
     description: str = ""
@@ -165,6 +181,7 @@ class SyncDefinition(Strict):
     mode: SyncMode = SyncMode.UPDATE_ONLY
     consent: Consent | None = None
     destination: Destination = BrazeDestination()
+    processing: Processing = Processing()
     duplicates: Literal["first_wins"] = Field(
         default="first_wins",
         description="a repeated identity in one file is rejected; the first row is used",
@@ -211,6 +228,12 @@ class SyncDocument(Strict):
 
     def get(self, sync_id: str) -> SyncDefinition | None:
         return next((s for s in self.syncs if s.id == sync_id), None)
+
+
+def mapping_fingerprint(sync: SyncDefinition) -> str:
+    """Changes whenever the columns a sync reads, or how it reads them, change."""
+    relevant = sync.model_dump_json(include={"identity", "fields", "audiences", "consent", "input"})
+    return hashlib.sha256(relevant.encode()).hexdigest()[:16]
 
 
 def _location(data: Any, loc: tuple[int | str, ...]) -> str:

@@ -1,82 +1,87 @@
-"""The segment sync run: one file in, exactly the changes out, every row accounted for.
+"""Processing one bucket of a segment file: every row ends with one outcome and a reason.
 
-    validate UTF-8 -> read rows -> map & type -> dedupe -> suppression & consent
-      -> diff against acknowledged state -> batch -> send -> checkpoint -> commit state
+    raw digest unchanged? -> unchanged (no typing needed)
+    map & type -> dedupe -> suppression & consent -> diff against acknowledged state
+      -> batch -> send -> checkpoint -> (bucket done) commit state
 
-Crash safety: after each acknowledged batch a checkpoint row records the last source
-line the batch covered and its per-item failures. A re-triggered run replays the file
-against the same (uncommitted) state; rows up to the last checkpointed line count as
-acknowledged without being sent again, so at most the one batch in flight when the
-process died is sent twice. The state snapshot is committed once, at the end, under the
-ETag it was loaded with.
+Crash safety: after each acknowledged batch a checkpoint row records every item of the
+batch (bucket and source line) with its result. A re-run replays the buckets against the
+same (uncommitted) state; an item found in a checkpoint is settled from it instead of
+being sent again, so at most the one batch in flight when the process died is sent twice.
+A bucket's state is committed once all of its items are acknowledged.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import Field
 
-from core.destinations.base import BatchResult, Destination
-from core.errors import TerminalError
+from core.destinations.base import Destination
 from core.storage import Storage
-from core.storage.blobs import BlobRef
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import Channel, SuppressionSnapshot
 from core.sync.definitions import SyncDefinition, SyncMode
 from core.sync.mapping import MappedRow, RowMapper, RowRejected
-from core.sync.readers import FileRejected, RowReader, SourceRow, check_utf8, decompressed
-from core.sync.reports import Outcome, OutcomeCounts, RejectsWriter
-from core.sync.state import Change, SyncState
+from core.sync.readers import SourceRow
+from core.sync.reports import Outcome, OutcomeCounts, RejectsPart
+from core.sync.state import Change, SyncState, raw_digest
 
 log = logging.getLogger(__name__)
 _PROGRESS_EVERY_SECONDS = 10.0
 
 
 class BatchCheckpoint(TableEntity):
-    """Table `checkpoints`: PartitionKey run id, RowKey batch number (zero-padded)."""
+    """Table `checkpoints`: PartitionKey run id, RowKey `{worker}-{batch}` zero-padded."""
 
     table_name: ClassVar[str] = "checkpoints"
 
-    last_line: int
-    failures: dict[str, list[Any]] = Field(default_factory=dict)
-    """Source line -> [unmatched, reason] for items the destination did not apply."""
+    items: dict[str, list[Any]] = Field(default_factory=dict)
+    """`bucket:line` of every item of the batch -> [] if applied, else [unmatched, reason]."""
+
+
+def _item_key(bucket: int, line: int) -> str:
+    return f"{bucket}:{line}"
 
 
 @dataclass
 class _Pending:
+    bucket: BucketWork
     line: int
     identity: str
     change: Change
+    digest: bytes
     item: dict[str, Any]
 
 
 @dataclass
-class SyncResult:
-    counts: OutcomeCounts
-    rejects_path: str | None
-    batches_sent: int
-    batches_resumed: int
-    requests: int
-    rate_limited_waits: int
-    retries: int
-    seconds: float
-    file_error: FileRejected | None = None
+class BatchStats:
+    sent: int = 0
+    resumed: int = 0
+    requests: int = 0
+    rate_limited_waits: int = 0
+    retries: int = 0
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "rejects": self.rejects_path,
-            "batches_sent": self.batches_sent,
-            "batches_resumed": self.batches_resumed,
-            "requests": self.requests,
-            "rate_limited_waits": self.rate_limited_waits,
-            "retries": self.retries,
-            "rows_per_second": round(self.counts.rows / self.seconds) if self.seconds else None,
-        }
+    def add(self, other: BatchStats) -> None:
+        for name in ("sent", "resumed", "requests", "rate_limited_waits", "retries"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class BucketWork:
+    """One bucket while it is processed: its state, rejects, counts and unsent items."""
+
+    number: int
+    state: SyncState
+    rejects: RejectsPart
+    counts: OutcomeCounts = field(default_factory=OutcomeCounts)
+    stats: BatchStats = field(default_factory=BatchStats)
+    in_flight: int = 0
+    rows_done: bool = False
 
 
 def build_item(sync: SyncDefinition, identity: str, change: Change) -> dict[str, Any]:
@@ -102,198 +107,207 @@ def build_item(sync: SyncDefinition, identity: str, change: Change) -> dict[str,
     return item
 
 
-class SegmentSyncRun:
-    """Runs one segment file for one sync against one destination."""
+class ChunkRunner:
+    """Runs the buckets of one worker against the destination, batching across buckets.
+
+    A bucket's state is handed to `on_bucket_done` once its rows are read and every item
+    it queued is acknowledged; batches are filled across bucket boundaries so that small
+    files do not turn into one small request per bucket.
+    """
 
     def __init__(
         self,
         storage: Storage,
         sync: SyncDefinition,
+        mapper: RowMapper,
         destination: Destination,
-        state: SyncState,
         suppressions: SuppressionSnapshot,
         *,
         run_id: str,
+        worker: str,
+        on_bucket_done: Callable[[BucketWork], None],
         dry_run: bool = False,
     ) -> None:
-        self.storage = storage
         self.sync = sync
+        self.mapper = mapper
         self.destination = destination
-        self.state = state
         self.suppressions = suppressions
         self.run_id = run_id
+        self.worker = worker
+        self.on_bucket_done = on_bucket_done
         self.dry_run = dry_run
-        self.counts = OutcomeCounts()
+        self.preview: list[dict[str, Any]] = []
         self.send_nulls = frozenset(m.target for m in sync.fields if m.send_nulls)
         self._checkpoints: EntityTable[BatchCheckpoint] = storage.tables.get(BatchCheckpoint)
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
         self._batch_number = 0
-        self._resumed: dict[int, BatchCheckpoint] = {}
-        self._acked_through = 0
-        self._stats = {"sent": 0, "resumed": 0, "requests": 0, "waits": 0, "retries": 0}
-        self.preview: list[dict[str, Any]] = []
+        self._acknowledged: dict[str, list[Any]] = {}
+        self._open: list[BucketWork] = []
+        if not dry_run:
+            self._load_checkpoints()
 
-    # -- the run -----------------------------------------------------------------------
+    def run_bucket(self, work: BucketWork, rows: Iterable[SourceRow]) -> None:
+        self._open.append(work)
+        self._process(work, rows)
+        work.rows_done = True
+        self._close_finished()
 
-    def execute(self, blob: BlobRef) -> SyncResult:
-        started = time.perf_counter()
-        try:
-            check_utf8(decompressed(self.storage.blobs.open_reader(blob)))
-            reader = RowReader(
-                self.storage.blobs.open_reader(blob),
-                self.sync.input,
-                RowMapper.wanted_columns(self.sync),
-            )
-            mapper = RowMapper(self.sync, reader.columns)
-        except FileRejected as rejected:
-            return self._result(None, started, file_error=rejected)
-        self._load_checkpoints()
-        rejects = RejectsWriter(self.storage.blobs, self.sync.id, self.run_id, reader.columns)
-        try:
-            self._process(reader, mapper, rejects)
-            self._flush()
-        finally:
-            rejects_path = rejects.close()
-        return self._result(rejects_path, started)
+    def finish(self) -> None:
+        self._flush()
+        self._close_finished()
 
-    def _result(
-        self, rejects: str | None, started: float, *, file_error: FileRejected | None = None
-    ) -> SyncResult:
-        return SyncResult(
-            counts=self.counts,
-            rejects_path=rejects,
-            batches_sent=self._stats["sent"],
-            batches_resumed=self._stats["resumed"],
-            requests=self._stats["requests"],
-            rate_limited_waits=self._stats["waits"],
-            retries=self._stats["retries"],
-            seconds=time.perf_counter() - started,
-            file_error=file_error,
-        )
+    def _close_finished(self) -> None:
+        for work in [w for w in self._open if w.rows_done and w.in_flight == 0]:
+            self._open.remove(work)
+            self.on_bucket_done(work)
 
-    def _rows(self, reader: RowReader) -> Iterator[SourceRow | tuple[int, str]]:
-        last_report = time.monotonic()
-        for entry in reader:
-            yield entry
-            now = time.monotonic()
-            if now - last_report > _PROGRESS_EVERY_SECONDS:
-                log.info(
-                    "sync progress",
-                    extra={"run_id": self.run_id, "rows": self.counts.rows},
-                )
-                last_report = now
-
-    def _process(self, reader: RowReader, mapper: RowMapper, rejects: RejectsWriter) -> None:
+    def _process(self, work: BucketWork, rows: Iterable[SourceRow]) -> None:
         seen: set[str] = set()
         consent = self.sync.consent
-        for entry in self._rows(reader):
-            if isinstance(entry, tuple):
-                line, message = entry
-                rejects.add(line, "malformed_row", message, "")
-                self.counts.add(Outcome.REJECTED, "malformed_row")
+        mapper = self.mapper
+        state = work.state
+        counts = work.counts
+        digest_positions = mapper.digest_positions
+        last_report = time.monotonic()
+        for entry in rows:
+            values = entry.values
+            digest = raw_digest([values[i] for i in digest_positions])
+            try:
+                identity = mapper.identity(values)
+            except RowRejected as exc:
+                self._reject(work, entry, exc.code, str(exc))
+                continue
+            if identity in seen:
+                self._reject(
+                    work, entry, "duplicate_identity",
+                    "identity already appeared earlier in this file (first row wins)",
+                )  # fmt: skip
+                continue
+            seen.add(identity)
+            if state.unchanged_raw(identity, digest):
+                # Acknowledged before exactly as it is: valid then, nothing to send now.
+                reason = self._suppressed_raw(values)
+                counts.add(Outcome.SUPPRESSED if reason else Outcome.UNCHANGED, reason)
                 continue
             try:
-                row = mapper.map(entry.values)
+                row = mapper.map(values)
             except RowRejected as exc:
-                rejects.add(entry.line, exc.code, str(exc), entry.values)
-                self.counts.add(Outcome.REJECTED, exc.code)
+                self._reject(work, entry, exc.code, str(exc))
                 continue
-            if row.identity in seen:
-                rejects.add(
-                    entry.line, "duplicate_identity",
-                    "identity already appeared earlier in this file (first row wins)",
-                    entry.values,
-                )  # fmt: skip
-                self.counts.add(Outcome.REJECTED, "duplicate_identity")
-                continue
-            seen.add(row.identity)
             reason = self._suppressed(row)
             if reason is None and consent is not None and consent.column is not None:
                 reason = None if row.consent in consent.granted_values else "no_consent"
             if reason is not None:
-                self.counts.add(Outcome.SUPPRESSED, reason)
+                counts.add(Outcome.SUPPRESSED, reason)
                 continue
-            change = self.state.diff(row.identity, row.attributes, row.memberships, self.send_nulls)
+            change = state.diff(identity, row.attributes, row.memberships, self.send_nulls)
             if change.empty:
-                self.counts.add(Outcome.UNCHANGED)
+                state.remember_digest(identity, digest)
+                counts.add(Outcome.UNCHANGED)
                 continue
-            self._queue(entry.line, row.identity, change)
+            self._queue(work, entry.line, identity, change, digest)
+            now = time.monotonic()
+            if now - last_report > _PROGRESS_EVERY_SECONDS:
+                log.info(
+                    "sync progress",
+                    extra={"run_id": self.run_id, "bucket": work.number, "rows": counts.rows},
+                )
+                last_report = now
+
+    def _reject(self, work: BucketWork, entry: SourceRow, code: str, message: str) -> None:
+        work.rejects.add(entry.line, code, message, entry.values)
+        work.counts.add(Outcome.REJECTED, code)
 
     def _suppressed(self, row: MappedRow) -> str | None:
         reason = self.suppressions.reason_for(Channel.EMAIL, row.email)
         reason = reason or self.suppressions.reason_for(Channel.PHONE, row.phone)
         return reason.value if reason else None
 
+    def _suppressed_raw(self, values: Any) -> str | None:
+        email, phone = self.mapper.contact(values)
+        reason = self.suppressions.reason_for(Channel.EMAIL, email)
+        reason = reason or self.suppressions.reason_for(Channel.PHONE, phone)
+        return reason.value if reason else None
+
     # -- batching ----------------------------------------------------------------------
 
-    def _queue(self, line: int, identity: str, change: Change) -> None:
-        item = build_item(self.sync, identity, change)
-        size = self.destination.object_size(item)
-        limit = self.destination.max_body_bytes
+    def _queue(
+        self, work: BucketWork, line: int, identity: str, change: Change, digest: bytes
+    ) -> None:
+        pending = _Pending(
+            work, line, identity, change, digest, build_item(self.sync, identity, change)
+        )
+        previous = self._acknowledged.get(_item_key(work.number, line))
+        if previous is not None:  # sent and checkpointed before a crash: not again
+            work.stats.resumed += 1
+            self._settle(pending, previous)
+            return
+        size = self.destination.object_size(pending.item)
         if self._pending and (
             len(self._pending) >= self.destination.max_batch_objects
-            or self._pending_bytes + size > limit
+            or self._pending_bytes + size > self.destination.max_body_bytes
         ):
             self._flush()
-        self._pending.append(_Pending(line, identity, change, item))
+            self._close_finished()
+        work.in_flight += 1
+        self._pending.append(pending)
         self._pending_bytes += size
 
     def _flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending, self._pending_bytes = self._pending, [], 0
-        self._batch_number += 1
-        resumed = self._resumed.get(self._batch_number)
-        if resumed is not None and resumed.last_line == batch[-1].line:
-            failures = {int(line): value for line, value in resumed.failures.items()}
-            self._stats["resumed"] += 1
-        elif self.dry_run:
+        if self.dry_run:
             self.preview.extend(p.item for p in batch)
-            failures = {}
+            results: list[list[Any]] = [[] for _ in batch]
         else:
-            failures = self._send(batch)
-        for pending in batch:
-            failure = failures.get(pending.line)
-            if failure is None:
-                if not self.dry_run:
-                    self.state.acknowledge(pending.identity, pending.change)
-                self.counts.add(Outcome.SENT)
-            elif failure[0]:
-                self.counts.add(Outcome.UNMATCHED, "not_in_destination")
-            else:
-                self.counts.add(Outcome.FAILED, _reason_code(str(failure[1])))
+            results = self._send(batch)
+        for pending, result in zip(batch, results, strict=True):
+            pending.bucket.in_flight -= 1
+            self._settle(pending, result)
 
-    def _send(self, batch: list[_Pending]) -> dict[int, list[Any]]:
-        try:
-            result: BatchResult = self.destination.send_batch([p.item for p in batch])
-        except TerminalError:
-            raise
-        self._stats["sent"] += 1
-        self._stats["requests"] += result.requests
-        self._stats["waits"] += result.rate_limited_waits
-        self._stats["retries"] += result.retries
-        failures = {
-            batch[index].line: [failure.unmatched, failure.reason]
-            for index, failure in result.failures.items()
-        }
+    def _settle(self, pending: _Pending, result: list[Any]) -> None:
+        counts = pending.bucket.counts
+        if not result:
+            if not self.dry_run:
+                pending.bucket.state.acknowledge(pending.identity, pending.change, pending.digest)
+            counts.add(Outcome.SENT)
+        elif result[0]:
+            counts.add(Outcome.UNMATCHED, "not_in_destination")
+        else:
+            counts.add(Outcome.FAILED, _reason_code(str(result[1])))
+
+    def _send(self, batch: list[_Pending]) -> list[list[Any]]:
+        answer = self.destination.send_batch([p.item for p in batch])
+        stats = batch[-1].bucket.stats
+        stats.sent += 1
+        stats.requests += answer.requests
+        stats.rate_limited_waits += answer.rate_limited_waits
+        stats.retries += answer.retries
+        results: list[list[Any]] = [[] for _ in batch]
+        for index, failure in answer.failures.items():
+            results[index] = [failure.unmatched, failure.reason]
+        self._batch_number += 1
         self._checkpoints.upsert(
             BatchCheckpoint(
                 partition_key=safe_key(self.run_id),
-                row_key=f"{self._batch_number:09d}",
-                last_line=batch[-1].line,
-                failures={str(line): value for line, value in failures.items()},
+                row_key=f"{self.worker}-{self._batch_number:09d}",
+                items={
+                    _item_key(p.bucket.number, p.line): result
+                    for p, result in zip(batch, results, strict=True)
+                },
             )
         )
-        return failures
+        return results
 
     def _load_checkpoints(self) -> None:
         for checkpoint in self._checkpoints.query_partition(safe_key(self.run_id)):
-            self._resumed[int(checkpoint.row_key)] = checkpoint
-        if self._resumed:
+            self._acknowledged.update(checkpoint.items)
+        if self._acknowledged:
             log.info(
-                "resuming run from checkpoint",
-                extra={"run_id": self.run_id, "batches": len(self._resumed)},
+                "resuming from checkpoints",
+                extra={"run_id": self.run_id, "items": len(self._acknowledged)},
             )
 
 

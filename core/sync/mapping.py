@@ -362,6 +362,14 @@ class RowMapper:
         self.consent_index = (
             position(consent.column, "consent") if consent and consent.column else None
         )
+        self.email_index = next((p for t, p, _, _ in self.fields if t == "email"), None)
+        self.phone_index = next((p for t, p, _, _ in self.fields if t == "phone"), None)
+        positions = [self.identity_index, *(p for _, p, _, _ in self.fields)]
+        positions += [p for _, p in self.audiences]
+        if self.consent_index is not None:
+            positions.append(self.consent_index)
+        self.digest_positions = positions
+        """Positions of every value the mapping reads: the raw digest covers exactly these."""
 
     @staticmethod
     def wanted_columns(sync: SyncDefinition) -> list[str]:
@@ -372,17 +380,34 @@ class RowMapper:
             names.append(sync.consent.column)
         return list(dict.fromkeys(names))
 
-    def map(self, values: Sequence[Any]) -> MappedRow:
+    def identity(self, values: Sequence[Any]) -> str:
         raw_identity = values[self.identity_index]
         if _is_empty(raw_identity):
             raise RowRejected("missing_identity", "the identity column is empty")
         identity = _as_text(raw_identity)
         if self.identity_key == "email":
-            identity = normalise_email(identity)
-        elif self.identity_key == "phone":
-            identity = normalise_phone(identity)
-        elif len(identity.encode()) > 987:
+            return normalise_email(identity)
+        if self.identity_key == "phone":
+            return normalise_phone(identity)
+        if len(identity.encode()) > 987:
             raise RowRejected("identity_too_long", "external ids must be under 988 bytes")
+        return identity
+
+    def contact(self, values: Sequence[Any]) -> tuple[str | None, str | None]:
+        """E-mail and phone of an already validated row, normalised, for suppression."""
+        email = phone = None
+        if self.identity_key == "email":
+            email = self.identity(values)
+        elif self.email_index is not None and not _is_empty(values[self.email_index]):
+            email = _as_text(values[self.email_index]).lower()
+        if self.identity_key == "phone":
+            phone = self.identity(values)
+        elif self.phone_index is not None and not _is_empty(values[self.phone_index]):
+            phone = normalise_phone(values[self.phone_index])
+        return email, phone
+
+    def map(self, values: Sequence[Any]) -> MappedRow:
+        identity = self.identity(values)
         attributes: dict[str, Any] = {}
         for target, position, convert, mapping in self.fields:
             raw = values[position]

@@ -1,21 +1,77 @@
-"""A segment file from arrival to run report: receipt, sync lookup, run, state commit."""
+"""A segment file from arrival to run report.
+
+    accept (receipt) -> split into identity buckets -> process buckets -> finalize
+
+Small files are processed in the invocation that received them. Files with more rows
+than one worker should take (`processing.rows_per_worker`) fan out: one queue message per
+group of buckets on `segment-chunks`, each processed by a queue-triggered instance; the
+worker that completes the last bucket finalizes the run (counts summed, rejects file
+committed, work files removed). Every step is safe to repeat for the same file version.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field
 
 from core.destinations.registry import destination_for
-from core.errors import ConfigError, TerminalError
+from core.errors import ConfigError, EntityExists, TerminalError
 from core.runs import RunRecord, RunStatus
 from core.segments import arrival
 from core.services import Services
 from core.storage import BlobRef
+from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import SuppressionList
-from core.sync.engine import SegmentSyncRun
+from core.sync.definitions import SyncDefinition, mapping_fingerprint
+from core.sync.engine import BatchStats, BucketWork, ChunkRunner
+from core.sync.mapping import RowMapper
+from core.sync.readers import FileRejected, SourceRow
+from core.sync.reports import OutcomeCounts, RejectsPart, commit_rejects
+from core.sync.split import SplitResult, delete_work, read_work_blob, split_file
 from core.sync.state import StateStore
 
 log = logging.getLogger(__name__)
+CHUNK_QUEUE = "segment-chunks"
+
+
+class RunPlan(TableEntity):
+    """Table `runplans`: what a fanned-out run consists of (PartitionKey run id)."""
+
+    table_name: ClassVar[str] = "runplans"
+
+    sync_id: str
+    blob_container: str
+    blob_name: str
+    blob_etag: str
+    columns: list[str]
+    buckets: list[int]
+    work_blobs: dict[str, str]
+    split_reject_blocks: list[str] = Field(default_factory=list)
+    split_counts: dict[str, int] = Field(default_factory=dict)
+
+
+class BucketResult(TableEntity):
+    """Table `bucketresults`: one row per finished bucket (PartitionKey run id)."""
+
+    table_name: ClassVar[str] = "bucketresults"
+
+    outcomes: dict[str, int]
+    reasons: dict[str, int]
+    stats: dict[str, int]
+    reject_blocks: list[str] = Field(default_factory=list)
+
+
+class ChunkMessage(BaseModel):
+    """Queue message: a reference to work, never the rows themselves."""
+
+    run_id: str
+    buckets: list[int]
 
 
 def process_segment_file(services: Services, blob: BlobRef) -> RunRecord:
@@ -29,40 +85,173 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord:
         sync = services.syncs().get(sync_id)
         if sync is None:
             raise ConfigError(f"no sync is declared with id {sync_id!r}")
-        destination = destination_for(sync, services.settings)
+        destination_for(sync, services.settings)  # fail early on missing credentials
     except ConfigError as exc:
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
     services.runs.update(run.run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
-    states = StateStore(services.storage)
-    state = states.load(sync.id, destination.name)
-    engine = SegmentSyncRun(
-        services.storage,
-        sync,
-        destination,
-        state,
-        SuppressionList(services.storage).snapshot(),
-        run_id=run.run_id,
-    )
     try:
-        result = engine.execute(blob)
-    except TerminalError as exc:
-        # Retrying cannot help; nothing of the failed batch counts as sent.
-        return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
-    if result.file_error is not None:
-        error = f"{result.file_error.code}: {result.file_error}"
+        split = split_file(
+            services.storage,
+            sync,
+            blob,
+            run_id=run.run_id,
+            buckets=sync.processing.state_buckets,
+            in_memory_max_bytes=sync.processing.in_memory_max_bytes,
+        )
+    except FileRejected as rejected:
+        error = f"{rejected.code}: {rejected}"
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
-    states.commit(sync.id, destination.name, state)
-    log.info(
-        "segment sync finished",
-        extra={"run_id": run.run_id, "sync_id": sync.id, **result.counts.outcomes},
+    plan = _plan(services, sync, blob, run.run_id, split)
+    groups = _bucket_groups(plan.buckets, split, sync.processing.rows_per_worker)
+    if split.in_memory is not None or len(groups) <= 1:
+        rows = split.in_memory
+        try:
+            _process_buckets(services, sync, plan, run.run_id, plan.buckets, rows)
+        except TerminalError as exc:
+            return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
+        return _finalize(services, sync, plan, run.run_id, blob)
+    for group in groups:
+        services.storage.queues.send(CHUNK_QUEUE, ChunkMessage(run_id=run.run_id, buckets=group))
+    log.info("segment file fanned out", extra={"run_id": run.run_id, "chunks": len(groups)})
+    return services.runs.update(
+        run.run_id, lambda r: r.detail.update({"chunks": len(groups), "rows": split.rows})
     )
+
+
+def process_chunk(services: Services, message: ChunkMessage) -> None:
+    """Queue worker: process a group of buckets of a fanned-out run."""
+    plans: EntityTable[RunPlan] = services.storage.tables.get(RunPlan)
+    stored = plans.get(safe_key(message.run_id), "plan")
+    if stored is None:
+        raise LookupError(f"run {message.run_id} has no plan")  # retried, then poisoned
+    plan = stored.entity
+    sync = services.syncs().get(plan.sync_id)
+    blob = BlobRef(plan.blob_container, plan.blob_name, plan.blob_etag, 0)
+    run = services.runs.get(message.run_id)
+    if run is not None and run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+        return  # another chunk stopped the run (terminal error) or it is already done
+    if sync is None:
+        _close(services, blob, message.run_id, RunStatus.FAILED, error="sync was removed")
+        return
+    try:
+        _process_buckets(services, sync, plan, message.run_id, message.buckets, None)
+    except TerminalError as exc:
+        _close(services, blob, message.run_id, RunStatus.FAILED, error=str(exc))
+        return
+    results: EntityTable[BucketResult] = services.storage.tables.get(BucketResult)
+    finished = sum(1 for _ in results.query_partition(safe_key(message.run_id)))
+    if finished >= len(plan.buckets):
+        _finalize(services, sync, plan, message.run_id, blob)
+
+
+def _plan(
+    services: Services, sync: SyncDefinition, blob: BlobRef, run_id: str, split: SplitResult
+) -> RunPlan:
+    split_rejects = RejectsPart(services.storage.blobs, sync.id, run_id, split.columns, part=0)
+    for line, message in split.malformed:
+        split_rejects.add(line, "malformed_row", message, "")
+    plan = RunPlan(
+        partition_key=safe_key(run_id),
+        row_key="plan",
+        sync_id=sync.id,
+        blob_container=blob.container,
+        blob_name=blob.name,
+        blob_etag=blob.etag,
+        columns=split.columns,
+        buckets=[b for b, count in enumerate(split.counts) if count],
+        work_blobs={str(b): name for b, name in split.work_blobs.items()},
+        split_reject_blocks=split_rejects.close(),
+        split_counts={"rejected.malformed_row": len(split.malformed)} if split.malformed else {},
+    )
+    services.storage.tables.get(RunPlan).upsert(plan)
+    return plan
+
+
+def _bucket_groups(buckets: list[int], split: SplitResult, rows_per_worker: int) -> list[list[int]]:
+    workers = max(1, min(len(buckets), math.ceil(split.rows / rows_per_worker)))
+    return [group for group in (buckets[i::workers] for i in range(workers)) if group]
+
+
+def _process_buckets(
+    services: Services,
+    sync: SyncDefinition,
+    plan: RunPlan,
+    run_id: str,
+    buckets: list[int],
+    in_memory: list[list[SourceRow]] | None,
+) -> None:
+    storage = services.storage
+    destination = destination_for(sync, services.settings)
+    states = StateStore(storage, sync.id, destination.name, mapping_fingerprint(sync))
+    results: EntityTable[BucketResult] = storage.tables.get(BucketResult)
+    run_key = safe_key(run_id)
+
+    def bucket_done(work: BucketWork) -> None:
+        result = BucketResult(
+            partition_key=run_key,
+            row_key=f"{work.number:03d}",
+            outcomes=dict(work.counts.outcomes),
+            reasons=dict(work.counts.reasons),
+            stats=vars(work.stats),
+            reject_blocks=work.rejects.close(),
+        )
+        states.commit(work.number, work.state, run_id=run_id, result=result.model_dump())
+        with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
+            results.insert(result)
+
+    runner = ChunkRunner(
+        storage, sync, RowMapper(sync, plan.columns), destination,
+        SuppressionList(storage).snapshot(),
+        run_id=run_id, worker=f"w{buckets[0]:03d}", on_bucket_done=bucket_done,
+    )  # fmt: skip
+    for bucket in buckets:
+        if results.get(run_key, f"{bucket:03d}") is not None:
+            continue  # finished before a crash or redelivery
+        state = states.load(bucket)
+        if state.last_run == run_id:  # committed before a crash, not yet recorded
+            with contextlib.suppress(EntityExists):
+                results.insert(BucketResult.model_validate(state.last_result))
+            continue
+        rows: Iterable[SourceRow] = (
+            in_memory[bucket] if in_memory is not None
+            else read_work_blob(storage, plan.work_blobs[str(bucket)])
+        )  # fmt: skip
+        rejects = RejectsPart(storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1)
+        runner.run_bucket(BucketWork(bucket, state, rejects), rows)
+    runner.finish()
+
+
+def _finalize(
+    services: Services, sync: SyncDefinition, plan: RunPlan, run_id: str, blob: BlobRef
+) -> RunRecord:
+    counts = OutcomeCounts()
+    stats = BatchStats()
+    blocks = list(plan.split_reject_blocks)
+    counts.reasons.update(plan.split_counts)
+    if plan.split_counts:
+        counts.outcomes["rejected"] += sum(plan.split_counts.values())
+    results = services.storage.tables.get(BucketResult)
+    for result in sorted(results.query_partition(safe_key(run_id)), key=lambda r: r.row_key):
+        counts.outcomes.update(result.outcomes)
+        counts.reasons.update(result.reasons)
+        stats.add(BatchStats(**result.stats))
+        blocks += result.reject_blocks
+    rejects = commit_rejects(services.storage.blobs, sync.id, run_id, blocks)
+    delete_work(services.storage, run_id)
+    started = services.runs.get(run_id)
+    seconds = (datetime.now(UTC) - started.started_at).total_seconds() if started else 0.0
+    detail: dict[str, Any] = {
+        "rejects": rejects,
+        "batches_sent": stats.sent,
+        "batches_resumed": stats.resumed,
+        "requests": stats.requests,
+        "rate_limited_waits": stats.rate_limited_waits,
+        "retries": stats.retries,
+        "rows_per_second": round(counts.rows / seconds) if seconds > 0 else None,
+    }
+    log.info("segment sync finished", extra={"run_id": run_id, **counts.outcomes})
     return _close(
-        services,
-        blob,
-        run.run_id,
-        RunStatus.SUCCEEDED,
-        counts=result.counts.as_dict(),
-        detail=result.summary(),
+        services, blob, run_id, RunStatus.SUCCEEDED, counts=counts.as_dict(), detail=detail
     )
 
 
@@ -77,6 +266,8 @@ def _close(
     error: str | None = None,
 ) -> RunRecord:
     def close(record: RunRecord) -> None:
+        if record.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+            return  # a concurrent finisher closed it first
         record.status = status
         record.finished_at = datetime.now(UTC)
         record.counts = counts or record.counts

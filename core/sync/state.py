@@ -1,14 +1,16 @@
-"""What the destination already has from us: the delta state of one sync.
+"""What the destination already has from us: the delta state of one sync, per bucket.
 
-Per profile: an 8-byte hash of every attribute value the destination acknowledged, and the
-audiences Switchboard itself added. Only attributes whose hash differs are sent, and only
-memberships we added are ever removed.
+Per profile: an 8-byte digest of the raw source values last acknowledged (a row whose raw
+values are unchanged needs no typing or diffing at all), an 8-byte hash of every
+attribute value acknowledged (so only changed attributes are sent), and the audiences
+Switchboard itself added (only those are ever removed).
 
-The state lives in Blob storage as a gzip'd JSON Lines snapshot,
-`sync-state/{sync_id}/{destination}/state.jsonl.gz`, loaded once per run and written once
-at the end under the ETag it was read with (two runs of one sync cannot both commit). Its
-size is tens of bytes per profile, so a million-profile diff is one sequential read
-instead of a million point look-ups.
+State is split into the same identity-hash buckets as the input, one gzip'd JSON Lines
+snapshot per bucket: `sync-state/{sync_id}/{destination}/bucket-{n:03d}.jsonl.gz`. A
+bucket is loaded when its rows are processed and replaced once they are acknowledged,
+under the ETag it was loaded with, so memory holds one bucket and two writers of the
+same bucket cannot both win. A file's header records the mapping's fingerprint; raw
+digests from another mapping are ignored (attribute hashes still hold).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +31,29 @@ from core.storage import Storage
 from core.storage.blobs import BlobRef
 
 STATE_CONTAINER = "sync-state"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _NULL_HASH = b"\x00" * 8
+_SEPARATOR = "\x1f"
 
 
 def value_hash(value: Any) -> bytes:
     """Stable 8-byte hash of a JSON value (key order does not matter)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(value, str):
+        text = "s" + value  # fast path for the commonest case
+    else:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def raw_digest(values: Sequence[Any]) -> bytes:
+    """Digest of a row's raw source values (those the mapping reads)."""
+    text = _SEPARATOR.join(v if isinstance(v, str) else json.dumps(v) for v in values)
     return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
 @dataclass
 class ProfileState:
+    digest: bytes | None = None
     hashes: dict[str, bytes] = field(default_factory=dict)
     audiences: set[str] = field(default_factory=set)
 
@@ -59,11 +72,22 @@ class Change:
 
 
 class SyncState:
-    """The acknowledged state of one sync, in memory for the run, committed at the end."""
+    """The acknowledged state of one bucket of one sync, in memory while it is processed."""
 
-    def __init__(self, profiles: dict[str, ProfileState], etag: str | None) -> None:
+    def __init__(
+        self, profiles: dict[str, ProfileState], etag: str | None, fingerprint: str = ""
+    ) -> None:
         self.profiles = profiles
         self.etag = etag
+        self.fingerprint = fingerprint
+        self.last_run: str | None = None
+        """The run that committed this snapshot, with its bucket result: a run resumed after
+        committing a bucket but before recording it finds its own result here."""
+        self.last_result: dict[str, Any] = {}
+
+    def unchanged_raw(self, identity: str, digest: bytes) -> bool:
+        known = self.profiles.get(identity)
+        return known is not None and known.digest == digest
 
     def diff(
         self,
@@ -89,80 +113,101 @@ class SyncState:
         removed = tuple(sorted(n for n, m in memberships.items() if not m and n in owned))
         return Change(changed, added, removed)
 
-    def acknowledge(self, identity: str, change: Change) -> None:
+    def acknowledge(self, identity: str, change: Change, digest: bytes | None) -> None:
         profile = self.profiles.setdefault(identity, ProfileState())
         for name, value in change.attributes.items():
             profile.hashes[name] = _NULL_HASH if value is None else value_hash(value)
         profile.audiences.update(change.added)
         profile.audiences.difference_update(change.removed)
+        profile.digest = digest
+
+    def remember_digest(self, identity: str, digest: bytes) -> None:
+        """An unchanged row: its raw form may differ (e.g. 'existing' for 'realized')."""
+        known = self.profiles.get(identity)
+        if known is not None:
+            known.digest = digest
 
 
-def _state_blob(sync_id: str, destination: str) -> str:
-    return f"{sync_id}/{destination}/state.jsonl.gz"
+def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
+    return f"{sync_id}/{destination}/bucket-{bucket:03d}.jsonl.gz"
 
 
-def _encode(profiles: dict[str, ProfileState]) -> Iterator[bytes]:
+def _encode(state: SyncState) -> bytes:
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=5) as out:
-        out.write(json.dumps({"version": _FORMAT_VERSION}).encode() + b"\n")
-        for identity, profile in profiles.items():
+        header = {
+            "version": _FORMAT_VERSION,
+            "fingerprint": state.fingerprint,
+            "run": state.last_run,
+            "result": state.last_result,
+        }
+        out.write(json.dumps(header).encode() + b"\n")
+        for identity, profile in state.profiles.items():
             record = [
                 identity,
+                profile.digest.hex() if profile.digest else "",
                 {name: digest.hex() for name, digest in profile.hashes.items()},
                 sorted(profile.audiences),
             ]
             out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
             out.write(b"\n")
-            if buffer.tell() > 1 << 20:
-                yield buffer.getvalue()
-                buffer.seek(0)
-                buffer.truncate()
-    yield buffer.getvalue()
+    return buffer.getvalue()
 
 
-def _decode(lines: Iterable[bytes]) -> dict[str, ProfileState]:
-    profiles: dict[str, ProfileState] = {}
+def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
     iterator = iter(lines)
-    header = json.loads(next(iterator, b'{"version": 1}'))
+    header = json.loads(next(iterator, b"{}") or b"{}")
     if header.get("version") != _FORMAT_VERSION:
         raise ValueError(f"unsupported sync state version {header.get('version')}")
+    same_mapping = header.get("fingerprint") == fingerprint
+    profiles: dict[str, ProfileState] = {}
     for line in iterator:
-        identity, hashes, audiences = json.loads(line)
+        identity, digest, hashes, audiences = json.loads(line)
         profiles[identity] = ProfileState(
-            {name: bytes.fromhex(h) for name, h in hashes.items()}, set(audiences)
+            bytes.fromhex(digest) if digest and same_mapping else None,
+            {name: bytes.fromhex(h) for name, h in hashes.items()},
+            set(audiences),
         )
-    return profiles
+    state = SyncState(profiles, None, fingerprint)
+    state.last_run = header.get("run")
+    state.last_result = header.get("result") or {}
+    return state
 
 
 class StateStore:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, sync_id: str, destination: str, fingerprint: str) -> None:
         self.storage = storage
+        self.sync_id = sync_id
+        self.destination = destination
+        self.fingerprint = fingerprint
 
-    def load(self, sync_id: str, destination: str) -> SyncState:
-        name = _state_blob(sync_id, destination)
+    def load(self, bucket: int) -> SyncState:
+        name = _state_blob(self.sync_id, self.destination, bucket)
         self.storage.blobs.ensure_container(STATE_CONTAINER)
         client = self.storage.blob_service.get_blob_client(STATE_CONTAINER, name)
         if not client.exists():
-            return SyncState({}, None)
+            return SyncState({}, None, self.fingerprint)
         props = client.get_blob_properties()
         ref = BlobRef(STATE_CONTAINER, name, str(props.etag), int(props.size))
         with gzip.GzipFile(fileobj=self.storage.blobs.open_reader(ref), mode="rb") as lines:
-            return SyncState(_decode(lines), ref.etag)
+            state = _decode(lines, self.fingerprint)
+        state.etag = ref.etag
+        return state
 
-    def commit(self, sync_id: str, destination: str, state: SyncState) -> None:
-        """Replace the snapshot only if nobody else did since it was loaded."""
-        name = _state_blob(sync_id, destination)
+    def commit(self, bucket: int, state: SyncState, *, run_id: str, result: dict[str, Any]) -> None:
+        """Replace the bucket's snapshot only if nobody else did since it was loaded."""
+        state.last_run, state.last_result = run_id, result
+        name = _state_blob(self.sync_id, self.destination, bucket)
         client = self.storage.blob_service.get_blob_client(STATE_CONTAINER, name)
-        data = b"".join(_encode(state.profiles))
         conditions: dict[str, Any]
         if state.etag is None:
             conditions = {"match_condition": MatchConditions.IfMissing}
         else:
             conditions = {"etag": state.etag, "match_condition": MatchConditions.IfNotModified}
         try:
-            result = client.upload_blob(data, overwrite=True, **conditions)
+            result = client.upload_blob(_encode(state), overwrite=True, **conditions)
         except (ResourceModifiedError, ResourceExistsError):
             raise ConcurrencyConflict(
-                f"sync state of {sync_id}/{destination} changed during this run"
+                f"sync state {self.sync_id}/{self.destination} bucket {bucket} changed meanwhile"
             ) from None
         state.etag = str(result["etag"])

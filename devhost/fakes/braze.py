@@ -8,7 +8,8 @@ and injectable 5xx answers and latency. It applies what it accepts to its own pr
 so a test can compare the destination's final state.
 
 Control from Python (`FakeBraze` object) or over HTTP (`GET /_fake/profiles`,
-`GET /_fake/received`, `POST /_fake/config`) when it runs as its own process (`python -m devhost.fakes.braze`).
+`GET /_fake/received`, `POST /_fake/config`) when it runs as its own process
+(`python -m devhost.fakes.braze`).
 """
 
 from __future__ import annotations
