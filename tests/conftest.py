@@ -73,7 +73,7 @@ def scenario_syncs(path: Path) -> Path:
         if name == "upsert":
             copy["mode"] = "upsert"
         if name == "fanout":
-            copy["processing"] = {"rows_per_worker": 1000, "in_memory_max_bytes": 0}
+            copy["processing"] = {"rows_per_worker": 1000, "in_memory_max_rows": 100}
         if name == "storm-5xx":
             copy["destination"] = {"type": "braze", "max_attempts": 8}
         document["syncs"].append(copy)

@@ -164,10 +164,10 @@ class Processing(Strict):
     rows_per_worker: int = Field(
         default=250_000, ge=1_000, description="rows per parallel worker before fanning out"
     )
-    in_memory_max_bytes: int = Field(
-        default=16 * 1024 * 1024,
+    in_memory_max_rows: int = Field(
+        default=50_000,
         ge=0,
-        description="files up to this size are partitioned in memory and never fan out",
+        description="files up to this many rows are partitioned in memory and never fan out",
     )
 
 

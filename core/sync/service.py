@@ -96,7 +96,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord:
             blob,
             run_id=run.run_id,
             buckets=sync.processing.state_buckets,
-            in_memory_max_bytes=sync.processing.in_memory_max_bytes,
+            in_memory_max_rows=sync.processing.in_memory_max_rows,
         )
     except FileRejected as rejected:
         error = f"{rejected.code}: {rejected}"

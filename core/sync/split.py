@@ -5,9 +5,9 @@ person's delta state, meet in one bucket. A bucket is the unit of work and of st
 processed on its own with only its state in memory, so memory stays flat however large
 the file, and buckets can be processed by parallel workers.
 
-Small files keep their buckets in memory. Larger ones write each bucket to a gzip'd JSON
-Lines work blob, `sync-work/{run_id}/bucket-{n:03d}.jsonl.gz`, which queue-triggered
-workers read back. Nothing is sent during this pass, so a file that turns out not to be
+Files of up to `in_memory_max_rows` rows keep their buckets in memory. Larger ones spill
+each bucket to a gzip'd JSON Lines work blob, `sync-work/{run_id}/bucket-{n:03d}.jsonl.gz`,
+which the workers read back. Nothing is sent during this pass, so a file that turns out not to be
 UTF-8 halfway is still rejected as a whole.
 """
 
@@ -80,6 +80,49 @@ class _BucketFile:
         self.writer.close()
 
 
+class _Partitioner:
+    """Rows into buckets: in memory until `in_memory_max_rows`, then spilled to work blobs."""
+
+    def __init__(self, storage: Storage, run_id: str, buckets: int, in_memory_max_rows: int):
+        self.storage = storage
+        self.run_id = run_id
+        self.limit = in_memory_max_rows
+        self.memory: list[list[SourceRow]] | None = [[] for _ in range(buckets)]
+        self.rows = 0
+        self.files: dict[int, _BucketFile] = {}
+        self.names: dict[int, str] = {}
+
+    def add(self, bucket: int, row: SourceRow) -> None:
+        self.rows += 1
+        if self.memory is not None:
+            self.memory[bucket].append(row)
+            if self.rows > self.limit:
+                self._spill()
+            return
+        self._file(bucket).add(row)
+
+    def _spill(self) -> None:
+        assert self.memory is not None
+        held, self.memory = self.memory, None
+        for bucket, rows in enumerate(held):
+            for row in rows:
+                self._file(bucket).add(row)
+
+    def _file(self, bucket: int) -> _BucketFile:
+        if bucket not in self.files:
+            name = f"{self.run_id}/bucket-{bucket:03d}.jsonl.gz"
+            writer = self.storage.blobs.writer(
+                WORK_CONTAINER, name, overwrite=True, block_bytes=_WORK_BLOCK_BYTES
+            )
+            self.files[bucket] = _BucketFile(writer)
+            self.names[bucket] = name
+        return self.files[bucket]
+
+    def close(self) -> None:
+        for bucket_file in self.files.values():
+            bucket_file.close()
+
+
 def split_file(
     storage: Storage,
     sync: SyncDefinition,
@@ -87,12 +130,10 @@ def split_file(
     *,
     run_id: str,
     buckets: int,
-    in_memory_max_bytes: int,
+    in_memory_max_rows: int,
 ) -> SplitResult:
     """Read the whole file once; raises FileRejected when it is unusable as a whole."""
-    in_memory = blob.size <= in_memory_max_bytes
-    memory: list[list[SourceRow]] = [[] for _ in range(buckets)] if in_memory else []
-    files: dict[int, _BucketFile] = {}
+    partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
     try:
         # The text decoder reads ahead, so even the header line can raise a decode error.
         reader = RowReader(
@@ -110,19 +151,7 @@ def split_file(
                 continue
             bucket = bucket_of(identity_key(entry.values[identity_index]), buckets)
             result.counts[bucket] += 1
-            result.rows += 1
-            if in_memory:
-                memory[bucket].append(entry)
-                continue
-            if bucket not in files:
-                name = f"{run_id}/bucket-{bucket:03d}.jsonl.gz"
-                files[bucket] = _BucketFile(
-                    storage.blobs.writer(
-                        WORK_CONTAINER, name, overwrite=True, block_bytes=_WORK_BLOCK_BYTES
-                    )
-                )
-                result.work_blobs[bucket] = name
-            files[bucket].add(entry)
+            partitioner.add(bucket, entry)
     except UnicodeDecodeError as exc:
         raise FileRejected(
             "not_utf8",
@@ -130,9 +159,10 @@ def split_file(
         ) from None
     except (OSError, EOFError) as exc:
         raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
-    for bucket_file in files.values():
-        bucket_file.close()
-    result.in_memory = memory if in_memory else None
+    partitioner.close()
+    result.rows = partitioner.rows
+    result.in_memory = partitioner.memory
+    result.work_blobs = partitioner.names
     return result
 
 
