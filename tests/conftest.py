@@ -57,7 +57,7 @@ def port() -> int:
 SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
-    "fanout",
+    "fanout", "dryrun",
 )  # fmt: skip
 
 

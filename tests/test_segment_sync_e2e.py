@@ -55,10 +55,10 @@ class Scenario:
         self.sync = f"vip-{name}"
         self.files = 0
 
-    def land(self, data: bytes, suffix: str = ".csv") -> dict[str, Any]:
+    def land(self, data: bytes, suffix: str = ".csv", folder: str = "") -> dict[str, Any]:
         """Upload a file for this scenario's sync and wait for its run to finish."""
         self.files += 1
-        name = f"{self.sync}/export-{self.files:03d}{suffix}"
+        name = f"{self.sync}/{folder}export-{self.files:03d}{suffix}"
         self.storage.blobs.create(SEGMENTS, name, data, overwrite=True)
 
         def finished() -> dict[str, Any] | None:
@@ -289,3 +289,32 @@ def test_large_files_fan_out_through_the_queue_and_add_up(scenario, storage) -> 
     assert list(storage.blobs.list("sync-work", f"{run['run_id']}/")) == []  # cleaned up
     again = s.land(to_csv(rows))
     assert again["counts"]["unchanged"] == 3499 and again["detail"]["chunks"] == 4
+
+
+def test_preview_reports_the_diff_and_changes_nothing(scenario, storage) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("dryrun")
+    rows = people("DR", 50)
+    s.known(rows)
+    s.land(to_csv(rows))
+    sent_before = len(s.received_for(rows))
+    changed = [dict(r) for r in rows]
+    changed[1]["firstName"] = "Changed"
+    changed[2]["segmentMembership.ups.seg-vip.status"] = "realized"
+    changed[3]["segmentMembership.ups.seg-vip.status"] = "exited"
+    preview = s.land(to_csv(changed), folder="preview/")
+    assert preview["status"] == "succeeded"
+    assert preview["counts"]["would_send"] == 3 and preview["counts"]["sent"] == 0
+    assert preview["counts"]["unchanged"] == 47
+    assert preview["detail"]["preview"]["diff"] == {
+        "attribute.first_name": 1, "memberships_added": 1, "memberships_removed": 1,
+        "profiles_updated": 3,
+    }  # fmt: skip
+    container, _, name = preview["detail"]["preview"]["objects"].partition("/")
+    lines = b"".join(storage.blobs.iter_chunks(storage.blobs.ref(container, name))).splitlines()
+    objects = sorted((json.loads(line)["object"] for line in lines), key=lambda o: o["external_id"])
+    assert objects[0] == {
+        "external_id": "DR-00001", "_update_existing_only": True, "first_name": "Changed",
+    }  # fmt: skip
+    assert len(s.received_for(rows)) == sent_before  # nothing sent
+    real = s.land(to_csv(changed))  # the state was not touched by the preview
+    assert real["counts"]["sent"] == 3

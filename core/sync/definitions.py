@@ -182,6 +182,9 @@ class SyncDefinition(Strict):
     consent: Consent | None = None
     destination: Destination = BrazeDestination()
     processing: Processing = Processing()
+    dry_run: bool = Field(
+        default=False, description="every run of this sync is a preview: nothing is sent"
+    )
     duplicates: Literal["first_wins"] = Field(
         default="first_wins",
         description="a repeated identity in one file is rejected; the first row is used",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ from core.suppression import Channel, SuppressionSnapshot
 from core.sync.definitions import SyncDefinition, SyncMode
 from core.sync.mapping import MappedRow, RowMapper, RowRejected
 from core.sync.readers import SourceRow
-from core.sync.reports import Outcome, OutcomeCounts, RejectsPart
+from core.sync.reports import Outcome, OutcomeCounts, PreviewPart, RejectsPart
 from core.sync.state import Change, SyncState, raw_digest
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class BucketWork:
     rejects: RejectsPart
     counts: OutcomeCounts = field(default_factory=OutcomeCounts)
     stats: BatchStats = field(default_factory=BatchStats)
+    preview: PreviewPart | None = None
+    """Dry runs: where the objects that would be sent are written."""
+    diff: Counter[str] = field(default_factory=Counter)
+    """Dry runs: new and updated profiles, changed attributes, membership moves."""
     in_flight: int = 0
     rows_done: bool = False
 
@@ -136,7 +141,6 @@ class ChunkRunner:
         self.worker = worker
         self.on_bucket_done = on_bucket_done
         self.dry_run = dry_run
-        self.preview: list[dict[str, Any]] = []
         self.send_nulls = frozenset(m.target for m in sync.fields if m.send_nulls)
         self._checkpoints: EntityTable[BatchCheckpoint] = storage.tables.get(BatchCheckpoint)
         self._pending: list[_Pending] = []
@@ -238,6 +242,9 @@ class ChunkRunner:
         pending = _Pending(
             work, line, identity, change, digest, build_item(self.sync, identity, change)
         )
+        if work.preview is not None:
+            self._preview(work, pending)
+            return
         previous = self._acknowledged.get(_item_key(work.number, line))
         if previous is not None:  # sent and checkpointed before a crash: not again
             work.stats.resumed += 1
@@ -254,15 +261,22 @@ class ChunkRunner:
         self._pending.append(pending)
         self._pending_bytes += size
 
+    def _preview(self, work: BucketWork, pending: _Pending) -> None:
+        assert work.preview is not None
+        work.preview.add(pending.line, pending.item)
+        known = pending.identity in work.state.profiles
+        work.diff["profiles_updated" if known else "profiles_new"] += 1
+        for name in pending.change.attributes:
+            work.diff[f"attribute.{name}"] += 1
+        work.diff["memberships_added"] += len(pending.change.added)
+        work.diff["memberships_removed"] += len(pending.change.removed)
+        work.counts.add(Outcome.WOULD_SEND)
+
     def _flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending, self._pending_bytes = self._pending, [], 0
-        if self.dry_run:
-            self.preview.extend(p.item for p in batch)
-            results: list[list[Any]] = [[] for _ in batch]
-        else:
-            results = self._send(batch)
+        results = self._send(batch)
         for pending, result in zip(batch, results, strict=True):
             pending.bucket.in_flight -= 1
             self._settle(pending, result)
@@ -270,8 +284,7 @@ class ChunkRunner:
     def _settle(self, pending: _Pending, result: list[Any]) -> None:
         counts = pending.bucket.counts
         if not result:
-            if not self.dry_run:
-                pending.bucket.state.acknowledge(pending.identity, pending.change, pending.digest)
+            pending.bucket.state.acknowledge(pending.identity, pending.change, pending.digest)
             counts.add(Outcome.SENT)
         elif result[0]:
             counts.add(Outcome.UNMATCHED, "not_in_destination")

@@ -26,8 +26,13 @@ from core.storage.blobs import BlobStore
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+PREVIEWS = "previews"
+
+
 class Outcome(StrEnum):
     SENT = "sent"
+    WOULD_SEND = "would_send"
+    """Dry runs only: the row would have been sent."""
     UNCHANGED = "unchanged"
     REJECTED = "rejected"
     UNMATCHED = "unmatched"
@@ -56,7 +61,11 @@ class OutcomeCounts:
         return sum(self.outcomes.values())
 
     def as_dict(self) -> dict[str, int]:
-        counts = {outcome.value: self.outcomes.get(outcome.value, 0) for outcome in Outcome}
+        counts = {
+            outcome.value: self.outcomes.get(outcome.value, 0)
+            for outcome in Outcome
+            if outcome != Outcome.WOULD_SEND or self.outcomes.get(outcome.value)
+        }
         counts["rows"] = self.rows
         counts.update(sorted(self.reasons.items()))
         return counts
@@ -67,26 +76,76 @@ def _block_id(part: int, sequence: int) -> str:
 
 
 HEADER_BLOCK = base64.b64encode(b"header000000").decode()
+_STAGE_BYTES = 1 << 20
 
 
-class RejectsPart:
-    """Rejected rows of one part of a run (a bucket, or the split pass), staged as blocks.
+class StagedPart:
+    """One part of a run's output blob, written as uncommitted blocks.
 
-    Parts are written independently, possibly by parallel workers, as uncommitted blocks
-    of the run's rejects blob with deterministic ids; `commit_rejects` commits them in part
-    order once every part is done. A re-run of a part restages the same ids.
+    Parts are written independently, possibly by parallel workers, with deterministic
+    block ids; `commit_parts` commits them in part order once every part is done. A re-run
+    of a part restages the same ids, so nothing is duplicated.
     """
 
-    def __init__(self, blobs: BlobStore, sync_id: str, run_id: str, columns: Sequence[str],
-                 part: int) -> None:  # fmt: skip
+    def __init__(self, blobs: BlobStore, container: str, name: str, part: int) -> None:
         self.blobs = blobs
-        self.name = rejects_name(sync_id, run_id)
-        self.columns = list(columns)
+        self.container = container
+        self.name = name
         self.part = part
         self.count = 0
         self.block_ids: list[str] = []
-        self._buffer = io.StringIO()
-        self._csv = csv.writer(self._buffer, lineterminator="\n")
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        self.count += 1
+        if len(self._buffer) >= _STAGE_BYTES:
+            self._stage()
+
+    def _stage(self) -> None:
+        if not self._buffer:
+            return
+        self.blobs.ensure_container(self.container)
+        block_id = _block_id(self.part, len(self.block_ids))
+        client = self.blobs.service.get_blob_client(self.container, self.name)
+        client.stage_block(block_id, bytes(self._buffer))
+        self.block_ids.append(block_id)
+        self._buffer.clear()
+
+    def close(self) -> list[str]:
+        self._stage()
+        return self.block_ids
+
+
+def commit_parts(
+    blobs: BlobStore,
+    container: str,
+    name: str,
+    block_ids: list[str],
+    *,
+    header: bytes | None,
+    content_type: str,
+) -> str | None:
+    """Commit staged parts (after a header line); None when no part wrote anything."""
+    if not block_ids:
+        return None
+    client = blobs.service.get_blob_client(container, name)
+    blocks = [BlobBlock(block_id) for block_id in block_ids]
+    if header is not None:
+        client.stage_block(HEADER_BLOCK, header)
+        blocks.insert(0, BlobBlock(HEADER_BLOCK))
+    client.commit_block_list(blocks, content_settings=ContentSettings(content_type=content_type))
+    return f"{container}/{name}"
+
+
+class RejectsPart(StagedPart):
+    """Rejected rows of one part of a run (a bucket, or the split pass)."""
+
+    def __init__(
+        self, blobs: BlobStore, sync_id: str, run_id: str, columns: Sequence[str], part: int
+    ) -> None:
+        super().__init__(blobs, REJECTS, rejects_name(sync_id, run_id), part)
+        self.columns = list(columns)
 
     def _raw(self, values: Sequence[Any] | str) -> str:
         if isinstance(values, str):
@@ -98,27 +157,22 @@ class RejectsPart:
         return json.dumps(dict(zip(self.columns, values, strict=False)), ensure_ascii=False)
 
     def add(self, line: int, code: str, message: str, values: Sequence[Any] | str) -> None:
-        self._csv.writerow(
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow(
             [str(line), code, spreadsheet_safe(message), spreadsheet_safe(self._raw(values))]
         )
-        self.count += 1
-        if self._buffer.tell() > 1 << 20:
-            self._stage()
+        self.write(out.getvalue().encode("utf-8"))
 
-    def _stage(self) -> None:
-        data = self._buffer.getvalue().encode("utf-8")
-        if not data:
-            return
-        self.blobs.ensure_container(REJECTS)
-        block_id = _block_id(self.part, len(self.block_ids))
-        self.blobs.service.get_blob_client(REJECTS, self.name).stage_block(block_id, data)
-        self.block_ids.append(block_id)
-        self._buffer.seek(0)
-        self._buffer.truncate()
 
-    def close(self) -> list[str]:
-        self._stage()
-        return self.block_ids
+class PreviewPart(StagedPart):
+    """What a dry run would send, one destination object per line (JSON Lines)."""
+
+    def __init__(self, blobs: BlobStore, sync_id: str, run_id: str, part: int) -> None:
+        super().__init__(blobs, PREVIEWS, f"{sync_id}/{run_id}.jsonl", part)
+
+    def add(self, line: int, item: dict[str, Any]) -> None:
+        record = {"line": line, "object": item}
+        self.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
 
 
 def rejects_name(sync_id: str, run_id: str) -> str:
@@ -126,14 +180,14 @@ def rejects_name(sync_id: str, run_id: str) -> str:
 
 
 def commit_rejects(blobs: BlobStore, sync_id: str, run_id: str, block_ids: list[str]) -> str | None:
-    """Commit the staged parts after a header line; None when nothing was rejected."""
-    if not block_ids:
-        return None
-    name = rejects_name(sync_id, run_id)
-    client = blobs.service.get_blob_client(REJECTS, name)
-    client.stage_block(HEADER_BLOCK, b"line,reason_code,message,raw_row\n")
-    client.commit_block_list(
-        [BlobBlock(HEADER_BLOCK), *(BlobBlock(block_id) for block_id in block_ids)],
-        content_settings=ContentSettings(content_type="text/csv; charset=utf-8"),
-    )
-    return f"{REJECTS}/{name}"
+    return commit_parts(
+        blobs, REJECTS, rejects_name(sync_id, run_id), block_ids,
+        header=b"line,reason_code,message,raw_row\n", content_type="text/csv; charset=utf-8",
+    )  # fmt: skip
+
+
+def commit_preview(blobs: BlobStore, sync_id: str, run_id: str, block_ids: list[str]) -> str | None:
+    return commit_parts(
+        blobs, PREVIEWS, f"{sync_id}/{run_id}.jsonl", block_ids,
+        header=None, content_type="application/x-ndjson; charset=utf-8",
+    )  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -32,12 +33,20 @@ from core.sync.definitions import SyncDefinition, mapping_fingerprint
 from core.sync.engine import BatchStats, BucketWork, ChunkRunner
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected, SourceRow
-from core.sync.reports import OutcomeCounts, RejectsPart, commit_rejects
+from core.sync.reports import (
+    OutcomeCounts,
+    PreviewPart,
+    RejectsPart,
+    commit_preview,
+    commit_rejects,
+)
 from core.sync.split import SplitResult, delete_work, read_work_blob, split_file
 from core.sync.state import StateStore
 
 log = logging.getLogger(__name__)
 CHUNK_QUEUE = "segment-chunks"
+PREVIEW_FOLDER = "preview"
+"""Files under `segments/{sync_id}/preview/` are dry runs: reported, never sent."""
 
 
 class RunPlan(TableEntity):
@@ -54,6 +63,7 @@ class RunPlan(TableEntity):
     work_blobs: dict[str, str]
     split_reject_blocks: list[str] = Field(default_factory=list)
     split_counts: dict[str, int] = Field(default_factory=dict)
+    preview: bool = False
 
 
 class BucketResult(TableEntity):
@@ -65,6 +75,8 @@ class BucketResult(TableEntity):
     reasons: dict[str, int]
     stats: dict[str, int]
     reject_blocks: list[str] = Field(default_factory=list)
+    diff: dict[str, int] = Field(default_factory=dict)
+    preview_blocks: list[str] = Field(default_factory=list)
 
 
 class ChunkMessage(BaseModel):
@@ -150,6 +162,7 @@ def _plan(
     split_rejects = RejectsPart(services.storage.blobs, sync.id, run_id, split.columns, part=0)
     for line, message in split.malformed:
         split_rejects.add(line, "malformed_row", message, "")
+    preview = sync.dry_run or PREVIEW_FOLDER in blob.name.split("/")[1:-1]
     plan = RunPlan(
         partition_key=safe_key(run_id),
         row_key="plan",
@@ -162,6 +175,7 @@ def _plan(
         work_blobs={str(b): name for b, name in split.work_blobs.items()},
         split_reject_blocks=split_rejects.close(),
         split_counts={"rejected.malformed_row": len(split.malformed)} if split.malformed else {},
+        preview=preview,
     )
     services.storage.tables.get(RunPlan).upsert(plan)
     return plan
@@ -194,8 +208,11 @@ def _process_buckets(
             reasons=dict(work.counts.reasons),
             stats=vars(work.stats),
             reject_blocks=work.rejects.close(),
+            diff=dict(work.diff),
+            preview_blocks=work.preview.close() if work.preview else [],
         )
-        states.commit(work.number, work.state, run_id=run_id, result=result.model_dump())
+        if not plan.preview:  # a dry run changes no state
+            states.commit(work.number, work.state, run_id=run_id, result=result.model_dump())
         with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
             results.insert(result)
 
@@ -203,6 +220,7 @@ def _process_buckets(
         storage, sync, RowMapper(sync, plan.columns), destination,
         SuppressionList(storage).snapshot(),
         run_id=run_id, worker=f"w{buckets[0]:03d}", on_bucket_done=bucket_done,
+        dry_run=plan.preview,
     )  # fmt: skip
     for bucket in buckets:
         if results.get(run_key, f"{bucket:03d}") is not None:
@@ -217,7 +235,8 @@ def _process_buckets(
             else read_work_blob(storage, plan.work_blobs[str(bucket)])
         )  # fmt: skip
         rejects = RejectsPart(storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1)
-        runner.run_bucket(BucketWork(bucket, state, rejects), rows)
+        preview = PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None
+        runner.run_bucket(BucketWork(bucket, state, rejects, preview=preview), rows)
     runner.finish()
 
 
@@ -226,6 +245,8 @@ def _finalize(
 ) -> RunRecord:
     counts = OutcomeCounts()
     stats = BatchStats()
+    diff: Counter[str] = Counter()
+    preview_blocks: list[str] = []
     blocks = list(plan.split_reject_blocks)
     counts.reasons.update(plan.split_counts)
     if plan.split_counts:
@@ -236,6 +257,8 @@ def _finalize(
         counts.reasons.update(result.reasons)
         stats.add(BatchStats(**result.stats))
         blocks += result.reject_blocks
+        diff.update(result.diff)
+        preview_blocks += result.preview_blocks
     rejects = commit_rejects(services.storage.blobs, sync.id, run_id, blocks)
     delete_work(services.storage, run_id)
     started = services.runs.get(run_id)
@@ -249,6 +272,11 @@ def _finalize(
         "retries": stats.retries,
         "rows_per_second": round(counts.rows / seconds) if seconds > 0 else None,
     }
+    if plan.preview:
+        detail["preview"] = {
+            "diff": dict(sorted(diff.items())),
+            "objects": commit_preview(services.storage.blobs, sync.id, run_id, preview_blocks),
+        }
     log.info("segment sync finished", extra={"run_id": run_id, **counts.outcomes})
     return _close(
         services, blob, run_id, RunStatus.SUCCEEDED, counts=counts.as_dict(), detail=detail
