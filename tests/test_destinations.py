@@ -9,10 +9,14 @@ from typing import Any
 
 import pytest
 
-from core.destinations.base import Destination
+from core.destinations.base import BatchResult, Destination
 from core.destinations.braze import BrazeDestination, retry_after_seconds
 from core.errors import TerminalError, TransientError
 from devhost.fakes.braze import FakeBraze
+
+
+def send(destination: Destination, items: list[dict[str, Any]]) -> BatchResult:
+    return destination.send_batch([destination.encode(item) for item in items])
 
 
 def quick_sleep(seconds: float) -> None:
@@ -52,8 +56,9 @@ def harness(request: pytest.FixtureRequest, fake: FakeBraze) -> Harness:
 
 def test_contract_batch_is_applied(harness: Harness) -> None:
     harness.fake.configure(known_profiles=["p1", "p2"])
-    result = harness.destination.send_batch(
-        [harness.item("p1", first_name="Ana"), harness.item("p2", country="NL")]
+    result = send(
+        harness.destination,
+        [harness.item("p1", first_name="Ana"), harness.item("p2", country="NL")],
     )
     assert result.failures == {}
     assert harness.stored("p1") == {"first_name": "Ana"}
@@ -62,8 +67,9 @@ def test_contract_batch_is_applied(harness: Harness) -> None:
 
 def test_contract_unknown_profiles_are_unmatched_never_created(harness: Harness) -> None:
     harness.fake.configure(known_profiles=["p1"])
-    result = harness.destination.send_batch(
-        [harness.item("ghost", first_name="X"), harness.item("p1", first_name="Ana")]
+    result = send(
+        harness.destination,
+        [harness.item("ghost", first_name="X"), harness.item("p1", first_name="Ana")],
     )
     assert list(result.failures) == [0] and result.failures[0].unmatched
     assert harness.stored("ghost") is None
@@ -72,27 +78,27 @@ def test_contract_unknown_profiles_are_unmatched_never_created(harness: Harness)
 
 def test_contract_nulls_remove_attributes(harness: Harness) -> None:
     harness.fake.configure(known_profiles=["p1"])
-    harness.destination.send_batch([harness.item("p1", tier="gold", first_name="Ana")])
-    harness.destination.send_batch([harness.item("p1", tier=None)])
+    send(harness.destination, [harness.item("p1", tier="gold", first_name="Ana")])
+    send(harness.destination, [harness.item("p1", tier=None)])
     assert harness.stored("p1") == {"first_name": "Ana"}
 
 
 def test_contract_server_errors_retry_then_succeed(harness: Harness) -> None:
     harness.fake.configure(known_profiles=["p1"], fail_next=[500, 503])
-    result = harness.destination.send_batch([harness.item("p1", first_name="Ana")])
+    result = send(harness.destination, [harness.item("p1", first_name="Ana")])
     assert result.retries == 2 and harness.stored("p1") == {"first_name": "Ana"}
 
 
 def test_contract_persistent_server_errors_are_transient(harness: Harness) -> None:
     harness.fake.configure(known_profiles=["p1"], fail_next=[500] * 10)
     with pytest.raises(TransientError, match="gave up after 5 attempts"):
-        harness.destination.send_batch([harness.item("p1", first_name="Ana")])
+        send(harness.destination, [harness.item("p1", first_name="Ana")])
 
 
 def test_contract_bad_credentials_are_terminal(harness: Harness) -> None:
     harness.fake.configure(api_key="another-key")
     with pytest.raises(TerminalError, match="401"):
-        harness.destination.send_batch([harness.item("p1", first_name="Ana")])
+        send(harness.destination, [harness.item("p1", first_name="Ana")])
     assert harness.fake.state.requests == 1  # no retry of a terminal answer
 
 
@@ -104,7 +110,7 @@ def test_rate_limit_waits_do_not_spend_attempts(fake: FakeBraze) -> None:
     destination = braze(fake, requests_per_second=1000, max_attempts=1)
     started = time.monotonic()
     results = [
-        destination.send_batch([{"external_id": f"p{i}", "n": i, "_update_existing_only": True}])
+        send(destination, [{"external_id": f"p{i}", "n": i, "_update_existing_only": True}])
         for i in range(40)
     ]
     assert sum(r.rate_limited_waits for r in results) > 0
@@ -118,7 +124,7 @@ def test_oversized_batches_are_split(fake: FakeBraze) -> None:
     destination = braze(fake, requests_per_second=1000)
     items = [{"external_id": f"p{i}", "n": i, "_update_existing_only": True} for i in range(30)]
     items[25]["external_id"] = "ghost"
-    result = destination.send_batch(items)
+    result = send(destination, items)
     assert list(result.failures) == [25]  # index maps back through the split
     assert len(fake.profiles()) == 30
 
@@ -128,7 +134,7 @@ def test_client_side_pacing(fake: FakeBraze) -> None:
     destination = braze(fake, requests_per_second=20)
     started = time.monotonic()
     for _ in range(30):
-        destination.send_batch([{"external_id": "p", "_update_existing_only": True}])
+        send(destination, [{"external_id": "p", "_update_existing_only": True}])
     assert time.monotonic() - started >= 0.4  # 30 requests, burst 20, then 20/s
     assert fake.state.rate_limited == 0
 

@@ -31,11 +31,11 @@ class Destination(Protocol):
     max_batch_objects: int
     max_body_bytes: int
 
-    def object_size(self, item: dict[str, Any]) -> int:
-        """Bytes `item` adds to a request body."""
+    def encode(self, item: dict[str, Any]) -> bytes:
+        """One object as it goes on the wire; its length counts against `max_body_bytes`."""
         ...
 
-    def send_batch(self, items: list[dict[str, Any]]) -> BatchResult:
-        """Send all of `items`; failures are per item. Raises TerminalError or
-        TransientError (after its own retries) when the batch as a whole failed."""
+    def send_batch(self, items: list[bytes]) -> BatchResult:
+        """Send all of `items` (encoded); failures are per item, by index. Raises
+        TerminalError, or TransientError after its own retries, when the whole batch failed."""
         ...

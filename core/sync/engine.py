@@ -45,6 +45,24 @@ class BatchCheckpoint(TableEntity):
     """`bucket:line` of every item of the batch -> [] if applied, else [unmatched, reason]."""
 
 
+class CheckpointLog:
+    """Where acknowledged batches are recorded, one table row per batch."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._table: EntityTable[BatchCheckpoint] = storage.tables.get(BatchCheckpoint)
+
+    def load(self, run_id: str) -> dict[str, list[Any]]:
+        acknowledged: dict[str, list[Any]] = {}
+        for checkpoint in self._table.query_partition(safe_key(run_id)):
+            acknowledged.update(checkpoint.items)
+        return acknowledged
+
+    def record(self, run_id: str, key: str, items: dict[str, list[Any]]) -> None:
+        self._table.upsert(
+            BatchCheckpoint(partition_key=safe_key(run_id), row_key=key, items=items)
+        )
+
+
 def _item_key(bucket: int, line: int) -> str:
     return f"{bucket}:{line}"
 
@@ -57,6 +75,7 @@ class _Pending:
     change: Change
     digest: bytes
     item: dict[str, Any]
+    encoded: bytes = b""
 
 
 @dataclass
@@ -132,6 +151,7 @@ class ChunkRunner:
         worker: str,
         on_bucket_done: Callable[[BucketWork], None],
         dry_run: bool = False,
+        checkpoints: CheckpointLog | None = None,
     ) -> None:
         self.sync = sync
         self.mapper = mapper
@@ -142,7 +162,7 @@ class ChunkRunner:
         self.on_bucket_done = on_bucket_done
         self.dry_run = dry_run
         self.send_nulls = frozenset(m.target for m in sync.fields if m.send_nulls)
-        self._checkpoints: EntityTable[BatchCheckpoint] = storage.tables.get(BatchCheckpoint)
+        self._checkpoints = checkpoints or CheckpointLog(storage)
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
         self._batch_number = 0
@@ -250,7 +270,8 @@ class ChunkRunner:
             work.stats.resumed += 1
             self._settle(pending, previous)
             return
-        size = self.destination.object_size(pending.item)
+        pending.encoded = self.destination.encode(pending.item)
+        size = len(pending.encoded) + 1
         if self._pending and (
             len(self._pending) >= self.destination.max_batch_objects
             or self._pending_bytes + size > self.destination.max_body_bytes
@@ -292,7 +313,7 @@ class ChunkRunner:
             counts.add(Outcome.FAILED, _reason_code(str(result[1])))
 
     def _send(self, batch: list[_Pending]) -> list[list[Any]]:
-        answer = self.destination.send_batch([p.item for p in batch])
+        answer = self.destination.send_batch([p.encoded for p in batch])
         stats = batch[-1].bucket.stats
         stats.sent += 1
         stats.requests += answer.requests
@@ -302,21 +323,18 @@ class ChunkRunner:
         for index, failure in answer.failures.items():
             results[index] = [failure.unmatched, failure.reason]
         self._batch_number += 1
-        self._checkpoints.upsert(
-            BatchCheckpoint(
-                partition_key=safe_key(self.run_id),
-                row_key=f"{self.worker}-{self._batch_number:09d}",
-                items={
-                    _item_key(p.bucket.number, p.line): result
-                    for p, result in zip(batch, results, strict=True)
-                },
-            )
+        self._checkpoints.record(
+            self.run_id,
+            f"{self.worker}-{self._batch_number:09d}",
+            {
+                _item_key(p.bucket.number, p.line): result
+                for p, result in zip(batch, results, strict=True)
+            },
         )
         return results
 
     def _load_checkpoints(self) -> None:
-        for checkpoint in self._checkpoints.query_partition(safe_key(self.run_id)):
-            self._acknowledged.update(checkpoint.items)
+        self._acknowledged = self._checkpoints.load(self.run_id)
         if self._acknowledged:
             log.info(
                 "resuming from checkpoints",

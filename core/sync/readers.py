@@ -12,10 +12,11 @@ import codecs
 import csv
 import gzip
 import io
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
+
+import orjson
 
 from core.sync.definitions import FileFormat, InputSpec
 
@@ -123,8 +124,8 @@ class RowReader:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
                 yield number, f"malformed JSON: {exc.msg} at column {exc.colno}"
                 continue
             if not isinstance(record, dict):

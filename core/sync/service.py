@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
+from core.destinations.base import Destination
 from core.destinations.registry import destination_for
 from core.errors import ConfigError, EntityExists, TerminalError
 from core.runs import RunRecord, RunStatus
@@ -30,7 +31,7 @@ from core.storage import BlobRef
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import SuppressionList
 from core.sync.definitions import SyncDefinition, mapping_fingerprint
-from core.sync.engine import BatchStats, BucketWork, ChunkRunner
+from core.sync.engine import BatchStats, BucketWork, CheckpointLog, ChunkRunner
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected, SourceRow
 from core.sync.reports import (
@@ -113,15 +114,15 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord:
     except FileRejected as rejected:
         error = f"{rejected.code}: {rejected}"
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
-    plan = _plan(services, sync, blob, run.run_id, split)
+    plan = plan_run(services, sync, blob, run.run_id, split)
     groups = _bucket_groups(plan.buckets, split, sync.processing.rows_per_worker)
     if split.in_memory is not None or len(groups) <= 1:
         rows = split.in_memory
         try:
-            _process_buckets(services, sync, plan, run.run_id, plan.buckets, rows)
+            process_buckets(services, sync, plan, run.run_id, plan.buckets, rows)
         except TerminalError as exc:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
-        return _finalize(services, sync, plan, run.run_id, blob)
+        return finalize(services, sync, plan, run.run_id, blob)
     for group in groups:
         services.storage.queues.send(CHUNK_QUEUE, ChunkMessage(run_id=run.run_id, buckets=group))
     log.info("segment file fanned out", extra={"run_id": run.run_id, "chunks": len(groups)})
@@ -146,17 +147,17 @@ def process_chunk(services: Services, message: ChunkMessage) -> None:
         _close(services, blob, message.run_id, RunStatus.FAILED, error="sync was removed")
         return
     try:
-        _process_buckets(services, sync, plan, message.run_id, message.buckets, None)
+        process_buckets(services, sync, plan, message.run_id, message.buckets, None)
     except TerminalError as exc:
         _close(services, blob, message.run_id, RunStatus.FAILED, error=str(exc))
         return
     results: EntityTable[BucketResult] = services.storage.tables.get(BucketResult)
     finished = sum(1 for _ in results.query_partition(safe_key(message.run_id)))
     if finished >= len(plan.buckets):
-        _finalize(services, sync, plan, message.run_id, blob)
+        finalize(services, sync, plan, message.run_id, blob)
 
 
-def _plan(
+def plan_run(
     services: Services, sync: SyncDefinition, blob: BlobRef, run_id: str, split: SplitResult
 ) -> RunPlan:
     split_rejects = RejectsPart(services.storage.blobs, sync.id, run_id, split.columns, part=0)
@@ -186,16 +187,20 @@ def _bucket_groups(buckets: list[int], split: SplitResult, rows_per_worker: int)
     return [group for group in (buckets[i::workers] for i in range(workers)) if group]
 
 
-def _process_buckets(
+def process_buckets(
     services: Services,
     sync: SyncDefinition,
     plan: RunPlan,
     run_id: str,
     buckets: list[int],
     in_memory: list[list[SourceRow]] | None,
+    *,
+    destination: Destination | None = None,
+    checkpoints: CheckpointLog | None = None,
 ) -> None:
+    """Run a group of buckets (one worker's share) to completion; skips finished ones."""
     storage = services.storage
-    destination = destination_for(sync, services.settings)
+    destination = destination or destination_for(sync, services.settings)
     states = StateStore(storage, sync.id, destination.name, mapping_fingerprint(sync))
     results: EntityTable[BucketResult] = storage.tables.get(BucketResult)
     run_key = safe_key(run_id)
@@ -211,7 +216,7 @@ def _process_buckets(
             diff=dict(work.diff),
             preview_blocks=work.preview.close() if work.preview else [],
         )
-        if not plan.preview:  # a dry run changes no state
+        if not plan.preview and work.state.dirty:  # a dry run changes no state
             states.commit(work.number, work.state, run_id=run_id, result=result.model_dump())
         with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
             results.insert(result)
@@ -220,7 +225,7 @@ def _process_buckets(
         storage, sync, RowMapper(sync, plan.columns), destination,
         SuppressionList(storage).snapshot(),
         run_id=run_id, worker=f"w{buckets[0]:03d}", on_bucket_done=bucket_done,
-        dry_run=plan.preview,
+        dry_run=plan.preview, checkpoints=checkpoints,
     )  # fmt: skip
     for bucket in buckets:
         if results.get(run_key, f"{bucket:03d}") is not None:
@@ -240,7 +245,7 @@ def _process_buckets(
     runner.finish()
 
 
-def _finalize(
+def finalize(
     services: Services, sync: SyncDefinition, plan: RunPlan, run_id: str, blob: BlobRef
 ) -> RunRecord:
     counts = OutcomeCounts()

@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import io
-import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from azure.core.exceptions import ResourceNotFoundError
 
 from core.storage import Storage
@@ -32,6 +32,7 @@ from core.sync.readers import FileRejected, RowReader, SourceRow
 
 WORK_CONTAINER = "sync-work"
 _WORK_BLOCK_BYTES = 1 << 20  # one pending block per bucket: keeps the split's memory bounded
+_PENDING_BYTES = 128 * 1024
 
 
 def bucket_of(identity: str, buckets: int) -> int:
@@ -56,27 +57,28 @@ class SplitResult:
 
 
 class _BucketFile:
-    """Gzip'd JSON Lines into a block blob, flushed in bounded blocks."""
+    """Gzip'd JSON Lines into a block blob; rows are compressed in groups, not one by one."""
 
     def __init__(self, writer: BlockWriter) -> None:
         self.writer = writer
-        self.buffer = io.BytesIO()
-        self.gzip = gzip.GzipFile(fileobj=self.buffer, mode="wb", compresslevel=1)
+        # One growing buffer, not a list of small bytes objects: orjson's results carry
+        # their whole initial allocation, which would cost kilobytes per row.
+        self.pending = bytearray()
+        self.compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: gzip framing
 
     def add(self, row: SourceRow) -> None:
-        self.gzip.write(json.dumps([row.line, *row.values], ensure_ascii=False).encode())
-        self.gzip.write(b"\n")
-        if self.buffer.tell() >= _WORK_BLOCK_BYTES:
-            self._drain()
+        self.pending += orjson.dumps([row.line, *row.values])
+        self.pending += b"\n"
+        if len(self.pending) >= _PENDING_BYTES:
+            self._compress()
 
-    def _drain(self) -> None:
-        self.writer.write(self.buffer.getvalue())
-        self.buffer.seek(0)
-        self.buffer.truncate()
+    def _compress(self) -> None:
+        self.writer.write(self.compressor.compress(self.pending))
+        self.pending.clear()
 
     def close(self) -> None:
-        self.gzip.close()
-        self._drain()
+        self._compress()
+        self.writer.write(self.compressor.flush())
         self.writer.close()
 
 
@@ -170,7 +172,7 @@ def read_work_blob(storage: Storage, name: str) -> Iterator[SourceRow]:
     ref = storage.blobs.ref(WORK_CONTAINER, name)
     with gzip.GzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as stream:
         for line in stream:
-            line_number, *values = json.loads(line)
+            line_number, *values = orjson.loads(line)
             yield SourceRow(line_number, values)
 
 

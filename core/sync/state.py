@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 
@@ -34,20 +33,31 @@ STATE_CONTAINER = "sync-state"
 _FORMAT_VERSION = 2
 _NULL_HASH = b"\x00" * 8
 _SEPARATOR = "\x1f"
+_blake2b = hashlib.blake2b
 
 
 def value_hash(value: Any) -> bytes:
     """Stable 8-byte hash of a JSON value (key order does not matter)."""
-    if isinstance(value, str):
-        text = "s" + value  # fast path for the commonest case
+    kind = type(value)
+    # Typed prefixes keep "1", 1, 1.0 and True apart; scalars skip the JSON encoder.
+    if kind is str:
+        text = "s" + value
+    elif kind is bool:
+        text = "b1" if value else "b0"
+    elif kind is int:
+        text = "i" + str(value)
+    elif kind is float:
+        text = "f" + repr(value)
     else:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+        return _blake2b(
+            b"j" + orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=8
+        ).digest()
+    return _blake2b(text.encode(), digest_size=8).digest()
 
 
 def raw_digest(values: Sequence[Any]) -> bytes:
     """Digest of a row's raw source values (those the mapping reads)."""
-    text = _SEPARATOR.join(v if isinstance(v, str) else json.dumps(v) for v in values)
+    text = _SEPARATOR.join(v if type(v) is str else orjson.dumps(v).decode() for v in values)
     return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
@@ -65,6 +75,8 @@ class Change:
     attributes: dict[str, Any]
     added: tuple[str, ...]
     removed: tuple[str, ...]
+    hashes: dict[str, bytes] = field(default_factory=dict)
+    """Hashes of the changed attribute values, computed once by the diff."""
 
     @property
     def empty(self) -> bool:
@@ -84,6 +96,8 @@ class SyncState:
         """The run that committed this snapshot, with its bucket result: a run resumed after
         committing a bucket but before recording it finds its own result here."""
         self.last_result: dict[str, Any] = {}
+        self.dirty = False
+        """Whether anything was acknowledged since loading (else there is nothing to commit)."""
 
     def unchanged_raw(self, identity: str, digest: bytes) -> bool:
         known = self.profiles.get(identity)
@@ -100,23 +114,27 @@ class SyncState:
         hashes = known.hashes if known else {}
         owned = known.audiences if known else set()
         changed: dict[str, Any] = {}
+        changed_hashes: dict[str, bytes] = {}
         for name, value in attributes.items():
             if value is None:
                 # Null means "the source is empty": cleared only where the mapping says so
                 # and only if we had sent something.
                 if name in send_nulls and hashes.get(name, _NULL_HASH) != _NULL_HASH:
                     changed[name] = None
+                    changed_hashes[name] = _NULL_HASH
                 continue
-            if hashes.get(name) != value_hash(value):
+            digest = value_hash(value)
+            if hashes.get(name) != digest:
                 changed[name] = value
+                changed_hashes[name] = digest
         added = tuple(sorted(n for n, m in memberships.items() if m and n not in owned))
         removed = tuple(sorted(n for n, m in memberships.items() if not m and n in owned))
-        return Change(changed, added, removed)
+        return Change(changed, added, removed, changed_hashes)
 
     def acknowledge(self, identity: str, change: Change, digest: bytes | None) -> None:
+        self.dirty = True
         profile = self.profiles.setdefault(identity, ProfileState())
-        for name, value in change.attributes.items():
-            profile.hashes[name] = _NULL_HASH if value is None else value_hash(value)
+        profile.hashes.update(change.hashes)
         profile.audiences.update(change.added)
         profile.audiences.difference_update(change.removed)
         profile.digest = digest
@@ -124,8 +142,9 @@ class SyncState:
     def remember_digest(self, identity: str, digest: bytes) -> None:
         """An unchanged row: its raw form may differ (e.g. 'existing' for 'realized')."""
         known = self.profiles.get(identity)
-        if known is not None:
+        if known is not None and known.digest != digest:
             known.digest = digest
+            self.dirty = True
 
 
 def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
@@ -133,36 +152,35 @@ def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
 
 
 def _encode(state: SyncState) -> bytes:
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=5) as out:
-        header = {
-            "version": _FORMAT_VERSION,
-            "fingerprint": state.fingerprint,
-            "run": state.last_run,
-            "result": state.last_result,
-        }
-        out.write(json.dumps(header).encode() + b"\n")
-        for identity, profile in state.profiles.items():
-            record = [
-                identity,
-                profile.digest.hex() if profile.digest else "",
-                {name: digest.hex() for name, digest in profile.hashes.items()},
-                sorted(profile.audiences),
-            ]
-            out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
-            out.write(b"\n")
-    return buffer.getvalue()
+    header = {
+        "version": _FORMAT_VERSION,
+        "fingerprint": state.fingerprint,
+        "run": state.last_run,
+        "result": state.last_result,
+    }
+    text = bytearray(orjson.dumps(header))
+    for identity, profile in state.profiles.items():
+        record = [
+            identity,
+            profile.digest.hex() if profile.digest else "",
+            {name: digest.hex() for name, digest in profile.hashes.items()},
+            sorted(profile.audiences),
+        ]
+        text += b"\n"
+        text += orjson.dumps(record)
+    text += b"\n"
+    return gzip.compress(text, compresslevel=1)
 
 
 def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
     iterator = iter(lines)
-    header = json.loads(next(iterator, b"{}") or b"{}")
+    header = orjson.loads(next(iterator, b"{}") or b"{}")
     if header.get("version") != _FORMAT_VERSION:
         raise ValueError(f"unsupported sync state version {header.get('version')}")
     same_mapping = header.get("fingerprint") == fingerprint
     profiles: dict[str, ProfileState] = {}
     for line in iterator:
-        identity, digest, hashes, audiences = json.loads(line)
+        identity, digest, hashes, audiences = orjson.loads(line)
         profiles[identity] = ProfileState(
             bytes.fromhex(digest) if digest and same_mapping else None,
             {name: bytes.fromhex(h) for name, h in hashes.items()},

@@ -1,0 +1,253 @@
+"""Segment sync: a generated CDP export (gzip CSV, 20 columns, memberships, 1% bad rows).
+
+Measured in one run, each size in its own process (peak RSS is per process):
+  parse      read + gunzip + CSV-parse the file with the pipeline's own reader
+  payloads   the whole pipeline up to the Braze request bodies: split into buckets (work
+             blobs in Azurite), typing, suppression, diff, batching, JSON bodies, state
+             commit; no network send and no checkpoint writes
+  changed    the same file again with 1% of the rows changed (state from `payloads`)
+  fake       the first run through the fake Braze server on loopback, checkpoints included
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from core.destinations.base import BatchResult
+from core.destinations.braze import BrazeDestination
+from core.runs import RunKind
+from core.services import Services
+from core.settings import load_settings
+from core.storage import BlobRef
+from core.sync.definitions import SyncDefinition, parse_document
+from core.sync.engine import CheckpointLog
+from core.sync.readers import RowReader
+from core.sync.service import RunPlan, finalize, plan_run, process_buckets
+from core.sync.split import split_file
+
+SIZES = (1_000_000, 5_000_000)
+COLUMNS = [
+    "crmId", "email", "firstName", "lastName", "birthDate", "gender", "country", "language",
+    "phone", "city", "timeZone", "points", "lifetimeValue", "isVip", "lastPurchase", "tier",
+    "tags", "score", "emailConsent", "segmentMembership.ups.seg-vip.status",
+]  # fmt: skip
+SYNC = {
+    "id": "bench",
+    "identity": {"column": "crmId", "namespace": "crmId"},
+    "fields": [
+        {"source": "email", "target": "email"},
+        {"source": "firstName", "target": "first_name"},
+        {"source": "lastName", "target": "last_name"},
+        {"source": "birthDate", "target": "dob", "type": "date"},
+        {"source": "gender", "target": "gender"},
+        {"source": "country", "target": "country"},
+        {"source": "language", "target": "language"},
+        {"source": "phone", "target": "phone"},
+        {"source": "city", "target": "home_city"},
+        {"source": "timeZone", "target": "time_zone"},
+        {"source": "points", "target": "loyalty_points", "type": "integer"},
+        {"source": "lifetimeValue", "target": "lifetime_value", "type": "decimal"},
+        {"source": "isVip", "target": "is_vip", "type": "boolean"},
+        {"source": "lastPurchase", "target": "last_purchase", "type": "datetime"},
+        {"source": "tier", "target": "tier"},
+        {"source": "tags", "target": "tags", "type": "array"},
+        {"source": "score", "target": "score", "type": "float"},
+    ],
+    "audiences": {"segments": [{"id": "seg-vip", "name": "vip"}]},
+    "consent": {"channel": "email", "column": "emailConsent"},
+}
+_CITIES = ["Lisboa", "Amsterdam", "Paris", "Berlin", "Köln", "São Paulo", "Zürich"]
+_ZONES = ["Europe/Lisbon", "Europe/Amsterdam", "Europe/Paris", "Europe/Berlin"]
+
+
+def generate(path: Path, rows: int, *, changed_every: int = 0, seed: int = 7) -> None:
+    """Write the export; with `changed_every`, every n-th row differs from the base file."""
+    rng = random.Random(seed)
+    with gzip.open(path, "wt", encoding="utf-8", newline="", compresslevel=6) as out:
+        writer = csv.writer(out)
+        writer.writerow(COLUMNS)
+        for i in range(rows):
+            bad = i % 100 == 37  # 1% bad rows
+            points = i % 5000 + (1 if changed_every and i % changed_every == 1 else 0)
+            writer.writerow([
+                f"CRM-{i:09d}", "not-an-email" if bad else f"user{i}@example.com",
+                "Ana", "Müller" if i % 3 else "Silva", f"19{50 + i % 50}-0{1 + i % 9}-1{i % 9}",
+                "MFONP"[i % 5], ["PT", "NL", "FR", "DE"][i % 4], ["pt", "nl", "fr", "de"][i % 4],
+                f"+3161{i % 10_000_000:07d}", _CITIES[i % 7], _ZONES[i % 4], points,
+                f"{i % 1000}.{i % 100:02d}", "true" if i % 2 else "false",
+                f"2026-{1 + i % 12:02d}-0{1 + i % 9}T10:00:00Z",
+                ["gold", "silver", "bronze"][i % 3],
+                "news|offers" if i % 2 else "offers", f"{rng.random() * 100:.3f}",
+                "y" if i % 20 else "n", "realized" if i % 3 else "exited",
+            ])  # fmt: skip
+
+
+class PayloadOnly:
+    """Builds every request body exactly as the Braze client does, and sends nothing."""
+
+    name = "braze"
+
+    def __init__(self, spec: BrazeDestination) -> None:
+        self.max_batch_objects = spec.max_batch_objects
+        self.max_body_bytes = spec.max_body_bytes
+        self.encode = spec.encode
+        self.bodies = 0
+        self.bytes = 0
+
+    def send_batch(self, items: list[bytes]) -> BatchResult:
+        body = b'{"attributes":[' + b",".join(items) + b"]}"
+        self.bodies += 1
+        self.bytes += len(body)
+        return BatchResult()
+
+
+class NoCheckpoints(CheckpointLog):
+    """`payloads` measures the pipeline up to request bodies: nothing is sent, so nothing
+    is acknowledged and there is nothing to checkpoint."""
+
+    def __init__(self) -> None:
+        pass
+
+    def load(self, run_id: str) -> dict[str, list[Any]]:
+        return {}
+
+    def record(self, run_id: str, key: str, items: dict[str, list[Any]]) -> None:
+        pass
+
+
+def _upload(services: Services, sync: SyncDefinition, path: Path, name: str) -> BlobRef:
+    with path.open("rb") as data:
+        services.storage.blobs.create(
+            "segments", f"{sync.id}/{name}", iter(lambda: data.read(4 << 20), b""), overwrite=True
+        )
+    return services.storage.blobs.ref("segments", f"{sync.id}/{name}")
+
+
+def _pipeline(
+    services: Services, sync: SyncDefinition, blob: BlobRef, run_id: str, destination: Any
+) -> dict[str, int]:
+    split = split_file(
+        services.storage, sync, blob, run_id=run_id, buckets=sync.processing.state_buckets,
+        in_memory_max_rows=sync.processing.in_memory_max_rows,
+    )  # fmt: skip
+    plan: RunPlan = plan_run(services, sync, blob, run_id, split)
+    checkpoints = NoCheckpoints() if isinstance(destination, PayloadOnly) else None
+    process_buckets(
+        services, sync, plan, run_id, plan.buckets, split.in_memory,
+        destination=destination, checkpoints=checkpoints,
+    )  # fmt: skip
+    services.runs.start(RunKind.SEGMENT_SYNC, run_id=run_id)
+    record = finalize(services, sync, plan, run_id, blob)
+    return record.counts
+
+
+def worker(rows: int, modes: list[str]) -> dict[str, Any]:
+    """Everything for one file size, in this process."""
+    services = Services.from_settings(load_settings())
+    sync_id = f"bench-{rows // 1000}k-{os.getpid()}"
+    sync = parse_document({"version": 1, "syncs": [{**SYNC, "id": sync_id}]}).syncs[0]
+    figures: dict[str, Any] = {"rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        base, changed = Path(tmp) / "base.csv.gz", Path(tmp) / "changed.csv.gz"
+        generate(base, rows)
+        started = time.perf_counter()
+        with base.open("rb") as file:
+            parsed = sum(1 for _ in RowReader(file, sync.input, []))
+        figures["parse_seconds"] = time.perf_counter() - started
+        assert parsed == rows
+        blob = _upload(services, sync, base, "base.csv.gz")
+        spec = BrazeDestination("http://unused", "unused")
+        if "payloads" in modes:
+            destination = PayloadOnly(spec)
+            started = time.perf_counter()
+            counts = _pipeline(services, sync, blob, f"20261124T000000Z-{os.getpid():08x}",
+                               destination)  # fmt: skip
+            figures["payloads_seconds"] = time.perf_counter() - started
+            figures["payloads_counts"] = {k: v for k, v in counts.items() if "." not in k}
+            figures["payload_bodies"] = destination.bodies
+            figures["payload_megabytes"] = round(destination.bytes / 2**20, 1)
+        if "changed" in modes:
+            generate(changed, rows, changed_every=100)
+            blob2 = _upload(services, sync, changed, "changed.csv.gz")
+            destination = PayloadOnly(spec)
+            started = time.perf_counter()
+            counts = _pipeline(services, sync, blob2, f"20261124T000001Z-{os.getpid():08x}",
+                               destination)  # fmt: skip
+            figures["changed_seconds"] = time.perf_counter() - started
+            figures["changed_counts"] = {k: v for k, v in counts.items() if "." not in k}
+        if "fake" in modes:
+            from devhost.fakes.braze import FakeBraze
+
+            fake = FakeBraze(record_objects=False).start()
+            fake_sync = parse_document(
+                {"version": 1, "syncs": [{**SYNC, "id": sync_id + "-fake", "mode": "upsert"}]}
+            ).syncs[0]
+            blob3 = _upload(services, fake_sync, base, "base.csv.gz")
+            client = BrazeDestination(fake.url, fake.state.api_key, requests_per_second=10_000)
+            started = time.perf_counter()
+            counts = _pipeline(services, fake_sync, blob3, f"20261124T000002Z-{os.getpid():08x}",
+                               client)  # fmt: skip
+            figures["fake_seconds"] = time.perf_counter() - started
+            figures["fake_counts"] = {k: v for k, v in counts.items() if "." not in k}
+            figures["fake_requests"] = fake.state.requests
+            fake.stop()
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return figures
+
+
+def run() -> dict[str, Any]:
+    results = {}
+    for rows in SIZES:
+        modes = ["payloads", "changed", "fake"] if rows == SIZES[0] else ["payloads"]
+        print(f"   {rows:,} rows: {', '.join(modes)} ...", flush=True)
+        output = subprocess.run(
+            [sys.executable, "-m", "bench.segment_sync", str(rows), *modes],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        results[rows] = json.loads(output.strip().splitlines()[-1])
+    small, large = results[SIZES[0]], results[SIZES[1]]
+    rows = small["rows"]
+    figures = {
+        "rows": rows,
+        "parse_only_rows_per_s": round(rows / small["parse_seconds"]),
+        "payloads_rows_per_s": round(rows / small["payloads_seconds"]),
+        "payloads_over_parse": round(small["payloads_seconds"] / small["parse_seconds"], 2),
+        "changed_1pct_rows_per_s": round(rows / small["changed_seconds"]),
+        "first_over_changed_speedup": round(
+            small["payloads_seconds"] / small["changed_seconds"], 2
+        ),
+        "fake_braze_rows_per_s": round(rows / small["fake_seconds"]),
+        "fake_braze_requests": small["fake_requests"],
+        "payload_bodies": small["payload_bodies"],
+        "peak_rss_mb_1m": small["peak_rss_mb"],
+        "peak_rss_mb_5m": large["peak_rss_mb"],
+        "rss_growth_1m_to_5m": round(large["peak_rss_mb"] / small["peak_rss_mb"] - 1, 3),
+        "payloads_rows_per_s_5m": round(large["rows"] / large["payloads_seconds"]),
+        "counts_first": small["payloads_counts"],
+        "counts_changed": small["changed_counts"],
+    }
+    print(f"   parse only      {figures['parse_only_rows_per_s']:>10,} rows/s")
+    print(f"   (a) to payloads {figures['payloads_rows_per_s']:>10,} rows/s"
+          f"  = {figures['payloads_over_parse']}x the parse-only time")  # fmt: skip
+    print(f"   (b) fake Braze  {figures['fake_braze_rows_per_s']:>10,} rows/s"
+          f"  ({figures['fake_braze_requests']:,} requests, checkpoints included)")  # fmt: skip
+    print(f"   (c) 1% changed  {figures['changed_1pct_rows_per_s']:>10,} rows/s"
+          f"  = {figures['first_over_changed_speedup']}x faster than the first run")  # fmt: skip
+    print(f"   (d) peak RSS    {figures['peak_rss_mb_1m']} MB at 1M, {figures['peak_rss_mb_5m']} MB"
+          f" at 5M (+{figures['rss_growth_1m_to_5m'] * 100:.1f}%)")  # fmt: skip
+    return figures
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(int(sys.argv[1]), sys.argv[2:])))
