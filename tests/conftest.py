@@ -57,7 +57,7 @@ def port() -> int:
 SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
-    "fanout", "dryrun",
+    "fanout", "dryrun", "mirror",
 )  # fmt: skip
 
 
@@ -70,8 +70,8 @@ def scenario_syncs(path: Path) -> Path:
     base = next(s for s in document["syncs"] if s["id"] == "vip")
     for name in SCENARIOS:
         copy = {**base, "id": f"vip-{name}"}
-        if name == "upsert":
-            copy["mode"] = "upsert"
+        if name in ("upsert", "mirror"):
+            copy["mode"] = name
         if name == "fanout":
             copy["processing"] = {"rows_per_worker": 1000, "in_memory_max_rows": 100}
         if name == "storm-5xx":

@@ -318,3 +318,19 @@ def test_preview_reports_the_diff_and_changes_nothing(scenario, storage) -> None
     assert len(s.received_for(rows)) == sent_before  # nothing sent
     real = s.land(to_csv(changed))  # the state was not touched by the preview
     assert real["counts"]["sent"] == 3
+
+
+def test_mirror_takes_back_memberships_of_profiles_absent_from_a_full_export(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("mirror")
+    rows = people("MI", 10)  # odd rows realize "vip"
+    s.known(rows)
+    s.land(to_csv(rows))
+    full = s.land(to_csv(rows[:5]))  # the next full export lacks MI-5 ... MI-9
+    assert full["counts"]["rows"] == 5 and full["counts"]["unchanged"] == 5
+    assert full["counts"]["mirror.removed"] == 3  # MI-5, MI-7, MI-9 had vip from us
+    profiles = s.profiles(rows)
+    assert [profiles[f"MI-{i:05d}"]["audience_vip"] for i in (5, 7, 9)] == [False] * 3
+    assert profiles["MI-00003"]["audience_vip"] is True  # still exported, untouched
+    assert "audience_vip" not in profiles["MI-00006"]  # never ours: never sent
+    again = s.land(to_csv(rows[:5]))
+    assert "mirror.removed" not in again["counts"]  # taken back once

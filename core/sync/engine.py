@@ -173,9 +173,23 @@ class ChunkRunner:
 
     def run_bucket(self, work: BucketWork, rows: Iterable[SourceRow]) -> None:
         self._open.append(work)
-        self._process(work, rows)
+        seen = self._process(work, rows)
+        if self.sync.mode == SyncMode.MIRROR:
+            self._mirror_absent(work, seen)
         work.rows_done = True
         self._close_finished()
+
+    def _mirror_absent(self, work: BucketWork, seen: set[str]) -> None:
+        """A full export without a profile we gave audiences: take those audiences back."""
+        absent = [
+            (identity, profile)
+            for identity, profile in work.state.profiles.items()
+            if identity not in seen and profile.audiences
+        ]
+        for index, (identity, profile) in enumerate(absent, start=1):
+            change = Change({}, (), tuple(sorted(profile.audiences)))
+            # Negative "lines" keep checkpoint keys unique and apart from real rows.
+            self._queue(work, -index, identity, change, b"")
 
     def finish(self) -> None:
         self._flush()
@@ -186,7 +200,7 @@ class ChunkRunner:
             self._open.remove(work)
             self.on_bucket_done(work)
 
-    def _process(self, work: BucketWork, rows: Iterable[SourceRow]) -> None:
+    def _process(self, work: BucketWork, rows: Iterable[SourceRow]) -> set[str]:
         seen: set[str] = set()
         consent = self.sync.consent
         mapper = self.mapper
@@ -238,6 +252,7 @@ class ChunkRunner:
                     extra={"run_id": self.run_id, "bucket": work.number, "rows": counts.rows},
                 )
                 last_report = now
+        return seen
 
     def _reject(self, work: BucketWork, entry: SourceRow, code: str, message: str) -> None:
         work.rejects.add(entry.line, code, message, entry.values)
@@ -286,12 +301,14 @@ class ChunkRunner:
         assert work.preview is not None
         work.preview.add(pending.line, pending.item)
         known = pending.identity in work.state.profiles
-        work.diff["profiles_updated" if known else "profiles_new"] += 1
+        if pending.line > 0:
+            work.diff["profiles_updated" if known else "profiles_new"] += 1
         for name in pending.change.attributes:
             work.diff[f"attribute.{name}"] += 1
         work.diff["memberships_added"] += len(pending.change.added)
         work.diff["memberships_removed"] += len(pending.change.removed)
-        work.counts.add(Outcome.WOULD_SEND)
+        if pending.line > 0:
+            work.counts.add(Outcome.WOULD_SEND)
 
     def _flush(self) -> None:
         if not self._pending:
@@ -304,6 +321,11 @@ class ChunkRunner:
 
     def _settle(self, pending: _Pending, result: list[Any]) -> None:
         counts = pending.bucket.counts
+        if pending.line < 0:  # a mirror removal: not a row of the file
+            if not result:
+                pending.bucket.state.acknowledge(pending.identity, pending.change, None)
+            counts.reasons["mirror.removed" if not result else "mirror.failed"] += 1
+            return
         if not result:
             pending.bucket.state.acknowledge(pending.identity, pending.change, pending.digest)
             counts.add(Outcome.SENT)

@@ -30,7 +30,7 @@ from core.services import Services
 from core.storage import BlobRef
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import SuppressionList
-from core.sync.definitions import SyncDefinition, mapping_fingerprint
+from core.sync.definitions import SyncDefinition, SyncMode, mapping_fingerprint
 from core.sync.engine import BatchStats, BucketWork, CheckpointLog, ChunkRunner
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected, SourceRow
@@ -172,7 +172,10 @@ def plan_run(
         blob_name=blob.name,
         blob_etag=blob.etag,
         columns=split.columns,
-        buckets=[b for b, count in enumerate(split.counts) if count],
+        # Mirror mode must visit every bucket: absent profiles live in empty ones too.
+        buckets=[
+            b for b, count in enumerate(split.counts) if count or sync.mode == SyncMode.MIRROR
+        ],
         work_blobs={str(b): name for b, name in split.work_blobs.items()},
         split_reject_blocks=split_rejects.close(),
         split_counts={"rejected.malformed_row": len(split.malformed)} if split.malformed else {},
@@ -238,6 +241,7 @@ def process_buckets(
         rows: Iterable[SourceRow] = (
             in_memory[bucket] if in_memory is not None
             else read_work_blob(storage, plan.work_blobs[str(bucket)])
+            if str(bucket) in plan.work_blobs else ()
         )  # fmt: skip
         rejects = RejectsPart(storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1)
         preview = PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None

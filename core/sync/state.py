@@ -132,12 +132,14 @@ class SyncState:
         return Change(changed, added, removed, changed_hashes)
 
     def acknowledge(self, identity: str, change: Change, digest: bytes | None) -> None:
+        """Record what the destination applied; `digest` None keeps the raw digest."""
         self.dirty = True
         profile = self.profiles.setdefault(identity, ProfileState())
         profile.hashes.update(change.hashes)
         profile.audiences.update(change.added)
         profile.audiences.difference_update(change.removed)
-        profile.digest = digest
+        if digest is not None:
+            profile.digest = digest
 
     def remember_digest(self, identity: str, digest: bytes) -> None:
         """An unchanged row: its raw form may differ (e.g. 'existing' for 'realized')."""
