@@ -138,10 +138,10 @@ def _pipeline(
     services: Services, sync: SyncDefinition, blob: BlobRef, run_id: str, destination: Any
 ) -> dict[str, int]:
     split = split_file(
-        services.storage, sync, blob, run_id=run_id, buckets=sync.processing.state_buckets,
+        services.storage, sync, [blob], run_id=run_id, buckets=sync.processing.state_buckets,
         in_memory_max_rows=sync.processing.in_memory_max_rows,
     )  # fmt: skip
-    plan: RunPlan = plan_run(services, sync, blob, run_id, split)
+    plan: RunPlan = plan_run(services, sync, blob, run_id, split, [blob.name])
     checkpoints = NoCheckpoints() if isinstance(destination, PayloadOnly) else None
     process_buckets(
         services, sync, plan, run_id, plan.buckets, split.in_memory,

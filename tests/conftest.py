@@ -57,7 +57,7 @@ def port() -> int:
 SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
-    "fanout", "dryrun", "mirror",
+    "fanout", "dryrun", "mirror", "manifest",
 )  # fmt: skip
 
 
@@ -72,6 +72,8 @@ def scenario_syncs(path: Path) -> Path:
         copy = {**base, "id": f"vip-{name}"}
         if name in ("upsert", "mirror"):
             copy["mode"] = name
+        if name == "manifest":
+            copy["input"] = {"wait_for_manifest": True}
         if name == "fanout":
             copy["processing"] = {"rows_per_worker": 1000, "in_memory_max_rows": 100}
         if name == "storm-5xx":

@@ -334,3 +334,30 @@ def test_mirror_takes_back_memberships_of_profiles_absent_from_a_full_export(sce
     assert "audience_vip" not in profiles["MI-00006"]  # never ours: never sent
     again = s.land(to_csv(rows[:5]))
     assert "mirror.removed" not in again["counts"]  # taken back once
+
+
+def test_split_export_runs_once_when_its_manifest_lands(scenario, storage, running_app) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("manifest")
+    rows = people("MF", 30)
+    s.known(rows)
+    rows[22]["birthDate"] = "not a date"
+    first, second = to_csv(rows[:15]), to_csv(rows[15:])
+    folder = f"{s.sync}/20261124_010718"
+    storage.blobs.create(SEGMENTS, f"{folder}/aep_seg_20261124_010718.csv", first)
+    storage.blobs.create(SEGMENTS, f"{folder}/aep_seg_20261124_010718_2.csv", second)
+    manifest = {
+        "flowRunId": "0ac8f3c0", "scheduledTime": "2026-11-24T01:00:00Z",
+        "exportResults": [
+            {"sinkPath": "/x", "name": "aep_seg_20261124_010718.csv", "size": len(first)},
+            {"sinkPath": "/x", "name": "aep_seg_20261124_010718_2.csv", "size": len(second)},
+        ],
+    }  # fmt: skip
+    run = s.land(json.dumps(manifest).encode(), suffix=".json", folder="20261124_010718/manifest-")
+    assert run["counts"]["rows"] == 30 and run["counts"]["sent"] == 29
+    container, _, name = run["detail"]["rejects"].partition("/")
+    rejects = b"".join(storage.blobs.iter_chunks(storage.blobs.ref(container, name))).decode()
+    assert "\naep_seg_20261124_010718_2.csv:9,not_date," in rejects  # part and line
+    runs = requests.get(
+        f"{running_app.base_url}/api/runs", params={"sync_id": s.sync}, timeout=5
+    ).json()["runs"]
+    assert len(runs) == 1  # the parts were not runs of their own

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -142,10 +142,17 @@ class RejectsPart(StagedPart):
     """Rejected rows of one part of a run (a bucket, or the split pass)."""
 
     def __init__(
-        self, blobs: BlobStore, sync_id: str, run_id: str, columns: Sequence[str], part: int
+        self,
+        blobs: BlobStore,
+        sync_id: str,
+        run_id: str,
+        columns: Sequence[str],
+        part: int,
+        label: Callable[[int], str] = str,
     ) -> None:
         super().__init__(blobs, REJECTS, rejects_name(sync_id, run_id), part)
         self.columns = list(columns)
+        self.label = label
 
     def _raw(self, values: Sequence[Any] | str) -> str:
         if isinstance(values, str):
@@ -159,7 +166,7 @@ class RejectsPart(StagedPart):
     def add(self, line: int, code: str, message: str, values: Sequence[Any] | str) -> None:
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerow(
-            [str(line), code, spreadsheet_safe(message), spreadsheet_safe(self._raw(values))]
+            [self.label(line), code, spreadsheet_safe(message), spreadsheet_safe(self._raw(values))]
         )
         self.write(out.getvalue().encode("utf-8"))
 

@@ -32,6 +32,7 @@ from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import SuppressionList
 from core.sync.definitions import SyncDefinition, SyncMode, mapping_fingerprint
 from core.sync.engine import BatchStats, BucketWork, CheckpointLog, ChunkRunner
+from core.sync.manifest import is_manifest, listed_parts
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected, SourceRow
 from core.sync.reports import (
@@ -41,7 +42,7 @@ from core.sync.reports import (
     commit_preview,
     commit_rejects,
 )
-from core.sync.split import SplitResult, delete_work, read_work_blob, split_file
+from core.sync.split import SplitResult, delete_work, line_label, read_work_blob, split_file
 from core.sync.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class RunPlan(TableEntity):
     blob_name: str
     blob_etag: str
     columns: list[str]
+    inputs: list[str]
+    """The data files of the run: the file itself, or the parts its manifest lists."""
     buckets: list[int]
     work_blobs: dict[str, str]
     split_reject_blocks: list[str] = Field(default_factory=list)
@@ -87,8 +90,23 @@ class ChunkMessage(BaseModel):
     buckets: list[int]
 
 
-def process_segment_file(services: Services, blob: BlobRef) -> RunRecord:
-    """Handle one delivered segment blob version; safe to call again for the same version."""
+def _waits_elsewhere(services: Services, blob: BlobRef) -> bool:
+    """A data file of a manifest-driven sync, or a manifest of a sync that ignores them."""
+    try:
+        sync = services.syncs().get(arrival.sync_id_of(blob.name))
+    except ValueError:
+        return False  # reported by accept() as a run
+    return sync is not None and is_manifest(blob.name) != sync.input.wait_for_manifest
+
+
+def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
+    """Handle one delivered segment blob version; safe to call again for the same version.
+
+    Returns the run, or None for a file that is not a run by itself (see manifest.py).
+    """
+    if _waits_elsewhere(services, blob):
+        log.info("segment file is handled through its manifest", extra={"blob": blob.name})
+        return None
     accepted = arrival.accept(services, blob)
     run = accepted.run
     if accepted.duplicate:
@@ -103,10 +121,11 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord:
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
     services.runs.update(run.run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
     try:
+        inputs = listed_parts(services.storage, blob) if is_manifest(blob.name) else [blob]
         split = split_file(
             services.storage,
             sync,
-            blob,
+            inputs,
             run_id=run.run_id,
             buckets=sync.processing.state_buckets,
             in_memory_max_rows=sync.processing.in_memory_max_rows,
@@ -114,7 +133,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord:
     except FileRejected as rejected:
         error = f"{rejected.code}: {rejected}"
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
-    plan = plan_run(services, sync, blob, run.run_id, split)
+    plan = plan_run(services, sync, blob, run.run_id, split, [ref.name for ref in inputs])
     groups = _bucket_groups(plan.buckets, split, sync.processing.rows_per_worker)
     if split.in_memory is not None or len(groups) <= 1:
         rows = split.in_memory
@@ -158,9 +177,17 @@ def process_chunk(services: Services, message: ChunkMessage) -> None:
 
 
 def plan_run(
-    services: Services, sync: SyncDefinition, blob: BlobRef, run_id: str, split: SplitResult
+    services: Services,
+    sync: SyncDefinition,
+    blob: BlobRef,
+    run_id: str,
+    split: SplitResult,
+    inputs: list[str],
 ) -> RunPlan:
-    split_rejects = RejectsPart(services.storage.blobs, sync.id, run_id, split.columns, part=0)
+    split_rejects = RejectsPart(
+        services.storage.blobs, sync.id, run_id, split.columns, part=0,
+        label=lambda line: line_label(line, inputs),
+    )  # fmt: skip
     for line, message in split.malformed:
         split_rejects.add(line, "malformed_row", message, "")
     preview = sync.dry_run or PREVIEW_FOLDER in blob.name.split("/")[1:-1]
@@ -172,6 +199,7 @@ def plan_run(
         blob_name=blob.name,
         blob_etag=blob.etag,
         columns=split.columns,
+        inputs=inputs,
         # Mirror mode must visit every bucket: absent profiles live in empty ones too.
         buckets=[
             b for b, count in enumerate(split.counts) if count or sync.mode == SyncMode.MIRROR
@@ -243,7 +271,10 @@ def process_buckets(
             else read_work_blob(storage, plan.work_blobs[str(bucket)])
             if str(bucket) in plan.work_blobs else ()
         )  # fmt: skip
-        rejects = RejectsPart(storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1)
+        rejects = RejectsPart(
+            storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
+            label=lambda line: line_label(line, plan.inputs),
+        )  # fmt: skip
         preview = PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None
         runner.run_bucket(BucketWork(bucket, state, rejects, preview=preview), rows)
     runner.finish()

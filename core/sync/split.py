@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import posixpath
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from core.sync.readers import FileRejected, RowReader, SourceRow
 WORK_CONTAINER = "sync-work"
 _WORK_BLOCK_BYTES = 1 << 20  # one pending block per bucket: keeps the split's memory bounded
 _PENDING_BYTES = 128 * 1024
+LINE_STRIDE = 10**10
+"""Lines of the n-th part of a multi-part export are offset by n * LINE_STRIDE."""
 
 
 def bucket_of(identity: str, buckets: int) -> int:
@@ -125,35 +128,55 @@ class _Partitioner:
             bucket_file.close()
 
 
+def line_label(line: int, parts: list[str]) -> str:
+    """`15`, or `export_2.csv:15` in a run over several parts."""
+    if len(parts) <= 1:
+        return str(line)
+    part, number = divmod(line, LINE_STRIDE)
+    return f"{posixpath.basename(parts[part])}:{number}"
+
+
 def split_file(
     storage: Storage,
     sync: SyncDefinition,
-    blob: BlobRef,
+    blobs: list[BlobRef],
     *,
     run_id: str,
     buckets: int,
     in_memory_max_rows: int,
 ) -> SplitResult:
-    """Read the whole file once; raises FileRejected when it is unusable as a whole."""
+    """Read every part once; raises FileRejected when the input is unusable as a whole.
+
+    Rows of part n carry `n * LINE_STRIDE + line` as their line, so lines stay unique.
+    """
     partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
+    result: SplitResult | None = None
     try:
-        # The text decoder reads ahead, so even the header line can raise a decode error.
-        reader = RowReader(
-            storage.blobs.open_reader(blob), sync.input, RowMapper.wanted_columns(sync)
-        )
-        if sync.identity.column not in reader.columns:
-            raise FileRejected(
-                "missing_column", f"identity column {sync.identity.column!r} is not in the file"
+        for part, blob in enumerate(blobs):
+            # The text decoder reads ahead, so even the header line can raise a decode error.
+            reader = RowReader(
+                storage.blobs.open_reader(blob), sync.input, RowMapper.wanted_columns(sync)
             )
-        identity_index = reader.columns.index(sync.identity.column)
-        result = SplitResult(columns=reader.columns, buckets=buckets, counts=[0] * buckets)
-        for entry in reader:
-            if isinstance(entry, tuple):
-                result.malformed.append(entry)
-                continue
-            bucket = bucket_of(identity_key(entry.values[identity_index]), buckets)
-            result.counts[bucket] += 1
-            partitioner.add(bucket, entry)
+            if result is None:
+                if sync.identity.column not in reader.columns:
+                    raise FileRejected(
+                        "missing_column",
+                        f"identity column {sync.identity.column!r} is not in the file",
+                    )
+                result = SplitResult(reader.columns, buckets, counts=[0] * buckets)
+            elif reader.columns != result.columns:
+                raise FileRejected("parts_differ", f"{blob.name} has other columns than part 1")
+            identity_index = result.columns.index(sync.identity.column)
+            offset = part * LINE_STRIDE
+            for entry in reader:
+                if isinstance(entry, tuple):
+                    result.malformed.append((offset + entry[0], entry[1]))
+                    continue
+                if offset:
+                    entry = SourceRow(offset + entry.line, entry.values)
+                bucket = bucket_of(identity_key(entry.values[identity_index]), buckets)
+                result.counts[bucket] += 1
+                partitioner.add(bucket, entry)
     except UnicodeDecodeError as exc:
         raise FileRejected(
             "not_utf8",
@@ -162,6 +185,7 @@ def split_file(
     except (OSError, EOFError) as exc:
         raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
     partitioner.close()
+    assert result is not None  # at least one part
     result.rows = partitioner.rows
     result.in_memory = partitioner.memory
     result.work_blobs = partitioner.names
