@@ -2,10 +2,11 @@
 
 import azure.functions as func
 
-from functions import http_api, log_export, segment_arrival, segment_chunks
+from functions import http_api, log_export, segment_arrival, segment_chunks, suppressions_api
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(http_api.bp)
 app.register_functions(segment_arrival.bp)
 app.register_functions(segment_chunks.bp)
+app.register_functions(suppressions_api.bp)
 app.register_functions(log_export.bp)

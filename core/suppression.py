@@ -14,8 +14,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from core.storage import Storage
 from core.storage.tables import EntityTable, TableEntity
+from core.sync.mapping import RowRejected, normalise_email, normalise_phone
 
 
 class Channel(StrEnum):
@@ -49,6 +52,54 @@ def mask(address: str) -> str:
         local, _, domain = address.partition("@")
         return f"{local[:1]}***@{domain}"
     return f"{address[:3]}{'*' * max(0, len(address) - 5)}{address[-2:]}"
+
+
+class SuppressionChange(BaseModel):
+    """An operator's request: one address, one channel, one reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel
+    address: str = Field(min_length=3, max_length=320)
+    reason: Reason = Reason.MANUAL_BLOCKLIST
+    note: str = Field(default="", max_length=200)
+
+    def normalised(self) -> str:
+        """The address as rows are matched against it; ValueError if it is not one."""
+        normalise = normalise_email if self.channel == Channel.EMAIL else normalise_phone
+        try:
+            return normalise(self.address)
+        except RowRejected as exc:
+            raise ValueError(f"address: {exc}") from None
+
+
+def apply_operator_change(
+    storage: Storage, change: SuppressionChange, *, add: bool
+) -> dict[str, object]:
+    """Add or lift one suppression; the answer shows the address masked, never in clear."""
+    address = change.normalised()
+    suppressions = SuppressionList(storage)
+    if add:
+        source = f"operator: {change.note}" if change.note else "operator"
+        suppressions.add(change.channel, address, change.reason, source=source)
+    else:
+        suppressions.remove(change.channel, address, change.reason)
+    return {
+        "channel": change.channel.value,
+        "address": mask(address),
+        "reasons": [r.value for r in suppressions.reasons(change.channel, address)],
+    }
+
+
+def lookup(storage: Storage, change: SuppressionChange) -> dict[str, object]:
+    address = change.normalised()
+    reasons = SuppressionList(storage).reasons(change.channel, address)
+    return {
+        "channel": change.channel.value,
+        "address": mask(address),
+        "suppressed": bool(reasons),
+        "reasons": [r.value for r in reasons],
+    }
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,22 @@ def test_api_errors_are_json(running_app) -> None:  # type: ignore[no-untyped-de
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_query"
     bad_kind = requests.get(f"{running_app.base_url}/api/runs", params={"kind": "x"}, timeout=5)
     assert bad_kind.status_code == 400
+
+
+def test_operators_manage_the_blocklist_without_seeing_addresses_in_clear(running_app) -> None:  # type: ignore[no-untyped-def]
+    base = f"{running_app.base_url}/api/suppressions"
+    body = {"channel": "email", "address": " Blocked.Person@Example.com ", "note": "ticket 42"}
+    added = requests.post(base, json=body, timeout=5)
+    assert added.status_code == 201
+    assert added.json() == {
+        "channel": "email", "address": "b***@example.com", "reasons": ["manual_blocklist"],
+    }  # fmt: skip
+    found = requests.post(f"{base}/lookup", json={"channel": "email",
+                          "address": "blocked.person@example.com"}, timeout=5).json()  # fmt: skip
+    assert found["suppressed"] is True
+    lifted = requests.delete(base, json=body, timeout=5)
+    assert lifted.status_code == 200 and lifted.json()["reasons"] == []
+    bad = requests.post(base, json={"channel": "fax", "address": "x"}, timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+    bad_address = requests.post(base, json={"channel": "phone", "address": "12345"}, timeout=5)
+    assert bad_address.status_code == 400 and "E.164" in bad_address.json()["error"]["message"]

@@ -27,6 +27,14 @@ EXPECTED = {
         "blobTrigger",
         {"path": "segments/{sync_id}/{name}", "connection": "AzureWebJobsStorage"},
     ),
+    "change_suppression": (
+        "httpTrigger",
+        {"route": "suppressions", "methods": ["POST", "DELETE"], "authLevel": "FUNCTION"},
+    ),
+    "lookup_suppression": (
+        "httpTrigger",
+        {"route": "suppressions/lookup", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
     "segment_chunk": (
         "queueTrigger",
         {"queueName": "segment-chunks", "connection": "AzureWebJobsStorage"},
