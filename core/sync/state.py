@@ -30,7 +30,7 @@ from core.storage import Storage
 from core.storage.blobs import BlobRef
 
 STATE_CONTAINER = "sync-state"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _NULL_HASH = b"\x00" * 8
 _SEPARATOR = "\x1f"
 _blake2b = hashlib.blake2b
@@ -61,11 +61,47 @@ def raw_digest(values: Sequence[Any]) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
-@dataclass
 class ProfileState:
-    digest: bytes | None = None
-    hashes: dict[str, bytes] = field(default_factory=dict)
-    audiences: set[str] = field(default_factory=set)
+    """One profile's acknowledged state.
+
+    Loaded lazily: attribute hashes and audiences stay as the snapshot's bytes until a row
+    needs them, and are written back untouched when no row did (most profiles, most runs).
+    """
+
+    __slots__ = ("_audiences", "_hashes", "_stored", "digest")
+
+    def __init__(self, digest: bytes | None = None, stored: bytes | None = None) -> None:
+        self.digest = digest
+        self._stored = stored
+        self._hashes: dict[str, bytes] | None = None if stored else {}
+        self._audiences: set[str] | None = None if stored else set()
+
+    def _parse(self) -> None:
+        assert self._stored is not None
+        hashes, audiences = orjson.loads(self._stored)
+        self._hashes = {name: bytes.fromhex(h) for name, h in hashes.items()}
+        self._audiences = set(audiences)
+        self._stored = None
+
+    @property
+    def hashes(self) -> dict[str, bytes]:
+        if self._hashes is None:
+            self._parse()
+        assert self._hashes is not None
+        return self._hashes
+
+    @property
+    def audiences(self) -> set[str]:
+        if self._audiences is None:
+            self._parse()
+        assert self._audiences is not None
+        return self._audiences
+
+    def stored(self) -> bytes:
+        if self._stored is not None:
+            return self._stored
+        hashes = {name: digest.hex() for name, digest in self.hashes.items()}
+        return orjson.dumps([hashes, sorted(self.audiences)])
 
 
 @dataclass(frozen=True)
@@ -162,14 +198,13 @@ def _encode(state: SyncState) -> bytes:
     }
     text = bytearray(orjson.dumps(header))
     for identity, profile in state.profiles.items():
-        record = [
-            identity,
-            profile.digest.hex() if profile.digest else "",
-            {name: digest.hex() for name, digest in profile.hashes.items()},
-            sorted(profile.audiences),
-        ]
+        # digest TAB identity (JSON, so no tabs or newlines) TAB [hashes, audiences]
         text += b"\n"
-        text += orjson.dumps(record)
+        text += profile.digest.hex().encode() if profile.digest else b""
+        text += b"\t"
+        text += orjson.dumps(identity)
+        text += b"\t"
+        text += profile.stored()
     text += b"\n"
     return gzip.compress(text, compresslevel=1)
 
@@ -182,11 +217,9 @@ def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
     same_mapping = header.get("fingerprint") == fingerprint
     profiles: dict[str, ProfileState] = {}
     for line in iterator:
-        identity, digest, hashes, audiences = orjson.loads(line)
-        profiles[identity] = ProfileState(
-            bytes.fromhex(digest) if digest and same_mapping else None,
-            {name: bytes.fromhex(h) for name, h in hashes.items()},
-            set(audiences),
+        digest, identity, stored = line.rstrip(b"\n").split(b"\t", 2)
+        profiles[orjson.loads(identity)] = ProfileState(
+            bytes.fromhex(digest.decode()) if digest and same_mapping else None, stored
         )
     state = SyncState(profiles, None, fingerprint)
     state.last_run = header.get("run")
