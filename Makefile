@@ -38,7 +38,7 @@ pytest: deps
 test: lint typecheck pytest
 
 bench: deps
-	$(PY) -m devhost.services -- $(PY) -m bench $(ONLY)
+	$(PY) -m devhost.services --fakes -- $(PY) -m bench $(ONLY)
 
 clean:
 	rm -rf $(VENV) .venv313 node_modules .azurite .pytest_cache .mypy_cache .ruff_cache

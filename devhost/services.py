@@ -229,26 +229,39 @@ def main(argv: list[str] | None = None) -> int:
         env = services.start()
         started = ", ".join(p.name for p in services.processes)
         print(f"services: {started} up on loopback", flush=True)
-        child = subprocess.Popen(command, env={**os.environ, **env}, preexec_fn=_die_with_parent)
+        # The command leads a process group of its own, so that stopping it also stops
+        # whatever it started (a benchmark's worker processes, say).
+        child = subprocess.Popen(
+            command, env={**os.environ, **env}, preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )  # fmt: skip
         return child.wait()
     except ServiceError as exc:
         print(f"services: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # Ctrl-C reached the child too (same process group); give it time to finish.
-        if child is not None:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.terminate()
-                child.wait(timeout=5)
         return 130
     finally:
         watching.set()
-        if child is not None and child.poll() is None:
-            child.terminate()
-            child.wait(timeout=10)
+        if child is not None:
+            _stop_group(child)
         services.stop()
+
+
+def _stop_group(child: subprocess.Popen[bytes]) -> None:
+    """Interrupt the command's group as Ctrl-C would, then insist."""
+    for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone
+        try:
+            child.wait(timeout=grace)
+            os.killpg(child.pid, 0)  # the leader is gone: are any members left?
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
 
 
 if __name__ == "__main__":
