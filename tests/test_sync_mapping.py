@@ -11,7 +11,7 @@ import pytest
 from core.sync.definitions import InputSpec, load_document
 from core.sync.engine import build_item
 from core.sync.mapping import RowMapper, RowRejected, looks_like_mojibake
-from core.sync.readers import FileRejected, RowReader, SourceRow, check_utf8, decompressed
+from core.sync.readers import FileRejected, RowReader, SourceRow
 from core.sync.state import SyncState
 
 DOC = load_document(Path(__file__).parent / "data" / "syncs.yaml")
@@ -55,12 +55,11 @@ def test_tsv_and_jsonl() -> None:
     assert got[2] == (3, "a JSON Lines record must be an object")
 
 
-def test_not_utf8_is_rejected_as_a_whole_with_the_byte_offset() -> None:
+def test_text_that_is_not_utf8_raises_while_reading() -> None:
     latin1 = f"{HEADER}\nC1,a@x.io,Chlo\xe9,,,,\n".encode("latin-1")
-    with pytest.raises(FileRejected) as caught:
-        check_utf8(decompressed(io.BytesIO(latin1)))
-    assert caught.value.code == "not_utf8" and "byte 66" in str(caught.value)
-    assert check_utf8(decompressed(io.BytesIO(gzip.compress("Chloé".encode())))) == 6
+    with pytest.raises(UnicodeDecodeError):
+        rows(latin1)
+    assert rows(gzip.compress(f"{HEADER}\nC1,a@x.io,Chloé,,,,\n".encode()))[0].values[2] == "Chloé"
 
 
 def test_empty_file_and_duplicate_header() -> None:

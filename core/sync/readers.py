@@ -2,13 +2,13 @@
 
 Rows come out one at a time as (line number, values aligned to `columns`). Compression is
 recognised by gzip's magic bytes, not the file name. Text must be UTF-8 (a BOM is
-allowed): `check_utf8` streams the whole file through a strict decoder first, so a file
-that is not UTF-8 is rejected as a whole before anything is sent, instead of halfway.
+allowed); the strict decoder raises UnicodeDecodeError at the first bad byte, which the
+split pass (core/sync/split.py) turns into the rejection of the whole file before anything
+is sent.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import gzip
 import io
@@ -46,26 +46,6 @@ def decompressed(stream: IO[bytes]) -> IO[bytes]:
     if buffered.peek(2)[:2] == GZIP_MAGIC:
         return cast(IO[bytes], gzip.GzipFile(fileobj=buffered, mode="rb"))
     return cast(IO[bytes], buffered)
-
-
-def check_utf8(stream: IO[bytes]) -> int:
-    """Consume `stream`, raising FileRejected at the first invalid UTF-8 byte; returns size."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    offset = 0
-    try:
-        while chunk := stream.read(_READ_BYTES):
-            decoder.decode(chunk)
-            offset += len(chunk)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        raise FileRejected(
-            "not_utf8",
-            f"file is not valid UTF-8 (byte {offset + exc.start}: {exc.reason}); "
-            "export it as UTF-8, nothing was sent",
-        ) from None
-    except (OSError, EOFError) as exc:
-        raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
-    return offset
 
 
 class RowReader:
