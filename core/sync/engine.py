@@ -34,6 +34,7 @@ from core.sync.state import Change, SyncState, raw_digest
 
 log = logging.getLogger(__name__)
 _PROGRESS_EVERY_SECONDS = 10.0
+_PROGRESS_CHECK_ROWS = 4096
 
 
 class BatchCheckpoint(TableEntity):
@@ -168,6 +169,8 @@ class ChunkRunner:
         self._batch_number = 0
         self._acknowledged: dict[str, list[Any]] = {}
         self._open: list[BucketWork] = []
+        self._rows = 0
+        self._started = self._last_report = time.monotonic()
         if not dry_run:
             self._load_checkpoints()
 
@@ -207,8 +210,10 @@ class ChunkRunner:
         state = work.state
         counts = work.counts
         digest_positions = mapper.digest_positions
-        last_report = time.monotonic()
-        for entry in rows:
+        number = 0
+        for number, entry in enumerate(rows, start=1):
+            if number % _PROGRESS_CHECK_ROWS == 0:
+                self._report_progress(_PROGRESS_CHECK_ROWS)
             values = entry.values
             digest = raw_digest([values[i] for i in digest_positions])
             try:
@@ -245,14 +250,21 @@ class ChunkRunner:
                 counts.add(Outcome.UNCHANGED)
                 continue
             self._queue(work, entry.line, identity, change, digest)
-            now = time.monotonic()
-            if now - last_report > _PROGRESS_EVERY_SECONDS:
-                log.info(
-                    "sync progress",
-                    extra={"run_id": self.run_id, "bucket": work.number, "rows": counts.rows},
-                )
-                last_report = now
+        self._report_progress(number % _PROGRESS_CHECK_ROWS)
         return seen
+
+    def _report_progress(self, new_rows: int) -> None:
+        """Log rows and rows/s every _PROGRESS_EVERY_SECONDS (counts only: no identities)."""
+        self._rows += new_rows
+        now = time.monotonic()
+        if now - self._last_report >= _PROGRESS_EVERY_SECONDS:
+            elapsed = now - self._started
+            log.info(
+                "sync progress: %d rows, %.0f rows/s",
+                self._rows, self._rows / elapsed if elapsed else 0.0,
+                extra={"run_id": self.run_id, "worker": self.worker},
+            )  # fmt: skip
+            self._last_report = now
 
     def _reject(self, work: BucketWork, entry: SourceRow, code: str, message: str) -> None:
         work.rejects.add(entry.line, code, message, entry.values)
