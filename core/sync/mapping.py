@@ -411,7 +411,7 @@ class RowMapper:
         attributes: dict[str, Any] = {}
         for target, position, convert, mapping in self.fields:
             raw = values[position]
-            if _is_empty(raw):
+            if raw is None or raw == "" or (type(raw) is str and raw.isspace()):
                 if mapping.required:
                     raise RowRejected("missing_value", f"{mapping.source} is required")
                 attributes[target] = None
