@@ -158,8 +158,11 @@ class InputSpec(Strict):
 
 class Processing(Strict):
     state_buckets: int = Field(
-        default=64, ge=1, le=1024,
-        description="identity-hash buckets of input and delta state; fixed for a sync's life",
+        default=256, ge=1, le=4096,
+        description=(
+            "identity-hash buckets of input and delta state, fixed for a sync's life; "
+            "memory per worker follows profiles / state_buckets (256 suits ~10M profiles)"
+        ),
     )  # fmt: skip
     rows_per_worker: int = Field(
         default=250_000, ge=1_000, description="rows per parallel worker before fanning out"

@@ -239,7 +239,7 @@ def process_buckets(
     def bucket_done(work: BucketWork) -> None:
         result = BucketResult(
             partition_key=run_key,
-            row_key=f"{work.number:03d}",
+            row_key=f"{work.number:04d}",
             outcomes=dict(work.counts.outcomes),
             reasons=dict(work.counts.reasons),
             stats=vars(work.stats),
@@ -255,11 +255,11 @@ def process_buckets(
     runner = ChunkRunner(
         storage, sync, RowMapper(sync, plan.columns), destination,
         SuppressionList(storage).snapshot(),
-        run_id=run_id, worker=f"w{buckets[0]:03d}", on_bucket_done=bucket_done,
+        run_id=run_id, worker=f"w{buckets[0]:04d}", on_bucket_done=bucket_done,
         dry_run=plan.preview, checkpoints=checkpoints,
     )  # fmt: skip
     for bucket in buckets:
-        if results.get(run_key, f"{bucket:03d}") is not None:
+        if results.get(run_key, f"{bucket:04d}") is not None:
             continue  # finished before a crash or redelivery
         state = states.load(bucket)
         if state.last_run == run_id:  # committed before a crash, not yet recorded

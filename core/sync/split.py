@@ -6,7 +6,7 @@ processed on its own with only its state in memory, so memory stays flat however
 the file, and buckets can be processed by parallel workers.
 
 Files of up to `in_memory_max_rows` rows keep their buckets in memory. Larger ones spill
-each bucket to a gzip'd JSON Lines work blob, `sync-work/{run_id}/bucket-{n:03d}.jsonl.gz`,
+each bucket to a gzip'd JSON Lines work blob, `sync-work/{run_id}/bucket-{n:04d}.jsonl.gz`,
 which the workers read back. Nothing is sent during this pass, so a file that turns out not to be
 UTF-8 halfway is still rejected as a whole.
 """
@@ -115,7 +115,7 @@ class _Partitioner:
 
     def _file(self, bucket: int) -> _BucketFile:
         if bucket not in self.files:
-            name = f"{self.run_id}/bucket-{bucket:03d}.jsonl.gz"
+            name = f"{self.run_id}/bucket-{bucket:04d}.jsonl.gz"
             writer = self.storage.blobs.writer(
                 WORK_CONTAINER, name, overwrite=True, block_bytes=_WORK_BLOCK_BYTES
             )

@@ -6,7 +6,7 @@ attribute value acknowledged (so only changed attributes are sent), and the audi
 Switchboard itself added (only those are ever removed).
 
 State is split into the same identity-hash buckets as the input, one gzip'd JSON Lines
-snapshot per bucket: `sync-state/{sync_id}/{destination}/bucket-{n:03d}.jsonl.gz`. A
+snapshot per bucket: `sync-state/{sync_id}/{destination}/bucket-{n:04d}.jsonl.gz`. A
 bucket is loaded when its rows are processed and replaced once they are acknowledged,
 under the ETag it was loaded with, so memory holds one bucket and two writers of the
 same bucket cannot both win. A file's header records the mapping's fingerprint; raw
@@ -186,7 +186,7 @@ class SyncState:
 
 
 def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
-    return f"{sync_id}/{destination}/bucket-{bucket:03d}.jsonl.gz"
+    return f"{sync_id}/{destination}/bucket-{bucket:04d}.jsonl.gz"
 
 
 def _encode(state: SyncState) -> bytes:
