@@ -150,3 +150,13 @@ def test_items_carry_update_only_and_membership_shapes() -> None:
         "external_id": "J1",
         "cdp_audiences": {"add": ["alpha"]},
     }  # upsert: no _update_existing_only
+
+
+def test_destination_error_codes_carry_no_identifiers() -> None:
+    from core.sync.engine import _reason_code
+
+    assert (
+        _reason_code("BLACKLISTED_EXTERNAL_USER_ID") == "destination_blacklisted_external_user_id"
+    )
+    assert _reason_code("'ana.silva@example.com' is not valid") == "destination_is_not_valid"
+    assert _reason_code("+31612345678") == "destination_error"

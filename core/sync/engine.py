@@ -377,6 +377,13 @@ class ChunkRunner:
 
 
 def _reason_code(reason: str) -> str:
-    """A short code for a destination's free-text item error."""
-    cleaned = "".join(ch if ch.isalnum() else "_" for ch in reason.lower())
-    return "destination_" + "_".join(part for part in cleaned.split("_") if part)[:48]
+    """A short code for a destination's free-text item error.
+
+    Only plain words are kept: an error text may quote the identifier or address it is
+    about, and run counts must not carry personal data.
+    """
+    words = [
+        word for word in reason.lower().replace("_", " ").split()
+        if word.isalpha() and word.isascii()
+    ]  # fmt: skip
+    return ("destination_" + "_".join(words))[:60] if words else "destination_error"
