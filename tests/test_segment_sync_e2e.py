@@ -361,3 +361,11 @@ def test_split_export_runs_once_when_its_manifest_lands(scenario, storage, runni
         f"{running_app.base_url}/api/runs", params={"sync_id": s.sync}, timeout=5
     ).json()["runs"]
     assert len(runs) == 1  # the parts were not runs of their own
+
+
+def test_a_file_for_an_undeclared_sync_is_a_failed_run_with_the_reason(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("x")
+    s.sync = "not-declared"
+    run = s.land(b"crmId\nC1\n")
+    assert run["status"] == "failed"
+    assert run["error"] == "no sync is declared with id 'not-declared'"

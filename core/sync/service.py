@@ -94,8 +94,8 @@ def _waits_elsewhere(services: Services, blob: BlobRef) -> bool:
     """A data file of a manifest-driven sync, or a manifest of a sync that ignores them."""
     try:
         sync = services.syncs().get(arrival.sync_id_of(blob.name))
-    except ValueError:
-        return False  # reported by accept() as a run
+    except (ValueError, ConfigError):
+        return False  # reported as a failed run by process_segment_file
     return sync is not None and is_manifest(blob.name) != sync.input.wait_for_manifest
 
 
