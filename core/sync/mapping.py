@@ -40,6 +40,9 @@ _GENDERS = {
 }  # fmt: skip
 _SUBSCRIPTION_STATES = {"opted_in", "subscribed", "unsubscribed"}
 MEMBER_STATUSES = {"realized": True, "existing": True, "exited": False}
+# A UTF-8 lead byte read as Latin-1/cp1252 (Â..ô) followed by what a continuation byte
+# becomes (0x80-0xBF, or cp1252's characters for 0x80-0x9F): the only place mojibake can be.
+_MOJIBAKE_PAIR = re.compile("[\u00c2-\u00f4][\u0080-\u00bf\u0152-\u0192\u02c6-\u02dc\u2013-\u2122]")
 
 
 class RowRejected(Exception):
@@ -79,7 +82,7 @@ def _valid_zone(name: str) -> bool:
 
 def looks_like_mojibake(text: str) -> bool:
     """UTF-8 text that was decoded as cp1252/latin-1 and re-encoded ('JosÃ©')."""
-    if text.isascii():
+    if text.isascii() or not _MOJIBAKE_PAIR.search(text):
         return False
     for legacy in ("cp1252", "latin-1"):
         try:
