@@ -108,6 +108,10 @@ class SuppressionSnapshot:
 
     by_channel: dict[Channel, dict[str, Reason]]
 
+    @property
+    def empty(self) -> bool:
+        return not any(self.by_channel.values())
+
     def reason_for(self, channel: Channel, address: str | None) -> Reason | None:
         if not address:
             return None

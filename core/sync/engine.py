@@ -158,6 +158,7 @@ class ChunkRunner:
         self.mapper = mapper
         self.destination = destination
         self.suppressions = suppressions
+        self._no_suppressions = suppressions.empty
         self.run_id = run_id
         self.worker = worker
         self.on_bucket_done = on_bucket_done
@@ -276,6 +277,8 @@ class ChunkRunner:
         return reason.value if reason else None
 
     def _suppressed_raw(self, values: Any) -> str | None:
+        if self._no_suppressions:
+            return None  # nothing to look up: skip normalising the row's addresses
         email, phone = self.mapper.contact(values)
         reason = self.suppressions.reason_for(Channel.EMAIL, email)
         reason = reason or self.suppressions.reason_for(Channel.PHONE, phone)
