@@ -32,8 +32,12 @@ from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected, RowReader, SourceRow
 
 WORK_CONTAINER = "sync-work"
-_WORK_BLOCK_BYTES = 1 << 20  # one pending block per bucket: keeps the split's memory bounded
-_PENDING_BYTES = 128 * 1024
+# Every bucket holds a compressor, uncompressed rows and one unstaged block while the file
+# is split: small sizes keep the split's memory bounded however large the file (about
+# 150 KB per bucket; a block blob takes 50,000 blocks, 3 GB per bucket at this size).
+_WORK_BLOCK_BYTES = 64 * 1024
+_PENDING_BYTES = 32 * 1024
+_GZIP_SMALL_WINDOW = 16 + 12  # gzip framing, 4 KB window: 48 KB of compressor state
 LINE_STRIDE = 10**10
 """Lines of the n-th part of a multi-part export are offset by n * LINE_STRIDE."""
 
@@ -67,7 +71,7 @@ class _BucketFile:
         # One growing buffer, not a list of small bytes objects: orjson's results carry
         # their whole initial allocation, which would cost kilobytes per row.
         self.pending = bytearray()
-        self.compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: gzip framing
+        self.compressor = zlib.compressobj(1, zlib.DEFLATED, _GZIP_SMALL_WINDOW, 6)
 
     def add(self, row: SourceRow) -> None:
         self.pending += orjson.dumps([row.line, *row.values])
