@@ -92,6 +92,23 @@ def land(api: str, storage: Storage, blob_name: str, sample: str) -> dict[str, A
     return run
 
 
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def show(title: str, lines: list[str]) -> None:
+    print(title)
+    for line in lines:
+        print(f"  {line}")
+
+
+def expect(run: dict[str, Any], **counts: int) -> None:
+    """Fail the demo unless the run counted exactly these outcomes."""
+    wrong = {k: run["counts"].get(k) for k, v in counts.items() if run["counts"].get(k) != v}
+    if wrong:
+        raise DemoFailed(f"run {run['run_id']}: expected {counts}, got {wrong}")
+
+
 def brief(run: dict[str, Any]) -> str:
     counts = run["counts"]
     names = ("sent", "unchanged", "rejected", "unmatched", "suppressed", "failed")
@@ -126,11 +143,8 @@ def run(host: HostProcess, storage: Storage) -> int:
     first = land(api, storage, f"{SYNC_ID}/{stamp}/export_1.csv", "aep_audience_export.csv")
     report(first)
     _, profiles = call("GET", f"{braze}/_fake/profiles")
-    print("Braze profiles now:")
-    for identity, attributes in sorted(profiles.items()):
-        print(f"  {identity}: {json.dumps(attributes, ensure_ascii=False)}")
-    if first["counts"].get("sent") != 3 or first["counts"].get("unmatched") != 1:
-        raise DemoFailed("first export should send 3 rows and leave 1 unmatched")
+    show("Braze profiles now:", [f"{i}: {dumps(a)}" for i, a in sorted(profiles.items())])
+    expect(first, sent=3, unmatched=1)
     summary.append(f"BLOB   export 1 -> run {first['run_id']}: {brief(first)}")
 
     heading("3. Blob: the next export, with a few changes (only those are sent)")
@@ -138,18 +152,13 @@ def run(host: HostProcess, storage: Storage) -> int:
     second = land(api, storage, f"{SYNC_ID}/{stamp}/export_2.csv", "aep_audience_export_2.csv")
     report(second)
     _, after = call("GET", f"{braze}/_fake/received")
-    print("objects Braze received for this export:")
-    for item in after[len(before) :]:
-        print(f"  {json.dumps(item, ensure_ascii=False)}")
+    show("objects Braze received for this export:", [dumps(o) for o in after[len(before) :]])
     rejects = second["detail"].get("rejects")
     if rejects:
         container, _, name = rejects.partition("/")
-        ref = storage.blobs.ref(container, name)
-        print(f"rejects file {rejects}:")
-        for line in b"".join(storage.blobs.iter_chunks(ref)).decode().splitlines():
-            print(f"  {line}")
-    if second["counts"].get("sent") != 3 or second["counts"].get("rejected") != 1:
-        raise DemoFailed("second export should send exactly the 3 changed profiles")
+        text = b"".join(storage.blobs.iter_chunks(storage.blobs.ref(container, name))).decode()
+        show(f"rejects file {rejects}:", text.splitlines())
+    expect(second, sent=3, rejected=1)
     summary.append(f"BLOB   export 2 -> run {second['run_id']}: {brief(second)}")
 
     heading("4. Timer: the four-hourly log export fires (through the host's admin API)")
