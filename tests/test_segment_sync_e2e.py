@@ -229,7 +229,7 @@ def test_storms_end_in_the_same_state_as_a_clean_run(scenario, fake_braze) -> No
     final_states = {}
     for name, config in (
         ("clean", {}),
-        ("storm-429", {"rate_per_second": 2}),
+        ("storm-429", {"limit_every": 2}),
         ("storm-5xx", {"fail_every": 3}),
     ):
         s = scenario(name)
@@ -238,7 +238,7 @@ def test_storms_end_in_the_same_state_as_a_clean_run(scenario, fake_braze) -> No
         try:
             run = s.land(data)
         finally:
-            fake_braze.configure(rate_per_second=None, fail_every=0)
+            fake_braze.configure(limit_every=0, fail_every=0)
         assert run["status"] == "succeeded" and run["counts"]["sent"] == 400, run
         final_states[name] = s.profiles(rows)
         if name == "storm-429":

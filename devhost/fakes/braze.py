@@ -35,6 +35,9 @@ class FakeBrazeState:
     fail_next: list[int] = field(default_factory=list)
     fail_every: int = 0
     """Answer every n-th request with 503 (0: never), for 5xx storms."""
+    limit_every: int = 0
+    """Answer every n-th request with 429 (0: never), for rate-limit storms that do not
+    depend on how fast the client happens to be."""
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: int = 0
     accepted_objects: int = 0
@@ -175,6 +178,9 @@ class FakeBraze:
             if auth != f"Bearer {state.api_key}":
                 return 401, {"message": "Invalid API key: unknown or missing"}, {}
             limited = self._rate_limited(time.time())
+            if not limited and state.limit_every and state.requests % state.limit_every == 0:
+                state.rate_limited += 1
+                limited = {"X-RateLimit-Remaining": "0", "Retry-After": "0.05"}
             if limited:
                 return 429, {"message": "API rate limit reached"}, limited
             if state.fail_next or (state.fail_every and state.requests % state.fail_every == 0):
