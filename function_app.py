@@ -2,7 +2,14 @@
 
 import azure.functions as func
 
-from functions import http_api, log_export, segment_arrival, segment_chunks, suppressions_api
+from functions import (
+    currents,
+    http_api,
+    log_export,
+    segment_arrival,
+    segment_chunks,
+    suppressions_api,
+)
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(http_api.bp)
@@ -10,3 +17,4 @@ app.register_functions(segment_arrival.bp)
 app.register_functions(segment_chunks.bp)
 app.register_functions(suppressions_api.bp)
 app.register_functions(log_export.bp)
+app.register_functions(currents.bp)

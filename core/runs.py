@@ -151,6 +151,7 @@ class RunLog:
         status: RunStatus,
         *,
         counts: dict[str, int] | None = None,
+        detail: dict[str, Any] | None = None,
         error: str | None = None,
         now: datetime | None = None,
     ) -> RunRecord:
@@ -159,6 +160,8 @@ class RunLog:
             record.finished_at = now or datetime.now(UTC)
             if counts is not None:
                 record.counts = counts
+            if detail:
+                record.detail = {**record.detail, **detail}
             record.error = error
 
         return self.update(run_id, close)

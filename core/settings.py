@@ -84,6 +84,44 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_S3_REGION",
         description="AWS region of the Currents bucket.",
     )
+    currents_bucket: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_CURRENTS_BUCKET",
+        description="S3 bucket Braze Currents writes to; unset turns Currents ingestion off.",
+    )
+    currents_prefix: str = Field(
+        default="",
+        validation_alias="SWITCHBOARD_CURRENTS_PREFIX",
+        description="Key prefix of the Currents connector inside the bucket (may be empty).",
+    )
+    currents_lookback_hours: int = Field(
+        default=72,
+        ge=1,
+        le=24 * 30,
+        validation_alias="SWITCHBOARD_CURRENTS_LOOKBACK_HOURS",
+        description="How long a `date=` hour folder keeps being rescanned for late files.",
+    )
+    currents_inline_files: int = Field(
+        default=4,
+        ge=0,
+        le=1000,
+        validation_alias="SWITCHBOARD_CURRENTS_INLINE_FILES",
+        description="New files up to this many are ingested by the timer itself; more fan out.",
+    )
+    currents_claim_seconds: int = Field(
+        default=900,
+        ge=5,
+        le=24 * 3600,
+        validation_alias="SWITCHBOARD_CURRENTS_CLAIM_SECONDS",
+        description="How long a worker owns a file it started; set above the function timeout.",
+    )
+    currents_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        validation_alias="SWITCHBOARD_CURRENTS_MAX_ATTEMPTS",
+        description="Failed reads of one file before it stays in quarantine.",
+    )
 
     @field_validator("storage_connection")
     @classmethod
@@ -95,6 +133,17 @@ class Settings(BaseSettings):
         except ConfigError as exc:  # pydantic only collects ValueErrors
             raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("currents_bucket")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value else None
+
+    @field_validator("currents_prefix")
+    @classmethod
+    def _prefix_is_a_folder(cls, value: str) -> str:
+        folder = value.strip().strip("/")
+        return f"{folder}/" if folder else ""
 
     @field_validator("log_export_schedule", "currents_schedule")
     @classmethod

@@ -40,6 +40,13 @@ class Suppression(TableEntity):
     source: str
     hint: str
     suppressed_at: datetime
+    active: bool = True
+    """False once lifted; the row stays so that older changes cannot undo the lift."""
+    changed_at: datetime | None = None
+    """Time of the change this row reflects (an event's own time, or the operator's)."""
+
+    def as_of(self) -> datetime:
+        return self.changed_at or self.suppressed_at
 
 
 def address_hash(address: str) -> str:
@@ -130,33 +137,68 @@ class SuppressionList:
         *,
         source: str,
         at: datetime | None = None,
-    ) -> None:
-        self._table.upsert(
-            Suppression(
+    ) -> bool:
+        return self.apply(channel, address, reason, active=True, source=source, at=at)
+
+    def remove(
+        self, channel: Channel, address: str, reason: Reason, *, source: str = "operator"
+    ) -> bool:
+        return self.apply(channel, address, reason, active=False, source=source)
+
+    def apply(
+        self,
+        channel: Channel,
+        address: str,
+        reason: Reason,
+        *,
+        active: bool,
+        source: str,
+        at: datetime | None = None,
+    ) -> bool:
+        """Suppress (`active`) or lift one reason for an address as of `at`.
+
+        The latest change wins by its own time, not by when it is applied: a lift is kept
+        as an inactive row, so an older suppression arriving later does not resurrect it.
+        Applying the same change twice changes nothing. Returns whether the row changed.
+        """
+        moment = at or datetime.now(UTC)
+        changed = False
+
+        def change(current: Suppression | None) -> Suppression | None:
+            nonlocal changed
+            changed = False
+            if current is not None and current.as_of() >= moment:
+                return None
+            # A lift of an unknown address is still kept: an older suppression may follow.
+            changed = (current.active if current else False) != active
+            since = current.suppressed_at if current and current.active and active else moment
+            return Suppression(
                 partition_key=channel.value,
                 row_key=f"{address_hash(address)}:{reason.value}",
                 reason=reason,
                 source=source,
                 hint=mask(address),
-                suppressed_at=at or datetime.now(UTC),
+                suppressed_at=since,
+                active=active,
+                changed_at=moment,
             )
-        )
 
-    def remove(self, channel: Channel, address: str, reason: Reason) -> None:
-        self._table.delete(channel.value, f"{address_hash(address)}:{reason.value}")
+        self._table.mutate(channel.value, f"{address_hash(address)}:{reason.value}", change)
+        return changed
 
     def reasons(self, channel: Channel, address: str) -> list[Reason]:
         prefix = address_hash(address)
         rows = self._table.query_partition(
             channel.value, row_from=f"{prefix}:", row_before=f"{prefix};"
         )
-        return [row.reason for row in rows]
+        return [row.reason for row in rows if row.active]
 
     def snapshot(self) -> SuppressionSnapshot:
         by_channel: dict[Channel, dict[str, Reason]] = {}
         for channel in Channel:
             hashes: dict[str, Reason] = {}
             for row in self._table.query_partition(channel.value):
-                hashes.setdefault(row.row_key.partition(":")[0], row.reason)
+                if row.active:
+                    hashes.setdefault(row.row_key.partition(":")[0], row.reason)
             by_channel[channel] = hashes
         return SuppressionSnapshot(by_channel)

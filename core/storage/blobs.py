@@ -28,7 +28,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings
 
-from core.errors import BlobAlreadyExists, LeaseUnavailable, StorageError
+from core.errors import BlobAlreadyExists, ConcurrencyConflict, LeaseUnavailable, StorageError
 
 CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -275,6 +275,33 @@ class BlobStore:
                 writer.write(piece)
         assert writer.etag is not None
         return writer.etag
+
+    def read_versioned(self, container: str, name: str) -> tuple[bytes, str] | None:
+        """A small blob's bytes and ETag, or None if it does not exist."""
+        client = self.service.get_blob_client(container, name)
+        try:
+            downloader = client.download_blob(max_concurrency=1)
+            return downloader.readall(), str(downloader.properties.etag)
+        except ResourceNotFoundError:
+            return None
+
+    def write_versioned(self, container: str, name: str, data: bytes, etag: str | None) -> str:
+        """Write a small blob only if unchanged since `etag` (None: only if it is absent).
+
+        Raises ConcurrencyConflict when another writer got there first. Returns the ETag.
+        """
+        self.ensure_container(container)
+        client = self.service.get_blob_client(container, name)
+        try:
+            if etag is None:
+                result = client.upload_blob(data, overwrite=False)
+            else:
+                result = client.upload_blob(
+                    data, overwrite=True, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+        except (ResourceExistsError, ResourceModifiedError):
+            raise ConcurrencyConflict(f"blob {container}/{name} changed concurrently") from None
+        return str(result["etag"])
 
     def writer(
         self,

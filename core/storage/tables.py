@@ -245,6 +245,52 @@ class EntityTable(Generic[E]):
                 written += len(chunk)
         return written
 
+    def transact(self, operations: list[tuple[str, E, str | None]]) -> None:
+        """One atomic transaction on one partition.
+
+        Operations are `("create", entity, None)`, `("upsert", entity, None)` or
+        `("replace", entity, etag)`. Nothing is written unless every operation succeeds:
+        a taken key raises EntityExists, a changed ETag ConcurrencyConflict.
+        """
+        ops: list[Any] = []
+        for action, entity, etag in operations:
+            row = to_table_entity(entity)
+            if action == "create":
+                ops.append(("create", row))
+            elif action == "upsert":
+                ops.append(("upsert", row, {"mode": UpdateMode.REPLACE}))
+            elif action == "replace" and etag is not None:
+                ops.append(
+                    (
+                        "update",
+                        row,
+                        {
+                            "mode": UpdateMode.REPLACE,
+                            "etag": etag,
+                            "match_condition": MatchConditions.IfNotModified,
+                        },
+                    )
+                )
+            else:
+                raise ValueError(f"unknown transaction operation {action!r}")
+        try:
+            self._client.submit_transaction(ops)
+        except ResourceExistsError:
+            raise EntityExists(f"table {self.name}: a transaction entity exists") from None
+        except (ResourceModifiedError, ResourceNotFoundError):
+            raise ConcurrencyConflict(
+                f"table {self.name}: a transaction entity changed concurrently"
+            ) from None
+        except HttpResponseError as exc:
+            text = str(exc)
+            if "EntityAlreadyExists" in text:
+                raise EntityExists(f"table {self.name}: a transaction entity exists") from None
+            if exc.status_code == 412 or "UpdateConditionNotSatisfied" in text:
+                raise ConcurrencyConflict(
+                    f"table {self.name}: a transaction entity changed concurrently"
+                ) from None
+            raise _wrap(exc, "transaction", self.name) from exc
+
     # -- queries ---------------------------------------------------------------------
 
     def query_page(

@@ -1,0 +1,115 @@
+"""What engagement events change on the suppression list.
+
+    email hard bounce                   -> suppress (hard_bounce)
+    email unsubscribe                   -> suppress (unsubscribe)
+    email spam complaint                -> suppress (spam_complaint)
+    global subscription: Unsubscribed   -> suppress (unsubscribe) on that channel's address
+    global subscription: Subscribed /
+                         Opted In       -> lift the unsubscribe (never a hard bounce)
+
+Every change carries the event's own time: the suppression list keeps the latest change
+per address and reason, so the order of events decides, not the order they arrive in.
+Subscription-group changes are per group, not global, and change nothing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from core.events.model import EventChannel, EventType, from_epoch_millis
+from core.suppression import Channel, Reason, SuppressionList
+from core.sync.mapping import RowRejected, normalise_email, normalise_phone
+
+_DIRECT = {
+    EventType.BOUNCED_HARD: Reason.HARD_BOUNCE,
+    EventType.UNSUBSCRIBED: Reason.UNSUBSCRIBE,
+    EventType.SPAM_COMPLAINT: Reason.SPAM_COMPLAINT,
+}
+_UNSUBSCRIBED = frozenset({"unsubscribed"})
+_SUBSCRIBED = frozenset({"subscribed", "opted in", "opted_in", "optedin"})
+
+
+@dataclass(frozen=True)
+class SuppressionChange:
+    channel: Channel
+    address: str
+    """Normalised (lower-case email, E.164 phone)."""
+    reason: Reason
+    active: bool
+    at: datetime
+    source: str
+
+
+def _address(event: dict[str, object]) -> tuple[Channel, str] | None:
+    """The channel address an event is about, normalised; None if it has none or it is bad."""
+    channel = event.get("channel")
+    try:
+        if channel == EventChannel.EMAIL and isinstance(event.get("email"), str):
+            return Channel.EMAIL, normalise_email(str(event["email"]))
+        if channel in (EventChannel.SMS, EventChannel.WHATSAPP) and isinstance(
+            event.get("phone"), str
+        ):
+            return Channel.PHONE, normalise_phone(str(event["phone"]))
+    except RowRejected:
+        return None
+    return None
+
+
+def suppression_change(event: dict[str, object]) -> SuppressionChange | None:
+    """The change one event (stored form) makes, if any."""
+    kind = event.get("type")
+    if kind in _DIRECT:
+        if event.get("channel") != EventChannel.EMAIL:
+            return None
+        reason, active = _DIRECT[EventType(str(kind))], True
+    elif kind == EventType.SUBSCRIPTION_CHANGED:
+        status = str(event.get("subscription_status", "")).strip().lower()
+        if status in _UNSUBSCRIBED:
+            active = True
+        elif status in _SUBSCRIBED:
+            active = False
+        else:
+            return None
+        reason = Reason.UNSUBSCRIBE
+    else:
+        return None
+    target = _address(event)
+    if target is None:
+        return None
+    occurred = event.get("occurred_at")
+    if not isinstance(occurred, int):
+        return None
+    source = f"{event.get('source')}: {event.get('source_type')}"
+    return SuppressionChange(
+        target[0], target[1], reason, active, from_epoch_millis(occurred), source
+    )
+
+
+@dataclass
+class SuppressionBatch:
+    """Changes of one unit of work, collapsed to the latest per address and reason."""
+
+    latest: dict[tuple[Channel, str, Reason], SuppressionChange] = field(default_factory=dict)
+    offered: int = 0
+
+    def offer(self, event: dict[str, object]) -> None:
+        change = suppression_change(event)
+        if change is None:
+            return
+        self.offered += 1
+        key = (change.channel, change.address, change.reason)
+        current = self.latest.get(key)
+        if current is None or change.at > current.at:
+            self.latest[key] = change
+
+    def apply(self, suppressions: SuppressionList) -> int:
+        """Write the changes; returns how many rows actually changed."""
+        return sum(_apply_one(suppressions, change) for change in self.latest.values())
+
+
+def _apply_one(suppressions: SuppressionList, change: SuppressionChange) -> bool:
+    return suppressions.apply(
+        change.channel, change.address, change.reason,
+        active=change.active, source=change.source, at=change.at,
+    )  # fmt: skip

@@ -1,0 +1,22 @@
+"""Braze Currents: the discovery timer over S3 and the queue worker for large backlogs."""
+
+from __future__ import annotations
+
+import azure.functions as func
+
+from core.currents.discovery import FILES_QUEUE, FileMessage, ingest_queued, run_currents
+from functions._wiring import SETTINGS, services
+
+bp = func.Blueprint()
+
+
+@bp.timer_trigger(
+    arg_name="timer", schedule=SETTINGS.currents_schedule, run_on_startup=False, use_monitor=True
+)
+def currents_timer(timer: func.TimerRequest) -> None:
+    run_currents(services())
+
+
+@bp.queue_trigger(arg_name="message", queue_name=FILES_QUEUE, connection="AzureWebJobsStorage")
+def currents_file(message: func.QueueMessage) -> None:
+    ingest_queued(services(), FileMessage.model_validate_json(message.get_body()))
