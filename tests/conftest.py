@@ -98,9 +98,23 @@ def app_env(
     fake_braze,
     tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
 ) -> dict[str, str]:
+    from core.currents.s3 import s3_client
+
     syncs = scenario_syncs(tmp_path_factory.mktemp("config") / "syncs.yaml")
+    bucket = f"currents-{uuid.uuid4().hex[:10]}"
+    s3_client(local_services["SWITCHBOARD_S3_ENDPOINT_URL"], "us-east-1").create_bucket(
+        Bucket=bucket
+    )
     return {
         **local_services,
+        # Currents (tests/test_currents_e2e.py): small limits so that fan-out, quarantine
+        # and a dead worker's claim show within a test; the timer fires only when told.
+        "SWITCHBOARD_CURRENTS_BUCKET": bucket,
+        "SWITCHBOARD_CURRENTS_PREFIX": "braze/currents",
+        "SWITCHBOARD_CURRENTS_INLINE_FILES": "3",
+        "SWITCHBOARD_CURRENTS_MAX_ATTEMPTS": "2",
+        "SWITCHBOARD_CURRENTS_CLAIM_SECONDS": "5",
+        "SWITCHBOARD_CURRENTS_SCHEDULE": "0 0 0 1 1 *",
         "SWITCHBOARD_SYNCS_FILE": str(syncs),
         "SWITCHBOARD_BRAZE_REST_ENDPOINT": fake_braze.url,
         "SWITCHBOARD_BRAZE_API_KEY": fake_braze.state.api_key,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -43,6 +44,14 @@ EXPECTED = {
         "timerTrigger",
         {"schedule": "0 0 */4 * * *", "useMonitor": True, "runOnStartup": False},
     ),
+    "currents_timer": (
+        "timerTrigger",
+        {"schedule": "0 */5 * * * *", "useMonitor": True, "runOnStartup": False},
+    ),
+    "currents_file": (
+        "queueTrigger",
+        {"queueName": "currents-files", "connection": "AzureWebJobsStorage"},
+    ),
 }
 
 
@@ -63,14 +72,15 @@ def test_every_function_has_the_expected_trigger() -> None:
 
 
 def test_function_app_only_registers_blueprints() -> None:
-    source = (ROOT / "function_app.py").read_text()
-    statements = [
-        line
-        for line in source.splitlines()
-        if line.strip() and not line.startswith(("#", '"""', "import", "from"))
-    ]
-    assert statements[0].startswith("app = func.FunctionApp(")
-    assert all(s.startswith("app.register_functions(") for s in statements[1:])
+    tree = ast.parse((ROOT / "function_app.py").read_text())
+    body = [n for n in tree.body if not isinstance(n, ast.Import | ast.ImportFrom)]
+    docstring, create, *registrations = body
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    assert ast.unparse(create).startswith("app = func.FunctionApp(")
+    assert registrations
+    for statement in registrations:
+        text = ast.unparse(statement)
+        assert text.startswith("app.register_functions(") and text.endswith(".bp)"), text
 
 
 def _python313() -> str | None:

@@ -316,6 +316,8 @@ class EventStore:
                     ]
                 )
             except (ConcurrencyConflict, EntityExists):
+                if self.index.get(hour, key) is not None:  # a concurrent retry placed it
+                    return PlacedSegment(segment_id, hour, blob, stats, True)
                 continue
             return PlacedSegment(segment_id, hour, blob, stats)
         raise ConcurrencyConflict(f"could not place segment {segment_id}: hour guard contended")
