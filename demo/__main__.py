@@ -15,19 +15,24 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from core.containers import SEGMENTS
+from core.currents.s3 import s3_client
 from core.errors import ConfigError
+from core.events.store import EventStore
 from core.settings import load_settings
 from core.storage import Storage
+from devhost.fakes.currents import avro_bytes, currents_key, put_file, record_for
 from devhost.process import HostProcess
 from devhost.services import free_port
 
 DATA = Path(__file__).parent / "data"
 SYNC_ID = "demo-vip-audience"
+CURRENTS_BUCKET = "demo-braze-currents"
+CURRENTS_PREFIX = "currents"
 
 
 class DemoFailed(RuntimeError):
@@ -64,7 +69,16 @@ def main() -> int:
         print(f"demo: {exc} (run me through `make demo`)", file=sys.stderr)
         return 2
     log_path = Path(tempfile.mkdtemp(prefix="switchboard-demo-")) / "devhost.log"
-    host = HostProcess(dict(os.environ), free_port(), log_path)
+    s3_client(os.environ.get("SWITCHBOARD_S3_ENDPOINT_URL"), "us-east-1").create_bucket(
+        Bucket=CURRENTS_BUCKET
+    )
+    env = {
+        **os.environ,
+        "SWITCHBOARD_CURRENTS_BUCKET": CURRENTS_BUCKET,
+        "SWITCHBOARD_CURRENTS_PREFIX": CURRENTS_PREFIX,
+        "SWITCHBOARD_CURRENTS_INLINE_FILES": "10",  # the demo's six files in the timer itself
+    }
+    host = HostProcess(env, free_port(), log_path)
     try:
         host.wait_ready()
         return run(host, storage)
@@ -122,6 +136,82 @@ def report(run: dict[str, Any]) -> None:
         print(f"  reasons: {json.dumps(reasons)}")
 
 
+def fire_timer(host: HostProcess, function: str, kind: str) -> dict[str, Any]:
+    """Fire a timer through the host's admin API; the run it recorded, once finished."""
+    api = f"{host.base_url}/api"
+    _, before = call("GET", f"{api}/runs?kind={kind}")
+    status, _ = call("POST", f"{host.base_url}/admin/functions/{function}", {})
+    if status != 202:
+        raise DemoFailed(f"admin API answered {status}")
+    known = {r["run_id"] for r in before["runs"]}
+
+    def new_run() -> dict[str, Any] | None:
+        _, body = call("GET", f"{api}/runs?kind={kind}")
+        new = (r for r in body["runs"] if r["run_id"] not in known)
+        return next((r for r in new if r["status"] in ("succeeded", "failed")), None)
+
+    return dict(wait_for(f"{function} to record a run", new_run))
+
+
+def currents(host: HostProcess, storage: Storage) -> list[str]:
+    """Braze Currents files in S3 become events and suppressions, each event once."""
+    heading("4. Timer: Braze Currents Avro files in S3 become engagement events")
+    s3 = s3_client(os.environ.get("SWITCHBOARD_S3_ENDPOINT_URL"), "us-east-1")
+    hour = datetime.now(UTC).strftime("%Y-%m-%d-%H")
+    moment = int(time.time()) - 300
+    plan = [  # event type, event numbers, seconds after `moment`
+        ("email.Send", range(3), 0), ("email.Open", range(2), 60), ("email.Bounce", [2], 5),
+        ("email.Unsubscribe", [1], 90), ("pushnotification.Send", [7], 0),
+    ]  # fmt: skip
+    batches = {
+        f"users.messages.{kind}": [
+            record_for(f"users.messages.{kind}", n, moment + at) for n in numbers
+        ]
+        for kind, numbers, at in plan
+    }
+    # Braze delivers at least once: the opens arrive a second time in another file.
+    files = [*batches.items(), ("users.messages.email.Open", batches["users.messages.email.Open"])]
+    for offset, (event_type, records) in enumerate(files):
+        key = currents_key(CURRENTS_PREFIX, event_type, hour, offset=offset)
+        put_file(s3, CURRENTS_BUCKET, key, avro_bytes(event_type, records))
+        print(f"s3://{CURRENTS_BUCKET}/{key} ({len(records)} events)")
+    run = fire_timer(host, "currents_timer", "currents")
+    counts = run["counts"]
+    print(f"run {run['run_id']} {run['status']}: {json.dumps(counts)}")
+    if counts.get("events.stored") != 8 or counts.get("events.duplicates.in_store") != 2:
+        raise DemoFailed(f"expected 8 stored events and 2 duplicates, got {counts}")
+    now = datetime.now(UTC)
+    events = list(
+        EventStore(storage).read_window(
+            now.replace(minute=0, second=0, microsecond=0), now + timedelta(hours=1)
+        )
+    )
+    show("some stored events (addresses stay in the store, never in logs):", [
+        f"{e.occurred_at:%H:%M:%S} {e.channel.value:5} {e.type.value:13} {e.event_id[:20]}…"
+        for e in sorted(events, key=lambda e: e.occurred_at)[-8:]
+    ])  # fmt: skip
+    lookups = []
+    for address in ("user2@example.com", "user1@example.com"):
+        _, found = call(
+            "POST",
+            f"{host.base_url}/api/suppressions/lookup",
+            {"channel": "email", "address": address},
+        )
+        lookups.append(f"{found['address']}: {', '.join(found['reasons']) or 'not suppressed'}")
+    show("suppression list, updated from the bounce and the unsubscribe:", lookups)
+    heading("5. Timer: Currents again; every file is finished, nothing is read twice")
+    again = fire_timer(host, "currents_timer", "currents")
+    print(f"run {again['run_id']}: {json.dumps(again['counts'])}")
+    if again["counts"].get("files.new") != 0:
+        raise DemoFailed("the second Currents run found new files")
+    return [
+        f"TIMER  currents_timer -> run {run['run_id']}: {counts['files.ingested']} files, "
+        f"{counts['events.stored']} events stored, "
+        f"{counts['events.duplicates.in_store']} duplicates dropped",
+        f"TIMER  currents_timer -> run {again['run_id']}: nothing new",
+    ]
+
+
 def run(host: HostProcess, storage: Storage) -> int:
     api = f"{host.base_url}/api"
     summary: list[str] = []
@@ -161,19 +251,10 @@ def run(host: HostProcess, storage: Storage) -> int:
     expect(second, sent=3, rejected=1)
     summary.append(f"BLOB   export 2 -> run {second['run_id']}: {brief(second)}")
 
-    heading("4. Timer: the four-hourly log export fires (through the host's admin API)")
-    _, before = call("GET", f"{api}/runs?kind=log_export")
-    status, _ = call("POST", f"{host.base_url}/admin/functions/log_export_timer", {})
-    if status != 202:
-        raise DemoFailed(f"admin API answered {status}")
+    summary += currents(host, storage)
 
-    def timer_run() -> dict[str, Any] | None:
-        _, body = call("GET", f"{api}/runs?kind=log_export")
-        known = {r["run_id"] for r in before["runs"]}
-        new = (r for r in body["runs"] if r["run_id"] not in known)
-        return next((r for r in new if r["status"] == "succeeded"), None)
-
-    fired = wait_for("the timer to record a run", timer_run)
+    heading("6. Timer: the four-hourly log export fires (through the host's admin API)")
+    fired = fire_timer(host, "log_export_timer", "log_export")
     print(json.dumps(fired, indent=2))
     summary.append(f"TIMER  log_export_timer -> run {fired['run_id']} ({fired['status']})")
 

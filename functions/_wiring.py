@@ -20,6 +20,7 @@ SETTINGS = load_settings()
 logging.getLogger("core").setLevel(SETTINGS.log_level_number)
 # The storage SDKs log every request at INFO, URLs included; keep them to warnings.
 logging.getLogger("azure").setLevel(logging.WARNING)
+logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 @functools.cache

@@ -114,10 +114,14 @@ def discover(
 
 
 def run_currents(
-    services: Services, *, s3: Any | None = None, now: datetime | None = None
+    services: Services,
+    *,
+    s3: Any | None = None,
+    now: datetime | None = None,
+    config: CurrentsConfig | None = None,
 ) -> RunRecord:
     """One timer firing: discover, then ingest inline or fan out; recorded as a run."""
-    config = config_of(services)
+    config = config or config_of(services)
     run = services.runs.start(RunKind.CURRENTS, source="timer")
     if config is None:
         return services.runs.finish(

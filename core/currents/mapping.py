@@ -8,7 +8,7 @@ kept in `raw` as delivered, so fields Braze adds later are stored without a code
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.events.model import EventChannel, EventType
@@ -24,6 +24,18 @@ class EventKind:
     channel: EventChannel
     generic: bool = False
     """A type Switchboard stores without a specific mapping (counted in the report)."""
+
+    # Precomputed: `to_event` runs once per record.
+    type_name: str = field(init=False)
+    channel_name: str = field(init=False)
+    names_its_channel: bool = field(init=False)
+    """Subscription changes carry their channel (and its address) in the record."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type_name", self.type.value)
+        object.__setattr__(self, "channel_name", self.channel.value)
+        subscription = (EventType.SUBSCRIPTION_CHANGED, EventType.SUBSCRIPTION_GROUP_CHANGED)
+        object.__setattr__(self, "names_its_channel", self.type in subscription)
 
 
 def _group(prefix: str, channel: EventChannel, names: dict[str, EventType]) -> dict[str, EventKind]:
@@ -143,13 +155,12 @@ def to_event(record: dict[str, Any], event_type: str, kind: EventKind) -> dict[s
         raise InvalidRecord("record has no id")
     if not isinstance(moment, int) or isinstance(moment, bool):
         raise InvalidRecord("record has no integer time")
-    channel = kind.channel
     event: dict[str, Any] = {
         "event_id": "braze:" + source_id,
         "source": SOURCE,
         "source_type": event_type,
-        "type": kind.type.value,
-        "channel": channel.value,
+        "type": kind.type_name,
+        "channel": kind.channel_name,
         "occurred_at": moment * 1000,
     }
     raw: dict[str, Any] = {}
@@ -162,7 +173,7 @@ def to_event(record: dict[str, Any], event_type: str, kind: EventKind) -> dict[s
             event[target] = value
         else:
             raw[name] = value
-    if kind.type in (EventType.SUBSCRIPTION_CHANGED, EventType.SUBSCRIPTION_GROUP_CHANGED):
+    if kind.names_its_channel:
         _subscription_address(event, raw)
     if raw:
         event["raw"] = raw

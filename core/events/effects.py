@@ -14,6 +14,7 @@ Subscription-group changes are per group, not global, and change nothing here.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -27,6 +28,9 @@ _DIRECT = {
     EventType.SPAM_COMPLAINT: Reason.SPAM_COMPLAINT,
 }
 _UNSUBSCRIBED = frozenset({"unsubscribed"})
+_SERIAL_UP_TO = 8
+_PARALLEL_WRITES = 8
+"""Each change is one guarded read-modify-write on its own row: they overlap safely."""
 _SUBSCRIBED = frozenset({"subscribed", "opted in", "opted_in", "optedin"})
 
 
@@ -104,8 +108,12 @@ class SuppressionBatch:
             self.latest[key] = change
 
     def apply(self, suppressions: SuppressionList) -> int:
-        """Write the changes; returns how many rows actually changed."""
-        return sum(_apply_one(suppressions, change) for change in self.latest.values())
+        """Write the changes (a few at a time); returns how many rows actually changed."""
+        changes = list(self.latest.values())
+        if len(changes) <= _SERIAL_UP_TO:
+            return sum(_apply_one(suppressions, change) for change in changes)
+        with ThreadPoolExecutor(_PARALLEL_WRITES) as pool:
+            return sum(pool.map(lambda change: _apply_one(suppressions, change), changes))
 
 
 def _apply_one(suppressions: SuppressionList, change: SuppressionChange) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -47,6 +48,7 @@ _GUARD = "~hour"
 _HOUR_MS = 3_600_000
 _FLUSH_BYTES = 1 << 20
 _CONTENDED_ATTEMPTS = 30
+_PARALLEL_READS = 8
 
 
 def hour_key(moment: datetime) -> str:
@@ -130,12 +132,24 @@ class _DedupIndex:
     def owner(self, hour: str, shard: int, digest: bytes) -> bytes | None:
         loaded = self._cache.get((hour, shard))
         if loaded is None:
-            found = self._store.storage.blobs.read_versioned(
-                EVENTS_CONTAINER, self.blob_name(hour, shard)
-            )
-            loaded = _Shard(_parse_shard(found[0]) if found else {})
-            self._cache[(hour, shard)] = loaded
+            self._load_hour(hour)
+            loaded = self._cache[(hour, shard)]
         return loaded.owners.get(digest)
+
+    def _load_hour(self, hour: str) -> None:
+        """All shards of an event hour at once: one listing, then the existing ones in
+        parallel (a file's events touch every shard of their hour anyway)."""
+        blobs = self._store.storage.blobs
+        existing = [ref.name for ref in blobs.list(EVENTS_CONTAINER, f"dedup/v1/{hour}/")]
+
+        def load(name: str) -> tuple[str, dict[bytes, bytes]]:
+            found = blobs.read_versioned(EVENTS_CONTAINER, name)
+            return name, _parse_shard(found[0]) if found else {}
+
+        with ThreadPoolExecutor(_PARALLEL_READS) as pool:
+            loaded = dict(pool.map(load, existing))
+        for shard in range(DEDUP_SHARDS):
+            self._cache[(hour, shard)] = _Shard(loaded.get(self.blob_name(hour, shard), {}))
 
     def claim(self, hour: str, shard: int, digests: list[bytes], owner: bytes) -> set[bytes]:
         """Claim `digests` for `owner`; returns those another segment owns already."""
@@ -189,6 +203,17 @@ class SegmentWriter:
 
     def add(self, event: dict[str, Any]) -> bool:
         """Offer one event in stored form; False if it is a duplicate (and not kept)."""
+        if not self.admit(event):
+            return False
+        self._buffer += orjson.dumps(event)
+        self._buffer += b"\n"
+        if len(self._buffer) >= _FLUSH_BYTES:
+            self._flush()
+        self.stats.stored += 1
+        return True
+
+    def admit(self, event: dict[str, Any]) -> bool:
+        """The dedup decision for one event (and its id noted for claiming)."""
         self.stats.offered += 1
         digest = _digest(event["event_id"])
         if digest in self._seen:
@@ -207,11 +232,6 @@ class SegmentWriter:
             return False
         if owner is None:
             self._claims.setdefault((hour, shard), []).append(digest)
-        self._buffer += orjson.dumps(event)
-        self._buffer += b"\n"
-        if len(self._buffer) >= _FLUSH_BYTES:
-            self._flush()
-        self.stats.stored += 1
         return True
 
     def _flush(self) -> None:

@@ -1,0 +1,211 @@
+"""Currents ingestion: 1,000,000 events across 100 Avro files (mixed types) in local S3.
+
+Measured in one run, on the same files, each pass reading them from the S3 server:
+  fastavro    S3 body -> fastavro records, nothing else (the decoder's own rate)
+  decode      S3 body -> fastavro -> engagement event -> dedup decision (no store writes)
+  pipeline    the timer's whole path: discovery, claims, decode, map, dedup, segments
+              written and placed, suppression changes, receipts (one process, inline)
+The store-write rate is the events stored per second of what `pipeline` adds to `decode`.
+Peak RSS: the same million events as 100 files of 10,000 and as 10 files of 100,000 (the
+largest file Braze writes), each in a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import fastavro
+
+from core.currents.discovery import CurrentsConfig, run_currents
+from core.currents.mapping import kind_of, to_event
+from core.currents.s3 import event_type_folders, list_folder, s3_client
+from core.events.store import EventStore
+from core.services import Services
+from core.settings import load_settings
+from devhost.fakes.currents import avro_bytes, currents_key, put_file, record_for
+
+EVENTS = int(os.environ.get("BENCH_CURRENTS_EVENTS", "1000000"))  # smaller for trial runs
+HOURS = 8
+"""The files span this many hours of events, as 100 files of Currents traffic do."""
+# Share of events per type, as a message-engagement Current carries them.
+MIX = {
+    "users.messages.email.Send": 0.30, "users.messages.email.Delivery": 0.29,
+    "users.messages.email.Open": 0.17, "users.messages.email.Click": 0.08,
+    "users.messages.pushnotification.Send": 0.08, "users.messages.pushnotification.Open": 0.03,
+    "users.messages.email.SoftBounce": 0.02, "users.messages.email.Bounce": 0.01,
+    "users.messages.email.Unsubscribe": 0.01, "users.messages.email.MarkAsSpam": 0.005,
+    "users.behaviors.subscription.GlobalStateChange": 0.005,
+}  # fmt: skip
+REDELIVERED = 0.02
+"""Share of events Braze writes a second time into a later file (at-least-once)."""
+
+
+def _plan(files: int) -> list[tuple[str, int]]:
+    """(event type, events) per file: every type gets files in proportion to its share."""
+    per_file = EVENTS // files
+    plan: list[tuple[str, int]] = []
+    for event_type, share in MIX.items():
+        plan += [(event_type, per_file)] * max(1, round(files * share))
+    plan = plan[:files]
+    while len(plan) < files:
+        plan.append(("users.messages.email.Send", per_file))
+    return plan
+
+
+def generate(s3: Any, bucket: str, prefix: str, files: int) -> int:
+    """Write the files; returns the number of distinct events."""
+    rng = random.Random(11)
+    first_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    first_hour -= timedelta(hours=HOURS - 1)
+    number = 0
+    previous: list[tuple[str, dict[str, Any]]] = []
+    written = 0
+    for index, (event_type, count) in enumerate(_plan(files)):
+        hour = first_hour + timedelta(hours=index * HOURS // files)
+        base = int(hour.timestamp())
+        fresh = count - int(count * REDELIVERED) if previous else count
+        records = [
+            record_for(
+                event_type, number + i, base + rng.randrange(3600),
+                email_address=f"user{(number + i) % 400_000}@example.com",
+            )
+            for i in range(fresh)
+        ]  # fmt: skip
+        number += fresh
+        # A re-delivered event keeps its type and time: it goes into a file of its type.
+        by_type: dict[str, list[dict[str, Any]]] = {event_type: records}
+        for old_type, record in rng.sample(previous, count - fresh) if previous else []:
+            by_type.setdefault(old_type, []).append(record)
+        for kind, batch in by_type.items():
+            written += 1
+            key = currents_key(prefix, kind, hour.strftime("%Y-%m-%d-%H"), offset=written)
+            put_file(s3, bucket, key, avro_bytes(kind, batch, codec="deflate"))
+        previous = [(event_type, r) for r in rng.sample(records, min(len(records), 2000))]
+    return number
+
+
+def _objects(s3: Any, bucket: str, prefix: str) -> list[Any]:
+    since = (datetime.now(UTC) - timedelta(hours=HOURS + 1)).strftime("%Y-%m-%d-%H")
+    return [
+        obj
+        for folder in event_type_folders(s3, bucket, prefix)
+        for obj in list_folder(s3, bucket, folder, since)
+    ]
+
+
+def fastavro_only(s3: Any, objects: list[Any]) -> int:
+    records = 0
+    for obj in objects:
+        body = s3.get_object(Bucket=obj.bucket, Key=obj.key)["Body"]
+        records += sum(1 for _ in fastavro.reader(body))
+    return records
+
+
+def decode_map_dedup(services: Services, s3: Any, objects: list[Any]) -> int:
+    store = EventStore(services.storage)
+    admitted = 0
+    for obj in objects:
+        kind = kind_of(obj.event_type)
+        writer = store.writer("bench-decode", uuid.uuid4().hex)  # never placed
+        body = s3.get_object(Bucket=obj.bucket, Key=obj.key)["Body"]
+        for record in fastavro.reader(body):
+            admitted += writer.admit(to_event(record, obj.event_type, kind))  # type: ignore[arg-type]
+    return admitted
+
+
+def worker(files: int, modes: list[str]) -> dict[str, Any]:
+    settings = load_settings()
+    services = Services.from_settings(settings)
+    s3 = s3_client(settings.s3_endpoint_url, settings.s3_region)
+    bucket = f"bench-currents-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    prefix = "currents/"
+    figures: dict[str, Any] = {"files": files}
+    started = time.perf_counter()
+    figures["distinct_events"] = generate(s3, bucket, prefix, files)
+    figures["generate_seconds"] = round(time.perf_counter() - started, 1)
+    objects = _objects(s3, bucket, prefix)
+    figures["objects"] = len(objects)
+
+    def timed(name: str, action: Any) -> Any:
+        started = time.perf_counter()
+        result = action()
+        figures[f"{name}_seconds"] = time.perf_counter() - started
+        return result
+
+    if "fastavro" in modes:
+        figures["records"] = timed("fastavro", lambda: fastavro_only(s3, objects))
+    if "decode" in modes:
+        figures["admitted"] = timed("decode", lambda: decode_map_dedup(services, s3, objects))
+    config = CurrentsConfig(
+        bucket=bucket, prefix=prefix, lookback=timedelta(hours=HOURS + 2), inline_files=10_000,
+        max_attempts=3, claim_seconds=900,
+    )  # fmt: skip
+    run = timed("pipeline", lambda: run_currents(services, s3=s3, config=config))
+    figures["pipeline_counts"] = {k: v for k, v in run.counts.items() if k.startswith("events.")}
+    figures["pipeline_files"] = run.counts.get("files.ingested", 0)
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return figures
+
+
+def _worker_process(files: int, modes: list[str]) -> dict[str, Any]:
+    print(
+        f"   {EVENTS:,} events in {files} files: {', '.join(modes) or 'pipeline'} ...", flush=True
+    )
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.currents", str(files), *modes],
+        check=True, capture_output=True, text=True, env=os.environ,
+    ).stdout  # fmt: skip
+    return dict(json.loads(output.strip().splitlines()[-1]))
+
+
+def run() -> dict[str, Any]:
+    main = _worker_process(100, ["fastavro", "decode"])
+    large = _worker_process(10, [])
+    records = main["records"]
+    stored = main["pipeline_counts"].get("events.stored", 0)
+    store_seconds = max(main["pipeline_seconds"] - main["decode_seconds"], 1e-9)
+    figures = {
+        "events_written": records,
+        "distinct_events": main["distinct_events"],
+        "files": main["objects"],
+        "fastavro_events_per_s": round(records / main["fastavro_seconds"]),
+        "decode_map_dedup_events_per_s": round(records / main["decode_seconds"]),
+        "decode_over_fastavro_rate": round(main["fastavro_seconds"] / main["decode_seconds"], 2),
+        "pipeline_events_per_s": round(records / main["pipeline_seconds"]),
+        "pipeline_over_fastavro_rate": round(
+            main["fastavro_seconds"] / main["pipeline_seconds"], 2
+        ),
+        "store_write_events_per_s": round(stored / store_seconds),
+        "pipeline_counts": main["pipeline_counts"],
+        "peak_rss_mb_10k_per_file": main["peak_rss_mb"],
+        "peak_rss_mb_100k_per_file": large["peak_rss_mb"],
+        "rss_growth_10x_file_size": round(large["peak_rss_mb"] / main["peak_rss_mb"] - 1, 3),
+        "pipeline_events_per_s_100k_files": round(
+            large["pipeline_counts"].get("events.records", 0) / large["pipeline_seconds"]
+        ),
+    }
+    print(f"   fastavro alone      {figures['fastavro_events_per_s']:>9,} events/s")
+    print(f"   decode+map+dedup    {figures['decode_map_dedup_events_per_s']:>9,} events/s"
+          f"  = {figures['decode_over_fastavro_rate']} of fastavro's rate")  # fmt: skip
+    print(f"   whole pipeline      {figures['pipeline_events_per_s']:>9,} events/s"
+          f"  = {figures['pipeline_over_fastavro_rate']} of fastavro's rate")  # fmt: skip
+    print(f"   store writes        {figures['store_write_events_per_s']:>9,} events/s")
+    print(f"   counts              {json.dumps(figures['pipeline_counts'])}")
+    print(f"   peak RSS            {figures['peak_rss_mb_10k_per_file']} MB (10k-event files),"
+          f" {figures['peak_rss_mb_100k_per_file']} MB (100k-event files),"
+          f" {figures['rss_growth_10x_file_size'] * 100:+.1f}%")  # fmt: skip
+    return figures
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(int(sys.argv[1]), sys.argv[2:])))
