@@ -34,30 +34,31 @@ from core.settings import load_settings
 from devhost.fakes.currents import avro_bytes, currents_key, put_file, record_for
 
 EVENTS = int(os.environ.get("BENCH_CURRENTS_EVENTS", "1000000"))  # smaller for trial runs
+PREFIX = "currents/"
 HOURS = 8
 """The files span this many hours of events, as 100 files of Currents traffic do."""
 # Share of events per type, as a message-engagement Current carries them.
 MIX = {
-    "users.messages.email.Send": 0.30, "users.messages.email.Delivery": 0.29,
-    "users.messages.email.Open": 0.17, "users.messages.email.Click": 0.08,
+    "users.messages.email.Send": 0.31, "users.messages.email.Delivery": 0.30,
+    "users.messages.email.Open": 0.18, "users.messages.email.Click": 0.08,
     "users.messages.pushnotification.Send": 0.08, "users.messages.pushnotification.Open": 0.03,
-    "users.messages.email.SoftBounce": 0.02, "users.messages.email.Bounce": 0.01,
-    "users.messages.email.Unsubscribe": 0.01, "users.messages.email.MarkAsSpam": 0.005,
-    "users.behaviors.subscription.GlobalStateChange": 0.005,
+    "users.messages.email.SoftBounce": 0.01, "users.messages.email.Bounce": 0.005,
+    "users.messages.email.Unsubscribe": 0.002, "users.messages.email.MarkAsSpam": 0.0005,
+    "users.behaviors.subscription.GlobalStateChange": 0.0025,
 }  # fmt: skip
 REDELIVERED = 0.02
 """Share of events Braze writes a second time into a later file (at-least-once)."""
 
 
 def _plan(files: int) -> list[tuple[str, int]]:
-    """(event type, events) per file: every type gets files in proportion to its share."""
+    """(event type, events) per file: each type's share of the events, in files of about
+    EVENTS / files events (a rare type gets one smaller file)."""
     per_file = EVENTS // files
     plan: list[tuple[str, int]] = []
     for event_type, share in MIX.items():
-        plan += [(event_type, per_file)] * max(1, round(files * share))
-    plan = plan[:files]
-    while len(plan) < files:
-        plan.append(("users.messages.email.Send", per_file))
+        total = round(EVENTS * share)
+        count = max(1, round(total / per_file))
+        plan += [(event_type, total // count + (i < total % count)) for i in range(count)]
     return plan
 
 
@@ -67,12 +68,14 @@ def generate(s3: Any, bucket: str, prefix: str, files: int) -> int:
     first_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     first_hour -= timedelta(hours=HOURS - 1)
     number = 0
-    previous: list[tuple[str, dict[str, Any]]] = []
-    written = 0
+    earlier: dict[str, list[dict[str, Any]]] = {}
     for index, (event_type, count) in enumerate(_plan(files)):
         hour = first_hour + timedelta(hours=index * HOURS // files)
         base = int(hour.timestamp())
-        fresh = count - int(count * REDELIVERED) if previous else count
+        previous = earlier.get(event_type, [])
+        # Re-delivered events come back unchanged (same id, same time) in a later file.
+        again = rng.sample(previous, min(len(previous), int(count * REDELIVERED)))
+        fresh = count - len(again)
         records = [
             record_for(
                 event_type, number + i, base + rng.randrange(3600),
@@ -81,15 +84,9 @@ def generate(s3: Any, bucket: str, prefix: str, files: int) -> int:
             for i in range(fresh)
         ]  # fmt: skip
         number += fresh
-        # A re-delivered event keeps its type and time: it goes into a file of its type.
-        by_type: dict[str, list[dict[str, Any]]] = {event_type: records}
-        for old_type, record in rng.sample(previous, count - fresh) if previous else []:
-            by_type.setdefault(old_type, []).append(record)
-        for kind, batch in by_type.items():
-            written += 1
-            key = currents_key(prefix, kind, hour.strftime("%Y-%m-%d-%H"), offset=written)
-            put_file(s3, bucket, key, avro_bytes(kind, batch, codec="deflate"))
-        previous = [(event_type, r) for r in rng.sample(records, min(len(records), 2000))]
+        key = currents_key(prefix, event_type, hour.strftime("%Y-%m-%d-%H"), offset=index)
+        put_file(s3, bucket, key, avro_bytes(event_type, records + again, codec="deflate"))
+        earlier[event_type] = rng.sample(records, min(len(records), 2000))
     return number
 
 
@@ -122,19 +119,25 @@ def decode_map_dedup(services: Services, s3: Any, objects: list[Any]) -> int:
     return admitted
 
 
-def worker(files: int, modes: list[str]) -> dict[str, Any]:
+def prepare(files: int) -> dict[str, Any]:
+    """Generate the files into a new bucket (in a process of its own: generating holds
+    whole files in memory, which must not count in the measured processes' peak RSS)."""
     settings = load_settings()
-    services = Services.from_settings(settings)
     s3 = s3_client(settings.s3_endpoint_url, settings.s3_region)
     bucket = f"bench-currents-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
-    prefix = "currents/"
-    figures: dict[str, Any] = {"files": files}
     started = time.perf_counter()
-    figures["distinct_events"] = generate(s3, bucket, prefix, files)
-    figures["generate_seconds"] = round(time.perf_counter() - started, 1)
-    objects = _objects(s3, bucket, prefix)
-    figures["objects"] = len(objects)
+    distinct = generate(s3, bucket, PREFIX, files)
+    return {"bucket": bucket, "distinct_events": distinct,
+            "generate_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def measure(bucket: str, modes: list[str]) -> dict[str, Any]:
+    settings = load_settings()
+    services = Services.from_settings(settings)
+    s3 = s3_client(settings.s3_endpoint_url, settings.s3_region)
+    objects = _objects(s3, bucket, PREFIX)
+    figures: dict[str, Any] = {"objects": len(objects)}
 
     def timed(name: str, action: Any) -> Any:
         started = time.perf_counter()
@@ -147,7 +150,7 @@ def worker(files: int, modes: list[str]) -> dict[str, Any]:
     if "decode" in modes:
         figures["admitted"] = timed("decode", lambda: decode_map_dedup(services, s3, objects))
     config = CurrentsConfig(
-        bucket=bucket, prefix=prefix, lookback=timedelta(hours=HOURS + 2), inline_files=10_000,
+        bucket=bucket, prefix=PREFIX, lookback=timedelta(hours=HOURS + 2), inline_files=10_000,
         max_attempts=3, claim_seconds=900,
     )  # fmt: skip
     run = timed("pipeline", lambda: run_currents(services, s3=s3, config=config))
@@ -157,20 +160,24 @@ def worker(files: int, modes: list[str]) -> dict[str, Any]:
     return figures
 
 
-def _worker_process(files: int, modes: list[str]) -> dict[str, Any]:
-    print(
-        f"   {EVENTS:,} events in {files} files: {', '.join(modes) or 'pipeline'} ...", flush=True
-    )
+def _in_process(*arguments: str) -> dict[str, Any]:
     output = subprocess.run(
-        [sys.executable, "-m", "bench.currents", str(files), *modes],
+        [sys.executable, "-m", "bench.currents", *arguments],
         check=True, capture_output=True, text=True, env=os.environ,
     ).stdout  # fmt: skip
     return dict(json.loads(output.strip().splitlines()[-1]))
 
 
+def _files(files: int, modes: list[str]) -> dict[str, Any]:
+    print(f"   {EVENTS:,} events in {files} files: generate, then {', '.join(modes)} ...",
+          flush=True)  # fmt: skip
+    prepared = _in_process("prepare", str(files))
+    return {**prepared, **_in_process("measure", prepared["bucket"], *modes)}
+
+
 def run() -> dict[str, Any]:
-    main = _worker_process(100, ["fastavro", "decode"])
-    large = _worker_process(10, [])
+    main = _files(100, ["fastavro", "decode", "pipeline"])
+    large = _files(10, ["pipeline"])
     records = main["records"]
     stored = main["pipeline_counts"].get("events.stored", 0)
     store_seconds = max(main["pipeline_seconds"] - main["decode_seconds"], 1e-9)
@@ -178,6 +185,7 @@ def run() -> dict[str, Any]:
         "events_written": records,
         "distinct_events": main["distinct_events"],
         "files": main["objects"],
+        "generate_seconds": main["generate_seconds"],
         "fastavro_events_per_s": round(records / main["fastavro_seconds"]),
         "decode_map_dedup_events_per_s": round(records / main["decode_seconds"]),
         "decode_over_fastavro_rate": round(main["fastavro_seconds"] / main["decode_seconds"], 2),
@@ -208,4 +216,6 @@ def run() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker(int(sys.argv[1]), sys.argv[2:])))
+    action, argument, *rest = sys.argv[1:]
+    result = prepare(int(argument)) if action == "prepare" else measure(argument, rest)
+    print(json.dumps(result))

@@ -9,6 +9,7 @@ re-subscribe lift an unsubscribe without lifting a hard bounce on the same addre
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -16,8 +17,9 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import ConcurrencyConflict, EntityExists
 from core.storage import Storage
-from core.storage.tables import EntityTable, TableEntity
+from core.storage.tables import MAX_BATCH_OPERATIONS, EntityTable, TableEntity, Versioned
 from core.sync.mapping import RowRejected, normalise_email, normalise_phone
 
 
@@ -125,6 +127,49 @@ class SuppressionSnapshot:
         return self.by_channel.get(channel, {}).get(address_hash(address))
 
 
+@dataclass(frozen=True)
+class SuppressionUpdate:
+    """Suppress (`active`) or lift one reason for one address, as of `at`."""
+
+    channel: Channel
+    address: str
+    """Normalised (lower-case email, E.164 phone)."""
+    reason: Reason
+    active: bool
+    at: datetime
+    source: str
+
+    @property
+    def row_key(self) -> str:
+        return f"{address_hash(self.address)}:{self.reason.value}"
+
+    def applied_to(self, current: Suppression | None) -> Suppression | None:
+        """The row after this update, or None if it changes nothing.
+
+        The latest change wins by its own time, not by when it is applied: a lift is kept
+        as an inactive row, so an older suppression arriving later does not resurrect it,
+        and applying the same update twice changes nothing.
+        """
+        if current is not None and current.as_of() >= self.at:
+            return None
+        keep_since = current is not None and current.active and self.active
+        return Suppression(
+            partition_key=self.channel.value,
+            row_key=self.row_key,
+            reason=self.reason,
+            source=self.source,
+            hint=mask(self.address),
+            suppressed_at=current.suppressed_at if current and keep_since else self.at,
+            active=self.active,
+            changed_at=self.at,
+        )
+
+
+_LOOKUP_KEYS = 14
+"""Row keys per point-lookup query (a filter allows 15 comparisons, one is the partition)."""
+_PARALLEL_CHUNKS = 4
+
+
 class SuppressionList:
     def __init__(self, storage: Storage) -> None:
         self._table: EntityTable[Suppression] = storage.tables.get(Suppression)
@@ -138,52 +183,68 @@ class SuppressionList:
         source: str,
         at: datetime | None = None,
     ) -> bool:
-        return self.apply(channel, address, reason, active=True, source=source, at=at)
+        update = SuppressionUpdate(channel, address, reason, True, at or datetime.now(UTC), source)
+        return self.apply(update)
 
     def remove(
         self, channel: Channel, address: str, reason: Reason, *, source: str = "operator"
     ) -> bool:
-        return self.apply(channel, address, reason, active=False, source=source)
+        return self.apply(
+            SuppressionUpdate(channel, address, reason, False, datetime.now(UTC), source)
+        )
 
-    def apply(
-        self,
-        channel: Channel,
-        address: str,
-        reason: Reason,
-        *,
-        active: bool,
-        source: str,
-        at: datetime | None = None,
-    ) -> bool:
-        """Suppress (`active`) or lift one reason for an address as of `at`.
-
-        The latest change wins by its own time, not by when it is applied: a lift is kept
-        as an inactive row, so an older suppression arriving later does not resurrect it.
-        Applying the same change twice changes nothing. Returns whether the row changed.
-        """
-        moment = at or datetime.now(UTC)
+    def apply(self, update: SuppressionUpdate) -> bool:
+        """One update as a guarded read-modify-write; whether suppression state changed."""
         changed = False
 
         def change(current: Suppression | None) -> Suppression | None:
             nonlocal changed
-            changed = False
-            if current is not None and current.as_of() >= moment:
-                return None
-            # A lift of an unknown address is still kept: an older suppression may follow.
-            changed = (current.active if current else False) != active
-            since = current.suppressed_at if current and current.active and active else moment
-            return Suppression(
-                partition_key=channel.value,
-                row_key=f"{address_hash(address)}:{reason.value}",
-                reason=reason,
-                source=source,
-                hint=mask(address),
-                suppressed_at=since,
-                active=active,
-                changed_at=moment,
+            updated = update.applied_to(current)
+            changed = updated is not None and (current.active if current else False) != (
+                updated.active
             )
+            return updated
 
-        self._table.mutate(channel.value, f"{address_hash(address)}:{reason.value}", change)
+        self._table.mutate(update.channel.value, update.row_key, change)
+        return changed
+
+    def apply_many(self, updates: list[SuppressionUpdate]) -> int:
+        """Many updates (at most one per address and reason): rows read 14 at a time and
+        written in transactions of up to 100; a transaction that loses a race is redone
+        update by update. Returns how many changed suppression state."""
+        chunks = [
+            updates_of_channel[i : i + MAX_BATCH_OPERATIONS]
+            for channel in Channel
+            if (updates_of_channel := [u for u in updates if u.channel == channel])
+            for i in range(0, len(updates_of_channel), MAX_BATCH_OPERATIONS)
+        ]
+        with ThreadPoolExecutor(_PARALLEL_CHUNKS) as pool:
+            return sum(pool.map(self._apply_chunk, chunks))
+
+    def _apply_chunk(self, updates: list[SuppressionUpdate]) -> int:
+        partition = updates[0].channel.value
+        current: dict[str, Versioned[Suppression]] = {}
+        for i in range(0, len(updates), _LOOKUP_KEYS):
+            keys = [u.row_key for u in updates[i : i + _LOOKUP_KEYS]]
+            current.update(self._table.get_many(partition, keys))
+        operations: list[tuple[str, Suppression, str | None]] = []
+        changed = 0
+        for update in updates:
+            found = current.get(update.row_key)
+            updated = update.applied_to(found.entity if found else None)
+            if updated is None:
+                continue
+            was_active = found.entity.active if found else False
+            changed += was_active != updated.active
+            operations.append(
+                ("replace", updated, found.etag) if found else ("create", updated, None)
+            )
+        if not operations:
+            return 0
+        try:
+            self._table.transact(operations)
+        except (ConcurrencyConflict, EntityExists):
+            return sum(self.apply(update) for update in updates)
         return changed
 
     def reasons(self, channel: Channel, address: str) -> list[Reason]:

@@ -167,3 +167,31 @@ def test_model_round_trips_through_the_stored_form() -> None:
     stored = event.stored()
     assert stored["occurred_at"] == epoch_millis(event.occurred_at) and "raw" not in stored
     assert EngagementEvent.from_stored(stored) == event
+
+
+def test_many_suppression_updates_in_batches_match_one_by_one(storage) -> None:  # type: ignore[no-untyped-def]
+    from core.suppression import SuppressionUpdate
+
+    tag = uuid.uuid4().hex[:8]
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    addresses = [f"{i}-{tag}@example.com" for i in range(230)]
+    suppressions = SuppressionList(storage)
+    # A third is known already: 40 lifted later than the batch, 37 suppressed earlier.
+    for address in addresses[:40]:
+        suppressions.apply(
+            SuppressionUpdate(Channel.EMAIL, address, Reason.UNSUBSCRIBE, False, at, "setup")
+        )
+    for address in addresses[40:77]:
+        suppressions.add(Channel.EMAIL, address, Reason.UNSUBSCRIBE, source="setup", at=at)
+    earlier = at - timedelta(days=1)
+    updates = [
+        SuppressionUpdate(Channel.EMAIL, a, Reason.UNSUBSCRIBE, True, moment, "test")
+        for i, a in enumerate(addresses)
+        for moment in [(earlier if i < 40 else at) + timedelta(hours=1)]
+    ]
+    # 40 older than their lift: ignored; 37 already active: not a change; 153 new.
+    assert suppressions.apply_many(updates) == 153
+    assert suppressions.apply_many(updates) == 0
+    assert suppressions.reasons(Channel.EMAIL, addresses[0]) == []
+    assert suppressions.reasons(Channel.EMAIL, addresses[50]) == [Reason.UNSUBSCRIBE]
+    assert suppressions.reasons(Channel.EMAIL, addresses[-1]) == [Reason.UNSUBSCRIBE]

@@ -14,12 +14,10 @@ Subscription-group changes are per group, not global, and change nothing here.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from core.events.model import EventChannel, EventType, from_epoch_millis
-from core.suppression import Channel, Reason, SuppressionList
+from core.suppression import Channel, Reason, SuppressionList, SuppressionUpdate
 from core.sync.mapping import RowRejected, normalise_email, normalise_phone
 
 _DIRECT = {
@@ -28,21 +26,7 @@ _DIRECT = {
     EventType.SPAM_COMPLAINT: Reason.SPAM_COMPLAINT,
 }
 _UNSUBSCRIBED = frozenset({"unsubscribed"})
-_SERIAL_UP_TO = 8
-_PARALLEL_WRITES = 8
-"""Each change is one guarded read-modify-write on its own row: they overlap safely."""
 _SUBSCRIBED = frozenset({"subscribed", "opted in", "opted_in", "optedin"})
-
-
-@dataclass(frozen=True)
-class SuppressionChange:
-    channel: Channel
-    address: str
-    """Normalised (lower-case email, E.164 phone)."""
-    reason: Reason
-    active: bool
-    at: datetime
-    source: str
 
 
 def _address(event: dict[str, object]) -> tuple[Channel, str] | None:
@@ -60,7 +44,7 @@ def _address(event: dict[str, object]) -> tuple[Channel, str] | None:
     return None
 
 
-def suppression_change(event: dict[str, object]) -> SuppressionChange | None:
+def suppression_change(event: dict[str, object]) -> SuppressionUpdate | None:
     """The change one event (stored form) makes, if any."""
     kind = event.get("type")
     if kind in _DIRECT:
@@ -85,7 +69,7 @@ def suppression_change(event: dict[str, object]) -> SuppressionChange | None:
     if not isinstance(occurred, int):
         return None
     source = f"{event.get('source')}: {event.get('source_type')}"
-    return SuppressionChange(
+    return SuppressionUpdate(
         target[0], target[1], reason, active, from_epoch_millis(occurred), source
     )
 
@@ -94,7 +78,7 @@ def suppression_change(event: dict[str, object]) -> SuppressionChange | None:
 class SuppressionBatch:
     """Changes of one unit of work, collapsed to the latest per address and reason."""
 
-    latest: dict[tuple[Channel, str, Reason], SuppressionChange] = field(default_factory=dict)
+    latest: dict[tuple[Channel, str, Reason], SuppressionUpdate] = field(default_factory=dict)
     offered: int = 0
 
     def offer(self, event: dict[str, object]) -> None:
@@ -108,16 +92,5 @@ class SuppressionBatch:
             self.latest[key] = change
 
     def apply(self, suppressions: SuppressionList) -> int:
-        """Write the changes (a few at a time); returns how many rows actually changed."""
-        changes = list(self.latest.values())
-        if len(changes) <= _SERIAL_UP_TO:
-            return sum(_apply_one(suppressions, change) for change in changes)
-        with ThreadPoolExecutor(_PARALLEL_WRITES) as pool:
-            return sum(pool.map(lambda change: _apply_one(suppressions, change), changes))
-
-
-def _apply_one(suppressions: SuppressionList, change: SuppressionChange) -> bool:
-    return suppressions.apply(
-        change.channel, change.address, change.reason,
-        active=change.active, source=change.source, at=change.at,
-    )  # fmt: skip
+        """Write the updates; returns how many changed suppression state."""
+        return suppressions.apply_many(list(self.latest.values()))

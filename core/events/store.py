@@ -48,7 +48,7 @@ _GUARD = "~hour"
 _HOUR_MS = 3_600_000
 _FLUSH_BYTES = 1 << 20
 _CONTENDED_ATTEMPTS = 30
-_PARALLEL_READS = 8
+_PARALLEL_IO = 8
 
 
 def hour_key(moment: datetime) -> str:
@@ -116,6 +116,9 @@ class PlacedSegment:
 @dataclass
 class _Shard:
     owners: dict[bytes, bytes]
+    data: bytes = b""
+    etag: str | None = None
+    """As read: a claim first tries to write on top of this version."""
 
 
 class _DedupIndex:
@@ -136,40 +139,49 @@ class _DedupIndex:
             loaded = self._cache[(hour, shard)]
         return loaded.owners.get(digest)
 
+    def _read(self, name: str) -> _Shard:
+        found = self._store.storage.blobs.read_versioned(EVENTS_CONTAINER, name)
+        return _Shard(_parse_shard(found[0]), *found) if found else _Shard({})
+
     def _load_hour(self, hour: str) -> None:
         """All shards of an event hour at once: one listing, then the existing ones in
         parallel (a file's events touch every shard of their hour anyway)."""
         blobs = self._store.storage.blobs
         existing = [ref.name for ref in blobs.list(EVENTS_CONTAINER, f"dedup/v1/{hour}/")]
-
-        def load(name: str) -> tuple[str, dict[bytes, bytes]]:
-            found = blobs.read_versioned(EVENTS_CONTAINER, name)
-            return name, _parse_shard(found[0]) if found else {}
-
-        with ThreadPoolExecutor(_PARALLEL_READS) as pool:
-            loaded = dict(pool.map(load, existing))
+        with ThreadPoolExecutor(_PARALLEL_IO) as pool:
+            loaded = dict(zip(existing, pool.map(self._read, existing), strict=True))
         for shard in range(DEDUP_SHARDS):
-            self._cache[(hour, shard)] = _Shard(loaded.get(self.blob_name(hour, shard), {}))
+            name = self.blob_name(hour, shard)
+            self._cache[(hour, shard)] = loaded.get(name) or _Shard({})
 
-    def claim(self, hour: str, shard: int, digests: list[bytes], owner: bytes) -> set[bytes]:
-        """Claim `digests` for `owner`; returns those another segment owns already."""
-        blobs = self._store.storage.blobs
+    def claim_all(self, claims: dict[tuple[str, int], list[bytes]], owner: bytes) -> set[bytes]:
+        """Claim every listed id for `owner` (shards in parallel); returns the ids another
+        segment owns already."""
+        with ThreadPoolExecutor(_PARALLEL_IO) as pool:
+            lost = pool.map(
+                lambda item: self._claim(item[0][0], item[0][1], item[1], owner), claims.items()
+            )
+            return set().union(*lost)
+
+    def _claim(self, hour: str, shard: int, digests: list[bytes], owner: bytes) -> set[bytes]:
         name = self.blob_name(hour, shard)
+        current = self._cache.get((hour, shard)) or self._read(name)
         for _ in range(_CONTENDED_ATTEMPTS):
-            found = blobs.read_versioned(EVENTS_CONTAINER, name)
-            data, etag = found if found else (b"", None)
-            owners = _parse_shard(data)
+            owners = current.owners
             lost = {d for d in digests if owners.get(d, owner) != owner}
             missing = [d for d in dict.fromkeys(digests) if d not in owners]
             if not missing:
                 return lost
             try:
-                blobs.write_versioned(
-                    EVENTS_CONTAINER, name, data + b"".join(d + owner for d in missing), etag
+                self._store.storage.blobs.write_versioned(
+                    EVENTS_CONTAINER,
+                    name,
+                    current.data + b"".join(d + owner for d in missing),
+                    current.etag,
                 )
                 return lost
             except ConcurrencyConflict:
-                continue
+                current = self._read(name)  # another writer got there first: merge again
         raise ConcurrencyConflict(f"dedup shard {name} still contended")
 
 
@@ -244,9 +256,7 @@ class SegmentWriter:
         self._flush()
         self._writer.write(self._gzip.flush())
         self._writer.close()
-        lost: set[bytes] = set()
-        for (hour, shard), digests in self._claims.items():
-            lost |= self._dedup.claim(hour, shard, digests, self._owner)
+        lost = self._dedup.claim_all(self._claims, self._owner)
         blob = self.blob
         if lost:  # another segment claimed some ids meanwhile: keep only ours
             blob = self._rewrite_without(lost)

@@ -146,6 +146,23 @@ class EntityTable(Generic[E]):
             return None
         return Versioned(from_table_entity(self.model, row), str(row.metadata["etag"]))
 
+    def get_many(self, partition_key: str, row_keys: list[str]) -> dict[str, Versioned[E]]:
+        """Point reads of up to 14 rows of one partition in one query (missing ones absent)."""
+        if not 0 < len(row_keys) <= 14:
+            raise ValueError("get_many reads 1 to 14 rows (a filter has at most 15 comparisons)")
+        parameters: dict[str, Any] = {"pk": partition_key}
+        clauses = []
+        for index, key in enumerate(row_keys):
+            parameters[f"rk{index}"] = key
+            clauses.append(f"RowKey eq @rk{index}")
+        rows = self._client.query_entities(
+            f"PartitionKey eq @pk and ( {' or '.join(clauses)} )", parameters=parameters
+        )
+        return {
+            row["RowKey"]: Versioned(from_table_entity(self.model, row), str(row.metadata["etag"]))
+            for row in rows
+        }
+
     def insert(self, entity: E) -> str:
         """Create-only insert; raises EntityExists if the keys are taken. Returns the ETag."""
         try:
