@@ -142,15 +142,17 @@ def stored_events(storage: Any, ids: set[str]) -> dict[str, Any]:
 
 
 def test_every_mapped_type_fans_out_over_the_queue_and_lands_once(host, storage, files) -> None:  # type: ignore[no-untyped-def]
-    for event_type in EVENT_TYPES:
+    mapped = sorted(KNOWN_TYPES)
+    assert set(EVENT_TYPES) <= set(mapped)  # the generator knows their specific fields
+    for event_type in mapped:
         files.put(event_type, files.records(event_type, range(3)))
     run = fire(host)
     assert run["status"] == "succeeded"
-    assert run["counts"]["files.new"] == len(EVENT_TYPES)
-    assert run["counts"]["files.queued"] == len(EVENT_TYPES)  # above the inline limit of 3
+    assert run["counts"]["files.new"] == len(mapped)
+    assert run["counts"]["files.queued"] == len(mapped)  # above the inline limit of 3
     wait_finished(storage, files.objects)
 
-    expected = {files.id_of(t, n): t for t in EVENT_TYPES for n in range(3)}
+    expected = {files.id_of(t, n): t for t in mapped for n in range(3)}
     events = stored_events(storage, set(expected))
     assert set(events) == set(expected)
     for event_id_, event_type in expected.items():
@@ -160,7 +162,8 @@ def test_every_mapped_type_fans_out_over_the_queue_and_lands_once(host, storage,
     assert all(counts[i] == 1 for i in expected)
 
     again = fire(host)
-    assert again["counts"]["files.new"] == 0 and again["counts"]["files.finished_before"] >= 30
+    assert again["counts"]["files.new"] == 0
+    assert again["counts"]["files.finished_before"] >= len(mapped)
 
 
 def test_duplicates_and_a_second_ingestion_change_nothing(host, storage, files) -> None:  # type: ignore[no-untyped-def]
@@ -311,3 +314,25 @@ def test_a_host_killed_mid_file_ends_with_the_clean_run_store(
     ids = {files.id_of(delivered, n) for n in range(60_000)}
     counts = stored_ids(storage)
     assert all(counts[i] == 1 for i in ids)
+
+
+def test_listing_pages_through_folders_and_an_object_gone_before_reading_fails_clearly(
+    storage, files, currents_env
+) -> None:  # type: ignore[no-untyped-def]
+    from core.currents.discovery import config_of
+    from core.currents.ingest import ingest_file
+    from core.currents.s3 import event_type_folders, list_folder
+
+    sends = "users.messages.pushnotification.Send"
+    written = [files.put(sends, files.records(sends, range(n, n + 1))) for n in range(5)]
+    bucket = currents_env["SWITCHBOARD_CURRENTS_BUCKET"]
+    folder = next(f for f in event_type_folders(files.s3, bucket, PREFIX) if sends in f)
+    listed = list(list_folder(files.s3, bucket, folder, "2000-01-01-00", page_size=2))
+    assert {o.key for o in written} <= {o.key for o in listed}
+
+    gone = written[0]
+    files.s3.delete_object(Bucket=bucket, Key=gone.key)
+    config = config_of(Services.from_settings(Settings(**currents_env)))  # type: ignore[arg-type]
+    assert config is not None
+    report = ingest_file(config.context(storage, files.s3), gone)
+    assert report.outcome == "failed" and "NoSuchKey" in (report.error or "")

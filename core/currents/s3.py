@@ -125,10 +125,13 @@ def event_type_folders(s3: Any, bucket: str, prefix: str) -> list[str]:
     return sorted(found)
 
 
-def list_folder(s3: Any, bucket: str, folder: str, from_date: str) -> Iterator[CurrentsObject]:
+def list_folder(
+    s3: Any, bucket: str, folder: str, from_date: str, *, page_size: int = 1000
+) -> Iterator[CurrentsObject]:
     """Objects of one event type folder in `date=` folders from `from_date` on, paged."""
     start_after = f"{folder}{_DATE}{from_date}"
-    for page in _pages(s3, Bucket=bucket, Prefix=folder, StartAfter=start_after):
+    pages = _pages(s3, Bucket=bucket, Prefix=folder, StartAfter=start_after, MaxKeys=page_size)
+    for page in pages:
         for item in page.get("Contents", []):
             parsed = parse_key(bucket, item["Key"], str(item["ETag"]), int(item["Size"]))
             if parsed is not None:
