@@ -25,8 +25,11 @@ Exactly once:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -194,7 +197,12 @@ def _parse_shard(data: bytes) -> dict[bytes, bytes]:
 
 
 class SegmentWriter:
-    """Collects one segment's events (stored form), dropping duplicates, then places it."""
+    """Collects one segment's events (stored form), dropping duplicates, then places it.
+
+    Per event it keeps only 16 bytes (the id's hash and the event hour, in arrays), so its
+    memory does not grow with the size of the file it reads: duplicates within the
+    segment are found when it is placed, and the rare segment that has some is rewritten.
+    """
 
     def __init__(self, store: EventStore, source: str, segment_id: str) -> None:
         self._store = store
@@ -203,9 +211,8 @@ class SegmentWriter:
         self.stats = SegmentStats()
         self._owner = _digest(segment_id)
         self._dedup = _DedupIndex(store)
-        self._seen: set[bytes] = set()
-        self._claims: dict[tuple[str, int], list[bytes]] = {}
-        self._hour_names: dict[int, str] = {}
+        self._digests = array("Q")
+        self._hours = array("q")
         self.blob = f"segments/{safe_key(source)}/{segment_id}.jsonl.gz"
         self._writer = store.storage.blobs.writer(
             EVENTS_CONTAINER, self.blob, overwrite=True, content_type="application/x-ndjson"
@@ -214,7 +221,10 @@ class SegmentWriter:
         self._buffer = bytearray()
 
     def add(self, event: dict[str, Any]) -> bool:
-        """Offer one event in stored form; False if it is a duplicate (and not kept)."""
+        """Offer one event in stored form; False if another segment owns its id already.
+
+        A repeat of an event earlier in this same segment is dropped when placing.
+        """
         if not self.admit(event):
             return False
         self._buffer += orjson.dumps(event)
@@ -225,25 +235,16 @@ class SegmentWriter:
         return True
 
     def admit(self, event: dict[str, Any]) -> bool:
-        """The dedup decision for one event (and its id noted for claiming)."""
+        """The dedup decision against the store for one event (its id noted for claiming)."""
         self.stats.offered += 1
         digest = _digest(event["event_id"])
-        if digest in self._seen:
-            self.stats.duplicates_in_segment += 1
-            return False
-        self._seen.add(digest)
         hour_index = event["occurred_at"] // _HOUR_MS
-        hour = self._hour_names.get(hour_index)
-        if hour is None:
-            hour = datetime.fromtimestamp(hour_index * 3600, UTC).strftime("%Y%m%d%H")
-            self._hour_names[hour_index] = hour
-        shard = digest[0] % DEDUP_SHARDS
-        owner = self._dedup.owner(hour, shard, digest)
+        owner = self._dedup.owner(_hour_name(hour_index), digest[0] % DEDUP_SHARDS, digest)
         if owner is not None and owner != self._owner:
             self.stats.duplicates_in_store += 1
             return False
-        if owner is None:
-            self._claims.setdefault((hour, shard), []).append(digest)
+        self._digests.append(int.from_bytes(digest, "big"))
+        self._hours.append(hour_index)
         return True
 
     def _flush(self) -> None:
@@ -256,29 +257,54 @@ class SegmentWriter:
         self._flush()
         self._writer.write(self._gzip.flush())
         self._writer.close()
-        lost = self._dedup.claim_all(self._claims, self._owner)
+        ordered = sorted(self._digests)
+        repeated = {a for a, b in itertools.pairwise(ordered) if a == b}
+        del ordered
+        claims: dict[tuple[str, int], list[bytes]] = {}
+        for value, hour_index in zip(self._digests, self._hours, strict=True):
+            digest = value.to_bytes(_DIGEST_BYTES, "big")
+            key = (_hour_name(hour_index), digest[0] % DEDUP_SHARDS)
+            claims.setdefault(key, []).append(digest)
+        lost = {int.from_bytes(d, "big") for d in self._dedup.claim_all(claims, self._owner)}
+        del claims
         blob = self.blob
-        if lost:  # another segment claimed some ids meanwhile: keep only ours
-            blob = self._rewrite_without(lost)
-            self.stats.stored -= len(lost)
+        if lost or repeated:  # keep each id once, and only the ids this segment owns
+            blob, dropped_repeats = self._rewrite(lost, repeated)
+            self.stats.stored -= len(lost) + dropped_repeats
             self.stats.duplicates_in_store += len(lost)
+            self.stats.duplicates_in_segment += dropped_repeats
         if self.stats.stored == 0:
             self._store.storage.blobs.service.get_blob_client(EVENTS_CONTAINER, blob).delete_blob()
             return PlacedSegment(self.segment_id, None, None, self.stats)
         return self._store.place(self.segment_id, self.source, blob, self.stats)
 
-    def _rewrite_without(self, lost: set[bytes]) -> str:
+    def _rewrite(self, lost: set[int], repeated: set[int]) -> tuple[str, int]:
+        """The segment again, without `lost` ids and with each `repeated` one once."""
         blobs = self._store.storage.blobs
         source = blobs.ref(EVENTS_CONTAINER, self.blob)
         target = self.blob.replace(".jsonl.gz", ".kept.jsonl.gz")
         gzip = zlib.compressobj(3, zlib.DEFLATED, 31)
+        written: set[int] = set()
+        dropped_repeats = 0
         with blobs.writer(EVENTS_CONTAINER, target, overwrite=True) as writer:
             for line in _gzip_lines(blobs.iter_chunks(source)):
-                if _digest(orjson.loads(line)["event_id"]) not in lost:
-                    writer.write(gzip.compress(line + b"\n"))
+                value = int.from_bytes(_digest(orjson.loads(line)["event_id"]), "big")
+                if value in lost:
+                    continue
+                if value in repeated:
+                    if value in written:
+                        dropped_repeats += 1
+                        continue
+                    written.add(value)
+                writer.write(gzip.compress(line + b"\n"))
             writer.write(gzip.flush())
         blobs.service.get_blob_client(EVENTS_CONTAINER, self.blob).delete_blob()
-        return target
+        return target, dropped_repeats
+
+
+@functools.cache
+def _hour_name(hour_index: int) -> str:
+    return datetime.fromtimestamp(hour_index * 3600, UTC).strftime("%Y%m%d%H")
 
 
 def _gzip_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
