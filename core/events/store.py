@@ -215,7 +215,11 @@ class SegmentWriter:
         self._hours = array("q")
         self.blob = f"segments/{safe_key(source)}/{segment_id}.jsonl.gz"
         self._writer = store.storage.blobs.writer(
-            EVENTS_CONTAINER, self.blob, overwrite=True, content_type="application/x-ndjson"
+            EVENTS_CONTAINER,
+            self.blob,
+            overwrite=True,
+            content_type="application/x-ndjson",
+            block_bytes=_FLUSH_BYTES,  # small blocks: a large segment costs no more memory
         )
         self._gzip = zlib.compressobj(3, zlib.DEFLATED, 31)
         self._buffer = bytearray()
