@@ -11,7 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
@@ -133,6 +140,38 @@ class Settings(BaseSettings):
         except ConfigError as exc:  # pydantic only collects ValueErrors
             raise ValueError(str(exc)) from None
         return value
+
+    export_container: str = Field(
+        default="cdp-exports",
+        pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$",
+        validation_alias="SWITCHBOARD_EXPORT_CONTAINER",
+        description="Blob container the log export writes to (the CDP's landing zone).",
+    )
+    export_profile_namespace: str = Field(
+        default="crmId",
+        min_length=1,
+        max_length=64,
+        validation_alias="SWITCHBOARD_EXPORT_PROFILE_NAMESPACE",
+        description="identityMap namespace of the CDP's profile id (the events' external_id).",
+    )
+    xdm_tenant: str = Field(
+        default="switchboard",
+        pattern=r"^[A-Za-z0-9_]{1,64}$",
+        validation_alias="SWITCHBOARD_XDM_TENANT",
+        description="XDM tenant id: Switchboard's own fields go under `_<tenant>`.",
+    )
+    export_start: AwareDatetime | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_EXPORT_START",
+        description="First window to export (ISO time); unset: the oldest stored event's.",
+    )
+    quarantine_soft_threshold: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        validation_alias="SWITCHBOARD_QUARANTINE_SOFT_THRESHOLD",
+        description="Counted soft errors that put an address in quarantine.",
+    )
 
     @field_validator("currents_bucket")
     @classmethod

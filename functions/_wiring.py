@@ -9,13 +9,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import azure.functions as func
+from pydantic import BaseModel, ValidationError
 
 from core.services import Services
 from core.settings import load_settings
 
+M = TypeVar("M", bound=BaseModel)
 SETTINGS = load_settings()
 logging.getLogger("core").setLevel(SETTINGS.log_level_number)
 # The storage SDKs log every request at INFO, URLs included; keep them to warnings.
@@ -36,3 +38,15 @@ def json_response(status: int, body: Any) -> func.HttpResponse:
 
 def error_response(status: int, code: str, message: str) -> func.HttpResponse:
     return json_response(status, {"error": {"code": code, "message": message}})
+
+
+def parse_body(req: func.HttpRequest, model: type[M]) -> M | func.HttpResponse:
+    """The JSON body as `model`, or a 400 naming each invalid field (never echoing values)."""
+    try:
+        return model.model_validate_json(req.get_body() or b"{}")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        return error_response(400, "bad_request", problems)

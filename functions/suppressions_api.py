@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import azure.functions as func
-from pydantic import ValidationError
 
 from core.suppression import SuppressionChange, apply_operator_change, lookup
-from functions._wiring import error_response, json_response, services
+from functions._wiring import error_response, json_response, parse_body, services
 
 bp = func.Blueprint()
 
 
-def _change(req: func.HttpRequest) -> SuppressionChange | func.HttpResponse:
-    try:
-        return SuppressionChange.model_validate_json(req.get_body() or b"{}")
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        return error_response(400, "bad_request", problems)
-
-
 @bp.route(route="suppressions", methods=["POST", "DELETE"], auth_level=func.AuthLevel.FUNCTION)
 def change_suppression(req: func.HttpRequest) -> func.HttpResponse:
-    change = _change(req)
+    change = parse_body(req, SuppressionChange)
     if isinstance(change, func.HttpResponse):
         return change
     try:
@@ -36,7 +24,7 @@ def change_suppression(req: func.HttpRequest) -> func.HttpResponse:
 
 @bp.route(route="suppressions/lookup", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def lookup_suppression(req: func.HttpRequest) -> func.HttpResponse:
-    change = _change(req)
+    change = parse_body(req, SuppressionChange)
     if isinstance(change, func.HttpResponse):
         return change
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,8 @@ def app_env(
         "SWITCHBOARD_CURRENTS_MAX_ATTEMPTS": "2",
         "SWITCHBOARD_CURRENTS_CLAIM_SECONDS": "5",
         "SWITCHBOARD_CURRENTS_SCHEDULE": "0 0 0 1 1 *",
+        # The log export starts at this session's window, not at other tests' far windows.
+        "SWITCHBOARD_EXPORT_START": datetime.now(UTC).strftime("%Y-%m-%dT%H:00:00+00:00"),
         "SWITCHBOARD_SYNCS_FILE": str(syncs),
         "SWITCHBOARD_BRAZE_REST_ENDPOINT": fake_braze.url,
         "SWITCHBOARD_BRAZE_API_KEY": fake_braze.state.api_key,

@@ -399,6 +399,11 @@ class EventStore:
         for hour in hours_between(start, end):
             self.index.mutate(hour, _GUARD, sealed(hour))
 
+    def first_hour(self) -> datetime | None:
+        """The oldest ingestion hour the store has a guard row for (None when empty)."""
+        page = self.index.query_page("RowKey eq @guard", {"guard": _GUARD}, page_size=1)
+        return hour_start(page.items[0].partition_key) if page.items else None
+
     def segments(self, start: datetime, end: datetime) -> Iterator[SegmentEntry]:
         """Segments placed in the ingestion hours of [start, end), in hour order."""
         keys = hours_between(start, end)
@@ -412,9 +417,14 @@ class EventStore:
 
     def read_segment(self, entry: SegmentEntry) -> Iterator[EngagementEvent]:
         ingested_at = entry.committed_at or hour_start(entry.partition_key)
+        for data in self.read_segment_stored(entry):
+            yield EngagementEvent.from_stored(data, ingested_at)
+
+    def read_segment_stored(self, entry: SegmentEntry) -> Iterator[dict[str, Any]]:
+        """A segment's events in stored form, unvalidated (for bulk readers)."""
         blobs = self.storage.blobs
         for line in _gzip_lines(blobs.iter_chunks(blobs.ref(EVENTS_CONTAINER, entry.blob))):
-            yield EngagementEvent.from_stored(orjson.loads(line), ingested_at)
+            yield orjson.loads(line)
 
     def read_window(self, start: datetime, end: datetime) -> Iterator[EngagementEvent]:
         """Every stored event ingested in [start, end)."""

@@ -1,0 +1,219 @@
+"""Non-deliverable addresses: Campaign's quarantine rules over engagement events.
+
+    hard error (hard bounce, rejection, dead push token)  -> Quarantine at once
+    soft error (soft bounce, delivery failure)            -> counted when at least 24 h after
+        the last counted one (the count restarts when that one is over 10 days old);
+        Quarantine at the threshold (default 5), With errors below it
+    spam complaint                                         -> On denylist
+    delivered, while With errors                           -> Valid again (count cleared)
+    Quarantine and On denylist never lift by themselves.
+
+Table `addressquarantine`: PartitionKey channel, RowKey sha256 of the address; no raw
+address (the export takes it from the window's events). `applied_window` makes applying a
+window's events idempotent: a retried export finds them applied and reports the state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from core.events.model import EventType, from_epoch_millis
+from core.storage import Storage
+from core.storage.tables import EntityTable, TableEntity
+from core.suppression import mask
+
+SIGNIFICANT_GAP = timedelta(hours=24)
+COUNT_RESET_AFTER = timedelta(days=10)
+
+
+class AddressStatus(StrEnum):
+    VALID = "Valid"
+    WITH_ERRORS = "With errors"
+    QUARANTINE = "Quarantine"
+    ON_DENYLIST = "On denylist"
+
+
+_HARD = {
+    ("email", EventType.BOUNCED_HARD), ("push", EventType.BOUNCED_HARD),
+    ("sms", EventType.REJECTED), ("whatsapp", EventType.REJECTED), ("rcs", EventType.REJECTED),
+}  # fmt: skip
+_SOFT = {
+    ("email", EventType.BOUNCED_SOFT), ("sms", EventType.DELIVERY_FAILED),
+    ("whatsapp", EventType.DELIVERY_FAILED), ("rcs", EventType.DELIVERY_FAILED),
+    ("push", EventType.DELIVERY_FAILED),
+}  # fmt: skip
+_ADDRESS_FIELD = {
+    "email": "email",
+    "sms": "phone",
+    "whatsapp": "phone",
+    "rcs": "phone",
+    "push": "push_token",
+}
+
+
+class AddressState(TableEntity):
+    table_name: ClassVar[str] = "addressquarantine"
+
+    status: AddressStatus = AddressStatus.VALID
+    failure_type: str | None = None
+    failure_reason: str | None = None
+    error_count: int = 0
+    first_error_at: datetime | None = None
+    last_error_at: datetime | None = None
+    last_counted_at: datetime | None = None
+    hint: str = ""
+    applied_window: datetime | None = None
+
+
+@dataclass
+class AddressEvent:
+    """What the rules need of one event; the address is kept for the export row only."""
+
+    at: datetime
+    event_id: str
+    kind: str
+    reason: str | None
+    external_id: str | None
+
+
+@dataclass
+class TouchedAddress:
+    channel: str
+    address: str
+    events: list[AddressEvent] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return address_key(self.address)
+
+
+def address_key(address: str) -> str:
+    return hashlib.sha256(address.encode()).hexdigest()
+
+
+def relevant(event: dict[str, Any]) -> tuple[str, str] | None:
+    """(channel, address) if the event can change an address's state (delivered only
+    matters for addresses With errors: the caller checks that)."""
+    channel, kind = event["channel"], event["type"]
+    pair = (channel, kind)
+    if pair in _HARD or pair in _SOFT or kind in (EventType.SPAM_COMPLAINT, EventType.DELIVERED):
+        address = event.get(_ADDRESS_FIELD.get(channel, ""))
+        if address:
+            return channel, address.strip().lower() if channel == "email" else address.strip()
+    return None
+
+
+def apply_event(state: AddressState, event: AddressEvent, channel: str, threshold: int) -> None:
+    """One event through the rules (events of an address come in time order)."""
+    pair = (channel, event.kind)
+    if event.kind == EventType.DELIVERED:
+        if state.status == AddressStatus.WITH_ERRORS:
+            state.status, state.error_count, state.last_counted_at = AddressStatus.VALID, 0, None
+        return
+    if event.kind == EventType.SPAM_COMPLAINT:
+        state.status = AddressStatus.ON_DENYLIST
+        state.failure_type, state.failure_reason = "ignored", "spam complaint"
+        return
+    state.first_error_at = state.first_error_at or event.at
+    state.last_error_at = event.at
+    state.failure_reason = (event.reason or event.kind)[:500]
+    if pair in _HARD:
+        state.error_count += 1
+        state.failure_type = "hard"
+        if state.status != AddressStatus.ON_DENYLIST:
+            state.status = AddressStatus.QUARANTINE
+        return
+    state.failure_type = state.failure_type if state.status == AddressStatus.QUARANTINE else "soft"
+    last = state.last_counted_at
+    if last is not None and event.at - last < SIGNIFICANT_GAP:
+        return  # within 24 h of the last counted error: not significant
+    if last is not None and event.at - last > COUNT_RESET_AFTER:
+        state.error_count = 0
+    state.error_count += 1
+    state.last_counted_at = event.at
+    if state.status in (AddressStatus.VALID, AddressStatus.WITH_ERRORS):
+        state.status = (
+            AddressStatus.QUARANTINE
+            if state.error_count >= threshold
+            else AddressStatus.WITH_ERRORS
+        )
+
+
+class QuarantineBook:
+    """Address states in Table storage, updated window by window."""
+
+    def __init__(self, storage: Storage, threshold: int) -> None:
+        self.table: EntityTable[AddressState] = storage.tables.get(AddressState)
+        self.threshold = threshold
+
+    def with_errors(self) -> set[tuple[str, str]]:
+        """(channel, address key) of every address With errors (a delivery clears those)."""
+        rows = self.table.query("status eq @status", {"status": AddressStatus.WITH_ERRORS.value})
+        return {(row.partition_key, row.row_key) for row in rows}
+
+    def apply_window(
+        self, window_start: datetime, touched: Iterable[TouchedAddress]
+    ) -> list[tuple[TouchedAddress, AddressState]]:
+        """Apply each address's events of the window once; the states after the window."""
+        results: list[tuple[TouchedAddress, AddressState]] = []
+        changed: list[AddressState] = []
+        by_channel: dict[str, list[TouchedAddress]] = {}
+        for item in touched:
+            by_channel.setdefault(item.channel, []).append(item)
+        for channel, items in sorted(by_channel.items()):
+            for i in range(0, len(items), 14):
+                chunk = items[i : i + 14]
+                found = self.table.get_many(channel, [t.key for t in chunk])
+                for item in chunk:
+                    current = found.get(item.key)
+                    state, new = self._state_after(
+                        channel, item, current.entity if current else None, window_start
+                    )
+                    if state is not None:
+                        results.append((item, state))
+                    if state is not None and new:
+                        changed.append(state)
+        self.table.write_batch(changed)
+        results.sort(key=lambda pair: (pair[0].channel, pair[0].key))
+        return results
+
+    def _state_after(
+        self,
+        channel: str,
+        item: TouchedAddress,
+        current: AddressState | None,
+        window_start: datetime,
+    ) -> tuple[AddressState | None, bool]:
+        """The state after the window's events, and whether it is new (to be written)."""
+        applied = current.applied_window if current else None
+        if current is not None and applied is not None and applied >= window_start:
+            return current, False  # applied by an earlier attempt at this window
+        before = current.model_dump() if current else None
+        state = (
+            current.model_copy()
+            if current
+            else AddressState(partition_key=channel, row_key=item.key, hint=mask(item.address))
+        )
+        for event in sorted(item.events, key=lambda e: (e.at, e.event_id)):
+            apply_event(state, event, channel, self.threshold)
+        if current is None and state.status == AddressStatus.VALID and state.error_count == 0:
+            return None, False  # only deliveries to an address never seen failing
+        if before is not None and state.model_dump() == before:
+            return None, False
+        state.applied_window = window_start
+        return state, True
+
+
+def address_event(event: dict[str, Any]) -> AddressEvent:
+    return AddressEvent(
+        at=from_epoch_millis(event["occurred_at"]),
+        event_id=event["event_id"],
+        kind=event["type"],
+        reason=event.get("bounce_reason") or (event.get("raw") or {}).get("error"),
+        external_id=event.get("external_id"),
+    )

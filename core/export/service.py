@@ -1,0 +1,414 @@
+"""The four-hourly log export: engagement events back to the CDP, each window once.
+
+    claim the watermark (ETag) -> for each complete window after it, in order:
+        seal its ingestion hours -> read its events -> broadLog and trackingLog files
+        -> quarantine states -> non-deliverable addresses file -> manifest (last)
+        -> advance the watermark
+    -> release
+
+Windows are aligned four-hour ranges of ingestion time (00-04, 04-08, ... UTC). Output names
+are deterministic, so a retried window rewrites the same files; the manifest is written
+after its files, and the watermark moves only after the manifest. The guard: at most one
+export per four-hour slot (a forced operator run may break it; it never exports a window
+that is not complete or twice in one run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import orjson
+
+from core.errors import ConcurrencyConflict
+from core.events.model import epoch_millis
+from core.events.store import EventStore, hour_start
+from core.export.quarantine import (
+    AddressState,
+    QuarantineBook,
+    TouchedAddress,
+    address_event,
+    address_key,
+    relevant,
+)
+from core.export.xdm import (
+    BROADLOG,
+    DELIVERY_OUTCOMES,
+    INTERACTIONS,
+    NON_DELIVERABLE,
+    TRACKINGLOG,
+    XdmOptions,
+    broadlog_record,
+    identity_map,
+    iso,
+    record_id,
+    trackinglog_record,
+)
+from core.runs import RunKind, RunRecord, RunStatus
+from core.services import Services
+from core.storage import Storage
+from core.storage.tables import TableEntity
+
+log = logging.getLogger(__name__)
+WINDOW = timedelta(hours=4)
+LEASE = timedelta(minutes=30)
+_FLUSH_BYTES = 1 << 20
+SCHEMAS = {
+    BROADLOG: "https://switchboard.dev/schemas/xdm/broadlog.schema.json",
+    TRACKINGLOG: "https://switchboard.dev/schemas/xdm/trackinglog.schema.json",
+    NON_DELIVERABLE: "https://switchboard.dev/schemas/xdm/non-deliverable-address.schema.json",
+}
+
+
+def window_floor(moment: datetime) -> datetime:
+    moment = moment.astimezone(UTC)
+    return moment.replace(hour=moment.hour - moment.hour % 4, minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+
+    @property
+    def end(self) -> datetime:
+        return self.start + WINDOW
+
+    @property
+    def label(self) -> str:
+        return f"{self.start:%Y%m%dT%H%MZ}_{self.end:%Y%m%dT%H%MZ}"
+
+    def blob_name(self, log_name: str, suffix: str = ".jsonl.gz") -> str:
+        return f"{log_name}/{self.start:%Y/%m/%d}/{log_name}_{self.label}{suffix}"
+
+    @property
+    def manifest_name(self) -> str:
+        return self.blob_name("manifest", ".json")
+
+
+class ExportWatermark(TableEntity):
+    """Table `exportwatermarks`: PK the export container, RK `watermark`."""
+
+    table_name: ClassVar[str] = "exportwatermarks"
+
+    exported_through: datetime | None = None
+    """End of the last window whose files and manifest are written."""
+    last_slot: datetime | None = None
+    """Start of the four-hour slot of the last (unforced) export run: the guard."""
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    container: str
+    xdm: XdmOptions
+    soft_threshold: int
+    start: datetime | None = None
+    """No window before this one is exported (None: from the oldest stored event's)."""
+
+    @classmethod
+    def of(cls, services: Services) -> ExportSettings:
+        settings = services.settings
+        return cls(
+            container=settings.export_container,
+            xdm=XdmOptions(settings.xdm_tenant, settings.export_profile_namespace),
+            soft_threshold=settings.quarantine_soft_threshold,
+            start=settings.export_start,
+        )
+
+
+class LogFile:
+    """One gzip JSON Lines output file, streamed as blocks; counts and checksums it."""
+
+    def __init__(self, storage: Storage, container: str, name: str, log_name: str) -> None:
+        self.name, self.log_name = name, log_name
+        self._writer = storage.blobs.writer(
+            container, name, overwrite=True, content_type="application/x-ndjson",
+            block_bytes=_FLUSH_BYTES,
+        )  # fmt: skip
+        # mtime 0 and no file name in the gzip header: the same records give the same bytes.
+        self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._buffer = bytearray()
+        self._sha256 = hashlib.sha256()
+        self.records = 0
+        self.bytes = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._buffer += orjson.dumps(record)
+        self._buffer += b"\n"
+        self.records += 1
+        if len(self._buffer) >= _FLUSH_BYTES:
+            self._emit(self._gzip.compress(bytes(self._buffer)))
+            self._buffer.clear()
+
+    def _emit(self, data: bytes) -> None:
+        self._sha256.update(data)
+        self.bytes += len(data)
+        self._writer.write(data)
+
+    def close(self) -> dict[str, Any]:
+        self._emit(self._gzip.compress(bytes(self._buffer)) + self._gzip.flush())
+        self._buffer.clear()
+        self._writer.close()
+        return {
+            "log": self.log_name,
+            "name": self.name,
+            "records": self.records,
+            "bytes": self.bytes,
+            "sha256": self._sha256.hexdigest(),
+            "schema": SCHEMAS[self.log_name],
+        }
+
+
+@dataclass
+class WindowResult:
+    window: Window
+    manifest: dict[str, Any]
+    events_read: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def export_window(
+    services: Services, window: Window, options: ExportSettings, store: EventStore | None = None
+) -> WindowResult:
+    """Write one window's three files and its manifest (same names and bytes every time)."""
+    store = store or EventStore(services.storage)
+    storage = services.storage
+    store.seal(window.start, window.end)  # nothing may land in these hours any more
+    book = QuarantineBook(storage, options.soft_threshold)
+    with_errors = book.with_errors()
+    broadlog = LogFile(storage, options.container, window.blob_name(BROADLOG), BROADLOG)
+    tracking = LogFile(storage, options.container, window.blob_name(TRACKINGLOG), TRACKINGLOG)
+    touched: dict[tuple[str, str], TouchedAddress] = {}
+    result = WindowResult(window, {})
+    seen_segments: set[str] = set()
+    xdm = options.xdm
+    for entry in store.segments(window.start, window.end):
+        if entry.row_key in seen_segments:
+            continue
+        seen_segments.add(entry.row_key)
+        ingested = epoch_millis(entry.committed_at or hour_start(entry.partition_key))
+        for event in store.read_segment_stored(entry):
+            result.events_read += 1
+            kind = event["type"]
+            if kind in DELIVERY_OUTCOMES:
+                broadlog.write(broadlog_record(event, ingested, xdm))
+            elif kind in INTERACTIONS:
+                tracking.write(trackinglog_record(event, ingested, xdm))
+            _note_address(event, touched, with_errors)
+    files = [broadlog.close(), tracking.close()]
+    states = book.apply_window(window.start, touched.values())
+    addresses = LogFile(
+        storage, options.container, window.blob_name(NON_DELIVERABLE), NON_DELIVERABLE
+    )
+    for item, state in states:
+        addresses.write(non_deliverable_record(item, state, xdm))
+    files.append(addresses.close())
+    result.manifest = {
+        "window": {"start": iso(epoch_millis(window.start)), "end": iso(epoch_millis(window.end))},
+        "files": files,
+        "events_read": result.events_read,
+        "segments": len(seen_segments),
+        "format": "XDM ExperienceEvent, UTF-8 JSON Lines, gzip",
+    }
+    manifest = orjson.dumps(result.manifest, option=orjson.OPT_INDENT_2)
+    storage.blobs.create(
+        options.container, window.manifest_name, manifest,
+        overwrite=True, content_type="application/json",
+    )  # fmt: skip
+    result.counts = {f"records.{f['log']}": f["records"] for f in files}
+    return result
+
+
+def _note_address(
+    event: dict[str, Any],
+    touched: dict[tuple[str, str], TouchedAddress],
+    with_errors: set[tuple[str, str]],
+) -> None:
+    found = relevant(event)
+    if found is None:
+        return
+    channel, address = found
+    if event["type"] == "delivered" and (channel, address_key(address)) not in with_errors:
+        return  # a delivery only matters to an address With errors
+    item = touched.get(found)
+    if item is None:
+        item = touched[found] = TouchedAddress(channel, address)
+    item.events.append(address_event(event))
+
+
+def non_deliverable_record(
+    item: TouchedAddress, state: AddressState, xdm: XdmOptions
+) -> dict[str, Any]:
+    last = max(item.events, key=lambda e: (e.at, e.event_id))
+    field_name = {"email": "email", "push": "push_token"}.get(item.channel, "phone")
+    identity_source = {field_name: item.address, "external_id": last.external_id}
+    details: dict[str, Any] = {
+        "address": item.address,
+        "channel": item.channel,
+        "status": state.status.value,
+        "errorCount": state.error_count,
+    }
+    for key, value in (
+        ("failureType", state.failure_type), ("failureReason", state.failure_reason),
+        ("lastError", state.failure_reason),
+        ("lastErrorAt", state.last_error_at), ("firstErrorAt", state.first_error_at),
+    ):  # fmt: skip
+        if value is not None:
+            details[key] = iso(epoch_millis(value)) if isinstance(value, datetime) else value
+    return {
+        "_id": record_id(NON_DELIVERABLE, f"{item.channel}|{item.key}|{last.event_id}"),
+        "timestamp": iso(epoch_millis(last.at)),
+        "eventType": "message.feedback",
+        "identityMap": identity_map(identity_source, xdm),
+        "_experience": {
+            "campaign": {
+                "channel": item.channel,
+                "quarantine": state.status.value in ("Quarantine", "On denylist"),
+            }
+        },
+        f"_{xdm.tenant}": {"nonDeliverable": details},
+    }
+
+
+# -- runs --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportOutcome:
+    run: RunRecord
+    refused: str | None = None
+    """Why nothing was exported: `export_guard` or `export_running` (None if it ran)."""
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def run_log_export(
+    services: Services,
+    *,
+    now: datetime | None = None,
+    force: bool = False,
+    window_start: datetime | None = None,
+    source: str = "timer",
+    options: ExportSettings | None = None,
+) -> ExportOutcome:
+    """Export every complete window not exported yet (or, forced, one given past window)."""
+    moment = now or datetime.now(UTC)
+    options = options or ExportSettings.of(services)
+    run = services.runs.start(RunKind.LOG_EXPORT, source=source, now=moment)
+    watermarks = services.storage.tables.get(ExportWatermark)
+    key = (options.container, "watermark")
+    slot = window_floor(moment)
+
+    def claim(current: ExportWatermark | None) -> ExportWatermark:
+        mark = current or ExportWatermark(partition_key=key[0], row_key=key[1])
+        if mark.lease_owner and mark.lease_until and mark.lease_until > moment:
+            raise _Refused("export_running", f"export run {mark.lease_owner} is still running")
+        if not force and mark.last_slot is not None and mark.last_slot >= slot:
+            raise _Refused(
+                "export_guard",
+                f"already exported in the four-hour slot from {slot:%Y-%m-%dT%H:%MZ}; "
+                "the next export may start at "
+                f"{slot + WINDOW:%Y-%m-%dT%H:%MZ} (or force it)",
+            )
+        update: dict[str, Any] = {"lease_owner": run.run_id, "lease_until": moment + LEASE}
+        if not force:
+            update["last_slot"] = slot
+        return mark.model_copy(update=update)
+
+    try:
+        mark = watermarks.mutate(*key, claim)
+    except _Refused as refused:
+        finished = services.runs.finish(
+            run.run_id, RunStatus.SUCCEEDED, counts={},
+            detail={"skipped": refused.code, "reason": str(refused)},
+        )  # fmt: skip
+        log.info("log export skipped", extra={"run_id": run.run_id, "reason": refused.code})
+        return ExportOutcome(finished, refused.code)
+    assert mark is not None
+    exported_through = mark.entity.exported_through
+    store = EventStore(services.storage)
+    counts: dict[str, int] = {}
+    windows: list[dict[str, Any]] = []
+    try:
+        if window_start is not None:
+            todo = [Window(window_floor(window_start))]
+            if exported_through is None or todo[0].end > exported_through:
+                raise _Refused(
+                    "not_exported_yet", "only windows exported before can be re-exported"
+                )
+        else:
+            todo = _due_windows(store, exported_through, moment, options.start)
+        for window in todo:
+            result = export_window(services, window, options, store)
+            if window_start is None:
+                _advance(services, key, run.run_id, window.end)
+            for name, value in result.counts.items():
+                counts[name] = counts.get(name, 0) + value
+            counts["events_read"] = counts.get("events_read", 0) + result.events_read
+            windows.append({"window": result.window.label, "manifest": window.manifest_name})
+        counts["windows"] = len(windows)
+    except _Refused as refused:
+        _release(services, key, run.run_id)
+        finished = services.runs.finish(
+            run.run_id, RunStatus.FAILED, counts={}, error=str(refused),
+            detail={"skipped": refused.code},
+        )  # fmt: skip
+        return ExportOutcome(finished, refused.code)
+    except Exception as exc:
+        _release(services, key, run.run_id)
+        services.runs.finish(run.run_id, RunStatus.FAILED, counts=counts, error=str(exc)[:500])
+        raise
+    _release(services, key, run.run_id)
+    finished = services.runs.finish(
+        run.run_id, RunStatus.SUCCEEDED, counts=counts,
+        detail={"windows": windows, "container": options.container, "forced": force},
+    )  # fmt: skip
+    log.info("log export finished", extra={"run_id": run.run_id, "windows": len(windows)})
+    return ExportOutcome(finished)
+
+
+def _due_windows(
+    store: EventStore, exported_through: datetime | None, now: datetime, first: datetime | None
+) -> list[Window]:
+    """Complete windows after the watermark, oldest first. The first run starts at the
+    configured start, else at the oldest stored event's window (an empty store: the last
+    complete window)."""
+    if exported_through is not None:
+        start = exported_through
+    elif first is not None:
+        start = window_floor(first)
+    else:
+        first_hour = store.first_hour()
+        start = window_floor(first_hour) if first_hour else window_floor(now) - WINDOW
+    windows = []
+    while start + WINDOW <= now:
+        windows.append(Window(start))
+        start += WINDOW
+    return windows
+
+
+def _advance(services: Services, key: tuple[str, str], run_id: str, through: datetime) -> None:
+    def change(current: ExportWatermark | None) -> ExportWatermark:
+        if current is None or current.lease_owner != run_id:
+            raise ConcurrencyConflict("the export lease was lost to another run")
+        return current.model_copy(update={"exported_through": through})
+
+    services.storage.tables.get(ExportWatermark).mutate(*key, change)
+
+
+def _release(services: Services, key: tuple[str, str], run_id: str) -> None:
+    def change(current: ExportWatermark | None) -> ExportWatermark | None:
+        if current is None or current.lease_owner != run_id:
+            return None
+        return current.model_copy(update={"lease_owner": None, "lease_until": None})
+
+    services.storage.tables.get(ExportWatermark).mutate(*key, change)

@@ -1,0 +1,228 @@
+"""Engagement events (stored form) as XDM ExperienceEvent records for the CDP.
+
+    broadLog     one record per delivery attempt outcome (sent, delivered, bounced, ...)
+    trackingLog  one record per interaction (open, click, unsubscribe, spam complaint, ...)
+
+Shapes follow `schemas/xdm/*.schema.json` (the files' contract, checked by the tests):
+`_id` (deterministic from the source event), `timestamp`, `eventType` from the XDM enum
+where one fits (`message.feedback` / `message.tracking` otherwise), an `identityMap` with
+the configured namespaces, the `_experience.customerJourneyManagement` field groups
+(messageDeliveryfeedback, messageInteraction, messageProfile), the Campaign delivery and
+tracking-log fields (`_experience.campaign`), and a tenant block with where it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from core.events.model import EventType
+
+BROADLOG = "broadLog"
+TRACKINGLOG = "trackingLog"
+NON_DELIVERABLE = "nonDeliverableAddresses"
+
+CHANNEL_URIS = {
+    "email": "https://ns.adobe.com/xdm/channels/email",
+    "push": "https://ns.adobe.com/xdm/channels/push",
+    "sms": "https://ns.adobe.com/xdm/channels/sms",
+    "whatsapp": "https://ns.adobe.com/xdm/channels/whatsapp",
+    "rcs": "https://ns.adobe.com/xdm/channels/rcs",
+    "line": "https://ns.adobe.com/xdm/channels/line",
+    "in_app": "https://ns.adobe.com/xdm/channels/inApp",
+    "content_card": "https://ns.adobe.com/xdm/channels/contentCard",
+    "banner": "https://ns.adobe.com/xdm/channels/banner",
+    "webhook": "https://ns.adobe.com/xdm/channels/webhook",
+}
+
+# Event type -> (feedbackStatus, failure type or None) for the delivery log.
+DELIVERY_OUTCOMES: dict[str, tuple[str, str | None]] = {
+    EventType.SENT: ("sent", None),
+    EventType.DISPATCHED: ("sent", None),
+    EventType.DELIVERED: ("delivered", None),
+    EventType.DEFERRED: ("delay", None),
+    EventType.BOUNCED_SOFT: ("bounce", "soft"),
+    EventType.BOUNCED_HARD: ("bounce", "hard"),
+    EventType.DELIVERY_FAILED: ("error", "soft"),
+    EventType.REJECTED: ("error", "hard"),
+    EventType.ABORTED: ("exclude", None),
+}
+_EMAIL_DELIVERY_TYPES = {
+    EventType.SENT: "directMarketing.emailSent",
+    EventType.DELIVERED: "directMarketing.emailDelivered",
+    EventType.BOUNCED_HARD: "directMarketing.emailBounced",
+    EventType.BOUNCED_SOFT: "directMarketing.emailBouncedSoft",
+}
+# Event type -> interactionType for the tracking log.
+INTERACTIONS: dict[str, str] = {
+    EventType.OPENED: "open",
+    EventType.CLICKED: "click",
+    EventType.UNSUBSCRIBED: "unsubscribe",
+    EventType.SPAM_COMPLAINT: "spam_complaint",
+    EventType.READ: "read",
+}
+_EMAIL_TRACKING_TYPES = {
+    "open": "directMarketing.emailOpened",
+    "bot_open": "directMarketing.emailOpened",
+    "click": "directMarketing.emailClicked",
+    "bot_click": "directMarketing.emailClicked",
+    "unsubscribe": "directMarketing.emailUnsubscribed",
+}
+_SMTP_ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_SMTP_BASIC = re.compile(r"^\s*([245]\d\d)\b")
+
+
+@dataclass(frozen=True)
+class XdmOptions:
+    tenant: str
+    """The tenant id without the leading underscore (`_<tenant>` holds Switchboard's fields)."""
+    profile_namespace: str
+    """Identity namespace of the CDP's profile id (the events' `external_id`)."""
+
+
+def record_id(log: str, event_id: str) -> str:
+    """`_id`: the same for the same source event in the same log, on every export."""
+    return hashlib.sha256(f"{log}|{event_id}".encode()).hexdigest()
+
+
+def iso(moment_ms: int) -> str:
+    return datetime.fromtimestamp(moment_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def identity_map(event: dict[str, Any], options: XdmOptions) -> dict[str, list[dict[str, Any]]]:
+    identities: dict[str, list[dict[str, Any]]] = {}
+    primary_taken = False
+    external_id = event.get("external_id")
+    if external_id:
+        identities[options.profile_namespace] = [{"id": external_id, "primary": True}]
+        primary_taken = True
+    for namespace, field in (("Email", "email"), ("Phone", "phone")):
+        value = event.get(field)
+        if value:
+            identities[namespace] = [{"id": value, "primary": not primary_taken}]
+            primary_taken = True
+    return identities
+
+
+def failure_code(reason: str | None) -> str | None:
+    """The SMTP status in a bounce text: enhanced (`5.1.1`) if present, else basic (`550`)."""
+    if not reason:
+        return None
+    found = _SMTP_ENHANCED.search(reason) or _SMTP_BASIC.search(reason)
+    return found.group(1) if found else None
+
+
+def _hub(event: dict[str, Any], ingested_ms: int) -> dict[str, Any]:
+    return {
+        "sourceSystem": event["source"],
+        "sourceEventId": event["event_id"],
+        "sourceType": event["source_type"],
+        "ingestedAt": iso(ingested_ms),
+    }
+
+
+def _campaign(event: dict[str, Any]) -> dict[str, Any]:
+    fields = {
+        "deliveryID": event.get("dispatch_id") or event.get("send_id"),
+        "campaignID": event.get("campaign_id") or event.get("canvas_id"),
+        "campaignName": event.get("campaign_name") or event.get("canvas_name"),
+        "externalID": event.get("external_id"),
+        "channel": event["channel"],
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def broadlog_record(event: dict[str, Any], ingested_ms: int, options: XdmOptions) -> dict[str, Any]:
+    """The delivery-log record of a delivery outcome event (see DELIVERY_OUTCOMES)."""
+    kind = event["type"]
+    status, failure = DELIVERY_OUTCOMES[kind]
+    channel = event["channel"]
+    feedback: dict[str, Any] = {"feedbackStatus": status}
+    campaign = _campaign(event)
+    campaign["broadlogID"] = event["event_id"]
+    campaign["status"] = status
+    if failure is not None:
+        reason = event.get("bounce_reason") or str(event.get("raw", {}).get("error") or "") or None
+        message_failure: dict[str, Any] = {
+            "type": failure,
+            "category": "async"
+            if kind in (EventType.BOUNCED_SOFT, EventType.BOUNCED_HARD)
+            else "sync",
+        }
+        if reason:
+            message_failure["reason"] = reason[:500]
+            campaign["reasonMessage"] = reason[:500]
+        code = failure_code(reason)
+        if code:
+            message_failure["code"] = code
+        feedback["messageFailure"] = message_failure
+        campaign["quarantine"] = failure == "hard"
+    event_type = (
+        _EMAIL_DELIVERY_TYPES.get(kind, "message.feedback")
+        if channel == "email"
+        else "message.feedback"
+    )
+    return {
+        "_id": record_id(BROADLOG, event["event_id"]),
+        "timestamp": iso(event["occurred_at"]),
+        "eventType": event_type,
+        "identityMap": identity_map(event, options),
+        "_experience": {
+            "customerJourneyManagement": {
+                "messageDeliveryfeedback": feedback,
+                "messageProfile": {"channel": {"_id": CHANNEL_URIS.get(channel, channel)}},
+            },
+            "campaign": campaign,
+        },
+        f"_{options.tenant}": {"hub": _hub(event, ingested_ms)},
+    }
+
+
+def _is_bot(event: dict[str, Any]) -> bool:
+    raw = event.get("raw") or {}
+    return (
+        str(raw.get("machine_open", "")).lower() == "true"
+        or raw.get("is_suspected_bot_click") is True
+    )
+
+
+def trackinglog_record(
+    event: dict[str, Any], ingested_ms: int, options: XdmOptions
+) -> dict[str, Any]:
+    """The tracking-log record of an interaction event (see INTERACTIONS)."""
+    interaction = INTERACTIONS[event["type"]]
+    bot = _is_bot(event)
+    if bot and interaction in ("open", "click"):
+        interaction = f"bot_{interaction}"
+    channel = event["channel"]
+    details: dict[str, Any] = {"interactionType": interaction, "isBot": bot}
+    campaign = _campaign(event)
+    campaign["trackinglogID"] = event["event_id"]
+    url = event.get("url")
+    if url:
+        details["url"] = url
+        campaign["url"] = url
+        campaign["urlCategory"] = channel
+    if channel == "email":
+        event_type = _EMAIL_TRACKING_TYPES.get(interaction, "message.tracking")
+    elif channel == "push" and interaction == "open":
+        event_type = "pushTracking.applicationOpened"
+    else:
+        event_type = "message.tracking"
+    return {
+        "_id": record_id(TRACKINGLOG, event["event_id"]),
+        "timestamp": iso(event["occurred_at"]),
+        "eventType": event_type,
+        "identityMap": identity_map(event, options),
+        "_experience": {
+            "customerJourneyManagement": {
+                "messageInteraction": details,
+                "messageProfile": {"channel": {"_id": CHANNEL_URIS.get(channel, channel)}},
+            },
+            "campaign": campaign,
+        },
+        f"_{options.tenant}": {"hub": _hub(event, ingested_ms)},
+    }
