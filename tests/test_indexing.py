@@ -44,6 +44,10 @@ EXPECTED = {
         "timerTrigger",
         {"schedule": "0 0 */4 * * *", "useMonitor": True, "runOnStartup": False},
     ),
+    "run_log_export_now": (
+        "httpTrigger",
+        {"route": "log-export/run", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
     "currents_timer": (
         "timerTrigger",
         {"schedule": "0 */5 * * * *", "useMonitor": True, "runOnStartup": False},
