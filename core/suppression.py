@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import ConcurrencyConflict, EntityExists
 from core.storage import Storage
-from core.storage.tables import MAX_BATCH_OPERATIONS, EntityTable, TableEntity, Versioned
+from core.storage.tables import MAX_BATCH_OPERATIONS, EntityTable, TableEntity
 from core.sync.mapping import RowRejected, normalise_email, normalise_phone
 
 
@@ -165,8 +165,6 @@ class SuppressionUpdate:
         )
 
 
-_LOOKUP_KEYS = 14
-"""Row keys per point-lookup query (a filter allows 15 comparisons, one is the partition)."""
 _PARALLEL_CHUNKS = 4
 
 
@@ -209,9 +207,9 @@ class SuppressionList:
         return changed
 
     def apply_many(self, updates: list[SuppressionUpdate]) -> int:
-        """Many updates (at most one per address and reason): rows read 14 at a time and
-        written in transactions of up to 100; a transaction that loses a race is redone
-        update by update. Returns how many changed suppression state."""
+        """Many updates (at most one per address and reason): rows read by parallel point
+        reads and written in transactions of up to 100; a transaction that loses a race is
+        redone update by update. Returns how many changed suppression state."""
         chunks = [
             updates_of_channel[i : i + MAX_BATCH_OPERATIONS]
             for channel in Channel
@@ -223,10 +221,7 @@ class SuppressionList:
 
     def _apply_chunk(self, updates: list[SuppressionUpdate]) -> int:
         partition = updates[0].channel.value
-        current: dict[str, Versioned[Suppression]] = {}
-        for i in range(0, len(updates), _LOOKUP_KEYS):
-            keys = [u.row_key for u in updates[i : i + _LOOKUP_KEYS]]
-            current.update(self._table.get_many(partition, keys))
+        current = self._table.get_many(partition, [u.row_key for u in updates])
         operations: list[tuple[str, Suppression, str | None]] = []
         changed = 0
         for update in updates:

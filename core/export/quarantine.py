@@ -29,6 +29,7 @@ from core.suppression import mask
 
 SIGNIFICANT_GAP = timedelta(hours=24)
 COUNT_RESET_AFTER = timedelta(days=10)
+_PARALLEL_IO = 8
 
 
 class AddressStatus(StrEnum):
@@ -166,19 +167,17 @@ class QuarantineBook:
         for item in touched:
             by_channel.setdefault(item.channel, []).append(item)
         for channel, items in sorted(by_channel.items()):
-            for i in range(0, len(items), 14):
-                chunk = items[i : i + 14]
-                found = self.table.get_many(channel, [t.key for t in chunk])
-                for item in chunk:
-                    current = found.get(item.key)
-                    state, new = self._state_after(
-                        channel, item, current.entity if current else None, window_start
-                    )
-                    if state is not None:
-                        results.append((item, state))
-                    if state is not None and new:
-                        changed.append(state)
-        self.table.write_batch(changed)
+            found = self.table.get_many(channel, [t.key for t in items], parallel=_PARALLEL_IO)
+            for item in items:
+                current = found.get(item.key)
+                state, new = self._state_after(
+                    channel, item, current.entity if current else None, window_start
+                )
+                if state is not None:
+                    results.append((item, state))
+                if state is not None and new:
+                    changed.append(state)
+        self.table.write_batch(changed, parallel=_PARALLEL_IO)
         results.sort(key=lambda pair: (pair[0].channel, pair[0].key))
         return results
 

@@ -13,6 +13,7 @@ tracking-log fields (`_experience.campaign`), and a tenant block with where it c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -82,6 +83,21 @@ class XdmOptions:
     profile_namespace: str
     """Identity namespace of the CDP's profile id (the events' `external_id`)."""
 
+    @property
+    def tenant_key(self) -> str:
+        return f"_{self.tenant}"
+
+
+def _message_profile(channel: str) -> dict[str, Any]:
+    """Shared per channel: serialised many times, never changed."""
+    found = _PROFILES.get(channel)
+    if found is None:
+        found = _PROFILES[channel] = {"channel": {"_id": CHANNEL_URIS.get(channel, channel)}}
+    return found
+
+
+_PROFILES: dict[str, dict[str, Any]] = {}
+
 
 def record_id(log: str, event_id: str) -> str:
     """`_id`: the same for the same source event in the same log, on every export."""
@@ -89,7 +105,15 @@ def record_id(log: str, event_id: str) -> str:
 
 
 def iso(moment_ms: int) -> str:
-    return datetime.fromtimestamp(moment_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """`2026-11-24T07:52:38.000Z` (XDM date-time, UTC, milliseconds)."""
+    seconds, millis = divmod(moment_ms, 1000)
+    return f"{_iso_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=65_536)
+def _iso_second(seconds: int) -> str:
+    # Events of a window share few distinct seconds; formatting is the costly part.
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def identity_map(event: dict[str, Any], options: XdmOptions) -> dict[str, list[dict[str, Any]]]:
@@ -115,12 +139,12 @@ def failure_code(reason: str | None) -> str | None:
     return found.group(1) if found else None
 
 
-def _hub(event: dict[str, Any], ingested_ms: int) -> dict[str, Any]:
+def _hub(event: dict[str, Any], ingested_at: str) -> dict[str, Any]:
     return {
         "sourceSystem": event["source"],
         "sourceEventId": event["event_id"],
         "sourceType": event["source_type"],
-        "ingestedAt": iso(ingested_ms),
+        "ingestedAt": ingested_at,
     }
 
 
@@ -135,7 +159,7 @@ def _campaign(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def broadlog_record(event: dict[str, Any], ingested_ms: int, options: XdmOptions) -> dict[str, Any]:
+def broadlog_record(event: dict[str, Any], ingested_at: str, options: XdmOptions) -> dict[str, Any]:
     """The delivery-log record of a delivery outcome event (see DELIVERY_OUTCOMES)."""
     kind = event["type"]
     status, failure = DELIVERY_OUTCOMES[kind]
@@ -173,11 +197,11 @@ def broadlog_record(event: dict[str, Any], ingested_ms: int, options: XdmOptions
         "_experience": {
             "customerJourneyManagement": {
                 "messageDeliveryfeedback": feedback,
-                "messageProfile": {"channel": {"_id": CHANNEL_URIS.get(channel, channel)}},
+                "messageProfile": _message_profile(channel),
             },
             "campaign": campaign,
         },
-        f"_{options.tenant}": {"hub": _hub(event, ingested_ms)},
+        options.tenant_key: {"hub": _hub(event, ingested_at)},
     }
 
 
@@ -190,7 +214,7 @@ def _is_bot(event: dict[str, Any]) -> bool:
 
 
 def trackinglog_record(
-    event: dict[str, Any], ingested_ms: int, options: XdmOptions
+    event: dict[str, Any], ingested_at: str, options: XdmOptions
 ) -> dict[str, Any]:
     """The tracking-log record of an interaction event (see INTERACTIONS)."""
     interaction = INTERACTIONS[event["type"]]
@@ -220,9 +244,9 @@ def trackinglog_record(
         "_experience": {
             "customerJourneyManagement": {
                 "messageInteraction": details,
-                "messageProfile": {"channel": {"_id": CHANNEL_URIS.get(channel, channel)}},
+                "messageProfile": _message_profile(channel),
             },
             "campaign": campaign,
         },
-        f"_{options.tenant}": {"hub": _hub(event, ingested_ms)},
+        options.tenant_key: {"hub": _hub(event, ingested_at)},
     }
