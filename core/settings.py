@@ -165,6 +165,13 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_EXPORT_START",
         description="First window to export (ISO time); unset: the oldest stored event's.",
     )
+    export_lease_seconds: int = Field(
+        default=900,
+        ge=5,
+        le=24 * 3600,
+        validation_alias="SWITCHBOARD_EXPORT_LEASE_SECONDS",
+        description="How long an export run owns the watermark without progress.",
+    )
     quarantine_soft_threshold: int = Field(
         default=5,
         ge=1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -340,3 +341,70 @@ def test_operator_route_runs_the_export_and_answers_409_on_the_guard(running_app
     assert forced.status_code == 200 and forced.json()["detail"]["forced"] is True
     bad = requests.post(url, json={"force": "sometimes"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+
+
+def test_a_host_killed_mid_export_retries_to_the_same_files_as_a_clean_export(
+    services, storage, events, local_services, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    from core.export.service import window_floor
+    from devhost.process import HostProcess
+    from devhost.services import free_port
+    from tests.helpers import eventually
+
+    window = Window(window_floor(datetime.now(UTC)) - timedelta(hours=8))  # complete, past
+    kinds = ["users.messages.email.Send", "users.messages.email.Delivery",
+             "users.messages.email.Open", "users.messages.email.SoftBounce"]  # fmt: skip
+    batch = [
+        events.make(
+            kinds[n % 4], window.start + timedelta(seconds=n),
+            email_address=f"user{n % 50}-{events.salt[:6]}@example.com",
+        )
+        for n in range(40_000)
+    ]  # fmt: skip
+    events.place(batch, window.start + timedelta(hours=1))
+    container = f"crash-{uuid.uuid4().hex[:10]}"
+    env = {
+        **local_services,
+        "SWITCHBOARD_EXPORT_CONTAINER": container,
+        "SWITCHBOARD_EXPORT_START": window.start.isoformat(),
+        "SWITCHBOARD_EXPORT_LEASE_SECONDS": "5",
+        "SWITCHBOARD_LOG_EXPORT_SCHEDULE": "0 0 0 1 1 *",  # fired by the test only
+    }
+    marks = storage.tables.get(ExportWatermark)
+
+    def fire(host: HostProcess) -> None:
+        url = f"{host.base_url}/admin/functions/log_export_timer"
+        assert requests.post(url, json={}, timeout=5).status_code == 202
+
+    doomed = HostProcess(env, free_port(), tmp_path / "doomed.log")
+    try:
+        doomed.wait_ready()
+        fire(doomed)
+        eventually(lambda: (m := marks.get(container, "watermark")) and m.entity.lease_owner)
+        time.sleep(0.3)
+        os.kill(doomed.process.pid, signal.SIGKILL)  # mid-export: no cleanup
+    finally:
+        doomed.stop()
+    mark = marks.get(container, "watermark")
+    assert mark is not None and mark.entity.exported_through is None
+    assert not storage.blobs.exists(container, window.manifest_name)
+
+    time.sleep(5)  # the dead run's lease runs out
+    with HostProcess(env, free_port(), tmp_path / "retry.log") as retry:
+        fire(retry)
+        done = eventually(
+            lambda: (m := marks.get(container, "watermark")) and m.entity.exported_through,
+            timeout=60,
+        )
+    assert done >= window.end
+    records = check_window_files(storage, container, window)
+    assert len(records["broadLog"]) == 30_000 and len(records["trackingLog"]) == 10_000
+
+    clean = ExportSettings(f"clean-{uuid.uuid4().hex[:10]}", XdmOptions("switchboard", "crmId"), 5)
+    export_window(services, window, clean)
+    for log_name in ("broadLog", "trackingLog", "nonDeliverableAddresses"):
+        name = window.blob_name(log_name)
+        assert read_blob(storage, container, name) == read_blob(storage, clean.container, name)

@@ -69,6 +69,15 @@ class AddressState(TableEntity):
     last_counted_at: datetime | None = None
     hint: str = ""
     applied_window: datetime | None = None
+    # What the export of `applied_window` reported, so that a retried export of that window
+    # reports the very same record (the state has moved on by then):
+    status_before: AddressStatus | None = None
+    """The status before `applied_window`'s events."""
+    window_event_id: str | None = None
+    """The latest of the window's events for this address."""
+    window_event_at: datetime | None = None
+    external_id: str | None = None
+    """The profile id the window's events named (for the record's identityMap)."""
 
 
 @dataclass
@@ -152,9 +161,13 @@ class QuarantineBook:
         self.table: EntityTable[AddressState] = storage.tables.get(AddressState)
         self.threshold = threshold
 
-    def with_errors(self) -> set[tuple[str, str]]:
-        """(channel, address key) of every address With errors (a delivery clears those)."""
-        rows = self.table.query("status eq @status", {"status": AddressStatus.WITH_ERRORS.value})
+    def with_errors(self, window_start: datetime) -> set[tuple[str, str]]:
+        """(channel, address key) of every address With errors before the window (a delivery
+        clears those), also when an earlier attempt at this window applied it already."""
+        rows = self.table.query(
+            "status eq @errors or ( applied_window eq @window and status_before eq @errors )",
+            {"errors": AddressStatus.WITH_ERRORS.value, "window": window_start},
+        )
         return {(row.partition_key, row.row_key) for row in rows}
 
     def apply_window(
@@ -204,7 +217,14 @@ class QuarantineBook:
             return None, False  # only deliveries to an address never seen failing
         if before is not None and state.model_dump() == before:
             return None, False
+        last = max(item.events, key=lambda e: (e.at, e.event_id))
         state.applied_window = window_start
+        state.status_before = current.status if current else AddressStatus.VALID
+        state.window_event_id, state.window_event_at = last.event_id, last.at
+        state.external_id = next(
+            (e.external_id for e in sorted(item.events, key=lambda e: (e.at, e.event_id))
+             if e.external_id), None,
+        )  # fmt: skip
         return state, True
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,7 +60,6 @@ from core.storage.tables import TableEntity
 
 log = logging.getLogger(__name__)
 WINDOW = timedelta(hours=4)
-LEASE = timedelta(minutes=30)
 _FLUSH_BYTES = 1 << 20
 _GZIP_LEVEL = 1
 """Fast: XDM JSON is repetitive enough that level 1 keeps most of level 6's ratio."""
@@ -115,6 +115,8 @@ class ExportSettings:
     soft_threshold: int
     start: datetime | None = None
     """No window before this one is exported (None: from the oldest stored event's)."""
+    lease: timedelta = timedelta(minutes=15)
+    """How long a run owns the watermark without progress; then another run may take over."""
 
     @classmethod
     def of(cls, services: Services) -> ExportSettings:
@@ -124,6 +126,7 @@ class ExportSettings:
             xdm=XdmOptions(settings.xdm_tenant, settings.export_profile_namespace),
             soft_threshold=settings.quarantine_soft_threshold,
             start=settings.export_start,
+            lease=timedelta(seconds=settings.export_lease_seconds),
         )
 
 
@@ -203,7 +206,7 @@ def export_window(
     storage = services.storage
     store.seal(window.start, window.end)  # nothing may land in these hours any more
     book = QuarantineBook(storage, options.soft_threshold)
-    with_errors = book.with_errors()
+    with_errors = book.with_errors(window.start)
     broadlog = LogFile(storage, options.container, window.blob_name(BROADLOG), BROADLOG)
     tracking = LogFile(storage, options.container, window.blob_name(TRACKINGLOG), TRACKINGLOG)
     touched: dict[tuple[str, str], TouchedAddress] = {}
@@ -294,9 +297,10 @@ def _note_address(
 def non_deliverable_record(
     item: TouchedAddress, state: AddressState, xdm: XdmOptions
 ) -> dict[str, Any]:
-    last = max(item.events, key=lambda e: (e.at, e.event_id))
+    """The address's state after the window, as recorded when the window was applied."""
+    assert state.window_event_id is not None and state.window_event_at is not None
     field_name = {"email": "email", "push": "push_token"}.get(item.channel, "phone")
-    identity_source = {field_name: item.address, "external_id": last.external_id}
+    identity_source = {field_name: item.address, "external_id": state.external_id}
     details: dict[str, Any] = {
         "address": item.address,
         "channel": item.channel,
@@ -311,8 +315,8 @@ def non_deliverable_record(
         if value is not None:
             details[key] = iso(epoch_millis(value)) if isinstance(value, datetime) else value
     return {
-        "_id": record_id(NON_DELIVERABLE, f"{item.channel}|{item.key}|{last.event_id}"),
-        "timestamp": iso(epoch_millis(last.at)),
+        "_id": record_id(NON_DELIVERABLE, f"{item.channel}|{item.key}|{state.window_event_id}"),
+        "timestamp": iso(epoch_millis(state.window_event_at)),
         "eventType": "message.feedback",
         "identityMap": identity_map(identity_source, xdm),
         "_experience": {
@@ -357,6 +361,11 @@ def run_log_export(
     watermarks = services.storage.tables.get(ExportWatermark)
     key = (options.container, "watermark")
     slot = window_floor(moment)
+    started = time.monotonic()
+
+    def clock() -> datetime:
+        """Now on the run's timeline (`now` may be given, e.g. by tests and the demo)."""
+        return moment + timedelta(seconds=time.monotonic() - started)
 
     def claim(current: ExportWatermark | None) -> ExportWatermark:
         mark = current or ExportWatermark(partition_key=key[0], row_key=key[1])
@@ -369,10 +378,10 @@ def run_log_export(
                 "the next export may start at "
                 f"{slot + WINDOW:%Y-%m-%dT%H:%MZ} (or force it)",
             )
-        update: dict[str, Any] = {"lease_owner": run.run_id, "lease_until": moment + LEASE}
-        if not force:
-            update["last_slot"] = slot
-        return mark.model_copy(update=update)
+        # The slot is taken when the run succeeds: a crashed run leaves it to a retry.
+        return mark.model_copy(
+            update={"lease_owner": run.run_id, "lease_until": moment + options.lease}
+        )
 
     try:
         mark = watermarks.mutate(*key, claim)
@@ -400,24 +409,24 @@ def run_log_export(
         for window in todo:
             result = export_window(services, window, options, store)
             if window_start is None:
-                _advance(services, key, run.run_id, window.end)
+                _advance(services, key, run.run_id, window.end, clock() + options.lease)
             for name, value in result.counts.items():
                 counts[name] = counts.get(name, 0) + value
             counts["events_read"] = counts.get("events_read", 0) + result.events_read
             windows.append({"window": result.window.label, "manifest": window.manifest_name})
         counts["windows"] = len(windows)
     except _Refused as refused:
-        _release(services, key, run.run_id)
+        _release(services, key, run.run_id, slot=None)
         finished = services.runs.finish(
             run.run_id, RunStatus.FAILED, counts={}, error=str(refused),
             detail={"skipped": refused.code},
         )  # fmt: skip
         return ExportOutcome(finished, refused.code)
     except Exception as exc:
-        _release(services, key, run.run_id)
+        _release(services, key, run.run_id, slot=None)
         services.runs.finish(run.run_id, RunStatus.FAILED, counts=counts, error=str(exc)[:500])
         raise
-    _release(services, key, run.run_id)
+    _release(services, key, run.run_id, slot=None if force else slot)
     finished = services.runs.finish(
         run.run_id, RunStatus.SUCCEEDED, counts=counts,
         detail={"windows": windows, "container": options.container, "forced": force},
@@ -446,19 +455,30 @@ def _due_windows(
     return windows
 
 
-def _advance(services: Services, key: tuple[str, str], run_id: str, through: datetime) -> None:
+def _advance(
+    services: Services, key: tuple[str, str], run_id: str, through: datetime, lease_until: datetime
+) -> None:
+    """Move the watermark past a written window, and renew the lease for the next one."""
+
     def change(current: ExportWatermark | None) -> ExportWatermark:
         if current is None or current.lease_owner != run_id:
             raise ConcurrencyConflict("the export lease was lost to another run")
-        return current.model_copy(update={"exported_through": through})
+        return current.model_copy(update={"exported_through": through, "lease_until": lease_until})
 
     services.storage.tables.get(ExportWatermark).mutate(*key, change)
 
 
-def _release(services: Services, key: tuple[str, str], run_id: str) -> None:
+def _release(
+    services: Services, key: tuple[str, str], run_id: str, *, slot: datetime | None
+) -> None:
+    """Give the watermark back; a successful unforced run also takes its slot (the guard)."""
+
     def change(current: ExportWatermark | None) -> ExportWatermark | None:
         if current is None or current.lease_owner != run_id:
             return None
-        return current.model_copy(update={"lease_owner": None, "lease_until": None})
+        update: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if slot is not None:
+            update["last_slot"] = slot
+        return current.model_copy(update=update)
 
     services.storage.tables.get(ExportWatermark).mutate(*key, change)
