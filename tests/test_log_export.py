@@ -274,7 +274,7 @@ def test_quarantine_rules_follow_campaign() -> None:
             start + timedelta(hours=hours), f"e{hours}", "bounced_soft", "452 full", None
         )
 
-    state = AddressState(partition_key="email", row_key="x")
+    state = AddressState(channel="email", key="x")
     for hours in (0, 1, 23):  # within 24 h of the first: one significant error
         apply_event(state, soft(hours), "email", threshold=3)
     assert state.status == AddressStatus.WITH_ERRORS and state.error_count == 1
@@ -282,7 +282,7 @@ def test_quarantine_rules_follow_campaign() -> None:
     apply_event(state, soft(50), "email", threshold=3)
     assert state.status == AddressStatus.QUARANTINE and state.error_count == 3
 
-    recovering = AddressState(partition_key="email", row_key="y")
+    recovering = AddressState(channel="email", key="y")
     apply_event(recovering, soft(0), "email", threshold=5)
     apply_event(recovering, soft(30), "email", threshold=5)
     apply_event(recovering, soft(30 + 24 * 11), "email", threshold=5)  # over 10 days later
@@ -291,7 +291,7 @@ def test_quarantine_rules_follow_campaign() -> None:
     apply_event(recovering, delivered, "email", threshold=5)
     assert recovering.status == AddressStatus.VALID and recovering.error_count == 0
 
-    hard = AddressState(partition_key="email", row_key="z")
+    hard = AddressState(channel="email", key="z")
     apply_event(hard, AddressEvent(start, "h", "bounced_hard", "550 5.1.1", None), "email", 5)
     assert hard.status == AddressStatus.QUARANTINE and hard.failure_type == "hard"
     apply_event(hard, delivered, "email", threshold=5)

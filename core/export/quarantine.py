@@ -8,28 +8,43 @@
     delivered, while With errors                           -> Valid again (count cleared)
     Quarantine and On denylist never lift by themselves.
 
-Table `addressquarantine`: PartitionKey channel, RowKey sha256 of the address; no raw
-address (the export takes it from the window's events). `applied_window` makes applying a
-window's events idempotent: a retried export finds them applied and reports the state.
+States live in blob shards by address hash, `exportstate/quarantine/v1/{channel}/{shard}.json.gz`
+(JSON: sha256 of the address -> state), read and written whole with ETag conditions: a
+window touches thousands of addresses, and a few dozen shard reads beat thousands of
+point reads. No raw address is kept (the export takes it from the window's events).
+`applied_window` makes applying a window's events idempotent: a retried export finds
+them applied and reports what the first attempt reported.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
+import orjson
+from pydantic import BaseModel
+
+from core.errors import ConcurrencyConflict
 from core.events.model import EventType, from_epoch_millis
 from core.storage import Storage
-from core.storage.tables import EntityTable, TableEntity
 from core.suppression import mask
 
 SIGNIFICANT_GAP = timedelta(hours=24)
 COUNT_RESET_AFTER = timedelta(days=10)
 _PARALLEL_IO = 8
+_CONTENDED_ATTEMPTS = 5
+_SHARDS = 64
+STATE_CONTAINER = "exportstate"
+
+
+def shard_of(key: str) -> int:
+    return int(key[:4], 16) % _SHARDS
 
 
 class AddressStatus(StrEnum):
@@ -57,9 +72,10 @@ _ADDRESS_FIELD = {
 }
 
 
-class AddressState(TableEntity):
-    table_name: ClassVar[str] = "addressquarantine"
-
+class AddressState(BaseModel):
+    channel: str
+    key: str
+    """sha256 of the normalised address."""
     status: AddressStatus = AddressStatus.VALID
     failure_type: str | None = None
     failure_reason: str | None = None
@@ -155,44 +171,83 @@ def apply_event(state: AddressState, event: AddressEvent, channel: str, threshol
 
 
 class QuarantineBook:
-    """Address states in Table storage, updated window by window."""
+    """Address states in blob shards, updated window by window."""
 
     def __init__(self, storage: Storage, threshold: int) -> None:
-        self.table: EntityTable[AddressState] = storage.tables.get(AddressState)
+        self.blobs = storage.blobs
         self.threshold = threshold
+
+    @staticmethod
+    def shard_name(channel: str, shard: int) -> str:
+        return f"quarantine/v1/{channel}/{shard:02d}.json.gz"
+
+    def _read(self, name: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+        found = self.blobs.read_versioned(STATE_CONTAINER, name)
+        if found is None:
+            return {}, None
+        rows: dict[str, dict[str, Any]] = orjson.loads(gzip.decompress(found[0]))
+        return rows, found[1]
+
+    def _existing_shards(self) -> list[str]:
+        return [ref.name for ref in self.blobs.list(STATE_CONTAINER, "quarantine/v1/")]
 
     def with_errors(self, window_start: datetime) -> set[tuple[str, str]]:
         """(channel, address key) of every address With errors before the window (a delivery
         clears those), also when an earlier attempt at this window applied it already."""
-        rows = self.table.query(
-            "status eq @errors or ( applied_window eq @window and status_before eq @errors )",
-            {"errors": AddressStatus.WITH_ERRORS.value, "window": window_start},
-        )
-        return {(row.partition_key, row.row_key) for row in rows}
+        window = window_start.isoformat().replace("+00:00", "Z")
+        errors = AddressStatus.WITH_ERRORS.value
+        found: set[tuple[str, str]] = set()
+        with ThreadPoolExecutor(_PARALLEL_IO) as pool:
+            for rows, _ in pool.map(self._read, self._existing_shards()):
+                found.update(
+                    (row["channel"], key)
+                    for key, row in rows.items()
+                    if row["status"] == errors
+                    or (row.get("applied_window") == window and row.get("status_before") == errors)
+                )
+        return found
 
     def apply_window(
         self, window_start: datetime, touched: Iterable[TouchedAddress]
     ) -> list[tuple[TouchedAddress, AddressState]]:
-        """Apply each address's events of the window once; the states after the window."""
-        results: list[tuple[TouchedAddress, AddressState]] = []
-        changed: list[AddressState] = []
-        by_channel: dict[str, list[TouchedAddress]] = {}
+        """Apply each address's events of the window once; the states after the window,
+        in (channel, address key) order."""
+        groups: dict[tuple[str, int], list[TouchedAddress]] = {}
         for item in touched:
-            by_channel.setdefault(item.channel, []).append(item)
-        for channel, items in sorted(by_channel.items()):
-            found = self.table.get_many(channel, [t.key for t in items], parallel=_PARALLEL_IO)
+            groups.setdefault((item.channel, shard_of(item.key)), []).append(item)
+        with ThreadPoolExecutor(_PARALLEL_IO) as pool:
+            done = pool.map(lambda group: self._apply_shard(window_start, *group), groups.items())
+            results = [pair for shard_results in done for pair in shard_results]
+        results.sort(key=lambda pair: (pair[0].channel, pair[0].key))
+        return results
+
+    def _apply_shard(
+        self, window_start: datetime, shard: tuple[str, int], items: list[TouchedAddress]
+    ) -> list[tuple[TouchedAddress, AddressState]]:
+        name = self.shard_name(*shard)
+        for _ in range(_CONTENDED_ATTEMPTS):
+            rows, etag = self._read(name)
+            results: list[tuple[TouchedAddress, AddressState]] = []
+            changed = False
             for item in items:
-                current = found.get(item.key)
-                state, new = self._state_after(
-                    channel, item, current.entity if current else None, window_start
-                )
+                found = rows.get(item.key)
+                current = AddressState.model_validate(found) if found else None
+                state, new = self._state_after(shard[0], item, current, window_start)
                 if state is not None:
                     results.append((item, state))
                 if state is not None and new:
-                    changed.append(state)
-        self.table.write_batch(changed, parallel=_PARALLEL_IO)
-        results.sort(key=lambda pair: (pair[0].channel, pair[0].key))
-        return results
+                    rows[item.key] = state.model_dump(mode="json", exclude_none=True)
+                    changed = True
+            if not changed:
+                return results
+            try:
+                self.blobs.write_versioned(
+                    STATE_CONTAINER, name, gzip.compress(orjson.dumps(rows), mtime=0), etag
+                )
+                return results
+            except ConcurrencyConflict:
+                continue  # only one export runs at a time; a stale lease holder lost here
+        raise ConcurrencyConflict(f"quarantine shard {name} still contended")
 
     def _state_after(
         self,
@@ -209,7 +264,7 @@ class QuarantineBook:
         state = (
             current.model_copy()
             if current
-            else AddressState(partition_key=channel, row_key=item.key, hint=mask(item.address))
+            else AddressState(channel=channel, key=item.key, hint=mask(item.address))
         )
         for event in sorted(item.events, key=lambda e: (e.at, e.event_id)):
             apply_event(state, event, channel, self.threshold)
