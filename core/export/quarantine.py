@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -96,7 +96,7 @@ class AddressState(BaseModel):
     """The profile id the window's events named (for the record's identityMap)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class AddressEvent:
     """What the rules need of one event; the address is kept for the export row only."""
 
@@ -209,17 +209,16 @@ class QuarantineBook:
 
     def apply_window(
         self, window_start: datetime, touched: Iterable[TouchedAddress]
-    ) -> list[tuple[TouchedAddress, AddressState]]:
-        """Apply each address's events of the window once; the states after the window,
-        in (channel, address key) order."""
+    ) -> Iterator[tuple[TouchedAddress, AddressState]]:
+        """Apply each address's events of the window once; yields the states after the
+        window in (channel, shard, address key) order, a shard at a time."""
         groups: dict[tuple[str, int], list[TouchedAddress]] = {}
         for item in touched:
             groups.setdefault((item.channel, shard_of(item.key)), []).append(item)
+        ordered = sorted(groups.items())
         with ThreadPoolExecutor(_PARALLEL_IO) as pool:
-            done = pool.map(lambda group: self._apply_shard(window_start, *group), groups.items())
-            results = [pair for shard_results in done for pair in shard_results]
-        results.sort(key=lambda pair: (pair[0].channel, pair[0].key))
-        return results
+            for results in pool.map(lambda group: self._apply_shard(window_start, *group), ordered):
+                yield from sorted(results, key=lambda pair: pair[0].key)
 
     def _apply_shard(
         self, window_start: datetime, shard: tuple[str, int], items: list[TouchedAddress]
