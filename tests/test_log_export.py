@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 
 from core.currents.files import FileLedger
 from core.currents.ingest import IngestContext, ingest_file
-from core.currents.mapping import KNOWN_TYPES, kind_of, to_event
+from core.currents.mapping import kind_of, to_event
 from core.currents.s3 import parse_key, s3_client
 from core.events.store import EventStore
 from core.export.quarantine import AddressEvent, AddressState, AddressStatus, apply_event
@@ -408,34 +408,3 @@ def test_a_host_killed_mid_export_retries_to_the_same_files_as_a_clean_export(
     for log_name in ("broadLog", "trackingLog", "nonDeliverableAddresses"):
         name = window.blob_name(log_name)
         assert read_blob(storage, container, name) == read_blob(storage, clean.container, name)
-
-
-@pytest.mark.parametrize("kind", sorted(KNOWN_TYPES))
-def test_fast_lines_are_exactly_the_specified_records(kind: str) -> None:
-    import orjson
-
-    from core.export.lines import broadlog_line, trackinglog_line
-    from core.export.xdm import DELIVERY_OUTCOMES, INTERACTIONS, broadlog_record, trackinglog_record
-
-    xdm = XdmOptions("acme", 'crm"Id')
-    variants = [
-        {},
-        {"campaign_name": 'Say "hi" \\ naïve — 😀', "email_address": "zoë@exämple.com"},
-        {"bounce_reason": "421 4.7.0 try\tlater\nplease", "external_user_id": None,
-         "machine_open": "true", "is_suspected_bot_click": True, "url": "https://x.test/?a=\"1\""},
-    ]  # fmt: skip
-    checked = 0
-    for number, values in enumerate(variants):
-        event = to_event(record_for(kind, number, 1_900_000_000, **values), kind, kind_of(kind))
-        if event["type"] in DELIVERY_OUTCOMES:
-            line = broadlog_line(event, "2030-01-01T00:00:00.000Z", xdm)
-            record = broadlog_record(event, "2030-01-01T00:00:00.000Z", xdm)
-        elif event["type"] in INTERACTIONS:
-            line = trackinglog_line(event, "2030-01-01T00:00:00.000Z", xdm)
-            record = trackinglog_record(event, "2030-01-01T00:00:00.000Z", xdm)
-        else:
-            continue
-        assert line.encode() == orjson.dumps(record)
-        checked += 1
-    if kind_of(kind).type in DELIVERY_OUTCOMES or kind_of(kind).type in INTERACTIONS:
-        assert checked == len(variants)

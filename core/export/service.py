@@ -32,7 +32,6 @@ import orjson
 from core.errors import ConcurrencyConflict
 from core.events.model import epoch_millis
 from core.events.store import EventStore, hour_start
-from core.export.lines import broadlog_line, trackinglog_line
 from core.export.quarantine import (
     AddressState,
     QuarantineBook,
@@ -48,9 +47,11 @@ from core.export.xdm import (
     NON_DELIVERABLE,
     TRACKINGLOG,
     XdmOptions,
+    broadlog_record,
     identity_map,
     iso,
     record_id,
+    trackinglog_record,
 )
 from core.runs import RunKind, RunRecord, RunStatus
 from core.services import Services
@@ -153,14 +154,7 @@ class LogFile:
         self.bytes = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        self._append(orjson.dumps(record))
-
-    def write_line(self, text: str) -> None:
-        """A record already serialised as compact JSON (see core.export.lines)."""
-        self._append(text.encode())
-
-    def _append(self, data: bytes) -> None:
-        self._buffer += data
+        self._buffer += orjson.dumps(record)
         self._buffer += b"\n"
         self.records += 1
         if len(self._buffer) >= _FLUSH_BYTES:
@@ -276,9 +270,9 @@ def _write_logs(
             result.events_read += 1
             kind = event["type"]
             if kind in DELIVERY_OUTCOMES:
-                broadlog.write_line(broadlog_line(event, ingested, xdm))
+                broadlog.write(broadlog_record(event, ingested, xdm))
             elif kind in INTERACTIONS:
-                tracking.write_line(trackinglog_line(event, ingested, xdm))
+                tracking.write(trackinglog_record(event, ingested, xdm))
             _note_address(event, touched, with_errors)
     result.segments = len(seen_segments)
 

@@ -51,7 +51,7 @@ DELIVERY_OUTCOMES: dict[str, tuple[str, str | None]] = {
     EventType.REJECTED: ("error", "hard"),
     EventType.ABORTED: ("exclude", None),
 }
-EMAIL_DELIVERY_TYPES = {
+_EMAIL_DELIVERY_TYPES = {
     EventType.SENT: "directMarketing.emailSent",
     EventType.DELIVERED: "directMarketing.emailDelivered",
     EventType.BOUNCED_HARD: "directMarketing.emailBounced",
@@ -65,7 +65,7 @@ INTERACTIONS: dict[str, str] = {
     EventType.SPAM_COMPLAINT: "spam_complaint",
     EventType.READ: "read",
 }
-EMAIL_TRACKING_TYPES = {
+_EMAIL_TRACKING_TYPES = {
     "open": "directMarketing.emailOpened",
     "bot_open": "directMarketing.emailOpened",
     "click": "directMarketing.emailClicked",
@@ -185,7 +185,7 @@ def broadlog_record(event: dict[str, Any], ingested_at: str, options: XdmOptions
         feedback["messageFailure"] = message_failure
         campaign["quarantine"] = failure == "hard"
     event_type = (
-        EMAIL_DELIVERY_TYPES.get(kind, "message.feedback")
+        _EMAIL_DELIVERY_TYPES.get(kind, "message.feedback")
         if channel == "email"
         else "message.feedback"
     )
@@ -205,7 +205,7 @@ def broadlog_record(event: dict[str, Any], ingested_at: str, options: XdmOptions
     }
 
 
-def is_bot(event: dict[str, Any]) -> bool:
+def _is_bot(event: dict[str, Any]) -> bool:
     raw = event.get("raw") or {}
     return (
         str(raw.get("machine_open", "")).lower() == "true"
@@ -218,7 +218,7 @@ def trackinglog_record(
 ) -> dict[str, Any]:
     """The tracking-log record of an interaction event (see INTERACTIONS)."""
     interaction = INTERACTIONS[event["type"]]
-    bot = is_bot(event)
+    bot = _is_bot(event)
     if bot and interaction in ("open", "click"):
         interaction = f"bot_{interaction}"
     channel = event["channel"]
@@ -231,7 +231,7 @@ def trackinglog_record(
         campaign["url"] = url
         campaign["urlCategory"] = channel
     if channel == "email":
-        event_type = EMAIL_TRACKING_TYPES.get(interaction, "message.tracking")
+        event_type = _EMAIL_TRACKING_TYPES.get(interaction, "message.tracking")
     elif channel == "push" and interaction == "open":
         event_type = "pushTracking.applicationOpened"
     else:
