@@ -6,6 +6,7 @@ from functions import (
     currents,
     http_api,
     log_export,
+    push_api,
     segment_arrival,
     segment_chunks,
     suppressions_api,
@@ -18,3 +19,4 @@ app.register_functions(segment_chunks.bp)
 app.register_functions(suppressions_api.bp)
 app.register_functions(log_export.bp)
 app.register_functions(currents.bp)
+app.register_functions(push_api.bp)

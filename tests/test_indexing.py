@@ -48,6 +48,14 @@ EXPECTED = {
         "httpTrigger",
         {"route": "log-export/run", "methods": ["POST"], "authLevel": "FUNCTION"},
     ),
+    "register_push_token": (
+        "httpTrigger",
+        {"route": "push/tokens", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
+    "record_push_events": (
+        "httpTrigger",
+        {"route": "push/events", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
     "currents_timer": (
         "timerTrigger",
         {"schedule": "0 */5 * * * *", "useMonitor": True, "runOnStartup": False},

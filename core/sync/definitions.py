@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
+from core.push.apps import PushApp
 
 SUPPORTED_VERSIONS = (1,)
 _SYNC_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -216,6 +217,8 @@ class SyncDefinition(Strict):
 class SyncDocument(Strict):
     version: int
     syncs: tuple[SyncDefinition, ...]
+    push_apps: tuple[PushApp, ...] = ()
+    """Mobile apps for push (tokens, dispatch); see core/push/apps.py."""
 
     @field_validator("version")
     @classmethod
@@ -226,14 +229,20 @@ class SyncDocument(Strict):
 
     @model_validator(mode="after")
     def _ids_unique(self) -> SyncDocument:
-        ids = [s.id for s in self.syncs]
-        duplicated = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicated:
-            raise ValueError(f"sync ids must be unique: {duplicated}")
+        for kind, ids in (
+            ("sync", [s.id for s in self.syncs]),
+            ("push app", [a.id for a in self.push_apps]),
+        ):
+            duplicated = sorted({i for i in ids if ids.count(i) > 1})
+            if duplicated:
+                raise ValueError(f"{kind} ids must be unique: {duplicated}")
         return self
 
     def get(self, sync_id: str) -> SyncDefinition | None:
         return next((s for s in self.syncs if s.id == sync_id), None)
+
+    def push_app(self, app_id: str) -> PushApp | None:
+        return next((a for a in self.push_apps if a.id == app_id), None)
 
 
 def mapping_fingerprint(sync: SyncDefinition) -> str:
