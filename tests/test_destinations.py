@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from core.destinations.base import BatchResult, Destination
-from core.destinations.braze import BrazeDestination, retry_after_seconds
+from core.destinations.braze import BrazeDestination
 from core.errors import TerminalError, TransientError
+from core.http import retry_after_seconds
 from devhost.fakes.braze import FakeBraze
 
 
