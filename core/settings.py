@@ -8,6 +8,7 @@ expects; values are never echoed, because some of them are secrets.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
+from core.export.aep import AepStreamingTarget
 from core.schedule import CronSchedule
 from core.storage.connection import StorageAccount, parse_connection_string
 
@@ -165,6 +167,26 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_EXPORT_START",
         description="First window to export (ISO time); unset: the oldest stored event's.",
     )
+    export_target: Literal["blob", "aep_streaming"] = Field(
+        default="blob",
+        validation_alias="SWITCHBOARD_EXPORT_TARGET",
+        description="Where exported records go: files in the export container, or AEP streaming.",
+    )
+    aep_streaming: AepStreamingTarget | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_AEP_STREAMING",
+        description="JSON: the AEP HTTP API inlet, org, and schema and dataset per log.",
+    )
+    aep_access_token: SecretStr | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_AEP_ACCESS_TOKEN",
+        description="Bearer token for an authenticated AEP inlet (a secret).",
+    )
+    aep_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_AEP_API_KEY",
+        description="x-api-key for an authenticated AEP inlet.",
+    )
     export_lease_seconds: int = Field(
         default=900,
         ge=5,
@@ -179,6 +201,18 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_QUARANTINE_SOFT_THRESHOLD",
         description="Counted soft errors that put an address in quarantine.",
     )
+
+    @field_validator("aep_streaming", mode="before")
+    @classmethod
+    def _json_or_unset(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("expected a JSON object") from None
+        return value
 
     @field_validator("currents_bucket")
     @classmethod
@@ -208,6 +242,15 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _streaming_is_configured(self) -> Settings:
+        if self.export_target == "aep_streaming" and self.aep_streaming is None:
+            raise ValueError(
+                "SWITCHBOARD_EXPORT_TARGET is aep_streaming, "
+                "but SWITCHBOARD_AEP_STREAMING is not set"
+            )
+        return self
 
     @model_validator(mode="after")
     def _storage_is_configured(self) -> Settings:

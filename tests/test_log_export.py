@@ -20,6 +20,7 @@ from core.currents.files import FileLedger
 from core.currents.ingest import IngestContext, ingest_file
 from core.currents.mapping import kind_of, to_event
 from core.currents.s3 import parse_key, s3_client
+from core.errors import TerminalError
 from core.events.store import EventStore
 from core.export.quarantine import AddressEvent, AddressState, AddressStatus, apply_event
 from core.export.service import (
@@ -408,3 +409,85 @@ def test_a_host_killed_mid_export_retries_to_the_same_files_as_a_clean_export(
     for log_name in ("broadLog", "trackingLog", "nonDeliverableAddresses"):
         name = window.blob_name(log_name)
         assert read_blob(storage, container, name) == read_blob(storage, clean.container, name)
+
+
+def _streaming(fake: Any, **client: Any) -> ExportSettings:
+    from core.export.aep import AepStreamingClient, AepStreamingTarget
+
+    target = AepStreamingTarget.model_validate(
+        {
+            "inlet_url": fake.inlet_url(),
+            "org_id": fake.state.org_id,
+            "logs": {
+                log: {"schema_id": f"https://ns.adobe.com/acme/schemas/{log}", "dataset_id": log}
+                for log in ("broadLog", "trackingLog", "nonDeliverableAddresses")
+            },
+            "max_batch_messages": 7,
+        }
+    )
+    streaming = AepStreamingClient(target, sleep=lambda seconds: None, **client)
+    return ExportSettings(
+        f"stream-{uuid.uuid4().hex[:10]}",
+        XdmOptions("switchboard", "crmId"),
+        5,
+        streaming=streaming,
+    )
+
+
+def test_aep_streaming_sends_the_same_records_through_429s_and_5xx(
+    services, storage, events, window
+) -> None:  # type: ignore[no-untyped-def]
+    from devhost.fakes.aep import FakeAep
+
+    at = window.start + timedelta(minutes=5)
+    kinds = [
+        "users.messages.email.Send",
+        "users.messages.email.Open",
+        "users.messages.email.Bounce",
+    ]
+    events.place([events.make(kinds[n % 3], at) for n in range(60)], window.start)
+    fake = FakeAep(token="aep-token", limit_every=4, fail_every=5).start()
+    try:
+        options = _streaming(fake, access_token="aep-token")
+        result = export_window(services, window, options)
+        received = fake.state.received
+        assert fake.state.rate_limited > 0 and fake.state.failed > 0
+    finally:
+        fake.stop()
+    files = {f["log"]: f for f in result.manifest["files"]}
+    assert files["broadLog"]["records"] == 40 and len(received["broadLog"]) == 40
+    assert files["trackingLog"]["records"] == 20 and len(received["trackingLog"]) == 20
+    assert files["broadLog"]["delivery"] == "aep_streaming"
+    manifest = json.loads(read_blob(storage, options.container, window.manifest_name))
+    assert not list(SCHEMAS["manifest"].iter_errors(manifest))
+    for log_name, entities in received.items():  # every entity is a valid record of its log
+        for entity in entities.values():
+            assert not list(SCHEMAS[log_name].iter_errors(entity))
+    # The same records as a file export of the window would have.
+    files_export = ExportSettings(
+        f"files-{uuid.uuid4().hex[:10]}", XdmOptions("switchboard", "crmId"), 5
+    )
+    export_window(services, window, files_export)
+    written = check_window_files(storage, files_export.container, window)
+    assert {r["_id"] for r in written["broadLog"]} == set(received["broadLog"])
+
+
+def test_aep_streaming_refusal_stops_the_run_and_keeps_the_watermark(
+    services, storage, events, window
+) -> None:  # type: ignore[no-untyped-def]
+    from devhost.fakes.aep import FakeAep
+
+    events.place([events.make("users.messages.email.Send", window.start)], window.start)
+    fake = FakeAep(token="the-right-one").start()
+    try:
+        options = _streaming(fake, access_token="a-wrong-one")
+        options = ExportSettings(
+            options.container, options.xdm, 5, start=window.start, streaming=options.streaming
+        )
+        with pytest.raises(TerminalError, match="401 unauthorized"):
+            run_log_export(services, now=window.end, options=options)
+    finally:
+        fake.stop()
+    mark = storage.tables.get(ExportWatermark).get(options.container, "watermark")
+    assert mark is not None and mark.entity.exported_through is None
+    assert mark.entity.lease_owner is None  # released for the next try

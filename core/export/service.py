@@ -25,13 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
 
 from core.errors import ConcurrencyConflict
 from core.events.model import epoch_millis
 from core.events.store import EventStore, hour_start
+from core.export.aep import AepStreamingClient, AepStreamingWriter, LogName
 from core.export.quarantine import (
     AddressState,
     QuarantineBook,
@@ -55,6 +56,7 @@ from core.export.xdm import (
 )
 from core.runs import RunKind, RunRecord, RunStatus
 from core.services import Services
+from core.settings import Settings
 from core.storage import Storage
 from core.storage.tables import TableEntity
 
@@ -68,6 +70,16 @@ SCHEMAS = {
     TRACKINGLOG: "https://switchboard.dev/schemas/xdm/trackinglog.schema.json",
     NON_DELIVERABLE: "https://switchboard.dev/schemas/xdm/non-deliverable-address.schema.json",
 }
+
+
+def _streaming_client(settings: Settings) -> AepStreamingClient:
+    assert settings.aep_streaming is not None  # guaranteed by the settings' validation
+    token, key = settings.aep_access_token, settings.aep_api_key
+    return AepStreamingClient(
+        settings.aep_streaming,
+        access_token=token.get_secret_value() if token else None,
+        api_key=key.get_secret_value() if key else None,
+    )
 
 
 def window_floor(moment: datetime) -> datetime:
@@ -117,6 +129,15 @@ class ExportSettings:
     """No window before this one is exported (None: from the oldest stored event's)."""
     lease: timedelta = timedelta(minutes=15)
     """How long a run owns the watermark without progress; then another run may take over."""
+    streaming: AepStreamingClient | None = None
+    """Set: records go to AEP streaming ingestion instead of files (the manifest stays)."""
+
+    def open_log(
+        self, storage: Storage, window: Window, log_name: str
+    ) -> LogFile | AepStreamingWriter:
+        if self.streaming is not None:
+            return AepStreamingWriter(self.streaming, cast(LogName, log_name), SCHEMAS[log_name])
+        return LogFile(storage, self.container, window.blob_name(log_name), log_name)
 
     @classmethod
     def of(cls, services: Services) -> ExportSettings:
@@ -127,6 +148,9 @@ class ExportSettings:
             soft_threshold=settings.quarantine_soft_threshold,
             start=settings.export_start,
             lease=timedelta(seconds=settings.export_lease_seconds),
+            streaming=_streaming_client(settings)
+            if settings.export_target == "aep_streaming"
+            else None,
         )
 
 
@@ -207,8 +231,8 @@ def export_window(
     store.seal(window.start, window.end)  # nothing may land in these hours any more
     book = QuarantineBook(storage, options.soft_threshold)
     with_errors = book.with_errors(window.start)
-    broadlog = LogFile(storage, options.container, window.blob_name(BROADLOG), BROADLOG)
-    tracking = LogFile(storage, options.container, window.blob_name(TRACKINGLOG), TRACKINGLOG)
+    broadlog = options.open_log(storage, window, BROADLOG)
+    tracking = options.open_log(storage, window, TRACKINGLOG)
     touched: dict[tuple[str, str], TouchedAddress] = {}
     result = WindowResult(window, {})
     xdm = options.xdm
@@ -216,9 +240,7 @@ def export_window(
         _write_logs(store, window, xdm, broadlog, tracking, touched, with_errors, result)
     files = [broadlog.close(), tracking.close()]
     states = book.apply_window(window.start, touched.values())
-    addresses = LogFile(
-        storage, options.container, window.blob_name(NON_DELIVERABLE), NON_DELIVERABLE
-    )
+    addresses = options.open_log(storage, window, NON_DELIVERABLE)
     for item, state in states:
         addresses.write(non_deliverable_record(item, state, xdm))
     files.append(addresses.close())
@@ -253,8 +275,8 @@ def _write_logs(
     store: EventStore,
     window: Window,
     xdm: XdmOptions,
-    broadlog: LogFile,
-    tracking: LogFile,
+    broadlog: LogFile | AepStreamingWriter,
+    tracking: LogFile | AepStreamingWriter,
     touched: dict[tuple[str, str], TouchedAddress],
     with_errors: set[tuple[str, str]],
     result: WindowResult,

@@ -20,8 +20,9 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from devhost.fakes.base import JsonFake, Reply
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -70,62 +71,32 @@ def _apply(profile: dict[str, Any], attributes: dict[str, Any]) -> None:
             profile[name] = value
 
 
-class FakeBraze:
+class FakeBraze(JsonFake):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
         self.state = FakeBrazeState(**config)
         self.lock = threading.Lock()
-        fake = self
+        super().__init__(host, port, {"GET": self._get, "POST": self._post})
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def _get(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        with self.lock:
+            if path == "/_fake/profiles":
+                return 200, self.state.profiles, {}
+            if path == "/_fake/received":
+                return 200, self.state.received, {}
+        return 404, {"message": "not found"}, {}
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path == "/_fake/profiles":
-                    with fake.lock:
-                        self._reply(200, fake.state.profiles)
-                elif self.path == "/_fake/received":
-                    with fake.lock:
-                        self._reply(200, fake.state.received)
-                else:
-                    self._reply(404, {"message": "not found"})
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length)
-                if self.path == "/_fake/config":
-                    fake.configure(**json.loads(body or b"{}"))
-                    self._reply(200, {"ok": True})
-                elif self.path == "/users/track":
-                    status, payload, headers = fake.track(dict(self.headers.items()), body)
-                    self._reply(status, payload, headers)
-                else:
-                    self._reply(404, {"message": "not found"})
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://{host}:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def _post(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        if path == "/_fake/config":
+            self.configure(**json.loads(body or b"{}"))
+            return 200, {"ok": True}, {}
+        if path == "/users/track":
+            status, payload, reply_headers = self.track(headers, body)
+            return status, payload, reply_headers or {}
+        return 404, {"message": "not found"}, {}
 
     def start(self) -> FakeBraze:
-        self._thread.start()
+        self.start_serving()
         return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def configure(self, **changes: Any) -> None:
         with self.lock:
