@@ -88,7 +88,9 @@ class PoliteSender:
         self._sleep = sleep
         self._wall_clock = wall_clock
 
-    def post(self, body: bytes) -> Delivered:
+    def post(self, body: bytes, *, headers: dict[str, str] | None = None) -> Delivered:
+        """`headers` are added to the sender's own for this call (e.g. a fresh token)."""
+        request_headers = {**self._headers, **headers} if headers else self._headers
         attempt = 0
         waits = 0
         waited = 0.0
@@ -96,7 +98,7 @@ class PoliteSender:
             self._pacer.acquire()
             try:
                 response = self._session.post(
-                    self.url, data=body, headers=self._headers, timeout=self.timeout
+                    self.url, data=body, headers=request_headers, timeout=self.timeout
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 attempt += 1
