@@ -103,14 +103,15 @@ def fire(host: HostProcess) -> dict[str, Any]:
     assert answer.status_code == 202
 
     def finished() -> dict[str, Any] | None:
-        new = [r for r in _runs(host) if r["run_id"] not in before]
+        new = [r for r in _runs(host) if r["run_id"] not in before and r["source"] == "timer"]
         return new[0] if new and new[0]["status"] in ("succeeded", "failed") else None
 
     return eventually(finished, timeout=60)
 
 
 def _runs(host: HostProcess) -> list[dict[str, Any]]:
-    answer = requests.get(f"{host.base_url}/api/runs", params={"kind": "currents"}, timeout=5)
+    params = {"kind": "currents", "limit": "500"}
+    answer = requests.get(f"{host.base_url}/api/runs", params=params, timeout=5)
     return list(answer.json()["runs"])
 
 
@@ -161,6 +162,10 @@ def test_every_mapped_type_fans_out_over_the_queue_and_lands_once(host, storage,
     counts = stored_ids(storage)
     assert all(counts[i] == 1 for i in expected)
 
+    # Each fanned-out file reported its own run (what it read, stored and dropped).
+    queued_runs = [r for r in _runs(host) if (r["source"] or "").startswith("queue")]
+    mine = {r["detail"]["key"] for r in queued_runs} & {o.key for o in files.objects}
+    assert len(mine) == len(mapped)
     again = fire(host)
     assert again["counts"]["files.new"] == 0
     assert again["counts"]["files.finished_before"] >= len(mapped)

@@ -182,12 +182,23 @@ def summarise(reports: list[FileReport], counts: Counter[str]) -> Counter[str]:
 
 
 def ingest_queued(services: Services, message: FileMessage, *, s3: Any | None = None) -> FileReport:
-    """Queue worker: one file of a fanned-out backlog."""
+    """Queue worker: one file of a fanned-out backlog, reported as a run of its own."""
     config = config_of(services)
     if config is None:
         raise ConfigError("SWITCHBOARD_CURRENTS_BUCKET is not set; cannot ingest queued files")
     context = config.context(services.storage, s3 or client_for(services))
     report = ingest_file(context, message.object())
+    if report.outcome != "skipped":  # skipped: finished already, or another worker has it
+        summary = summarise([report], Counter())
+        services.runs.finish(
+            services.runs.start(RunKind.CURRENTS, source=f"queue {FILES_QUEUE}").run_id,
+            RunStatus.SUCCEEDED, counts=dict(summary),
+            detail={
+                "bucket": message.bucket, "key": message.key,
+                "errors": [{"key": report.key, "error": report.error}] if report.error else [],
+                "generic_types": [report.event_type] if report.generic_type else [],
+            },
+        )  # fmt: skip
     log.info(
         "currents file ingested",
         extra={"key": message.key, "outcome": report.outcome, **dict(report.counts)},
