@@ -187,6 +187,11 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_AEP_API_KEY",
         description="x-api-key for an authenticated AEP inlet.",
     )
+    export_preferences: bool = Field(
+        default=False,
+        validation_alias="SWITCHBOARD_EXPORT_PREFERENCES",
+        description="Also export profile preferences (consent per channel) per window.",
+    )
     export_lease_seconds: int = Field(
         default=900,
         ge=5,

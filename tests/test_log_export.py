@@ -491,3 +491,41 @@ def test_aep_streaming_refusal_stops_the_run_and_keeps_the_watermark(
     mark = storage.tables.get(ExportWatermark).get(options.container, "watermark")
     assert mark is not None and mark.entity.exported_through is None
     assert mark.entity.lease_owner is None  # released for the next try
+
+
+def test_the_optional_preferences_file_has_the_latest_consent_per_channel(
+    services, storage, events, window
+) -> None:  # type: ignore[no-untyped-def]
+    change = "users.behaviors.subscription.GlobalStateChange"
+    group = "users.behaviors.subscriptiongroup.StateChange"
+    profile = f"CRM-{events.salt[:8]}"
+    at = window.start + timedelta(minutes=1)
+    batch = [
+        events.make(change, at, external_user_id=profile, channel="email",
+                    subscription_status="Unsubscribed"),
+        events.make(change, at + timedelta(minutes=5), external_user_id=profile, channel="email",
+                    subscription_status="Subscribed"),  # the later one wins
+        events.make(change, at, external_user_id=profile, channel="sms",
+                    subscription_status="Unsubscribed"),
+        events.make(group, at, external_user_id=profile, subscription_group_id="sg-news",
+                    subscription_status="Unsubscribed"),
+        events.make("users.messages.email.Send", at, external_user_id=profile),  # no effect
+    ]  # fmt: skip
+    events.place(batch, window.start)
+    options = ExportSettings(
+        f"prefs-{uuid.uuid4().hex[:10]}", XdmOptions("switchboard", "crmId"), 5, preferences=True
+    )
+    export_window(services, window, options)
+    manifest = json.loads(read_blob(storage, options.container, window.manifest_name))
+    assert not list(SCHEMAS["manifest"].iter_errors(manifest))
+    entry = next(f for f in manifest["files"] if f["log"] == "profilePreferences")
+    lines = gzip.decompress(read_blob(storage, options.container, entry["name"])).splitlines()
+    records = [json.loads(line) for line in lines]
+    validator = Draft202012Validator(
+        json.loads((ROOT / "schemas/xdm/profile-preferences.schema.json").read_text())
+    )
+    assert all(not list(validator.iter_errors(r)) for r in records)
+    mine = next(r for r in records if r["identityMap"]["crmId"][0]["id"] == profile)
+    assert mine["consents"]["marketing"]["email"]["val"] == "y"
+    assert mine["consents"]["marketing"]["sms"]["val"] == "n"
+    assert mine["_switchboard"]["subscriptionGroups"][0]["status"] == "unsubscribed"

@@ -24,7 +24,7 @@ from core.http import PoliteSender
 
 MAX_RECORD_BYTES = 10 * 1024
 _TERMINAL = {400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "unknown inlet"}
-LogName = Literal["broadLog", "trackingLog", "nonDeliverableAddresses"]
+LogName = Literal["broadLog", "trackingLog", "nonDeliverableAddresses", "profilePreferences"]
 
 
 class LogDataset(BaseModel):

@@ -25,14 +25,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import orjson
 
-from core.errors import ConcurrencyConflict
+from core.errors import ConcurrencyConflict, ConfigError
 from core.events.model import epoch_millis
 from core.events.store import EventStore, hour_start
-from core.export.aep import AepStreamingClient, AepStreamingWriter, LogName
+from core.export.aep import AepStreamingClient, AepStreamingWriter
+from core.export.preferences import (
+    PREFERENCES,
+    ProfilePreferences,
+    note_preference,
+    preference_records,
+)
 from core.export.quarantine import (
     AddressState,
     QuarantineBook,
@@ -69,6 +75,7 @@ SCHEMAS = {
     BROADLOG: "https://switchboard.dev/schemas/xdm/broadlog.schema.json",
     TRACKINGLOG: "https://switchboard.dev/schemas/xdm/trackinglog.schema.json",
     NON_DELIVERABLE: "https://switchboard.dev/schemas/xdm/non-deliverable-address.schema.json",
+    PREFERENCES: "https://switchboard.dev/schemas/xdm/profile-preferences.schema.json",
 }
 
 
@@ -131,12 +138,16 @@ class ExportSettings:
     """How long a run owns the watermark without progress; then another run may take over."""
     streaming: AepStreamingClient | None = None
     """Set: records go to AEP streaming ingestion instead of files (the manifest stays)."""
+    preferences: bool = False
+    """Also export the profile preferences (consent per channel) file."""
 
     def open_log(
         self, storage: Storage, window: Window, log_name: str
     ) -> LogFile | AepStreamingWriter:
         if self.streaming is not None:
-            return AepStreamingWriter(self.streaming, cast(LogName, log_name), SCHEMAS[log_name])
+            if log_name not in self.streaming.target.logs:
+                raise ConfigError(f"SWITCHBOARD_AEP_STREAMING names no dataset for {log_name}")
+            return AepStreamingWriter(self.streaming, log_name, SCHEMAS[log_name])
         return LogFile(storage, self.container, window.blob_name(log_name), log_name)
 
     @classmethod
@@ -148,6 +159,7 @@ class ExportSettings:
             soft_threshold=settings.quarantine_soft_threshold,
             start=settings.export_start,
             lease=timedelta(seconds=settings.export_lease_seconds),
+            preferences=settings.export_preferences,
             streaming=_streaming_client(settings)
             if settings.export_target == "aep_streaming"
             else None,
@@ -236,14 +248,20 @@ def export_window(
     touched: dict[tuple[str, str], TouchedAddress] = {}
     result = WindowResult(window, {})
     xdm = options.xdm
+    profiles: dict[str, ProfilePreferences] | None = {} if options.preferences else None
     with _no_cyclic_gc():  # millions of short-lived acyclic dicts: collections only cost
-        _write_logs(store, window, xdm, broadlog, tracking, touched, with_errors, result)
+        _write_logs(store, window, xdm, broadlog, tracking, touched, with_errors, result, profiles)
     files = [broadlog.close(), tracking.close()]
     states = book.apply_window(window.start, touched.values())
     addresses = options.open_log(storage, window, NON_DELIVERABLE)
     for item, state in states:
         addresses.write(non_deliverable_record(item, state, xdm))
     files.append(addresses.close())
+    if profiles is not None:
+        preferences = options.open_log(storage, window, PREFERENCES)
+        for record in preference_records(profiles, xdm):
+            preferences.write(record)
+        files.append(preferences.close())
     result.manifest = {
         "window": {"start": iso(epoch_millis(window.start)), "end": iso(epoch_millis(window.end))},
         "files": files,
@@ -280,6 +298,7 @@ def _write_logs(
     touched: dict[tuple[str, str], TouchedAddress],
     with_errors: set[tuple[str, str]],
     result: WindowResult,
+    profiles: dict[str, ProfilePreferences] | None,
 ) -> None:
     """Every event of the window into its log, and the addresses its events touch."""
     seen_segments: set[str] = set()
@@ -296,6 +315,8 @@ def _write_logs(
             elif kind in INTERACTIONS:
                 tracking.write(trackinglog_record(event, ingested, xdm))
             _note_address(event, touched, with_errors)
+            if profiles is not None:
+                note_preference(event, profiles)
     result.segments = len(seen_segments)
 
 
