@@ -14,7 +14,6 @@ expires; a 401 refreshes it once. Pacing, 429 (`QUOTA_EXCEEDED`, `Retry-After`) 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,22 +25,12 @@ from google.oauth2 import service_account
 
 from core.errors import ConfigError
 from core.http import PoliteSender
+from core.push.outcome import SendOutcome
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 _REFRESH_BEFORE = timedelta(minutes=5)
 _DEAD_TOKEN_CODES = frozenset({"UNREGISTERED"})
 _CONFIG_CODES = frozenset({"SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR"})
-
-
-@dataclass(frozen=True)
-class SendOutcome:
-    status: str
-    """`sent`, `dead_token` or `failed`."""
-    reason: str = ""
-    """FCM's error code (`UNREGISTERED`, `INVALID_ARGUMENT`, ...) when not sent."""
-    message_id: str = ""
-    retries: int = 0
-    rate_limited_waits: int = 0
 
 
 class FcmCredentials:
