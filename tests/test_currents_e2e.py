@@ -163,9 +163,12 @@ def test_every_mapped_type_fans_out_over_the_queue_and_lands_once(host, storage,
     assert all(counts[i] == 1 for i in expected)
 
     # Each fanned-out file reported its own run (what it read, stored and dropped).
-    queued_runs = [r for r in _runs(host) if (r["source"] or "").startswith("queue")]
-    mine = {r["detail"]["key"] for r in queued_runs} & {o.key for o in files.objects}
-    assert len(mine) == len(mapped)
+    def reported() -> set[str]:
+        queued = [r for r in _runs(host) if (r["source"] or "").startswith("queue")]
+        return {r["detail"]["key"] for r in queued} & {o.key for o in files.objects}
+
+    # (a file's run is recorded just after its receipt, so wait for the last ones)
+    eventually(lambda: len(reported()) == len(mapped), timeout=30)
     again = fire(host)
     assert again["counts"]["files.new"] == 0
     assert again["counts"]["files.finished_before"] >= len(mapped)
