@@ -58,17 +58,17 @@ def test_segment_blob_records_one_run_per_version(running_app, storage, unique: 
 
 
 def test_timer_fired_through_admin_api_records_a_run(running_app) -> None:  # type: ignore[no-untyped-def]
-    before = len(runs(running_app, kind="log_export"))
+    before = {r["run_id"] for r in runs(running_app, kind="log_export")}
     fired = requests.post(
         f"{running_app.base_url}/admin/functions/log_export_timer", json={}, timeout=5
     )
     assert fired.status_code == 202
-    after = eventually(
-        lambda: (
-            runs(running_app, kind="log_export")[before:] and runs(running_app, kind="log_export")
-        )
-    )
-    run = after[0]
+
+    def finished() -> dict | None:
+        new = [r for r in runs(running_app, kind="log_export") if r["run_id"] not in before]
+        return new[0] if new and new[0]["status"] in ("succeeded", "failed") else None
+
+    run = eventually(finished, timeout=60)
     assert run["status"] == "succeeded" and run["source"] == "timer"
     # It exported (nothing complete yet) or, if this slot had its export, the guard said no.
     assert run["detail"].get("windows") == [] or run["detail"]["skipped"] == "export_guard"
