@@ -16,7 +16,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import time
 import uuid
@@ -25,6 +24,7 @@ from typing import Any
 
 import fastavro
 
+from bench.processes import in_process
 from core.currents.discovery import CurrentsConfig, run_currents
 from core.currents.mapping import kind_of, to_event
 from core.currents.s3 import event_type_folders, list_folder, s3_client
@@ -162,11 +162,7 @@ def measure(bucket: str, modes: list[str]) -> dict[str, Any]:
 
 
 def _in_process(*arguments: str) -> dict[str, Any]:
-    output = subprocess.run(
-        [sys.executable, "-m", "bench.currents", *arguments],
-        check=True, capture_output=True, text=True, env=os.environ,
-    ).stdout  # fmt: skip
-    return dict(json.loads(output.strip().splitlines()[-1]))
+    return in_process("bench.currents", *arguments)
 
 
 def _files(files: int, modes: list[str], hours_back: int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import time
 import uuid
@@ -23,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench.currents import MIX
+from bench.processes import in_process
 from core.currents.mapping import kind_of, to_event
 from core.events.store import EventStore
 from core.export.service import ExportSettings, Window, export_window
@@ -107,11 +107,7 @@ def export_only(window_start: str) -> dict[str, Any]:
 
 
 def _in_process(*arguments: str) -> dict[str, Any]:
-    output = subprocess.run(
-        [sys.executable, "-m", "bench.log_export", *arguments],
-        check=True, capture_output=True, text=True, env=os.environ,
-    ).stdout  # fmt: skip
-    return dict(json.loads(output.strip().splitlines()[-1]))
+    return in_process("bench.log_export", *arguments)
 
 
 def run() -> dict[str, Any]:

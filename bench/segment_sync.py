@@ -17,7 +17,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.processes import in_process
 from core.destinations.base import BatchResult
 from core.destinations.braze import BrazeDestination
 from core.runs import RunKind, RunRecord
@@ -207,11 +207,7 @@ def worker(rows: int, modes: list[str]) -> dict[str, Any]:
 
 def _worker_process(rows: int, modes: list[str]) -> dict[str, Any]:
     print(f"   {rows:,} rows: {', '.join(modes)} ...", flush=True)
-    output = subprocess.run(
-        [sys.executable, "-m", "bench.segment_sync", str(rows), *modes],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    return dict(json.loads(output.strip().splitlines()[-1]))
+    return in_process("bench.segment_sync", str(rows), *modes)
 
 
 def run() -> dict[str, Any]:

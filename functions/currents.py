@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import azure.functions as func
 
-from core.currents.discovery import FILES_QUEUE, FileMessage, ingest_queued, run_currents
+from core.currents.discovery import FILES_QUEUE, ingest_queued, run_currents
+from core.currents.s3 import CurrentsObject
 from functions._wiring import SETTINGS, services
 
 bp = func.Blueprint()
@@ -19,4 +20,4 @@ def currents_timer(timer: func.TimerRequest) -> None:
 
 @bp.queue_trigger(arg_name="message", queue_name=FILES_QUEUE, connection="AzureWebJobsStorage")
 def currents_file(message: func.QueueMessage) -> None:
-    ingest_queued(services(), FileMessage.model_validate_json(message.get_body()))
+    ingest_queued(services(), CurrentsObject.model_validate_json(message.get_body()))

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel
-
 from core.currents.files import FINISHED, FileLedger, FileReceipt, due, format_date_folder
 from core.currents.ingest import FileReport, IngestContext, ingest_file
 from core.currents.s3 import CurrentsObject, event_type_folders, list_folder, s3_client
@@ -29,22 +27,6 @@ from core.storage import Storage
 log = logging.getLogger(__name__)
 FILES_QUEUE = "currents-files"
 _MAX_REPORTED_ERRORS = 20
-
-
-class FileMessage(BaseModel):
-    """Queue message: one object version to ingest."""
-
-    bucket: str
-    key: str
-    etag: str
-    size: int
-    event_type: str
-    date: str
-
-    def object(self) -> CurrentsObject:
-        return CurrentsObject(
-            self.bucket, self.key, self.etag, self.size, self.event_type, self.date
-        )
 
 
 @dataclass(frozen=True)
@@ -142,7 +124,7 @@ def run_currents(
     if len(files) > config.inline_files:
         for obj in files:
             if ledger.mark_queued(obj, moment):
-                services.storage.queues.send(FILES_QUEUE, _message(obj))
+                services.storage.queues.send(FILES_QUEUE, obj)
                 counts["files.queued"] += 1
     else:
         context = config.context(services.storage, s3)
@@ -165,13 +147,6 @@ def run_currents(
     return services.runs.finish(run.run_id, status, counts=dict(summary), detail=detail)
 
 
-def _message(obj: CurrentsObject) -> FileMessage:
-    return FileMessage(
-        bucket=obj.bucket, key=obj.key, etag=obj.etag, size=obj.size,
-        event_type=obj.event_type, date=obj.date,
-    )  # fmt: skip
-
-
 def summarise(reports: list[FileReport], counts: Counter[str]) -> Counter[str]:
     summary = Counter(counts)
     for report in reports:
@@ -181,13 +156,15 @@ def summarise(reports: list[FileReport], counts: Counter[str]) -> Counter[str]:
     return summary
 
 
-def ingest_queued(services: Services, message: FileMessage, *, s3: Any | None = None) -> FileReport:
+def ingest_queued(
+    services: Services, message: CurrentsObject, *, s3: Any | None = None
+) -> FileReport:
     """Queue worker: one file of a fanned-out backlog, reported as a run of its own."""
     config = config_of(services)
     if config is None:
         raise ConfigError("SWITCHBOARD_CURRENTS_BUCKET is not set; cannot ingest queued files")
     context = config.context(services.storage, s3 or client_for(services))
-    report = ingest_file(context, message.object())
+    report = ingest_file(context, message)
     if report.outcome != "skipped":  # skipped: finished already, or another worker has it
         summary = summarise([report], Counter())
         services.runs.finish(

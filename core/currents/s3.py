@@ -10,12 +10,12 @@ opaque and may change:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict
 
 from core.errors import ConfigError, SwitchboardError, TransientError
 
@@ -37,8 +37,11 @@ _CONFIG_CODES = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class CurrentsObject:
+class CurrentsObject(BaseModel):
+    """One object version; also the `currents-files` queue message that hands it out."""
+
+    model_config = ConfigDict(frozen=True)
+
     bucket: str
     key: str
     etag: str
@@ -59,7 +62,9 @@ def parse_key(bucket: str, key: str, etag: str, size: int) -> CurrentsObject | N
     date = next((p[len(_DATE) :] for p in parts if p.startswith(_DATE)), None)
     if not event_type or not date or not key.endswith(".avro"):
         return None
-    return CurrentsObject(bucket, key, etag.strip('"'), size, event_type, date)
+    return CurrentsObject(
+        bucket=bucket, key=key, etag=etag.strip('"'), size=size, event_type=event_type, date=date
+    )
 
 
 def s3_client(endpoint_url: str | None, region: str) -> Any:

@@ -278,7 +278,7 @@ class SegmentWriter:
             self.stats.duplicates_in_store += len(lost)
             self.stats.duplicates_in_segment += dropped_repeats
         if self.stats.stored == 0:
-            self._store.storage.blobs.service.get_blob_client(EVENTS_CONTAINER, blob).delete_blob()
+            self._store.storage.blobs.delete(EVENTS_CONTAINER, blob)
             return PlacedSegment(self.segment_id, None, None, self.stats)
         return self._store.place(self.segment_id, self.source, blob, self.stats)
 
@@ -302,7 +302,7 @@ class SegmentWriter:
                     written.add(value)
                 writer.write(gzip.compress(line + b"\n"))
             writer.write(gzip.flush())
-        blobs.service.get_blob_client(EVENTS_CONTAINER, self.blob).delete_blob()
+        blobs.delete(EVENTS_CONTAINER, self.blob)
         return target, dropped_repeats
 
 

@@ -189,20 +189,10 @@ def broadlog_record(event: dict[str, Any], ingested_at: str, options: XdmOptions
         if channel == "email"
         else "message.feedback"
     )
-    return {
-        "_id": record_id(BROADLOG, event["event_id"]),
-        "timestamp": iso(event["occurred_at"]),
-        "eventType": event_type,
-        "identityMap": identity_map(event, options),
-        "_experience": {
-            "customerJourneyManagement": {
-                "messageDeliveryfeedback": feedback,
-                "messageProfile": _message_profile(channel),
-            },
-            "campaign": campaign,
-        },
-        options.tenant_key: {"hub": _hub(event, ingested_at)},
-    }
+    return _experience_event(
+        BROADLOG, event, event_type, ("messageDeliveryfeedback", feedback), campaign,
+        ingested_at, options,
+    )  # fmt: skip
 
 
 def _is_bot(event: dict[str, Any]) -> bool:
@@ -236,15 +226,27 @@ def trackinglog_record(
         event_type = "pushTracking.applicationOpened"
     else:
         event_type = "message.tracking"
+    return _experience_event(
+        TRACKINGLOG, event, event_type, ("messageInteraction", details), campaign,
+        ingested_at, options,
+    )  # fmt: skip
+
+
+def _experience_event(
+    log: str, event: dict[str, Any], event_type: str, group: tuple[str, dict[str, Any]],
+    campaign: dict[str, Any], ingested_at: str, options: XdmOptions,
+) -> dict[str, Any]:  # fmt: skip
+    """What both logs' records share; `group` is their customerJourneyManagement field
+    group (name and fields)."""
     return {
-        "_id": record_id(TRACKINGLOG, event["event_id"]),
+        "_id": record_id(log, event["event_id"]),
         "timestamp": iso(event["occurred_at"]),
         "eventType": event_type,
         "identityMap": identity_map(event, options),
         "_experience": {
             "customerJourneyManagement": {
-                "messageInteraction": details,
-                "messageProfile": _message_profile(channel),
+                group[0]: group[1],
+                "messageProfile": _message_profile(event["channel"]),
             },
             "campaign": campaign,
         },

@@ -276,6 +276,11 @@ class BlobStore:
         assert writer.etag is not None
         return writer.etag
 
+    def delete(self, container: str, name: str) -> None:
+        """Delete a blob; one that is already gone is fine."""
+        with suppress(ResourceNotFoundError):
+            self.service.get_blob_client(container, name).delete_blob()
+
     def read_versioned(self, container: str, name: str) -> tuple[bytes, str] | None:
         """A small blob's bytes and ETag, or None if it does not exist."""
         client = self.service.get_blob_client(container, name)

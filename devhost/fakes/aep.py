@@ -11,7 +11,6 @@ it accepted (`GET /_fake/received`: entities per dataset, keyed by `_id`).
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,18 +37,7 @@ class FakeAepState:
 
 class FakeAep(JsonFake):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
-        self.state = FakeAepState(**config)
-        self.lock = threading.Lock()
-        super().__init__(host, port, {"GET": self._get, "POST": self._post})
-
-    def start(self) -> FakeAep:
-        self.start_serving()
-        return self
-
-    def configure(self, **changes: Any) -> None:
-        with self.lock:
-            for name, value in changes.items():
-                setattr(self.state, name, value)
+        super().__init__(host, port, FakeAepState(**config))
 
     def inlet_url(self, connection_id: str = "0123456789abcdef") -> str:
         return f"{self.url}/collection/batch/{connection_id}"

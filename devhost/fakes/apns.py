@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from devhost.fakes.base import Configurable
+
 MAX_PAYLOAD_BYTES = 4096
 
 
@@ -91,7 +93,7 @@ def _b64(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-class FakeApns:
+class FakeApns(Configurable):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
         self.state = FakeApnsState(**config)
         self.lock = threading.Lock()
@@ -128,11 +130,6 @@ class FakeApns:
         self._thread.join(10)
         self._loop.close()
         self._directory.cleanup()
-
-    def configure(self, **changes: Any) -> None:
-        with self.lock:
-            for name, value in changes.items():
-                setattr(self.state, name, value)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -6,17 +6,33 @@ import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 Reply = tuple[int, Any, dict[str, str]]
 Route = Callable[[str, dict[str, str], bytes], Reply]
 """(path, request headers, body) -> (status, JSON-able body, response headers)."""
 
 
-class JsonFake:
-    """Serves `routes` (method -> handler for any path) on a loopback port in a thread."""
+class Configurable:
+    """A fake's settings and counters in `state`, changed under `lock` (tests, `/_fake/config`)."""
 
-    def __init__(self, host: str, port: int, routes: dict[str, Route]) -> None:
+    state: Any
+    lock: threading.Lock
+
+    def configure(self, **changes: Any) -> None:
+        with self.lock:
+            for name, value in changes.items():
+                setattr(self.state, name, value)
+
+
+class JsonFake(Configurable):
+    """Serves `_get` and `_post` (any path) on a loopback port in a thread."""
+
+    def __init__(self, host: str, port: int, state: Any) -> None:
+        self.state = state
+        self.lock = threading.Lock()
+        routes: dict[str, Route] = {"GET": self._get, "POST": self._post}
+
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
@@ -51,8 +67,15 @@ class JsonFake:
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def start_serving(self) -> None:
+    def start(self) -> Self:
         self._thread.start()
+        return self
+
+    def _get(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        return 404, {"message": "not found"}, {}
+
+    def _post(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        return 404, {"message": "not found"}, {}
 
     def stop(self) -> None:
         self.server.shutdown()

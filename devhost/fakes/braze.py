@@ -73,9 +73,7 @@ def _apply(profile: dict[str, Any], attributes: dict[str, Any]) -> None:
 
 class FakeBraze(JsonFake):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
-        self.state = FakeBrazeState(**config)
-        self.lock = threading.Lock()
-        super().__init__(host, port, {"GET": self._get, "POST": self._post})
+        super().__init__(host, port, FakeBrazeState(**config))
 
     def _get(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
         with self.lock:
@@ -93,10 +91,6 @@ class FakeBraze(JsonFake):
             status, payload, reply_headers = self.track(headers, body)
             return status, payload, reply_headers or {}
         return 404, {"message": "not found"}, {}
-
-    def start(self) -> FakeBraze:
-        self.start_serving()
-        return self
 
     def configure(self, **changes: Any) -> None:
         with self.lock:

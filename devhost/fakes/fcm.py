@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,18 +76,7 @@ def service_account_for(fake_url: str, project_id: str) -> tuple[dict[str, Any],
 
 class FakeFcm(JsonFake):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
-        self.state = FakeFcmState(**config)
-        self.lock = threading.Lock()
-        super().__init__(host, port, {"GET": self._get, "POST": self._post})
-
-    def start(self) -> FakeFcm:
-        self.start_serving()
-        return self
-
-    def configure(self, **changes: Any) -> None:
-        with self.lock:
-            for name, value in changes.items():
-                setattr(self.state, name, value)
+        super().__init__(host, port, FakeFcmState(**config))
 
     def expire_access_tokens(self) -> None:
         with self.lock:
