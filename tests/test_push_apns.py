@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import ssl
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from core.errors import ConfigError
 from core.push.apns import ApnsSender, ProviderToken
+from core.push.h2client import H2Client
 from devhost.fakes.apns import FakeApns
 
 PAYLOAD = json.dumps({"aps": {"alert": {"title": "Hi", "body": "there"}}}).encode()
@@ -52,9 +51,8 @@ def run(fake: FakeApns, scenario: Any, *, private: str | None = None) -> Any:
     token = ProviderToken("ABCDE12345", "KEY1234567", private or key)
 
     async def go() -> Any:
-        trust = ssl.create_default_context(cafile=str(fake.cert_path))
-        client = httpx.AsyncClient(http2=True, verify=trust, timeout=10)
-        sender = ApnsSender("com.example.shop", token, endpoint=fake.url, client=client)
+        client = H2Client(fake.url, ssl_context=fake.client_ssl_context(), request_timeout=10)
+        sender = ApnsSender("com.example.shop", token, client=client)
         try:
             return await scenario(sender)
         finally:

@@ -3,7 +3,7 @@
 One ES256 provider token per team, key and environment, minted on first use and reused
 for 40 minutes (Apple: refresh no more than every 20 and no less than every 60 minutes);
 a 403 ExpiredProviderToken mints a new one and retries once. Requests multiplex as
-streams over the client's HTTP/2 connections (httpx; the client is injectable). Answers:
+streams over a few HTTP/2 connections (core/push/h2client.py; the client is injectable). Answers:
 
     200                                               -> sent (`apns-id` kept)
     410 Unregistered (with `timestamp`)               -> dead token, if registered before
@@ -16,26 +16,24 @@ streams over the client's HTTP/2 connections (httpx; the client is injectable). 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import random
 import time
 from typing import Any
 
-import httpx
 import orjson
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from core.errors import ConfigError, TransientError
+from core.push.h2client import H2Client, StreamNotProcessed
 from core.push.outcome import SendOutcome
+from core.push.retry import Attempts
 
 PRODUCTION = "https://api.push.apple.com"
 SANDBOX = "https://api.sandbox.push.apple.com"
 TOKEN_LIFETIME_SECONDS = 40 * 60
 _DEAD_400 = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "TopicDisallowed"})
-_MAX_BACKOFF_SECONDS = 30.0
 
 
 def _b64(data: bytes) -> str:
@@ -56,6 +54,7 @@ class ProviderToken:
         self._header = _b64(orjson.dumps({"alg": "ES256", "kid": key_id}))
         self._team_id = team_id
         self._token = ""
+        self._header_value = b""
         self._issued_at = 0.0
         self.mints = 0
 
@@ -67,8 +66,14 @@ class ProviderToken:
             r, s = decode_dss_signature(self._key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
             signature = _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
             self._token, self._issued_at = f"{self._header}.{claims}.{signature}", now
+            self._header_value = f"bearer {self._token}".encode()
             self.mints += 1
         return self._token
+
+    def header(self, *, fresh: bool = False) -> bytes:
+        """The `authorization` header value, as bytes."""
+        self.get(fresh=fresh)
+        return self._header_value
 
 
 class ApnsSender:
@@ -78,13 +83,13 @@ class ApnsSender:
         provider_token: ProviderToken,
         *,
         endpoint: str = PRODUCTION,
-        client: httpx.AsyncClient | None = None,
+        client: H2Client | None = None,
         max_attempts: int = 5,
     ) -> None:
         self.topic = topic
         self._token = provider_token
-        self._endpoint = endpoint.rstrip("/")
-        self._client = client or httpx.AsyncClient(http2=True, timeout=30.0)
+        self._client = client or H2Client(endpoint)
+        self._topic = topic.encode()
         self.max_attempts = max_attempts
 
     async def aclose(self) -> None:
@@ -102,64 +107,66 @@ class ApnsSender:
         apns_id: str | None = None,
         registered_at_ms: int | None = None,
     ) -> SendOutcome:
-        headers = {"apns-topic": self.topic, "apns-push-type": push_type,
-                   "apns-priority": str(priority)}  # fmt: skip
+        headers = [
+            (b"apns-topic", self._topic),
+            (b"apns-push-type", push_type.encode()),
+            (b"apns-priority", str(priority).encode()),
+        ]
         if expiration is not None:
-            headers["apns-expiration"] = str(expiration)
+            headers.append((b"apns-expiration", str(expiration).encode()))
         if collapse_id:
-            headers["apns-collapse-id"] = collapse_id
+            headers.append((b"apns-collapse-id", collapse_id.encode()))
         if apns_id:
-            headers["apns-id"] = apns_id
-        url = f"{self._endpoint}/3/device/{device_token}"
-        retries = waits = 0
+            headers.append((b"apns-id", apns_id.encode()))
+        path = f"/3/device/{device_token}"
+        attempts = Attempts("APNs", max_attempts=self.max_attempts)
         refreshed = False
         while True:
-            headers["authorization"] = f"bearer {self._token.get(fresh=refreshed)}"
+            authorization = (b"authorization", self._token.header(fresh=refreshed))
             try:
-                response = await self._client.post(url, content=payload, headers=headers)
-            except httpx.TransportError as exc:
-                retries += 1
-                await self._backoff(retries, f"{type(exc).__name__} calling APNs")
+                response = await self._client.post(path, [*headers, authorization], payload)
+            except StreamNotProcessed:
+                continue  # APNs never saw it: send again at once
+            except TransientError as exc:
+                await attempts.after_failure(str(exc))
                 continue
-            reason = _reason(response)
-            status = response.status_code
+            status = response.status
             if status == 200:
-                return SendOutcome("sent", message_id=response.headers.get("apns-id", ""),
-                                   retries=retries, rate_limited_waits=waits)  # fmt: skip
+                return SendOutcome("sent", message_id=response.header("apns-id"),
+                                   retries=attempts.retries,
+                                   rate_limited_waits=attempts.rate_limited_waits)  # fmt: skip
+            reason = _reason(response.body)
             if status == 403 and reason == "ExpiredProviderToken" and not refreshed:
                 refreshed = True
                 continue
             if status == 403:
                 raise ConfigError(f"APNs refuses this app's provider token: {reason}")
-            if status == 429 or status >= 500:
-                waits += status == 429
-                retries += status != 429
-                await self._backoff(retries + waits, f"APNs answered {status} {reason}")
+            if status == 429:
+                await attempts.after_rate_limit(f"429 {reason}")
                 continue
-            return _outcome(response, reason, registered_at_ms, retries, waits)
-
-    async def _backoff(self, attempt: int, why: str) -> None:
-        if attempt >= self.max_attempts:
-            raise TransientError(f"{why}; gave up after {attempt} attempts")
-        await asyncio.sleep(random.uniform(0, min(_MAX_BACKOFF_SECONDS, 0.05 * 2**attempt)))
+            if status >= 500:
+                await attempts.after_failure(f"answered {status} {reason}")
+                continue
+            return _outcome(status, response.body, reason, registered_at_ms, attempts)
 
 
-def _reason(response: httpx.Response) -> str:
-    if not response.content:
+def _reason(body: bytes) -> str:
+    if not body:
         return ""
     try:
-        body: Any = orjson.loads(response.content)
+        parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         return ""
-    return str(body.get("reason", "")) if isinstance(body, dict) else ""
+    return str(parsed.get("reason", "")) if isinstance(parsed, dict) else ""
 
 
 def _outcome(
-    response: httpx.Response, reason: str, registered_at_ms: int | None, retries: int, waits: int
+    status: int, body: bytes, reason: str, registered_at_ms: int | None, attempts: Attempts
 ) -> SendOutcome:
-    if response.status_code == 410:
+    retries, waits = attempts.retries, attempts.rate_limited_waits
+    if status == 410:
         try:
-            stopped = int(orjson.loads(response.content).get("timestamp"))
+            stopped = int(orjson.loads(body).get("timestamp"))
         except (TypeError, ValueError, orjson.JSONDecodeError):
             stopped = None
         # A token registered after APNs saw it die is a new registration: keep it.
@@ -167,6 +174,6 @@ def _outcome(
         return SendOutcome("dead_token" if dead else "failed", reason or "Unregistered",
                            retries=retries, rate_limited_waits=waits,
                            unregistered_at_ms=stopped)  # fmt: skip
-    status = "dead_token" if response.status_code == 400 and reason in _DEAD_400 else "failed"
-    return SendOutcome(status, reason or str(response.status_code), retries=retries,
+    outcome = "dead_token" if status == 400 and reason in _DEAD_400 else "failed"
+    return SendOutcome(outcome, reason or str(status), retries=retries,
                        rate_limited_waits=waits)  # fmt: skip

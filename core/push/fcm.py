@@ -2,8 +2,9 @@
 
 Auth: an OAuth2 access token from the app's service account (google-auth signs the JWT
 and exchanges it at the account's `token_uri`), cached until five minutes before it
-expires; a 401 refreshes it once. Pacing, 429 (`QUOTA_EXCEEDED`, `Retry-After`) waits and
-5xx (`UNAVAILABLE`, `INTERNAL`) retries: core/http.py. Each answer becomes a SendOutcome:
+expires; a 401 refreshes it once. Requests go over HTTP/2 (core/push/h2client.py);
+429 (`QUOTA_EXCEEDED`, `Retry-After`) waits and 5xx (`UNAVAILABLE`, `INTERNAL`) retries
+follow core/push/retry.py. Each answer becomes a SendOutcome:
 
     200                                           -> sent (FCM's message name kept)
     UNREGISTERED, INVALID_ARGUMENT about the token -> dead token (the caller deactivates it)
@@ -13,7 +14,9 @@ expires; a 401 refreshes it once. Pacing, 429 (`QUOTA_EXCEEDED`, `Retry-After`) 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,11 +26,15 @@ from google.auth.exceptions import GoogleAuthError
 from google.auth.transport.requests import Request
 from google.oauth2 import service_account
 
-from core.errors import ConfigError
-from core.http import PoliteSender
+from core.errors import ConfigError, TransientError
+from core.http import retry_after_seconds
+from core.push.h2client import H2Client, H2Response, StreamNotProcessed
 from core.push.outcome import SendOutcome
+from core.push.retry import Attempts
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+ENDPOINT = "https://fcm.googleapis.com"
+_JSON = (b"content-type", b"application/json; charset=UTF-8")
 _REFRESH_BEFORE = timedelta(minutes=5)
 _DEAD_TOKEN_CODES = frozenset({"UNREGISTERED"})
 _CONFIG_CODES = frozenset({"SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR"})
@@ -46,21 +53,41 @@ class FcmCredentials:
             raise ConfigError(f"the FCM service account does not load: {exc}") from None
         self._request = Request(session)
         self._lock = threading.Lock()
+        self._header = b""
+        self._fresh_until = 0.0
         self.refreshes = 0
 
-    def token(self, *, force: bool = False) -> str:
+    async def authorization(self, *, rejected: bytes = b"") -> bytes:
+        """`Bearer <access token>`, refreshed near expiry or when FCM `rejected` this one.
+
+        The exchange blocks (google-auth), so it runs in a worker thread; concurrent
+        callers wait on one lock and reuse the first caller's fresh token."""
+        header = self._header
+        if header and header != rejected and time.monotonic() < self._fresh_until:
+            return header
+        return await asyncio.to_thread(self._refresh, rejected)
+
+    def token(self) -> str:
+        """The current access token, refreshed if needed (blocking)."""
+        return self._refresh(b"").decode().removeprefix("Bearer ")
+
+    def _refresh(self, rejected: bytes) -> bytes:
         with self._lock:
+            if self._header and self._header != rejected and time.monotonic() < self._fresh_until:
+                return self._header
+            try:
+                self._credentials.refresh(self._request)
+            except GoogleAuthError as exc:
+                raise ConfigError(f"FCM refused the service account: {exc}") from None
+            self.refreshes += 1
             expiry = self._credentials.expiry
-            stale = expiry is None or expiry.replace(tzinfo=UTC) - _REFRESH_BEFORE <= datetime.now(
-                UTC
-            )
-            if force or stale or not self._credentials.token:
-                try:
-                    self._credentials.refresh(self._request)
-                except GoogleAuthError as exc:
-                    raise ConfigError(f"FCM refused the service account: {exc}") from None
-                self.refreshes += 1
-            return str(self._credentials.token)
+            lifetime = (
+                (expiry.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds()
+                if expiry is not None else 0.0
+            )  # fmt: skip
+            self._fresh_until = time.monotonic() + lifetime - _REFRESH_BEFORE.total_seconds()
+            self._header = f"Bearer {self._credentials.token}".encode()
+            return self._header
 
 
 class FcmSender:
@@ -69,59 +96,77 @@ class FcmSender:
         project_id: str,
         credentials: FcmCredentials,
         *,
-        endpoint: str = "https://fcm.googleapis.com",
-        session: requests.Session | None = None,
-        requests_per_second: float = 500.0,
+        endpoint: str = ENDPOINT,
+        client: H2Client | None = None,
         max_attempts: int = 5,
-        **sender_options: Any,
+        max_rate_limited_waits: int = 20,
     ) -> None:
         self.project_id = project_id
         self._credentials = credentials
-        url = f"{endpoint.rstrip('/')}/v1/projects/{project_id}/messages:send"
-        headers = {"Content-Type": "application/json; charset=UTF-8"}
-        self._sender = PoliteSender(
-            "FCM", url, headers, requests_per_second=requests_per_second,
-            max_attempts=max_attempts, session=session, **sender_options,
-        )  # fmt: skip
+        self._client = client or H2Client(endpoint)
+        self._path = f"/v1/projects/{project_id}/messages:send"
+        self.max_attempts = max_attempts
+        self.max_rate_limited_waits = max_rate_limited_waits
 
-    def validate(self) -> None:
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def validate(self) -> None:
         """Obtain an access token now: bad credentials stop this app before its first send."""
-        self._credentials.token()
+        await self._credentials.authorization()
 
-    def send(self, body: bytes) -> SendOutcome:
+    async def send(self, body: bytes) -> SendOutcome:
         """One `messages:send` call (body from core.push.templates.fcm_message)."""
-        for refreshed in (False, True):
-            token = self._credentials.token(force=refreshed)
-            delivered = self._sender.post(body, headers={"Authorization": f"Bearer {token}"})
-            response = delivered.response
-            if response.status_code == 401 and not refreshed:
-                continue  # the access token expired early or was revoked: refresh once
-            return _outcome(response, delivered.retries, delivered.rate_limited_waits)
-        raise ConfigError("FCM refused a freshly issued access token (401)")
+        attempts = Attempts("FCM", max_attempts=self.max_attempts,
+                            max_rate_limited_waits=self.max_rate_limited_waits)  # fmt: skip
+        rejected = b""
+        while True:
+            authorization = await self._credentials.authorization(rejected=rejected)
+            try:
+                response = await self._client.post(
+                    self._path, [(b"authorization", authorization), _JSON], body
+                )
+            except StreamNotProcessed:
+                continue  # FCM never saw it: send again at once
+            except TransientError as exc:
+                await attempts.after_failure(str(exc))
+                continue
+            status = response.status
+            if status == 200:
+                name = str(orjson.loads(response.body).get("name", ""))
+                return SendOutcome("sent", message_id=name, retries=attempts.retries,
+                                   rate_limited_waits=attempts.rate_limited_waits)  # fmt: skip
+            if status == 401 and not rejected:
+                rejected = authorization  # expired early or revoked: refresh once
+                continue
+            code, message = _error_code(response)
+            wait = retry_after_seconds({"Retry-After": response.header("retry-after")}, time.time())
+            if status == 429:
+                await attempts.after_rate_limit(f"429 {code}", wait)
+                continue
+            if status >= 500:
+                await attempts.after_failure(f"answered {status} {code}", wait)
+                continue
+            return _outcome(status, code, message, attempts)
 
 
-def _error_code(response: requests.Response) -> tuple[str, str]:
+def _error_code(response: H2Response) -> tuple[str, str]:
     try:
-        error = orjson.loads(response.content).get("error", {})
-    except (ValueError, AttributeError):
-        return str(response.status_code), ""
+        error = orjson.loads(response.body).get("error", {})
+    except (orjson.JSONDecodeError, AttributeError):
+        return str(response.status), ""
     message = str(error.get("message", ""))
     for detail in error.get("details") or []:
         if isinstance(detail, dict) and detail.get("errorCode"):
             return str(detail["errorCode"]), message
-    return str(error.get("status") or response.status_code), message
+    return str(error.get("status") or response.status), message
 
 
-def _outcome(response: requests.Response, retries: int, waits: int) -> SendOutcome:
-    if response.status_code == 200:
-        name = str(orjson.loads(response.content).get("name", ""))
-        return SendOutcome("sent", message_id=name, retries=retries, rate_limited_waits=waits)
-    code, message = _error_code(response)
-    if code in _CONFIG_CODES or response.status_code == 401:
+def _outcome(status: int, code: str, message: str, attempts: Attempts) -> SendOutcome:
+    if code in _CONFIG_CODES or status == 401:
         raise ConfigError(f"FCM rejects this app's configuration: {code}")
     dead = code in _DEAD_TOKEN_CODES or (
         code == "INVALID_ARGUMENT" and "registration token" in message.lower()
     )
-    return SendOutcome(
-        "dead_token" if dead else "failed", reason=code, retries=retries, rate_limited_waits=waits
-    )
+    return SendOutcome("dead_token" if dead else "failed", reason=code, retries=attempts.retries,
+                       rate_limited_waits=attempts.rate_limited_waits)  # fmt: skip

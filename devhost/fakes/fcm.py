@@ -8,7 +8,8 @@ UNAUTHENTICATED otherwise), a known project (403 SENDER_ID_MISMATCH for a token 
 another project), and answers FCM's error shape (`error.status`, `details[].errorCode`):
 404 UNREGISTERED for tokens in `unregistered`, 400 INVALID_ARGUMENT for malformed ones,
 429 QUOTA_EXCEEDED with Retry-After every `limit_every`-th send, 503 UNAVAILABLE every
-`fail_every`-th. `GET /_fake/sent` lists what was delivered.
+`fail_every`-th. `GET /_fake/sent` lists what was delivered. HTTPS, HTTP/2 or HTTP/1.1
+(devhost/fakes/tls_http.py), as on fcm.googleapis.com and oauth2.googleapis.com.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from devhost.fakes.base import JsonFake, Reply
+from devhost.fakes.tls_http import Answer, TlsHttpFake
+
+Reply = tuple[int, Any, dict[str, str]]
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+# FCM HTTP v1 accepts either scope (the Admin SDK asks for cloud-platform).
+ACCEPTED_SCOPES = {SCOPE, "https://www.googleapis.com/auth/cloud-platform"}
 
 
 def _b64(part: str) -> bytes:
@@ -74,9 +79,17 @@ def service_account_for(fake_url: str, project_id: str) -> tuple[dict[str, Any],
     return info, public
 
 
-class FakeFcm(JsonFake):
+class FakeFcm(TlsHttpFake):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
         super().__init__(host, port, FakeFcmState(**config))
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        route = {"GET": self._get, "POST": self._post}.get(method)
+        status, reply, reply_headers = (
+            route(path, headers, body) if route else (405, {"error": {"code": 405}}, {})
+        )
+        return (status, [("content-type", "application/json; charset=UTF-8"),
+                         *reply_headers.items()], json.dumps(reply).encode())  # fmt: skip
 
     def expire_access_tokens(self) -> None:
         with self.lock:
@@ -118,7 +131,7 @@ class FakeFcm(JsonFake):
         now = time.time()
         valid = (
             claims.get("iss") == self.state.client_email
-            and SCOPE in str(claims.get("scope", "")).split()
+            and ACCEPTED_SCOPES & set(str(claims.get("scope", "")).split())
             and claims.get("aud", "").endswith("/token")
             and claims.get("iat", 0) - 300 <= now <= claims.get("exp", 0)
             and claims["exp"] - claims["iat"] <= 3600
@@ -133,9 +146,7 @@ class FakeFcm(JsonFake):
                      "token_type": "Bearer"}, {}  # fmt: skip
 
     def _send(self, own_project: bool, headers: dict[str, str], body: bytes) -> Reply:
-        if self.state.latency_seconds:
-            time.sleep(self.state.latency_seconds)
-        bearer = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
+        bearer = headers.get("authorization", "")
         with self.lock:
             state = self.state
             expiry = state.access_tokens.get(bearer.removeprefix("Bearer "))
