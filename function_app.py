@@ -7,6 +7,7 @@ from functions import (
     http_api,
     log_export,
     push_api,
+    push_dispatch,
     segment_arrival,
     segment_chunks,
     suppressions_api,
@@ -20,3 +21,4 @@ app.register_functions(suppressions_api.bp)
 app.register_functions(log_export.bp)
 app.register_functions(currents.bp)
 app.register_functions(push_api.bp)
+app.register_functions(push_dispatch.bp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Literal
 
 from pydantic import (
@@ -206,6 +207,44 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_QUARANTINE_SOFT_THRESHOLD",
         description="Counted soft errors that put an address in quarantine.",
     )
+    apns_endpoint: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_APNS_ENDPOINT",
+        description="APNs origin for every app, e.g. https://api.push.apple.com:2197 "
+        "(default: production or sandbox host by each app's environment).",
+    )
+    fcm_endpoint: str = Field(
+        default="https://fcm.googleapis.com",
+        validation_alias="SWITCHBOARD_FCM_ENDPOINT",
+        description="FCM HTTP v1 origin.",
+    )
+    push_ca_file: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_PUSH_CA_FILE",
+        description="PEM bundle to trust for APNs, FCM and the OAuth token endpoint instead "
+        "of the system's (a TLS-inspecting proxy, or the local fakes).",
+    )
+    push_concurrency: int = Field(
+        default=200,
+        ge=1,
+        le=5000,
+        validation_alias="SWITCHBOARD_PUSH_CONCURRENCY",
+        description="Pushes in flight at once per worker and app.",
+    )
+    push_connections: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        validation_alias="SWITCHBOARD_PUSH_CONNECTIONS",
+        description="HTTP/2 connections per worker and app.",
+    )
+    push_targets_per_chunk: int = Field(
+        default=1000,
+        ge=1,
+        le=50_000,
+        validation_alias="SWITCHBOARD_PUSH_TARGETS_PER_CHUNK",
+        description="Profiles per queue message when a dispatch fans out.",
+    )
 
     @field_validator("aep_streaming", mode="before")
     @classmethod
@@ -239,7 +278,7 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("s3_endpoint_url", "braze_rest_endpoint")
+    @field_validator("s3_endpoint_url", "braze_rest_endpoint", "apns_endpoint", "fcm_endpoint")
     @classmethod
     def _endpoint_is_url(cls, value: str | None) -> str | None:
         if not value:
@@ -247,6 +286,13 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL")
         return value
+
+    @staticmethod
+    def named_secret(name: str) -> str | None:
+        """A secret whose setting name a configuration document gives (push credentials):
+        read from the environment on use, never stored on this object or logged."""
+        value = os.environ.get(name)
+        return value if value and value.strip() else None
 
     @model_validator(mode="after")
     def _streaming_is_configured(self) -> Settings:

@@ -26,6 +26,8 @@ from core.sync.mapping import RowRejected, normalise_email, normalise_phone
 class Channel(StrEnum):
     EMAIL = "email"
     PHONE = "phone"
+    PUSH = "push"
+    """Keyed by profile id: no pushes to that profile on any device."""
 
 
 class Reason(StrEnum):
@@ -75,6 +77,8 @@ class SuppressionChange(BaseModel):
 
     def normalised(self) -> str:
         """The address as rows are matched against it; ValueError if it is not one."""
+        if self.channel == Channel.PUSH:
+            return self.address.strip()
         normalise = normalise_email if self.channel == Channel.EMAIL else normalise_phone
         try:
             return normalise(self.address)
@@ -249,9 +253,9 @@ class SuppressionList:
         )
         return [row.reason for row in rows if row.active]
 
-    def snapshot(self) -> SuppressionSnapshot:
+    def snapshot(self, channels: tuple[Channel, ...] = tuple(Channel)) -> SuppressionSnapshot:
         by_channel: dict[Channel, dict[str, Reason]] = {}
-        for channel in Channel:
+        for channel in channels:
             hashes: dict[str, Reason] = {}
             for row in self._table.query_partition(channel.value):
                 if row.active:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +61,7 @@ def port() -> int:
 SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
-    "fanout", "dryrun", "mirror", "manifest",
+    "fanout", "dryrun", "mirror", "manifest", "push",
 )  # fmt: skip
 
 
@@ -93,10 +96,47 @@ def fake_braze():  # type: ignore[no-untyped-def]
     fake.stop()
 
 
+@dataclass
+class PushFakes:
+    apns: Any
+    fcm: Any
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def push_fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PushFakes]:
+    """Fake APNs and FCM over TLS, the credentials the app's settings hold for them, and
+    one CA bundle (both self-signed certificates) the app trusts."""
+    from devhost.fakes.apns import FakeApns, signing_key_pair
+    from devhost.fakes.fcm import FakeFcm, service_account_for
+
+    apns, fcm = FakeApns().start(), FakeFcm().start()
+    key, public = signing_key_pair()
+    apns.configure(public_key_pem=public)
+    account, account_public = service_account_for(fcm.url, "example-shop")
+    fcm.configure(public_key_pem=account_public, client_email=account["client_email"])
+    other_key, _ = signing_key_pair()  # an app whose key APNs does not know
+    bundle = tmp_path_factory.mktemp("push") / "push-ca.pem"
+    bundle.write_text(apns.cert_path.read_text() + fcm.cert_path.read_text())
+    env = {
+        "SWITCHBOARD_APNS_ENDPOINT": apns.url,
+        "SWITCHBOARD_FCM_ENDPOINT": fcm.url,
+        "SWITCHBOARD_PUSH_CA_FILE": str(bundle),
+        "SWITCHBOARD_APNS_KEY_SHOP": key,
+        "SWITCHBOARD_APNS_KEY_KIOSK": other_key,
+        "SWITCHBOARD_FCM_SHOP": json.dumps(account),
+        "SWITCHBOARD_PUSH_TARGETS_PER_CHUNK": "2000",
+    }
+    yield PushFakes(apns, fcm, env)
+    apns.stop()
+    fcm.stop()
+
+
 @pytest.fixture(scope="session")
 def app_env(
     local_services: dict[str, str],
     fake_braze,
+    push_fakes: PushFakes,
     tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
 ) -> dict[str, str]:
     from core.currents.s3 import s3_client
@@ -121,6 +161,7 @@ def app_env(
         "SWITCHBOARD_SYNCS_FILE": str(syncs),
         "SWITCHBOARD_BRAZE_REST_ENDPOINT": fake_braze.url,
         "SWITCHBOARD_BRAZE_API_KEY": fake_braze.state.api_key,
+        **push_fakes.env,
     }
 
 

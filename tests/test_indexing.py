@@ -56,6 +56,16 @@ EXPECTED = {
         "httpTrigger",
         {"route": "push/events", "methods": ["POST"], "authLevel": "FUNCTION"},
     ),
+    "send_push": (
+        "httpTrigger",
+        {"route": "push/send", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
+    "get_push_dispatch": (
+        "httpTrigger",
+        {"route": "push/dispatches/{dispatch_id}", "methods": ["GET"], "authLevel": "FUNCTION"},
+    ),
+    "plan_push_dispatch": ("queueTrigger", {"queueName": "push-plans"}),
+    "send_push_chunk": ("queueTrigger", {"queueName": "push-chunks"}),
     "currents_timer": (
         "timerTrigger",
         {"schedule": "0 */5 * * * *", "useMonitor": True, "runOnStartup": False},

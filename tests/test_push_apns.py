@@ -10,29 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from core.errors import ConfigError
 from core.push.apns import ApnsSender, ProviderToken
 from core.push.h2client import H2Client
-from devhost.fakes.apns import FakeApns
+from devhost.fakes.apns import FakeApns, signing_key_pair
 
 PAYLOAD = json.dumps({"aps": {"alert": {"title": "Hi", "body": "there"}}}).encode()
 
 
-def key_pair() -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()  # fmt: skip
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
+key_pair = signing_key_pair
 
 
 @pytest.fixture

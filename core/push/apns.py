@@ -26,9 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from core.errors import ConfigError, TransientError
+from core.events.model import epoch_millis
+from core.push.apps import PushApp
 from core.push.h2client import H2Client, StreamNotProcessed
 from core.push.outcome import SendOutcome
+from core.push.provider import PushProvider
 from core.push.retry import Attempts
+from core.push.templates import PushTemplate, RenderedMessage, apns_payload
+from core.push.tokens import Device
 
 PRODUCTION = "https://api.push.apple.com"
 SANDBOX = "https://api.sandbox.push.apple.com"
@@ -70,9 +75,10 @@ class ProviderToken:
             self.mints += 1
         return self._token
 
-    def header(self, *, fresh: bool = False) -> bytes:
-        """The `authorization` header value, as bytes."""
-        self.get(fresh=fresh)
+    def header(self, *, rejected: bytes = b"") -> bytes:
+        """The `authorization` header value. When APNs `rejected` the current one as
+        expired, a new token is minted once, however many streams saw the rejection."""
+        self.get(fresh=bool(rejected) and rejected == self._header_value)
         return self._header_value
 
 
@@ -120,9 +126,9 @@ class ApnsSender:
             headers.append((b"apns-id", apns_id.encode()))
         path = f"/3/device/{device_token}"
         attempts = Attempts("APNs", max_attempts=self.max_attempts)
-        refreshed = False
+        rejected = b""
         while True:
-            authorization = (b"authorization", self._token.header(fresh=refreshed))
+            authorization = (b"authorization", self._token.header(rejected=rejected))
             try:
                 response = await self._client.post(path, [*headers, authorization], payload)
             except StreamNotProcessed:
@@ -136,8 +142,8 @@ class ApnsSender:
                                    retries=attempts.retries,
                                    rate_limited_waits=attempts.rate_limited_waits)  # fmt: skip
             reason = _reason(response.body)
-            if status == 403 and reason == "ExpiredProviderToken" and not refreshed:
-                refreshed = True
+            if status == 403 and reason == "ExpiredProviderToken" and not rejected:
+                rejected = authorization[1]
                 continue
             if status == 403:
                 raise ConfigError(f"APNs refuses this app's provider token: {reason}")
@@ -177,3 +183,41 @@ def _outcome(
     outcome = "dead_token" if status == 400 and reason in _DEAD_400 else "failed"
     return SendOutcome(outcome, reason or str(status), retries=retries,
                        rate_limited_waits=waits)  # fmt: skip
+
+
+class ApnsProvider(PushProvider):
+    """A dispatch's template on APNs: alert pushes with its priority, expiry and collapse id."""
+
+    platform = "ios"
+
+    def __init__(
+        self, topic: str, token: ProviderToken, template: PushTemplate, *, client: H2Client
+    ) -> None:
+        self._token = token
+        self._sender = ApnsSender(topic, token, client=client)
+        self._template = template
+        self._priority = 10 if template.priority == "high" else 5
+        self._expiration = (
+            int(time.time()) + template.ttl_seconds if template.ttl_seconds is not None else None
+        )
+
+    @staticmethod
+    def origin_for(app: PushApp) -> str:
+        assert app.apns is not None
+        return SANDBOX if app.apns.environment == "sandbox" else PRODUCTION
+
+    async def validate(self) -> None:
+        self._token.get()  # the key parsed when the token was made; this proves it signs
+
+    def encode(self, message: RenderedMessage, device: Device) -> bytes:
+        return apns_payload(message, self._template)
+
+    async def send(self, device: Device, body: bytes) -> SendOutcome:
+        return await self._sender.send(
+            device.token, body, priority=self._priority, expiration=self._expiration,
+            collapse_id=self._template.collapse_id,
+            registered_at_ms=epoch_millis(device.registered_at),
+        )  # fmt: skip
+
+    async def aclose(self) -> None:
+        await self._sender.aclose()

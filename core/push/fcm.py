@@ -30,7 +30,10 @@ from core.errors import ConfigError, TransientError
 from core.http import retry_after_seconds
 from core.push.h2client import H2Client, H2Response, StreamNotProcessed
 from core.push.outcome import SendOutcome
+from core.push.provider import PushProvider
 from core.push.retry import Attempts
+from core.push.templates import PushTemplate, RenderedMessage, fcm_message
+from core.push.tokens import Device
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 ENDPOINT = "https://fcm.googleapis.com"
@@ -43,6 +46,17 @@ _CONFIG_CODES = frozenset({"SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR"})
 class FcmCredentials:
     """An app's service account, exchanged for access tokens that are reused until near
     their expiry (thread-safe: the senders of one app share it)."""
+
+    @classmethod
+    def from_json(cls, text: str, session: requests.Session) -> FcmCredentials:
+        """From the service account JSON as an app setting holds it."""
+        try:
+            info = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise ConfigError("the FCM service account setting is not JSON") from None
+        if not isinstance(info, dict):
+            raise ConfigError("the FCM service account setting is not a JSON object")
+        return cls(info, session)
 
     def __init__(self, service_account_info: dict[str, Any], session: requests.Session) -> None:
         try:
@@ -170,3 +184,28 @@ def _outcome(status: int, code: str, message: str, attempts: Attempts) -> SendOu
     )
     return SendOutcome("dead_token" if dead else "failed", reason=code, retries=attempts.retries,
                        rate_limited_waits=attempts.rate_limited_waits)  # fmt: skip
+
+
+class FcmProvider(PushProvider):
+    """A dispatch's template on FCM HTTP v1 (Android notification messages)."""
+
+    platform = "android"
+
+    def __init__(
+        self, project_id: str, credentials: FcmCredentials, template: PushTemplate, *,
+        client: H2Client,
+    ) -> None:  # fmt: skip
+        self._sender = FcmSender(project_id, credentials, client=client)
+        self._template = template
+
+    async def validate(self) -> None:
+        await self._sender.validate()
+
+    def encode(self, message: RenderedMessage, device: Device) -> bytes:
+        return fcm_message(message, self._template, device.token)
+
+    async def send(self, device: Device, body: bytes) -> SendOutcome:
+        return await self._sender.send(body)
+
+    async def aclose(self) -> None:
+        await self._sender.aclose()

@@ -4,7 +4,8 @@ Why not httpx: a push dispatch is thousands of small POSTs to one host, and http
 per-request cost made it 3.6 times slower than aioapns on the same fake. This client keeps
 the cost per request to what HTTP/2 itself needs:
 
-- a few connections, each carrying up to the server's MAX_CONCURRENT_STREAMS streams;
+- a few connections, each carrying up to the server's MAX_CONCURRENT_STREAMS streams
+  (one until its first answer: APNs wants each connection warmed by one request);
   a request takes the least busy connection and opens a new one only when all are full;
 - frames of all requests issued in one loop iteration leave in one TLS write;
 - response headers are kept as bytes (no decoding unless asked);
@@ -136,6 +137,9 @@ class _Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._window_opened = asyncio.Event()
         self.max_streams = 100  # until the server's SETTINGS say otherwise
+        # APNs allows one stream on a token-auth connection until a request with a valid
+        # token went through: warm each connection with one request before fanning out.
+        self.warmed = False
         self.usable = True
         self.closed = False
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -145,7 +149,7 @@ class _Connection(asyncio.Protocol):
         return len(self._streams)
 
     def has_room(self) -> bool:
-        return self.usable and len(self._streams) < self.max_streams
+        return self.usable and len(self._streams) < (self.max_streams if self.warmed else 1)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -178,6 +182,7 @@ class _Connection(asyncio.Protocol):
                 self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self._streams.pop(event.stream_id, None)
+                self.warmed = True
                 if stream is not None and not stream.future.done():
                     response = H2Response(stream.status, stream.headers, bytes(stream.body))
                     stream.future.set_result(response)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import requests
+import requests.adapters
 from azure.core.exceptions import AzureError
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
@@ -21,6 +23,7 @@ __all__ = ["BlobRef", "ServiceHealth", "Storage"]
 
 # Health pings must answer quickly or report the service as down.
 _PING_TIMEOUT_SECONDS = 5
+POOL_CONNECTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,16 @@ class ServiceHealth:
         return result
 
 
+def _pooled_session() -> requests.Session:
+    """A session keeping as many connections as parallel point reads use (urllib3's
+    default of 10 made the rest reconnect on every request)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_CONNECTIONS)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class Storage:
     """Blob, table and queue clients for one account."""
 
@@ -46,9 +59,10 @@ class Storage:
             credential=account.credential("blob"),
             max_single_get_size=CHUNK_BYTES,
             max_chunk_get_size=CHUNK_BYTES,
+            session=_pooled_session(),
         )
         self.table_service = TableServiceClient(
-            account.table_url, credential=account.credential("table")
+            account.table_url, credential=account.credential("table"), session=_pooled_session()
         )
         self.queue_service = QueueServiceClient(
             account.queue_url, credential=account.credential("queue")

@@ -152,12 +152,18 @@ class EntityTable(Generic[E]):
     ) -> dict[str, Versioned[E]]:
         """Point reads of many rows of one partition, `parallel` at a time (missing ones
         absent). Point reads, not one query: a filter OR-ing row keys scans the partition."""
-        if len(row_keys) <= 1 or parallel <= 1:
-            found = [(key, self.get(partition_key, key)) for key in row_keys]
+        found = self.get_points([(partition_key, key) for key in row_keys], parallel=parallel)
+        return {row_key: value for (_, row_key), value in found.items()}
+
+    def get_points(
+        self, keys: list[tuple[str, str]], *, parallel: int = 8
+    ) -> dict[tuple[str, str], Versioned[E]]:
+        """Point reads of rows anywhere in the table, `parallel` at a time (missing ones absent)."""
+        if len(keys) <= 1 or parallel <= 1:
+            found = [(key, self.get(*key)) for key in keys]
         else:
-            with ThreadPoolExecutor(min(parallel, len(row_keys))) as pool:
-                reads = pool.map(lambda key: (key, self.get(partition_key, key)), row_keys)
-                found = list(reads)
+            with ThreadPoolExecutor(min(parallel, len(keys))) as pool:
+                found = list(pool.map(lambda key: (key, self.get(*key)), keys))
         return {key: value for key, value in found if value is not None}
 
     def insert(self, entity: E) -> str:
@@ -349,9 +355,11 @@ class EntityTable(Generic[E]):
         *,
         row_from: str | None = None,
         row_before: str | None = None,
+        row_to: str | None = None,
         page_size: int = 1000,
     ) -> Iterator[E]:
-        """Rows of one partition in RowKey order, optionally within [row_from, row_before)."""
+        """Rows of one partition in RowKey order, optionally from `row_from` and before
+        `row_before` or up to and including `row_to`."""
         clauses = ["PartitionKey eq @pk"]
         parameters: dict[str, Any] = {"pk": partition_key}
         if row_from is not None:
@@ -360,6 +368,9 @@ class EntityTable(Generic[E]):
         if row_before is not None:
             clauses.append("RowKey lt @hi")
             parameters["hi"] = row_before
+        if row_to is not None:
+            clauses.append("RowKey le @last")
+            parameters["last"] = row_to
         return self.query(" and ".join(clauses), parameters, page_size=page_size)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,3 +264,20 @@ class StateStore:
                 f"sync state {self.sync_id}/{self.destination} bucket {bucket} changed meanwhile"
             ) from None
         state.etag = str(result["etag"])
+
+
+def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[str]:
+    """Identities a sync's destination holds in `audience` because Switchboard added them
+    (every destination of the sync, so an identity may repeat), read as a stream."""
+    needle = orjson.dumps(audience)
+    storage.blobs.ensure_container(STATE_CONTAINER)
+    for ref in storage.blobs.list(STATE_CONTAINER, prefix=f"{sync_id}/"):
+        with gzip.GzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as lines:
+            next(lines, None)  # the header
+            for line in lines:
+                _, identity, stored = line.rstrip(b"\n").split(b"\t", 2)
+                if needle not in stored:
+                    continue  # cheap pre-check before parsing
+                _, audiences = orjson.loads(stored)
+                if audience in audiences:
+                    yield str(orjson.loads(identity))

@@ -3,7 +3,8 @@
 `POST /3/device/<hex token>` with `authorization: bearer <ES256 JWT>`, `apns-topic`,
 `apns-push-type`, optional `apns-id`, `apns-priority`, `apns-expiration`,
 `apns-collapse-id`. Like APNs it verifies the JWT (key id, team, signature, not older
-than an hour or than `tokens_expire_before`: 403 ExpiredProviderToken; bad: 403
+than an hour, than `tokens_expire_before`, or the token current when `expire_next_token`
+was set: 403 ExpiredProviderToken; bad: 403
 InvalidProviderToken), the topic (400
 TopicDisallowed / DeviceTokenNotForTopic), the token (400 BadDeviceToken), the payload
 (413 PayloadTooLarge over 4 KB), answers 410 Unregistered with a `timestamp` for tokens
@@ -44,6 +45,9 @@ class FakeApnsState:
     latency_seconds: float = 0.0
     max_token_age_seconds: int = 3600
     tokens_expire_before: int = 0
+    expire_next_token: bool = False
+    """The next provider token seen is answered (now and later) as ExpiredProviderToken."""
+    expired_tokens: set[str] = field(default_factory=set)
     """Provider tokens issued (`iat`) before this Unix second count as expired."""
     requests: int = 0
     delivered: list[dict[str, Any]] = field(default_factory=list)
@@ -126,6 +130,11 @@ class FakeApns(TlsHttpFake):
             known = (str(header.get("alg")) + "/" + str(header.get("kid")),
                      str(claims.get("iss")), float(claims.get("iat", 0)))  # fmt: skip
             self._verified[(jwt, state.public_key_pem)] = known
+        if state.expire_next_token:
+            state.expire_next_token = False
+            state.expired_tokens.add(jwt)
+        if jwt in state.expired_tokens:
+            return "ExpiredProviderToken"
         key_ref, issuer, issued = known
         if key_ref != f"ES256/{state.key_id}" or issuer != state.team_id:
             return "InvalidProviderToken"
@@ -135,3 +144,19 @@ class FakeApns(TlsHttpFake):
         ):
             return "ExpiredProviderToken"
         return None
+
+
+def signing_key_pair() -> tuple[str, str]:
+    """A new APNs-style P-256 key: the .p8 (PKCS#8 PEM) for the app settings, and the
+    public key PEM for the fake."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()  # fmt: skip
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import secrets
 import ssl
 import tempfile
 import threading
@@ -41,10 +42,13 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost and 127.0.0.1 (PEM files) the fake serves and clients trust."""
+def self_signed_certificate(directory: Path, label: str) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1 (PEM files) the fake serves and clients
+    trust. Its subject is unique, so that several fakes' certificates can share one CA
+    bundle (OpenSSL finds an issuer by subject name)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    subject = f"Switchboard {label} {secrets.token_hex(4)}"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = dt.datetime.now(dt.UTC)
     certificate = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
@@ -77,7 +81,9 @@ class TlsHttpFake(Configurable):
         self.lock = threading.Lock()
         self._host, self._port = host, port
         self._directory = tempfile.TemporaryDirectory(prefix="fake-tls-")
-        self.cert_path, key_path = self_signed_certificate(Path(self._directory.name))
+        self.cert_path, key_path = self_signed_certificate(
+            Path(self._directory.name), type(self).__name__
+        )
         self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._ssl.load_cert_chain(self.cert_path, key_path)
         self._ssl.set_alpn_protocols(list(self.protocols))

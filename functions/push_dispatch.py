@@ -1,0 +1,62 @@
+"""Push dispatch: the send and status routes, and the queue workers that do the sending."""
+
+from __future__ import annotations
+
+import azure.functions as func
+
+from core.push.dispatch import (
+    CHUNK_QUEUE,
+    PLAN_QUEUE,
+    ChunkMessage,
+    DispatchRejected,
+    DispatchRequest,
+    PlanMessage,
+    accept,
+    plan,
+    run_chunk,
+    status,
+)
+from core.push.templates import TemplateInvalid
+from functions._wiring import error_response, json_response, parse_body, services
+
+bp = func.Blueprint()
+
+
+@bp.route(route="push/send", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def send_push(req: func.HttpRequest) -> func.HttpResponse:
+    request = parse_body(req, DispatchRequest)
+    if isinstance(request, func.HttpResponse):
+        return request
+    try:
+        run, created = accept(services(), request)
+    except DispatchRejected as exc:
+        return error_response(exc.status, exc.code, str(exc))
+    except TemplateInvalid as exc:
+        return error_response(400, "template_invalid", str(exc))
+    body = {
+        "dispatch_id": run.run_id,
+        "status": run.status.value,
+        "status_url": f"/api/push/dispatches/{run.run_id}",
+    }
+    return json_response(202 if created else 200, body)
+
+
+@bp.route(
+    route="push/dispatches/{dispatch_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION
+)
+def get_push_dispatch(req: func.HttpRequest) -> func.HttpResponse:
+    dispatch_id = req.route_params.get("dispatch_id", "")
+    found = status(services(), dispatch_id)
+    if found is None:
+        return error_response(404, "not_found", f"no push dispatch {dispatch_id!r}")
+    return json_response(200, found)
+
+
+@bp.queue_trigger(arg_name="message", queue_name=PLAN_QUEUE, connection="AzureWebJobsStorage")
+def plan_push_dispatch(message: func.QueueMessage) -> None:
+    plan(services(), PlanMessage.model_validate_json(message.get_body()))
+
+
+@bp.queue_trigger(arg_name="message", queue_name=CHUNK_QUEUE, connection="AzureWebJobsStorage")
+def send_push_chunk(message: func.QueueMessage) -> None:
+    run_chunk(services(), ChunkMessage.model_validate_json(message.get_body()))
