@@ -19,6 +19,11 @@ node_modules/.installed: package.json package-lock.json
 
 deps: $(VENV)/.installed node_modules/.installed
 
+# The official clients the push benchmark compares against; not needed by the app or tests.
+$(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
 demo: deps
 	$(PY) -m devhost.services --fakes -- $(PY) -m demo
 
@@ -37,7 +42,7 @@ pytest: deps
 
 test: lint typecheck pytest
 
-bench: deps
+bench: deps $(VENV)/.bench-installed
 	$(PY) -m devhost.services --fakes -- $(PY) -m bench $(ONLY)
 
 clean:

@@ -45,6 +45,8 @@ class FakeApnsState:
     latency_seconds: float = 0.0
     max_token_age_seconds: int = 3600
     tokens_expire_before: int = 0
+    record_deliveries: bool = True
+    """False for benchmarks: count requests without keeping each delivery."""
     expire_next_token: bool = False
     """The next provider token seen is answered (now and later) as ExpiredProviderToken."""
     expired_tokens: set[str] = field(default_factory=set)
@@ -103,8 +105,10 @@ class FakeApns(TlsHttpFake):
                 payload = json.loads(body)
             except ValueError:
                 return 400, {"reason": "BadPayload"}, apns_id
-            state.delivered.append({"token": token, "payload": payload, "apns_id": apns_id,
-                                    "push_type": headers.get("apns-push-type")})  # fmt: skip
+            if state.record_deliveries:
+                push_type = headers.get("apns-push-type")
+                state.delivered.append({"token": token, "payload": payload, "apns_id": apns_id,
+                                        "push_type": push_type})  # fmt: skip
             return 200, None, apns_id
 
     def _check_jwt(self, authorization: str) -> str | None:

@@ -49,6 +49,8 @@ class FakeFcmState:
     limit_every: int = 0
     fail_every: int = 0
     latency_seconds: float = 0.0
+    record_deliveries: bool = True
+    """False for benchmarks: count sends without keeping each message."""
     sends: int = 0
     tokens_issued: int = 0
     access_tokens: dict[str, float] = field(default_factory=dict)
@@ -172,7 +174,8 @@ class FakeFcm(TlsHttpFake):
             if token in state.unregistered:
                 return _error(404, "NOT_FOUND", "Requested entity was not found.", "UNREGISTERED")
             name = f"projects/{state.project_id}/messages/{secrets.token_hex(8)}"
-            state.sent.append({"name": name, "message": message})
+            if state.record_deliveries:
+                state.sent.append({"name": name, "message": message})
         return 200, {"name": name}, {}
 
 
