@@ -45,7 +45,7 @@ class FakeProcess:
     def __init__(self, name: str, config: dict[str, Any]) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "devhost.fakes.serve", name, "--config", json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None
         started = json.loads(self.process.stdout.readline())
@@ -57,8 +57,7 @@ class FakeProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
+        self.process.terminate()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:

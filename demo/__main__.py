@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import secrets
+import ssl
 import sys
 import tempfile
 import time
@@ -42,11 +44,15 @@ class DemoFailed(RuntimeError):
     pass
 
 
-def call(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+def call(method: str, url: str, body: Any = None, *, trust: str | None = None) -> tuple[int, Any]:
+    """One JSON request; `trust`: a CA bundle for https (the push fakes' certificates)."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    context = ssl.create_default_context(cafile=trust) if trust else None
+    if context is not None:
+        context.set_alpn_protocols(["http/1.1"])  # the fake APNs speaks HTTP/1.1 only if asked
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:
         raw = answer.read()
         return answer.status, json.loads(raw) if raw else None
 
@@ -215,16 +221,95 @@ def currents(host: HostProcess, storage: Storage) -> list[str]:
     ]
 
 
+def push(host: HostProcess, storage: Storage) -> list[str]:
+    """Tokens registered, one personalised dispatch to APNs and FCM, a dead token off."""
+    api, trust = f"{host.base_url}/api", os.environ["SWITCHBOARD_PUSH_CA_FILE"]
+    apns, fcm = os.environ["SWITCHBOARD_APNS_ENDPOINT"], os.environ["SWITCHBOARD_FCM_ENDPOINT"]
+    heading("6. HTTP: apps register push tokens (POST /api/push/tokens)")
+    devices = [
+        ("demo-shop-ios", "ios", "CRM-0001", secrets.token_hex(32)),
+        ("demo-shop-android", "android", "CRM-0001", "d" + secrets.token_urlsafe(120)),
+        ("demo-shop-ios", "ios", "CRM-0002", secrets.token_hex(32)),
+        ("demo-shop-android", "android", "CRM-0003", "e" + secrets.token_urlsafe(120)),
+    ]
+    for app_id, platform, profile, token in devices:
+        body = {"app_id": app_id, "platform": platform, "profile_id": profile, "token": token}
+        status, answer = call("POST", f"{api}/push/tokens", body)
+        print(f"{status} {json.dumps(answer)}")
+    dead = devices[2][3]
+    gone_at = int((time.time() + 60) * 1000)  # APNs saw it die after it was registered
+    call("POST", f"{apns}/_fake/config", {"unregistered": {dead: gone_at}}, trust=trust)
+    print(f"(fake) APNs now answers 410 Unregistered for CRM-0002's token {dead[:4]}…{dead[-4:]}")
+
+    heading("7. HTTP: a journey posts one personalised dispatch (POST /api/push/send)")
+    request = {
+        "campaign_id": "demo-points-reminder",
+        "template": {"title": "Hi {{ first_name }}",
+                     "body": "You have {{ points | default: 0 }} points waiting",
+                     "deep_link": "shop://points"},
+        "targets": {"profile_ids": ["CRM-0001", "CRM-0002", "CRM-0003", "CRM-0004"]},
+        "attributes": {"CRM-0001": {"first_name": "Ana", "points": 120},
+                       "CRM-0002": {"first_name": "Bo"}, "CRM-0003": {"first_name": "Cy"},
+                       "CRM-0004": {"first_name": "Dee"}},
+    }  # fmt: skip
+    status, accepted = call("POST", f"{api}/push/send", request)
+    print(f"{status} {json.dumps(accepted)}")
+    dispatch_id = accepted["dispatch_id"]
+
+    def finished() -> dict[str, Any] | None:
+        _, state = call("GET", f"{api}/push/dispatches/{dispatch_id}")
+        return state if state["status"] in ("succeeded", "failed") else None
+
+    result = wait_for(f"dispatch {dispatch_id}", finished, timeout=60)
+    show(f"dispatch {dispatch_id}: {result['status']}", [
+        f"{name}: {count}" for name, count in sorted(result["counts"].items())
+    ])  # fmt: skip
+    _, apns_state = call("GET", f"{apns}/_fake/state", trust=trust)
+    _, fcm_state = call("GET", f"{fcm}/_fake/state", trust=trust)
+    show("(fake) APNs delivered:", [
+        f"{d['token'][:4]}…: {json.dumps(d['payload'])}" for d in apns_state["delivered"]
+    ])  # fmt: skip
+    show("(fake) FCM delivered:", [
+        f"{m['message']['token'][:4]}…: {json.dumps(m['message']['notification'])}"
+        for m in fcm_state["sent"]
+    ])  # fmt: skip
+    from core.push.tokens import TokenRegistry
+
+    registry = TokenRegistry(storage)
+    states = [f"{d.app_id} {d.token[:4]}…{d.token[-4:]}: active={d.active}"
+              + (f" ({d.deactivation_reason})" if d.deactivation_reason else "")
+              for d in registry.devices("demo-shop-ios", "CRM-0002")]  # fmt: skip
+    show("CRM-0002's devices after the dispatch:", states)
+    counts = result["counts"]
+    if counts.get("messages.sent") != 3 or counts.get("devices.deactivated") != 1:
+        raise DemoFailed(f"expected 3 pushes sent and one dead token switched off, got {counts}")
+
+    heading("8. HTTP: the app reports the push was opened (POST /api/push/events)")
+    opened = {"app_id": "demo-shop-ios", "platform": "ios", "events": [{
+        "id": f"open-{dispatch_id}", "type": "open", "profile_id": "CRM-0001",
+        "occurred_at": datetime.now(UTC).isoformat(), "dispatch_id": dispatch_id,
+    }]}  # fmt: skip
+    status, answer = call("POST", f"{api}/push/events", opened)
+    print(f"{status} {json.dumps(answer)}")
+    return [
+        f"HTTP   push/tokens x{len(devices)}; push/send -> dispatch {dispatch_id}: "
+        f"{counts.get('messages.sent', 0)} sent, {counts.get('messages.dead_token', 0)} dead "
+        f"token switched off, {counts.get('profiles.skipped.no_active_device', 0)} profile "
+        "without devices",
+        f"HTTP   push/events -> {answer}",
+    ]
+
+
 def log_export(host: HostProcess, storage: Storage) -> list[str]:
     """The export timer through the host, then the window holding the Currents events."""
-    heading("6. Timer: the four-hourly log export fires (through the host's admin API)")
+    heading("9. Timer: the four-hourly log export fires (through the host's admin API)")
     fired = fire_timer(host, "log_export_timer", "log_export")
     print(f"run {fired['run_id']}: {json.dumps(fired['counts'])} {json.dumps(fired['detail'])}")
     print("(the current four-hour window is not complete yet, so it is not exported now)")
 
     services = Services.from_settings(load_settings())
     window = Window(window_floor(datetime.now(UTC)))
-    heading(f"7. The export at {window.end:%H:%M} UTC, when window {window.label} is complete")
+    heading(f"10. The export at {window.end:%H:%M} UTC, when window {window.label} is complete")
     print(f"(run here with that time as `now`; the timer does the same at {window.end:%H:%M})")
     outcome = run_log_export(services, now=window.end, source="demo", force=True)
     if outcome.refused is not None or outcome.run.status != "succeeded":
@@ -290,6 +375,8 @@ def run(host: HostProcess, storage: Storage) -> int:
     summary.append(f"BLOB   export 2 -> run {second['run_id']}: {brief(second)}")
 
     summary += currents(host, storage)
+
+    summary += push(host, storage)
 
     summary += log_export(host, storage)
 

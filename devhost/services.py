@@ -7,13 +7,15 @@ SIGTERM or Ctrl-C.
     python -m devhost.services [--data DIR] -- COMMAND ...
 
 runs COMMAND with `AzureWebJobsStorage` and `SWITCHBOARD_S3_ENDPOINT_URL` pointing at
-them (and, with --fakes, `SWITCHBOARD_BRAZE_REST_ENDPOINT` at the fake Braze server) and
+them (and, with --fakes, the fake Braze, APNs and FCM servers with the settings the
+sample config's apps need: endpoints, credentials, a CA bundle for the fakes) and
 returns COMMAND's exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -90,15 +93,21 @@ class ManagedProcess:
         )
 
     def wait_until_answers(self, url: str) -> None:
+        self._wait_until(lambda: _answers(url), f"answer at {url}")
+
+    def wait_for_file(self, path: Path) -> None:
+        self._wait_until(path.exists, f"write {path.name}")
+
+    def _wait_until(self, ready: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
                 raise ServiceError(f"{self.name} exited at start:\n{tail}")
-            if _answers(url):
+            if ready():
                 return
             time.sleep(0.1)
-        raise ServiceError(f"{self.name} did not answer at {url} within {_READY_TIMEOUT_SECONDS}s")
+        raise ServiceError(f"{self.name} did not {what} within {_READY_TIMEOUT_SECONDS}s")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -137,6 +146,7 @@ class LocalServices:
                 self._start_s3()
             if self.with_fakes:
                 self._start_fake_braze()
+                self._start_push_fakes()
         except BaseException:
             self.stop()
             raise
@@ -186,6 +196,40 @@ class LocalServices:
             {
                 "SWITCHBOARD_BRAZE_REST_ENDPOINT": f"http://{LOOPBACK}:{port}",
                 "SWITCHBOARD_BRAZE_API_KEY": "fake-braze-key",
+            }
+        )
+
+    def _start_push_fakes(self) -> None:
+        """Fake APNs and FCM, and the settings of config/syncs.yaml's demo apps for them:
+        their credentials, endpoints, and one CA bundle trusting both fakes' certificates."""
+        from devhost.fakes.apns import signing_key_pair
+        from devhost.fakes.fcm import service_account_for
+
+        key, public = signing_key_pair()
+        account, account_public = service_account_for("https://token.invalid", "example-shop")
+        configs = {
+            "apns": {"public_key_pem": public},
+            "fcm": {"public_key_pem": account_public, "client_email": account["client_email"]},
+        }
+        started: dict[str, dict[str, str]] = {}
+        for name, config in configs.items():
+            ready = self.log_dir / f"fake-{name}.json"
+            command = [sys.executable, "-m", "devhost.fakes.serve", name,
+                       "--config", json.dumps(config), "--ready-file", str(ready)]  # fmt: skip
+            fake = ManagedProcess(f"fake-{name}", command, self.log_dir / f"fake-{name}.log")
+            self.processes.append(fake)
+            fake.wait_for_file(ready)
+            started[name] = json.loads(ready.read_text())
+        bundle = self.log_dir / "push-ca.pem"
+        bundle.write_text("".join(Path(s["cert_path"]).read_text() for s in started.values()))
+        account["token_uri"] = f"{started['fcm']['url']}/token"
+        self.env.update(
+            {
+                "SWITCHBOARD_APNS_ENDPOINT": started["apns"]["url"],
+                "SWITCHBOARD_FCM_ENDPOINT": started["fcm"]["url"],
+                "SWITCHBOARD_PUSH_CA_FILE": str(bundle),
+                "SWITCHBOARD_APNS_KEY_DEMO_SHOP": key,
+                "SWITCHBOARD_FCM_DEMO_SHOP": json.dumps(account),
             }
         )
 

@@ -60,7 +60,7 @@ def _b64(part: str) -> bytes:
 
 
 class FakeApns(TlsHttpFake):
-    protocols = ("h2",)
+    http1_control_only = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
         super().__init__(host, port, FakeApnsState(**config))

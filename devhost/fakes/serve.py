@@ -1,10 +1,11 @@
-"""Run one push fake in a process of its own (bench, demo), so it does not share a GIL
-with the client it serves.
+"""Run one push fake in a process of its own (services, bench), so that it does not share
+a GIL with the client it serves.
 
-    python -m devhost.fakes.serve apns|fcm [--config JSON]
+    python -m devhost.fakes.serve apns|fcm [--port N] [--config JSON] [--ready-file PATH]
 
-prints one JSON line (`url`, `cert_path`) once it listens, then serves until stdin closes
-or SIGTERM. `--config` sets the fake's state (latency_seconds, public_key_pem, ...).
+Once it listens it prints, and writes to PATH if given, one JSON line (`url`,
+`cert_path`); it serves until SIGTERM or SIGINT. `--config` sets the fake's state
+(latency_seconds, public_key_pem, ...); `POST /_fake/config` changes it later.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 import threading
+from pathlib import Path
 
 from devhost.fakes.apns import FakeApns
 from devhost.fakes.fcm import FakeFcm
@@ -26,12 +27,18 @@ def main() -> None:
     parser.add_argument("fake", choices=sorted(FAKES))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--config", default="{}", help="JSON object of state fields")
+    parser.add_argument("--ready-file", type=Path, help="where to write the ready line")
     args = parser.parse_args()
-    fake = FAKES[args.fake](port=args.port, **json.loads(args.config)).start()
-    print(json.dumps({"url": fake.url, "cert_path": str(fake.cert_path)}), flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    fake = FAKES[args.fake](port=args.port, **json.loads(args.config)).start()
+    ready = json.dumps({"url": fake.url, "cert_path": str(fake.cert_path)})
+    if args.ready_file is not None:
+        partial = args.ready_file.with_suffix(".partial")
+        partial.write_text(ready)
+        partial.rename(args.ready_file)  # appears whole
+    print(ready, flush=True)
     done.wait()
     fake.stop()
 

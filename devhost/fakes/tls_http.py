@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import json
 import secrets
 import ssl
 import tempfile
 import threading
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,8 @@ def self_signed_certificate(directory: Path, label: str) -> tuple[Path, Path]:
 class TlsHttpFake(Configurable):
     state: Any
     protocols: Sequence[str] = ("h2", "http/1.1")
+    http1_control_only = False
+    """True for HTTP/2-only services (APNs): HTTP/1.1 serves the /_fake/ routes alone."""
 
     def __init__(self, host: str, port: int, state: Any) -> None:
         self.state = state
@@ -94,6 +98,7 @@ class TlsHttpFake(Configurable):
         self.url = ""
 
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        """The service's answer to one request (header names lower-cased)."""
         raise NotImplementedError
 
     def client_ssl_context(self) -> ssl.SSLContext:
@@ -139,14 +144,30 @@ class TlsHttpFake(Configurable):
     async def _respond(
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> Answer:
+        if path.startswith("/_fake/"):
+            return self.control(method, path, body)
         if self.state.latency_seconds:
             await asyncio.sleep(self.state.latency_seconds)
         return self.answer(method, path, headers, body)
 
+    def control(self, method: str, path: str, body: bytes) -> Answer:
+        """`POST /_fake/config` (JSON of state fields) and `GET /_fake/state` (counters and
+        records), for a fake running in another process (demo)."""
+        json_type = [("content-type", "application/json")]
+        if method == "POST" and path == "/_fake/config":
+            self.configure(**json.loads(body or b"{}"))
+            return 204, [], b""
+        if method == "GET" and path == "/_fake/state":
+            with self.lock:
+                state = {k: v for k, v in vars(self.state).items() if k != "public_key_pem"}
+                data = json.dumps(state, default=_jsonable)
+            return 200, json_type, data.encode()
+        return 404, json_type, b'{"error": "no such fake control route"}'
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
-            if alpn == "h2" or "http/1.1" not in self.protocols:  # APNs: HTTP/2 only
+            if alpn == "h2" or (alpn is None and self.http1_control_only):
                 await self._serve_h2(reader, writer)
             else:
                 await self._serve_http1(reader, writer)
@@ -181,7 +202,10 @@ class TlsHttpFake(Configurable):
                     headers[name.strip().lower()] = value.strip()
             length = int(headers.get("content-length") or 0)
             body = await reader.readexactly(length) if length else b""
-            status, reply_headers, data = await self._respond(method, path, headers, body)
+            reply: Answer = (505, [], b'{"reason": "HTTP/2 only"}')
+            if not self.http1_control_only or path.startswith("/_fake/"):
+                reply = await self._respond(method, path, headers, body)
+            status, reply_headers, data = reply
             out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
                    f"Content-Length: {len(data)}"]  # fmt: skip
             out += [f"{name}: {value}" for name, value in reply_headers]
@@ -230,7 +254,9 @@ class TlsHttpFake(Configurable):
         self, flush: _Flusher, stream_id: int, headers: dict[str, str], body: bytes,
     ) -> None:  # fmt: skip
         method, path = headers.get(":method", ""), headers.get(":path", "")
-        status, reply_headers, data = self.answer(method, path, headers, body)
+        control = path.startswith("/_fake/")
+        answer = self.control if control else partial(self.answer, headers=headers)
+        status, reply_headers, data = answer(method, path, body=body)
         connection = flush.connection
         try:
             connection.send_headers(
@@ -265,6 +291,10 @@ class _Flusher:
         data = self.connection.data_to_send()
         if data and not self._writer.is_closing():
             self._writer.write(data)
+
+
+def _jsonable(value: Any) -> Any:
+    return sorted(value) if isinstance(value, set) else str(value)
 
 
 def _quiet_about_cancelled_connections(
