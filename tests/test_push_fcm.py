@@ -1,4 +1,4 @@
-"""Our FCM HTTP v1 sender against the fake FCM (OAuth token endpoint + messages:send)."""
+"""FCM specifics of our sender (the shared contract: tests/test_push_providers.py)."""
 
 from __future__ import annotations
 
@@ -63,49 +63,12 @@ def body_for(device: str) -> bytes:
     return fcm_message(rendered, TEMPLATE, device)
 
 
-def test_sends_with_one_cached_access_token(fcm: FakeFcm) -> None:
-    sender = sender_for(fcm)
-
-    async def many(sender: FcmSender) -> list[Any]:
-        await sender.validate()
-        return await asyncio.gather(*(sender.send(body_for(token())) for _ in range(50)))
-
-    [outcomes] = run(sender, many)
-    assert {o.status for o in outcomes} == {"sent"}
-    assert all(o.message_id.startswith("projects/example-shop/messages/") for o in outcomes)
-    assert fcm.state.tokens_issued == 1  # cached, not one per message
-    assert fcm.state.sent[0]["message"]["notification"] == {"title": "Hi Ana", "body": "12 points"}
-
-
-def test_dead_tokens_are_reported_and_quota_and_5xx_are_retried(fcm: FakeFcm) -> None:
-    sender = sender_for(fcm)
-    dead = token()
-    fcm.configure(unregistered={dead}, limit_every=3, fail_every=4)
-    *results, malformed = run(
-        sender, *(send(device) for device in [token(), dead, token(), token()]), send("short")
-    )
-    assert [r.status for r in results] == ["sent", "dead_token", "sent", "sent"]
-    assert results[1].reason == "UNREGISTERED"
-    assert sum(r.rate_limited_waits for r in results) >= 1
-    assert sum(r.retries for r in results) >= 1
+def test_a_malformed_token_is_dead(fcm: FakeFcm) -> None:
+    [malformed] = run(sender_for(fcm), send("short"))
     assert malformed.status == "dead_token" and malformed.reason == "INVALID_ARGUMENT"
 
 
-def test_an_expired_access_token_is_refreshed_once(fcm: FakeFcm) -> None:
-    async def expire(sender: FcmSender) -> None:
-        fcm.expire_access_tokens()  # revoked or expired early on the server's side
-
-    first, _, second = run(sender_for(fcm), send(token()), expire, send(token()))
-    assert first.status == second.status == "sent"
-    assert fcm.state.tokens_issued == 2
-
-
-def test_bad_credentials_or_another_project_stop_the_app(fcm: FakeFcm) -> None:
-    sender = sender_for(fcm)
-    _, other_public = service_account_for(fcm.url, "example-shop")
-    fcm.configure(public_key_pem=other_public)  # the key in settings is not the account's
-    with pytest.raises(ConfigError, match="refused the service account"):
-        run(sender, lambda sender: sender.validate())
+def test_another_project_or_an_unloadable_account_is_a_config_error(fcm: FakeFcm) -> None:
     wrong_project = sender_for(fcm, project="another-project")
     with pytest.raises(ConfigError, match="SENDER_ID_MISMATCH"):
         run(wrong_project, send(token()))

@@ -131,8 +131,9 @@ class ApnsSender:
             authorization = (b"authorization", self._token.header(rejected=rejected))
             try:
                 response = await self._client.post(path, [*headers, authorization], payload)
-            except StreamNotProcessed:
-                continue  # APNs never saw it: send again at once
+            except StreamNotProcessed as exc:
+                await attempts.after_not_processed(str(exc))  # it never reached the server
+                continue
             except TransientError as exc:
                 await attempts.after_failure(str(exc))
                 continue

@@ -140,8 +140,9 @@ class FcmSender:
                 response = await self._client.post(
                     self._path, [(b"authorization", authorization), _JSON], body
                 )
-            except StreamNotProcessed:
-                continue  # FCM never saw it: send again at once
+            except StreamNotProcessed as exc:
+                await attempts.after_not_processed(str(exc))  # it never reached the server
+                continue
             except TransientError as exc:
                 await attempts.after_failure(str(exc))
                 continue

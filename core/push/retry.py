@@ -12,6 +12,7 @@ from core.errors import RateLimitedError, TransientError
 
 _MAX_BACKOFF_SECONDS = 30.0
 _BASE_BACKOFF_SECONDS = 0.05
+_FREE_RESENDS = 3
 
 
 class Attempts:
@@ -21,12 +22,20 @@ class Attempts:
         self.max_rate_limited_waits = max_rate_limited_waits
         self.retries = 0
         self.rate_limited_waits = 0
+        self.not_processed = 0
 
     async def after_failure(self, why: str, retry_after: float | None = None) -> None:
         self.retries += 1
         if self.retries >= self.max_attempts:
             raise TransientError(f"{self.provider}: {why}; gave up after {self.retries} attempts")
         await asyncio.sleep(_delay(self.retries, retry_after))
+
+    async def after_not_processed(self, why: str) -> None:
+        """The server refused the stream unseen (GOAWAY, REFUSED_STREAM): resend at once,
+        a few times, then back off like any failure."""
+        self.not_processed += 1
+        if self.not_processed > _FREE_RESENDS:
+            await self.after_failure(why)
 
     async def after_rate_limit(self, why: str, retry_after: float | None = None) -> None:
         self.rate_limited_waits += 1

@@ -45,6 +45,8 @@ class FakeApnsState:
     latency_seconds: float = 0.0
     max_token_age_seconds: int = 3600
     tokens_expire_before: int = 0
+    goaway_after_streams: int = 0
+    """Send GOAWAY on each connection after this many requests (0: never)."""
     record_deliveries: bool = True
     """False for benchmarks: count requests without keeping each delivery."""
     expire_next_token: bool = False

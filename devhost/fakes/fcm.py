@@ -49,6 +49,8 @@ class FakeFcmState:
     limit_every: int = 0
     fail_every: int = 0
     latency_seconds: float = 0.0
+    goaway_after_streams: int = 0
+    """Send GOAWAY on each connection after this many requests (0: never)."""
     record_deliveries: bool = True
     """False for benchmarks: count sends without keeping each message."""
     sends: int = 0

@@ -25,6 +25,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -233,6 +234,8 @@ class TlsHttpFake(Configurable):
         streams: dict[int, tuple[dict[str, str], bytearray]] = {}
         loop = asyncio.get_running_loop()
         flush = _Flusher(loop, connection, writer)
+        served, last_stream = 0, 0
+        goaway_after = getattr(self.state, "goaway_after_streams", 0)
         while data := await reader.read(65536):
             for event in connection.receive_data(data):
                 if isinstance(event, h2.events.RequestReceived):
@@ -245,9 +248,19 @@ class TlsHttpFake(Configurable):
                     )
                 elif isinstance(event, h2.events.StreamEnded):
                     headers, body = streams.pop(event.stream_id)
+                    if last_stream:  # going away: refused, so the client sends it again
+                        connection.reset_stream(
+                            event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
+                        )
+                        continue
                     # A timer, not a task per stream: the fake stays cheap under load.
                     loop.call_later(self.state.latency_seconds, self._answer_h2, flush,
                                     event.stream_id, headers, bytes(body))  # fmt: skip
+                    served += 1
+                    if served == goaway_after:  # as a server going down for maintenance
+                        last_stream = event.stream_id
+                        loop.call_later(self.state.latency_seconds + 0.05, _go_away, connection,
+                                        last_stream, writer)  # fmt: skip
             flush()
 
     def _answer_h2(
@@ -291,6 +304,16 @@ class _Flusher:
         data = self.connection.data_to_send()
         if data and not self._writer.is_closing():
             self._writer.write(data)
+
+
+def _go_away(connection: Any, last_stream: int, writer: asyncio.StreamWriter) -> None:
+    """GOAWAY once the streams up to `last_stream` were answered, then hang up."""
+    try:
+        connection.close_connection(last_stream_id=last_stream)
+        writer.write(connection.data_to_send())
+    except h2.exceptions.ProtocolError:
+        pass
+    asyncio.get_running_loop().call_later(0.2, writer.close)
 
 
 def _jsonable(value: Any) -> Any:
