@@ -238,6 +238,13 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_PUSH_CONNECTIONS",
         description="HTTP/2 connections per worker and app.",
     )
+    push_claim_seconds: int = Field(
+        default=300,
+        ge=5,
+        le=3600,
+        validation_alias="SWITCHBOARD_PUSH_CLAIM_SECONDS",
+        description="How long a dispatch chunk's worker owns it between checkpoints.",
+    )
     push_targets_per_chunk: int = Field(
         default=1000,
         ge=1,
@@ -258,7 +265,7 @@ class Settings(BaseSettings):
                 raise ValueError("expected a JSON object") from None
         return value
 
-    @field_validator("currents_bucket")
+    @field_validator("currents_bucket", "push_ca_file")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value.strip() or None if value else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,24 @@ def parse_timespan(text: str) -> float:
         days = int(day_text)
     hours, minutes, seconds = text.split(":")
     return days * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+OVERRIDE_PREFIX = "AzureFunctionsJobHost__"
+
+
+def _apply_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """App settings `AzureFunctionsJobHost__a__b` override host.json's `a.b`, as on Azure
+    (names matched without regard to case)."""
+    for name, value in environ.items():
+        if not name.startswith(OVERRIDE_PREFIX):
+            continue
+        *parents, leaf = name[len(OVERRIDE_PREFIX) :].split("__")
+        node = data
+        for part in parents:
+            key = next((k for k in node if k.lower() == part.lower()), part)
+            node = node.setdefault(key, {})
+        key = next((k for k in node if k.lower() == leaf.lower()), leaf)
+        node[key] = value
 
 
 @dataclass(frozen=True)
@@ -32,10 +52,9 @@ class HostConfig:
     message_encoding: str = "base64"
 
     @classmethod
-    def load(cls, path: Path) -> HostConfig:
-        if not path.exists():
-            return cls()
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    def load(cls, path: Path, environ: Mapping[str, str] | None = None) -> HostConfig:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        _apply_overrides(data, os.environ if environ is None else environ)
         extensions = data.get("extensions", {})
         http = extensions.get("http", {})
         blobs = extensions.get("blobs", {})

@@ -216,3 +216,18 @@ def test_admin_api_invokes_non_http_functions(host: DevHost) -> None:
     assert eventually(lambda: host.module.calls("nightly")) == [{"past_due": False}]
     missing = requests.post(f"{host.base_url}/admin/functions/nope", json={}, timeout=5)
     assert missing.status_code == 404
+
+
+def test_app_settings_override_host_json_as_on_azure(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from devhost.hostconfig import HostConfig
+
+    host_json = tmp_path / "host.json"
+    host_json.write_text(
+        '{"functionTimeout": "00:10:00", "extensions": {"queues": {"batchSize": 8}}}'
+    )
+    config = HostConfig.load(host_json, {
+        "AzureFunctionsJobHost__functionTimeout": "00:00:20",
+        "AzureFunctionsJobHost__extensions__queues__BATCHSIZE": "2",
+        "UNRELATED": "x",
+    })  # fmt: skip
+    assert config.function_timeout == 20 and config.queue_batch_size == 2

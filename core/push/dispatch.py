@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import gzip
 import logging
+import re
 import secrets
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -58,8 +59,8 @@ CONTAINER = "push-dispatches"
 SOURCE = "push"
 SLICE_PROFILES = 500
 MAX_PROFILE_IDS = 1_000_000
-_CLAIM = timedelta(minutes=10)
 _UNSUBSCRIBED = {"unsubscribed", "false", "0", "no"}
+_APP_ID = re.compile(APP_ID_PATTERN)
 
 
 class SegmentTarget(BaseModel):
@@ -105,12 +106,16 @@ class DispatchRequest(BaseModel):
 
     @model_validator(mode="after")
     def _app_ids_are_ids(self) -> Self:
-        import re
-
-        pattern = re.compile(APP_ID_PATTERN)
-        if self.app_ids is not None and not all(pattern.match(a) for a in self.app_ids):
+        if self.app_ids is not None and not all(_APP_ID.match(a) for a in self.app_ids):
             raise ValueError("app_ids: not an app id")
         return self
+
+
+class DispatchMessage(BaseModel):
+    """What every chunk needs of the request (`message.json`), without its targets."""
+
+    template: PushTemplate
+    campaign_id: str | None = None
 
 
 class DispatchRejected(ValueError):
@@ -204,8 +209,11 @@ def accept(services: Services, request: DispatchRequest) -> tuple[RunRecord, boo
             run_id = found.entity.dispatch_id if found else run_id
     blobs = services.storage.blobs
     blobs.ensure_container(CONTAINER)
-    with contextlib.suppress(BlobAlreadyExists):  # a retried request finds it already there
-        blobs.create(CONTAINER, _blob(run_id, "request.json"), request.model_dump_json().encode())
+    message = DispatchMessage(template=request.template, campaign_id=request.campaign_id)
+    for name, data in (("request.json", request.model_dump_json()),
+                       ("message.json", message.model_dump_json())):  # fmt: skip
+        with contextlib.suppress(BlobAlreadyExists):  # a retried request finds it there
+            blobs.create(CONTAINER, _blob(run_id, name), data.encode())
     target = (
         {"profiles": len(request.targets.profile_ids or [])}
         if segment is None else {"sync_id": segment.sync_id, "audience": segment.audience}
@@ -312,30 +320,38 @@ class ChunkRunner:
         self.stopped: dict[str, str] = {}
         """app id -> why it is stopped (configuration error), for this dispatch."""
         self.providers: dict[str, PushProvider] = {}
-        self.request: DispatchRequest | None = None
+        self.message: DispatchMessage | None = None
         self.template: CompiledTemplate | None = None
         self.suppressed = SuppressionSnapshot({})
+        # The owner renews its claim with every checkpoint (a slice takes seconds).
+        self.claim_for = timedelta(seconds=services.settings.push_claim_seconds)
 
     # claim, checkpoint, stopped apps
 
-    def claim(self) -> ChunkState | None:
-        """Own the chunk, or None when it is done or a live worker owns it."""
+    def claim(self) -> ChunkState | float | None:
+        """Own the chunk: its state; None when it is done; the seconds a live owner's claim
+        has left when another worker holds it."""
         now = datetime.now(UTC)
-        claimed = False
+        busy_for = 0.0
 
         def take(current: ChunkState | None) -> ChunkState | None:
-            nonlocal claimed
-            claimed = False
+            nonlocal busy_for
+            busy_for = 0.0
             if current is None or current.done:
                 return None
-            live = current.claimed_until is not None and current.claimed_until > now
-            if live and current.owner != self.owner:
+            if current.claimed_until is not None and current.claimed_until > now:
+                busy_for = (current.claimed_until - now).total_seconds()
                 return None
-            claimed = True
-            return current.model_copy(update={"owner": self.owner, "claimed_until": now + _CLAIM})
+            return current.model_copy(
+                update={"owner": self.owner, "claimed_until": now + self.claim_for}
+            )
 
         result = self.table.mutate(self.key, _chunk_key(self.chunk), take)
-        return result.entity if claimed and result is not None else None
+        if busy_for:
+            return busy_for
+        if result is None or result.entity.done or result.entity.owner != self.owner:
+            return None
+        return result.entity
 
     def checkpoint(self, state: ChunkState, next_index: int, counts: Counter[str]) -> ChunkState:
         merged = Counter(state.counts)
@@ -343,7 +359,7 @@ class ChunkRunner:
         done = next_index >= state.profiles
         updated = state.model_copy(update={
             "next_index": next_index, "counts": dict(merged), "done": done,
-            "claimed_until": None if done else datetime.now(UTC) + _CLAIM,
+            "claimed_until": None if done else datetime.now(UTC) + self.claim_for,
         })  # fmt: skip
         self.table.upsert(updated)  # the claim makes this worker the only writer
         return updated
@@ -361,14 +377,22 @@ class ChunkRunner:
 
     # the work
 
-    def run(self) -> bool:
-        """Send the chunk; True if it is finished (now or before)."""
+    def run(self) -> bool | float:
+        """Send the chunk. True if it is finished (now or before); the seconds to wait
+        when another worker's claim on it is still live."""
         state = self.claim()
+        if isinstance(state, float):
+            return state
         if state is None:
             found = self.table.get(self.key, _chunk_key(self.chunk))
             return found is not None and found.entity.done
-        self.request = _load_request(self.services, self.dispatch_id)
-        self.template = CompiledTemplate(self.request.template)
+        stored = self.services.storage.blobs.read_versioned(
+            CONTAINER, _blob(self.dispatch_id, "message.json")
+        )
+        if stored is None:
+            raise LookupError(f"dispatch {self.dispatch_id} has no stored message")
+        self.message = DispatchMessage.model_validate_json(stored[0])
+        self.template = CompiledTemplate(self.message.template)
         name = _blob(self.dispatch_id, f"{_chunk_key(self.chunk)}.json.gz")
         data = self.services.storage.blobs.read_versioned(CONTAINER, name)
         if data is None:
@@ -381,11 +405,11 @@ class ChunkRunner:
         return True
 
     async def _send_all(self, state: ChunkState, entries: list[list[Any]]) -> None:
-        assert self.request is not None
+        assert self.message is not None
         run = self.services.runs.get(self.dispatch_id)
         wanted = set(run.detail.get("apps", [])) if run else set()
         apps = [a for a in self.services.syncs().push_apps if a.id in wanted]
-        await self._open_providers(apps, self.request.template)
+        await self._open_providers(apps, self.message.template)
         try:
             while state.next_index < len(entries):
                 end = min(len(entries), state.next_index + SLICE_PROFILES)
@@ -512,7 +536,7 @@ class ChunkRunner:
                 counts["devices.deactivated"] += 1
 
     def _event(self, device: Device, profile_id: str, outcome: SendOutcome) -> dict[str, Any]:
-        assert self.request is not None
+        assert self.message is not None
         kind, event_type = _EVENT_KINDS[outcome.status]
         event: dict[str, Any] = {
             # One event per dispatch and device: a resent slice finds its events again.
@@ -528,8 +552,8 @@ class ChunkRunner:
             "dispatch_id": self.dispatch_id,
             "raw": {"token_hash": device.token_hash},
         }
-        if self.request.campaign_id:
-            event["campaign_id"] = self.request.campaign_id
+        if self.message.campaign_id:
+            event["campaign_id"] = self.message.campaign_id
         if outcome.message_id:
             event["send_id"] = outcome.message_id
         if outcome.reason:
@@ -545,10 +569,18 @@ _EVENT_KINDS = {
 
 
 def run_chunk(services: Services, message: ChunkMessage) -> None:
-    """Queue worker: send one chunk, then close the dispatch if it was the last one."""
+    """Queue worker: send one chunk, then close the dispatch if it was the last one.
+
+    A chunk another worker claimed (a redelivery while the first still runs, or after it
+    died) is looked at again once that claim expires: the first finishes it, or the
+    later look takes over at its checkpoint."""
     owner = f"{message.chunk}-{secrets.token_hex(4)}"
-    if ChunkRunner(services, message, owner).run():
+    result = ChunkRunner(services, message, owner).run()
+    if result is True:
         finish_if_complete(services, message.dispatch_id)
+    elif isinstance(result, float):
+        delay = min(int(result) + 1, 3600)
+        services.storage.queues.send(CHUNK_QUEUE, message, delay_seconds=delay)
 
 
 def _chunk_rows(services: Services, dispatch_id: str) -> list[ChunkState]:
