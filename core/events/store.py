@@ -420,6 +420,12 @@ class EventStore:
         for data in self.read_segment_stored(entry):
             yield EngagementEvent.from_stored(data, ingested_at)
 
+    def segment_lines(self, entry: SegmentEntry) -> list[bytes]:
+        """A segment's events as JSON lines, downloaded and inflated (one segment is a few
+        MB: bulk readers fetch the next one on a thread while parsing this one)."""
+        blobs = self.storage.blobs
+        return list(_gzip_lines(blobs.iter_chunks(blobs.ref(EVENTS_CONTAINER, entry.blob))))
+
     def read_segment_stored(self, entry: SegmentEntry) -> Iterator[dict[str, Any]]:
         """A segment's events in stored form, unvalidated (for bulk readers)."""
         blobs = self.storage.blobs

@@ -19,7 +19,6 @@ import gc
 import hashlib
 import logging
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import orjson
+from isal import isal_zlib
 
 from core.errors import ConcurrencyConflict, ConfigError
 from core.events.model import epoch_millis
@@ -170,8 +170,9 @@ class LogFile:
     """One gzip JSON Lines output file; counts and checksums it.
 
     Records are serialised on the caller's thread; compressing, hashing and uploading
-    happen on a thread of the file's own (zlib and hashlib release the GIL), so they
-    overlap with building the next records instead of adding to them.
+    happen on a thread of the file's own (isal and hashlib release the GIL), so they
+    overlap with building the next records instead of adding to them. Compression is
+    ISA-L's deflate (python-isal): gzip like zlib's, about five times faster at level 1.
     """
 
     def __init__(self, storage: Storage, container: str, name: str, log_name: str) -> None:
@@ -180,8 +181,8 @@ class LogFile:
             container, name, overwrite=True, content_type="application/x-ndjson",
             block_bytes=_FLUSH_BYTES,
         )  # fmt: skip
-        # zlib's gzip header has no time or name: the same records give the same bytes.
-        self._gzip = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+        # The gzip header has no time or name: the same records give the same bytes.
+        self._gzip = isal_zlib.compressobj(_GZIP_LEVEL, isal_zlib.DEFLATED, 31)
         self._buffer = bytearray()
         self._sha256 = hashlib.sha256()
         self._pending: Future[None] | None = None
@@ -302,21 +303,32 @@ def _write_logs(
 ) -> None:
     """Every event of the window into its log, and the addresses its events touch."""
     seen_segments: set[str] = set()
+    entries = []
     for entry in store.segments(window.start, window.end):
-        if entry.row_key in seen_segments:
-            continue  # placed twice (a worker outlived its claim): read once
-        seen_segments.add(entry.row_key)
-        ingested = iso(epoch_millis(entry.committed_at or hour_start(entry.partition_key)))
-        for event in store.read_segment_stored(entry):
-            result.events_read += 1
-            kind = event["type"]
-            if kind in DELIVERY_OUTCOMES:
-                broadlog.write(broadlog_record(event, ingested, xdm))
-            elif kind in INTERACTIONS:
-                tracking.write(trackinglog_record(event, ingested, xdm))
-            _note_address(event, touched, with_errors)
-            if profiles is not None:
-                note_preference(event, profiles)
+        if entry.row_key not in seen_segments:  # placed twice (a worker outlived its claim)
+            seen_segments.add(entry.row_key)
+            entries.append(entry)
+    # The next segment downloads and inflates on a thread while this one is turned into
+    # records: I/O and gunzip overlap with the CPU work instead of adding to it.
+    with ThreadPoolExecutor(1) as fetcher:
+        upcoming = fetcher.submit(store.segment_lines, entries[0]) if entries else None
+        for index, entry in enumerate(entries):
+            assert upcoming is not None
+            lines = upcoming.result()
+            if index + 1 < len(entries):
+                upcoming = fetcher.submit(store.segment_lines, entries[index + 1])
+            ingested = iso(epoch_millis(entry.committed_at or hour_start(entry.partition_key)))
+            for line in lines:
+                event = orjson.loads(line)
+                result.events_read += 1
+                kind = event["type"]
+                if kind in DELIVERY_OUTCOMES:
+                    broadlog.write(broadlog_record(event, ingested, xdm))
+                elif kind in INTERACTIONS:
+                    tracking.write(trackinglog_record(event, ingested, xdm))
+                _note_address(event, touched, with_errors)
+                if profiles is not None:
+                    note_preference(event, profiles)
     result.segments = len(seen_segments)
 
 
