@@ -245,6 +245,14 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_PUSH_CLAIM_SECONDS",
         description="How long a dispatch chunk's worker owns it between checkpoints.",
     )
+    push_retry_delay_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        validation_alias="SWITCHBOARD_PUSH_RETRY_DELAY_SECONDS",
+        description="Delay before pushes a provider would not take are tried again "
+        "(doubled each round, three rounds).",
+    )
     push_targets_per_chunk: int = Field(
         default=1000,
         ge=1,

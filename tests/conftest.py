@@ -126,6 +126,7 @@ def push_fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PushFakes]:
         "SWITCHBOARD_APNS_KEY_KIOSK": other_key,
         "SWITCHBOARD_FCM_SHOP": json.dumps(account),
         "SWITCHBOARD_PUSH_TARGETS_PER_CHUNK": "2000",
+        "SWITCHBOARD_PUSH_RETRY_DELAY_SECONDS": "1",
     }
     yield PushFakes(apns, fcm, env)
     apns.stop()

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from core.events.store import EventStore
+from core.push.dispatch import ChunkState
 from core.push.tokens import (
     Device,
     DeviceList,
@@ -64,12 +65,14 @@ def wait(app: Any, dispatch_id: str, timeout: float = 60) -> dict[str, Any]:
 
 
 def events_of(storage: Any, result: dict[str, Any], per_chunk: int = 2000) -> list[dict[str, Any]]:
-    """The outcome events a dispatch stored (one segment per chunk slice of 500)."""
+    """The outcome events a dispatch stored (one segment per chunk slice of 500, retry
+    rounds included)."""
     store = EventStore(storage)
+    chunks = storage.tables.get(ChunkState).query_partition(result["dispatch_id"])
     found = []
-    for chunk in range(1, result["chunks"]["total"] + 1):
+    for chunk in (row.row_key for row in chunks if row.row_key.startswith("chunk-")):
         for first in range(0, per_chunk, 500):
-            entry = store.placed(f"push-{result['dispatch_id']}-{chunk:05d}-{first:07d}")
+            entry = store.placed(f"push-{result['dispatch_id']}-{chunk}-{first:07d}")
             if entry is not None:
                 found.extend(store.read_segment_stored(entry))
     return found
@@ -242,6 +245,40 @@ def test_expired_provider_token_is_reminted_and_429_5xx_end_delivered(
     assert counts["messages.sent"] == 80 and "messages.failed" not in counts
     assert counts["messages.retries"] >= 2 and counts["messages.rate_limited_waits"] >= 2
     assert len(push_fakes.apns.state.expired_tokens) == 1  # refreshed once, then accepted
+
+
+def test_a_provider_outage_defers_pushes_to_a_later_round(
+    running_app,
+    storage,
+    push_fakes,  # type: ignore[no-untyped-def]
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    profiles = [f"O-{run}-{n}" for n in range(3)]
+    for profile in profiles:
+        register(running_app, "shop-ios", profile, apns_token())
+    push_fakes.apns.configure(fail_every=1)  # APNs answers 503 to everything
+    try:
+        answer = post(running_app, "push/send", {
+            "template": TEMPLATE, "app_ids": ["shop-ios"], "targets": {"profile_ids": profiles},
+            "defaults": {"first_name": "there"},
+        })  # fmt: skip
+        dispatch_id = answer.json()["dispatch_id"]
+
+        def deferred() -> bool:
+            url = f"{running_app.base_url}/api/push/dispatches/{dispatch_id}"
+            counts = requests.get(url, timeout=10).json()["counts"]
+            return counts.get("messages.deferred", 0) == 3
+
+        eventually(deferred, timeout=60)
+    finally:
+        push_fakes.apns.configure(fail_every=0)  # APNs is back
+    result = wait(running_app, dispatch_id)
+    counts = result["counts"]
+    assert result["status"] == "succeeded" and counts["messages.sent"] == 3
+    assert "messages.failed" not in counts and counts["profiles"] == 3
+    assert result["chunks"]["total"] >= 2  # the chunk and at least one retry round
+    events = events_of(storage, result)
+    assert [e["source_type"] for e in events] == ["push.sent"] * 3
 
 
 def test_bad_dispatch_requests_get_a_json_4xx(running_app) -> None:  # type: ignore[no-untyped-def]

@@ -58,9 +58,12 @@ CHUNK_QUEUE = "push-chunks"
 CONTAINER = "push-dispatches"
 SOURCE = "push"
 SLICE_PROFILES = 500
+RETRY_ROUNDS = 3
+"""Pushes still failing after a provider's retries are tried again this many times, later."""
 MAX_PROFILE_IDS = 1_000_000
 _UNSUBSCRIBED = {"unsubscribed", "false", "0", "no"}
 _APP_ID = re.compile(APP_ID_PATTERN)
+_GAVE_UP = "gave_up: "
 
 
 class SegmentTarget(BaseModel):
@@ -133,6 +136,13 @@ class PlanMessage(BaseModel):
 class ChunkMessage(BaseModel):
     dispatch_id: str
     chunk: int
+    retry_key: str | None = None
+    """Set for a retry round: the pushes of one slice the provider could not take then."""
+    round: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.retry_key or _chunk_key(self.chunk)
 
 
 class ChunkState(TableEntity):
@@ -312,6 +322,8 @@ class ChunkRunner:
         self.services = services
         self.dispatch_id = message.dispatch_id
         self.chunk = message.chunk
+        self.chunk_key = message.key
+        self.round = message.round
         self.owner = owner
         self.table: EntityTable[ChunkState] = services.storage.tables.get(ChunkState)
         self.key = safe_key(message.dispatch_id)
@@ -346,7 +358,7 @@ class ChunkRunner:
                 update={"owner": self.owner, "claimed_until": now + self.claim_for}
             )
 
-        result = self.table.mutate(self.key, _chunk_key(self.chunk), take)
+        result = self.table.mutate(self.key, self.chunk_key, take)
         if busy_for:
             return busy_for
         if result is None or result.entity.done or result.entity.owner != self.owner:
@@ -384,7 +396,7 @@ class ChunkRunner:
         if isinstance(state, float):
             return state
         if state is None:
-            found = self.table.get(self.key, _chunk_key(self.chunk))
+            found = self.table.get(self.key, self.chunk_key)
             return found is not None and found.entity.done
         stored = self.services.storage.blobs.read_versioned(
             CONTAINER, _blob(self.dispatch_id, "message.json")
@@ -393,10 +405,10 @@ class ChunkRunner:
             raise LookupError(f"dispatch {self.dispatch_id} has no stored message")
         self.message = DispatchMessage.model_validate_json(stored[0])
         self.template = CompiledTemplate(self.message.template)
-        name = _blob(self.dispatch_id, f"{_chunk_key(self.chunk)}.json.gz")
+        name = _blob(self.dispatch_id, f"{self.chunk_key}.json.gz")
         data = self.services.storage.blobs.read_versioned(CONTAINER, name)
         if data is None:
-            raise LookupError(f"dispatch {self.dispatch_id} chunk {self.chunk} has no profiles")
+            raise LookupError(f"dispatch {self.dispatch_id} {self.chunk_key} has no profiles")
         entries: list[list[Any]] = orjson.loads(gzip.decompress(data[0]))
         for row in self.table.query_partition(self.key, row_from="app-", row_before="app."):
             self.stopped[row.row_key.removeprefix("app-")] = row.error or "stopped"
@@ -435,39 +447,75 @@ class ChunkRunner:
 
     async def _send_slice(self, entries: list[list[Any]], first: int) -> Counter[str]:
         counts: Counter[str] = Counter()
+        # A retry round counts only its pushes: its profiles were counted the first time.
+        profile_counts = counts if self.round == 0 else Counter()
         devices = await asyncio.to_thread(self.registry.devices_of, [e[0] for e in entries])
         limit = asyncio.Semaphore(
             self.services.settings.push_concurrency * len(self.providers) or 1
         )
         attempts = []
-        for profile_id, attributes in entries:
-            for device, body in self._messages_for(profile_id, attributes, devices, counts):
+        for profile_id, attributes, *only in entries:
+            wanted = set(only[0]) if only else None  # a retry round: these tokens only
+            for device, body in self._messages_for(
+                profile_id, attributes, devices, profile_counts, wanted
+            ):
                 attempts.append(self._attempt(profile_id, device, body, limit))
         events = []
         dead: list[tuple[Device, SendOutcome]] = []
+        later: dict[str, list[str]] = {}
         for profile_id, device, result in await asyncio.gather(*attempts):
             if result is None:
                 counts["devices.skipped.app_stopped"] += 1
                 continue
-            counts[f"messages.{result.status}"] += 1
-            counts[f"apps.{device.app_id}.{result.status}"] += 1
             counts["messages.retries"] += result.retries
             counts["messages.rate_limited_waits"] += result.rate_limited_waits
+            if result.reason.startswith(_GAVE_UP) and self.round < RETRY_ROUNDS:
+                later.setdefault(profile_id, []).append(device.token_hash)
+                counts["messages.deferred"] += 1
+                continue
+            counts[f"messages.{result.status}"] += 1
+            counts[f"apps.{device.app_id}.{result.status}"] += 1
             events.append(self._event(device, profile_id, result))
             if result.status == "dead_token":
                 dead.append((device, result))
         await asyncio.to_thread(self._record, events, dead, counts, first)
+        if later:
+            attributes_of = {entry[0]: entry[1] for entry in entries}
+            retry = [[p, attributes_of[p], hashes] for p, hashes in later.items()]
+            await asyncio.to_thread(self._defer, retry, first)
         return +counts  # drops zero counts
+
+    def _defer(self, entries: list[list[Any]], first: int) -> None:
+        """Pushes the providers would not take now (5xx or broken connections through every
+        retry) become a chunk of their own, sent again after a growing delay. Its row is
+        written before this slice's checkpoint, so the dispatch cannot finish without it."""
+        key = f"{self.chunk_key}-r{self.round + 1}-{first:07d}"
+        data = gzip.compress(orjson.dumps(entries), compresslevel=1)
+        self.services.storage.blobs.create(CONTAINER, _blob(self.dispatch_id, f"{key}.json.gz"),
+                                           data, overwrite=True)  # fmt: skip
+        row = ChunkState(partition_key=self.key, row_key=key, profiles=len(entries))
+        if self.table.get(self.key, key) is None:
+            with contextlib.suppress(EntityExists):
+                self.table.insert(row)
+        delay = self.services.settings.push_retry_delay_seconds * 2**self.round
+        message = ChunkMessage(dispatch_id=self.dispatch_id, chunk=self.chunk, retry_key=key,
+                               round=self.round + 1)  # fmt: skip
+        self.services.storage.queues.send(CHUNK_QUEUE, message, delay_seconds=delay)
+        log.warning("push deferred to a later round", extra={
+            "run_id": self.dispatch_id, "chunk": key, "profiles": len(entries),
+        })  # fmt: skip
 
     def _messages_for(
         self, profile_id: str, attributes: dict[str, Any], devices: dict[str, list[Device]],
-        counts: Counter[str],
+        counts: Counter[str], wanted: set[str] | None = None,
     ) -> list[tuple[Device, bytes]]:  # fmt: skip
-        """The (device, body) pairs of one profile, after its skips are counted."""
+        """The (device, body) pairs of one profile, after its skips are counted; `wanted`
+        limits them to those token hashes."""
         assert self.template is not None
         counts["profiles"] += 1
-        usable = [d for d in devices.get(profile_id, []) if d.app_id in self.providers
-                  or d.app_id in self.stopped]  # fmt: skip
+        usable = [d for d in devices.get(profile_id, [])
+                  if (d.app_id in self.providers or d.app_id in self.stopped)
+                  and (wanted is None or d.token_hash in wanted)]  # fmt: skip
         reason = self._skip_reason(profile_id, attributes)
         if reason is None and not any(d.active and d.push_opt_in for d in usable):
             reason = "no_active_device"
@@ -516,14 +564,14 @@ class ChunkRunner:
                     self.stop_app(device.app_id, str(exc))
                 return profile_id, device, None
             except TransientError as exc:
-                outcome = SendOutcome("failed", reason=f"gave_up: {str(exc)[:160]}")
+                outcome = SendOutcome("failed", reason=f"{_GAVE_UP}{str(exc)[:160]}")
                 return profile_id, device, outcome
 
     def _record(self, events: list[dict[str, Any]], dead: list[tuple[Device, SendOutcome]],
                 counts: Counter[str], first: int) -> None:  # fmt: skip
         """Store a slice's events (one segment) and switch its dead tokens off."""
         if events:
-            segment = f"push-{self.dispatch_id}-{self.chunk:05d}-{first:07d}"
+            segment = f"push-{self.dispatch_id}-{self.chunk_key}-{first:07d}"
             writer = self.store.writer(SOURCE, segment)
             for event in events:
                 writer.add(event)
@@ -630,6 +678,6 @@ def status(services: Services, dispatch_id: str) -> dict[str, Any] | None:
     answer["dispatch_id"] = dispatch_id
     if run.status not in (RunStatus.SUCCEEDED, RunStatus.FAILED):
         answer["counts"] = dict(counts)
-    answer["chunks"] = {"total": int(run.detail.get("chunks", chunks)), "done": done}
+    answer["chunks"] = {"total": max(chunks, int(run.detail.get("chunks", 0))), "done": done}
     answer["stopped_apps"] = stopped
     return answer
