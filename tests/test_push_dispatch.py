@@ -395,3 +395,23 @@ def test_fifty_thousand_targets_fan_out_through_the_queue(
     assert result["chunks"] == {"total": 25, "done": 25}
     assert result["counts"]["messages.sent"] == 50_000
     assert len(push_fakes.apns.state.delivered) - before == 50_000
+
+
+def test_a_dispatch_whose_stored_request_is_gone_fails_with_the_reason(app_env) -> None:  # type: ignore[no-untyped-def]
+    from core.push.dispatch import ChunkMessage, PlanMessage, plan, run_chunk
+    from core.runs import RunKind, RunStatus
+    from core.services import Services
+    from core.settings import Settings
+
+    services = Services.from_settings(Settings(**app_env))  # type: ignore[arg-type]
+    unplanned = services.runs.start(RunKind.PUSH_DISPATCH, status=RunStatus.RECEIVED)
+    plan(services, PlanMessage(dispatch_id=unplanned.run_id))
+    chunked = services.runs.start(RunKind.PUSH_DISPATCH, status=RunStatus.RUNNING)
+    services.storage.tables.get(ChunkState).insert(
+        ChunkState(partition_key=chunked.run_id, row_key="chunk-00001", profiles=1)
+    )
+    run_chunk(services, ChunkMessage(dispatch_id=chunked.run_id, chunk=1))
+    for run_id, reason in ((unplanned.run_id, "cannot plan"), (chunked.run_id, "chunk-00001")):
+        failed = services.runs.get(run_id)
+        assert failed is not None and failed.status == RunStatus.FAILED
+        assert failed.error is not None and reason in failed.error

@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Self
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import BlobAlreadyExists, ConfigError, EntityExists, TransientError
 from core.events.model import EventChannel, EventType, epoch_millis
@@ -280,8 +280,13 @@ def plan(services: Services, message: PlanMessage) -> None:
     run = services.runs.get(dispatch_id)
     if run is None or run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
         return
-    request = _load_request(services, dispatch_id)
-    profiles = _frozen_targets(services, dispatch_id, request)
+    try:
+        request = _load_request(services, dispatch_id)
+        profiles = _frozen_targets(services, dispatch_id, request)
+    except (LookupError, ValidationError, ValueError) as exc:
+        # Retrying cannot bring back a request that is gone or unreadable: say so.
+        services.runs.finish(dispatch_id, RunStatus.FAILED, error=f"cannot plan: {exc}")
+        return
     size = services.settings.push_targets_per_chunk
     chunks = [profiles[i : i + size] for i in range(0, len(profiles), size)]
     blobs = services.storage.blobs
@@ -623,7 +628,11 @@ def run_chunk(services: Services, message: ChunkMessage) -> None:
     died) is looked at again once that claim expires: the first finishes it, or the
     later look takes over at its checkpoint."""
     owner = f"{message.chunk}-{secrets.token_hex(4)}"
-    result = ChunkRunner(services, message, owner).run()
+    try:
+        result = ChunkRunner(services, message, owner).run()
+    except LookupError as exc:  # its stored profiles or message are gone: not retryable
+        services.runs.finish(message.dispatch_id, RunStatus.FAILED, error=f"{message.key}: {exc}")
+        return
     if result is True:
         finish_if_complete(services, message.dispatch_id)
     elif isinstance(result, float):
