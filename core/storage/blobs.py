@@ -239,6 +239,17 @@ class BlobStore:
             ChunkReader(self.iter_chunks(blob, offset=offset, length=length)), CHUNK_BYTES
         )
 
+    def open_current(self, container: str, name: str) -> tuple[io.BufferedReader[Any], str] | None:
+        """The blob as it is now, streamed with one request to start (no properties call
+        first), and its ETag; later chunks are pinned to that version. None if absent."""
+        client = self.service.get_blob_client(container, name)
+        try:
+            downloader = client.download_blob(max_concurrency=1)
+        except ResourceNotFoundError:
+            return None
+        reader = io.BufferedReader(ChunkReader(downloader.chunks()), CHUNK_BYTES)
+        return reader, str(downloader.properties.etag)
+
     def create(
         self,
         container: str,

@@ -14,16 +14,15 @@ UTF-8 halfway is still rejected as a whole.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import posixpath
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
+from isal import igzip, isal_zlib
 
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockWriter
@@ -37,7 +36,6 @@ WORK_CONTAINER = "sync-work"
 # 150 KB per bucket; a block blob takes 50,000 blocks, 3 GB per bucket at this size).
 _WORK_BLOCK_BYTES = 64 * 1024
 _PENDING_BYTES = 32 * 1024
-_GZIP_SMALL_WINDOW = 16 + 12  # gzip framing, 4 KB window: 48 KB of compressor state
 LINE_STRIDE = 10**10
 """Lines of the n-th part of a multi-part export are offset by n * LINE_STRIDE."""
 
@@ -71,7 +69,7 @@ class _BucketFile:
         # One growing buffer, not a list of small bytes objects: orjson's results carry
         # their whole initial allocation, which would cost kilobytes per row.
         self.pending = bytearray()
-        self.compressor = zlib.compressobj(1, zlib.DEFLATED, _GZIP_SMALL_WINDOW, 6)
+        self.compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
 
     def add(self, row: SourceRow) -> None:
         self.pending += orjson.dumps([row.line, *row.values])
@@ -197,8 +195,10 @@ def split_file(
 
 
 def read_work_blob(storage: Storage, name: str) -> Iterator[SourceRow]:
-    ref = storage.blobs.ref(WORK_CONTAINER, name)
-    with gzip.GzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as stream:
+    current = storage.blobs.open_current(WORK_CONTAINER, name)
+    if current is None:
+        raise LookupError(f"work blob {WORK_CONTAINER}/{name} is gone")
+    with igzip.IGzipFile(fileobj=current[0], mode="rb") as stream:  # type: ignore[no-untyped-call]
         for line in stream:
             line_number, *values = orjson.loads(line)
             yield SourceRow(line_number, values)

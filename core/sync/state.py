@@ -15,7 +15,6 @@ digests from another mapping are ignored (attribute hashes still hold).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from typing import Any
 import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+from isal import igzip
 
 from core.errors import ConcurrencyConflict
 from core.storage import Storage
-from core.storage.blobs import BlobRef
 
 STATE_CONTAINER = "sync-state"
 _FORMAT_VERSION = 3
@@ -206,7 +205,7 @@ def _encode(state: SyncState) -> bytes:
         text += b"\t"
         text += profile.stored()
     text += b"\n"
-    return gzip.compress(text, compresslevel=1)
+    return igzip.compress(text, compresslevel=1)
 
 
 def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
@@ -237,14 +236,13 @@ class StateStore:
     def load(self, bucket: int) -> SyncState:
         name = _state_blob(self.sync_id, self.destination, bucket)
         self.storage.blobs.ensure_container(STATE_CONTAINER)
-        client = self.storage.blob_service.get_blob_client(STATE_CONTAINER, name)
-        if not client.exists():
+        current = self.storage.blobs.open_current(STATE_CONTAINER, name)
+        if current is None:
             return SyncState({}, None, self.fingerprint)
-        props = client.get_blob_properties()
-        ref = BlobRef(STATE_CONTAINER, name, str(props.etag), int(props.size))
-        with gzip.GzipFile(fileobj=self.storage.blobs.open_reader(ref), mode="rb") as lines:
+        reader, etag = current
+        with igzip.IGzipFile(fileobj=reader, mode="rb") as lines:  # type: ignore[no-untyped-call]
             state = _decode(lines, self.fingerprint)
-        state.etag = ref.etag
+        state.etag = etag
         return state
 
     def commit(self, bucket: int, state: SyncState, *, run_id: str, result: dict[str, Any]) -> None:
@@ -272,7 +270,7 @@ def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[
     needle = orjson.dumps(audience)
     storage.blobs.ensure_container(STATE_CONTAINER)
     for ref in storage.blobs.list(STATE_CONTAINER, prefix=f"{sync_id}/"):
-        with gzip.GzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as lines:
+        with igzip.IGzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as lines:  # type: ignore[no-untyped-call]
             next(lines, None)  # the header
             for line in lines:
                 _, identity, stored = line.rstrip(b"\n").split(b"\t", 2)
