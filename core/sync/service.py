@@ -14,9 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -253,19 +252,13 @@ def process_buckets(
         with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
             results.insert(result)
 
-    # A finished bucket's state and result are written on a thread while the next bucket
-    # runs (uploads are waits, not work); a crash before they land redoes that bucket,
-    # as it always did, and its acknowledged batches are not sent again (checkpoints).
-    committer = _Background(max_pending=2)
     runner = ChunkRunner(
         storage, sync, RowMapper(sync, plan.columns), destination,
         SuppressionList(storage).snapshot(),
-        run_id=run_id, worker=f"w{buckets[0]:04d}",
-        on_bucket_done=lambda work: committer.submit(bucket_done, work),
+        run_id=run_id, worker=f"w{buckets[0]:04d}", on_bucket_done=bucket_done,
         dry_run=plan.preview, checkpoints=checkpoints,
     )  # fmt: skip
-    with committer:
-        _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
+    _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
 
 
 def _run_buckets(
@@ -295,33 +288,6 @@ def _run_buckets(
         preview = PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None
         runner.run_bucket(BucketWork(bucket, state, rejects, preview=preview), rows)
     runner.finish()
-
-
-class _Background:
-    """Runs calls in order on one thread, at most `max_pending` queued; the first failure
-    is raised at the next submit or on leaving the `with` block (after the rest finished)."""
-
-    def __init__(self, max_pending: int) -> None:
-        self._pool = ThreadPoolExecutor(1)
-        self._pending: deque[Future[None]] = deque()
-        self._max_pending = max_pending
-
-    def submit(self, call: Callable[[BucketWork], None], work: BucketWork) -> None:
-        while self._pending and (
-            self._pending[0].done() or len(self._pending) >= self._max_pending
-        ):
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(call, work))
-
-    def __enter__(self) -> _Background:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            while self._pending:
-                self._pending.popleft().result()
-        finally:
-            self._pool.shutdown()
 
 
 def finalize(
