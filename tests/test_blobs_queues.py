@@ -7,12 +7,14 @@ import gzip
 import hashlib
 import json
 import os
+import threading
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from pydantic import BaseModel
 
 from core.errors import BlobAlreadyExists, LeaseUnavailable, MessageTooLarge, StorageError
-from core.storage.blobs import CHUNK_BYTES, deterministic_name
+from core.storage.blobs import CHUNK_BYTES, BlockStager, deterministic_name
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +45,58 @@ def test_streamed_write_and_chunked_read_of_a_large_blob(storage, unique: str) -
         digest.update(chunk)
     assert digest.hexdigest() == expected.hexdigest()
     assert max(sizes) <= CHUNK_BYTES and len(sizes) >= 3
+
+
+def test_writers_sharing_a_stager_keep_block_order_and_bound_blocks_held(
+    storage, unique: str
+) -> None:  # type: ignore[no-untyped-def]
+    stager = BlockStager(threads=4, in_flight=3)
+    held, most_held = 0, 0
+    lock = threading.Lock()
+    original = stager.submit
+
+    def counting_submit(stage, *args):  # type: ignore[no-untyped-def]
+        def stage_and_count(*inner):  # type: ignore[no-untyped-def]
+            nonlocal held, most_held
+            with lock:
+                held += 1
+                most_held = max(most_held, held)
+            try:
+                return stage(*inner)
+            finally:
+                with lock:
+                    held -= 1
+
+        return original(stage_and_count, *args)
+
+    stager.submit = counting_submit  # type: ignore[method-assign]
+    writers = [
+        storage.blobs.writer(unique, f"part-{n}.bin", block_bytes=64 * 1024, stager=stager)
+        for n in range(3)
+    ]
+    expected = [bytearray() for _ in writers]
+    for round_number in range(40):  # interleaved, as the split writes its buckets
+        for number, writer in enumerate(writers):
+            piece = os.urandom(20_000 + 997 * round_number + number)
+            writer.write(piece)
+            expected[number] += piece
+    for writer in writers:
+        writer.close()
+    stager.close()
+    for number in range(3):
+        data = b"".join(storage.blobs.iter_chunks(storage.blobs.ref(unique, f"part-{number}.bin")))
+        assert data == expected[number]
+    assert 1 <= most_held <= 3
+
+
+def test_a_block_that_failed_on_a_stager_thread_fails_the_close(storage, unique: str) -> None:  # type: ignore[no-untyped-def]
+    stager = BlockStager(threads=2, in_flight=2)
+    writer = storage.blobs.writer(unique, "broken.bin", block_bytes=1024, stager=stager)
+    storage.blob_service.get_container_client(unique).delete_container()  # blocks now fail
+    writer.write(b"b" * 4096)  # returns: the failures happen on the stager's threads
+    with pytest.raises(ResourceNotFoundError):
+        writer.close()  # raised here, before any commit is attempted
+    stager.close()
 
 
 def test_streamed_writer_is_create_only_and_commits_nothing_on_error(storage, unique: str) -> None:  # type: ignore[no-untyped-def]

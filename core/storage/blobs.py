@@ -12,7 +12,8 @@ import contextlib
 import hashlib
 import io
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,8 +96,11 @@ class BlockWriter:
         content_type: str | None = None,
         metadata: dict[str, str] | None = None,
         block_bytes: int = CHUNK_BYTES,
+        stager: BlockStager | None = None,
     ) -> None:
         self._client = service.get_blob_client(container, name)
+        self._stager = stager
+        self._staging: list[Future[Any]] = []
         self._overwrite = overwrite
         self._content_type = content_type
         self._metadata = metadata
@@ -118,13 +122,18 @@ class BlockWriter:
 
     def _stage(self, block: bytes) -> None:
         block_id = base64.b64encode(f"{len(self._block_ids):08d}".encode()).decode()
-        self._client.stage_block(block_id, block)
+        if self._stager is None:
+            self._client.stage_block(block_id, block)
+        else:
+            self._staging.append(self._stager.submit(self._client.stage_block, block_id, block))
         self._block_ids.append(block_id)
 
     def close(self) -> str:
         if self._pending or not self._block_ids:
             self._stage(bytes(self._pending))
             self._pending.clear()
+        for staged in self._staging:
+            staged.result()  # the commit may only name blocks that are there
         kwargs: dict[str, Any] = {}
         if not self._overwrite:
             kwargs = {"match_condition": MatchConditions.IfMissing}
@@ -154,6 +163,29 @@ class BlockWriter:
     ) -> None:
         if exc_type is None:
             self.close()
+
+
+class BlockStager:
+    """Stages the blocks of several writers on a few threads, so a writer does not wait
+    for each block's round trip; at most `in_flight` blocks are held at once, so memory
+    stays bounded. Block order comes from the block list, not from upload order."""
+
+    def __init__(self, threads: int = 4, in_flight: int = 16) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="stage-block")
+        self._slots = threading.BoundedSemaphore(in_flight)
+
+    def submit(self, stage: Callable[..., Any], *args: Any) -> Future[Any]:
+        self._slots.acquire()
+        try:
+            staged = self._pool.submit(stage, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        staged.add_done_callback(lambda _: self._slots.release())
+        return staged
+
+    def close(self) -> None:
+        self._pool.shutdown()
 
 
 class BlobLease:
@@ -328,6 +360,7 @@ class BlobStore:
         content_type: str | None = None,
         metadata: dict[str, str] | None = None,
         block_bytes: int = CHUNK_BYTES,
+        stager: BlockStager | None = None,
     ) -> BlockWriter:
         self.ensure_container(container)
         return BlockWriter(
@@ -338,6 +371,7 @@ class BlobStore:
             content_type=content_type,
             metadata=metadata,
             block_bytes=block_bytes,
+            stager=stager,
         )
 
     def list(self, container: str, prefix: str | None = None) -> Iterator[BlobRef]:

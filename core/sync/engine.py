@@ -210,13 +210,13 @@ class ChunkRunner:
         mapper = self.mapper
         state = work.state
         counts = work.counts
-        digest_positions = mapper.digest_positions
+        digest_values = mapper.digest_values
         number = 0
         for number, entry in enumerate(rows, start=1):
             if number % _PROGRESS_CHECK_ROWS == 0:
                 self._report_progress(_PROGRESS_CHECK_ROWS)
             values = entry.values
-            digest = raw_digest([values[i] for i in digest_positions])
+            digest = raw_digest(digest_values(values))
             try:
                 identity = mapper.identity(values)
             except RowRejected as exc:

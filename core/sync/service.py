@@ -16,6 +16,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -42,8 +43,15 @@ from core.sync.reports import (
     commit_preview,
     commit_rejects,
 )
-from core.sync.split import SplitResult, delete_work, line_label, read_work_blob, split_file
-from core.sync.state import StateStore
+from core.sync.split import (
+    SplitResult,
+    delete_work,
+    fetch_work_blob,
+    line_label,
+    split_file,
+    work_rows,
+)
+from core.sync.state import StateStore, StoredState
 
 log = logging.getLogger(__name__)
 CHUNK_QUEUE = "segment-chunks"
@@ -268,25 +276,38 @@ def _run_buckets(
 ) -> None:  # fmt: skip
     run_key = safe_key(run_id)
     finished = {row.row_key for row in results.query_partition(run_key)}  # one request
-    for bucket in buckets:
-        if f"{bucket:04d}" in finished:
-            continue  # finished before a crash or redelivery
-        state = states.load(bucket)
-        if state.last_run == run_id:  # committed before a crash, not yet recorded
-            with contextlib.suppress(EntityExists):
-                results.insert(BucketResult.model_validate(state.last_result))
-            continue
-        rows: Iterable[SourceRow] = (
-            in_memory[bucket] if in_memory is not None
-            else read_work_blob(storage, plan.work_blobs[str(bucket)])
-            if str(bucket) in plan.work_blobs else ()
-        )  # fmt: skip
-        rejects = RejectsPart(
-            storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
-            label=lambda line: line_label(line, plan.inputs),
-        )  # fmt: skip
-        preview = PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None
-        runner.run_bucket(BucketWork(bucket, state, rejects, preview=preview), rows)
+    todo = [bucket for bucket in buckets if f"{bucket:04d}" not in finished]
+
+    def fetch(bucket: int) -> tuple[StoredState | None, bytes | None]:
+        """A bucket's stored inputs; runs on a thread, one bucket ahead (bytes only, so
+        memory stays flat), so its I/O overlaps with the bucket before it."""
+        name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
+        return states.fetch(bucket), fetch_work_blob(storage, name) if name else None
+
+    with ThreadPoolExecutor(1) as fetcher:
+        upcoming = fetcher.submit(fetch, todo[0]) if todo else None
+        for index, bucket in enumerate(todo):
+            assert upcoming is not None
+            stored, work_data = upcoming.result()
+            if index + 1 < len(todo):
+                upcoming = fetcher.submit(fetch, todo[index + 1])
+            state = states.decode(stored)
+            if state.last_run == run_id:  # committed before a crash, not yet recorded
+                with contextlib.suppress(EntityExists):
+                    results.insert(BucketResult.model_validate(state.last_result))
+                continue
+            rows: Iterable[SourceRow] = (
+                in_memory[bucket] if in_memory is not None
+                else work_rows(work_data) if work_data is not None else ()
+            )  # fmt: skip
+            rejects = RejectsPart(
+                storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
+                label=lambda line: line_label(line, plan.inputs),
+            )  # fmt: skip
+            preview = (
+                PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None
+            )
+            runner.run_bucket(BucketWork(bucket, state, rejects, preview=preview), rows)
     runner.finish()
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
-from isal import igzip, isal_zlib
+from isal import isal_zlib
 
 from core.storage import Storage
-from core.storage.blobs import BlobRef, BlockWriter
+from core.storage.blobs import BlobRef, BlockStager, BlockWriter
 from core.sync.definitions import SyncDefinition
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected, RowReader, SourceRow
@@ -92,6 +92,8 @@ class _Partitioner:
 
     def __init__(self, storage: Storage, run_id: str, buckets: int, in_memory_max_rows: int):
         self.storage = storage
+        # Work blobs' blocks upload on threads while the file is still being read.
+        self.stager = BlockStager()
         self.run_id = run_id
         self.limit = in_memory_max_rows
         self.memory: list[list[SourceRow]] | None = [[] for _ in range(buckets)]
@@ -119,15 +121,23 @@ class _Partitioner:
         if bucket not in self.files:
             name = f"{self.run_id}/bucket-{bucket:04d}.jsonl.gz"
             writer = self.storage.blobs.writer(
-                WORK_CONTAINER, name, overwrite=True, block_bytes=_WORK_BLOCK_BYTES
-            )
+                WORK_CONTAINER, name, overwrite=True, block_bytes=_WORK_BLOCK_BYTES,
+                stager=self.stager,
+            )  # fmt: skip
             self.files[bucket] = _BucketFile(writer)
             self.names[bucket] = name
         return self.files[bucket]
 
     def close(self) -> None:
-        for bucket_file in self.files.values():
-            bucket_file.close()
+        try:
+            for bucket_file in self.files.values():
+                bucket_file.close()
+        finally:
+            self.stager.close()
+
+    def abandon(self) -> None:
+        """The file was rejected: wait for blocks in flight, commit nothing."""
+        self.stager.close()
 
 
 def line_label(line: int, parts: list[str]) -> str:
@@ -152,6 +162,25 @@ def split_file(
     Rows of part n carry `n * LINE_STRIDE + line` as their line, so lines stay unique.
     """
     partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
+    try:
+        result = _read_parts(storage, sync, blobs, buckets, partitioner)
+    except BaseException:
+        partitioner.abandon()
+        raise
+    partitioner.close()
+    result.rows = partitioner.rows
+    result.in_memory = partitioner.memory
+    result.work_blobs = partitioner.names
+    return result
+
+
+def _read_parts(
+    storage: Storage,
+    sync: SyncDefinition,
+    blobs: list[BlobRef],
+    buckets: int,
+    partitioner: _Partitioner,
+) -> SplitResult:
     result: SplitResult | None = None
     try:
         for part, blob in enumerate(blobs):
@@ -186,20 +215,24 @@ def split_file(
         ) from None
     except (OSError, EOFError) as exc:
         raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
-    partitioner.close()
     assert result is not None  # at least one part
-    result.rows = partitioner.rows
-    result.in_memory = partitioner.memory
-    result.work_blobs = partitioner.names
     return result
 
 
-def read_work_blob(storage: Storage, name: str) -> Iterator[SourceRow]:
-    current = storage.blobs.open_current(WORK_CONTAINER, name)
-    if current is None:
+def fetch_work_blob(storage: Storage, name: str) -> bytes:
+    """A bucket's work blob as stored (gzip): a worker fetches the next bucket's while it
+    runs this one."""
+    found = storage.blobs.read_versioned(WORK_CONTAINER, name)
+    if found is None:
         raise LookupError(f"work blob {WORK_CONTAINER}/{name} is gone")
-    with igzip.IGzipFile(fileobj=current[0], mode="rb") as stream:  # type: ignore[no-untyped-call]
-        for line in stream:
+    return found[0]
+
+
+def work_rows(data: bytes) -> Iterator[SourceRow]:
+    """The rows of a fetched work blob. Inflated in one call: a bucket is a few MB at
+    most, and gzip's line-by-line reader costs more per row than the rest of the read."""
+    for line in isal_zlib.decompress(data, wbits=31).split(b"\n"):
+        if line:
             line_number, *values = orjson.loads(line)
             yield SourceRow(line_number, values)
 
