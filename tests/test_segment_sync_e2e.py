@@ -6,6 +6,7 @@ import csv
 import gzip
 import io
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -369,3 +370,41 @@ def test_a_file_for_an_undeclared_sync_is_a_failed_run_with_the_reason(scenario)
     run = s.land(b"crmId\nC1\n")
     assert run["status"] == "failed"
     assert run["error"] == "no sync is declared with id 'not-declared'"
+
+
+def test_rows_without_consent_stay_held_back_until_consent_is_given(scenario, storage) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("consent")
+    s.sync = "consented"  # tests/data/syncs.yaml: TSV, consent column emailConsent
+    token = uuid.uuid4().hex[:8]
+    rows = [
+        {"crmId": f"C{token}-{i}", "email": f"c{token}.{i}@example.com",
+         "emailConsent": "y" if i % 2 == 0 else "n"}
+        for i in range(6)
+    ]  # fmt: skip
+    s.known(rows)
+
+    def tsv(rows: list[dict[str, str]]) -> bytes:
+        lines = ["crmId\temail\temailConsent"]
+        lines += [f"{r['crmId']}\t{r['email']}\t{r['emailConsent']}" for r in rows]
+        return ("\n".join(lines) + "\n").encode()
+
+    first = s.land(tsv(rows), suffix=".tsv")
+    assert first["counts"]["sent"] == 3 and first["counts"]["suppressed"] == 3
+    assert first["counts"]["suppressed.no_consent"] == 3
+    # The same rows again: held back again (remembered by their raw digest, not re-typed).
+    second = s.land(tsv(rows), suffix=".tsv")
+    assert second["counts"]["unchanged"] == 3 and second["counts"]["suppressed.no_consent"] == 3
+    held = set()
+    for blob in storage.blobs.list("sync-state", "consented/"):
+        text = gzip.decompress(b"".join(storage.blobs.iter_chunks(blob)))
+        held |= set(json.loads(text.split(b"\n", 1)[0])["withheld"])
+    assert {r["crmId"] for r in rows[1::2]} <= held
+    # Consent given by one, another's row changes but still grants none.
+    changed = [dict(r) for r in rows]
+    changed[1]["emailConsent"] = "yes"
+    changed[3]["email"] = f"other.{token}@example.com"
+    third = s.land(tsv(changed), suffix=".tsv")
+    assert third["counts"]["sent"] == 1 and third["counts"]["suppressed.no_consent"] == 2
+    assert s.profiles(rows)[rows[1]["crmId"]] == {"email": rows[1]["email"]}
+    never_sent = [s.profiles(rows)[rows[n]["crmId"]] for n in (3, 5)]
+    assert never_sent == [{}, {}]  # known to Braze, nothing of theirs ever sent

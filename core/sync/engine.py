@@ -35,6 +35,7 @@ from core.sync.state import Change, SyncState, raw_digest
 log = logging.getLogger(__name__)
 _PROGRESS_EVERY_SECONDS = 10.0
 _PROGRESS_CHECK_ROWS = 4096
+_NO_CONSENT = "no_consent"
 
 
 class BatchCheckpoint(TableEntity):
@@ -234,14 +235,22 @@ class ChunkRunner:
                 reason = self._suppressed_raw(values)
                 counts.add(Outcome.SUPPRESSED if reason else Outcome.UNCHANGED, reason)
                 continue
+            if state.withheld_again(identity, digest):
+                counts.add(Outcome.SUPPRESSED, self._suppressed_raw(values) or _NO_CONSENT)
+                continue
             try:
                 row = mapper.map(values)
             except RowRejected as exc:
                 self._reject(work, entry, exc.code, str(exc))
                 continue
             reason = self._suppressed(row)
-            if reason is None and consent is not None and consent.column is not None:
-                reason = None if row.consent in consent.granted_values else "no_consent"
+            withheld = (
+                reason is None and consent is not None and consent.column is not None
+                and row.consent not in consent.granted_values
+            )  # fmt: skip
+            if withheld:
+                reason = _NO_CONSENT
+                state.withhold(identity, digest)
             if reason is not None:
                 counts.add(Outcome.SUPPRESSED, reason)
                 continue

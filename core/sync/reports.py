@@ -116,6 +116,23 @@ class StagedPart:
         self._stage()
         return self.block_ids
 
+    def finish(self) -> tuple[list[str], Callable[[], None]]:
+        """Every block id, and a call that stages what is still buffered: the caller may
+        make it on another thread (ids are deterministic, so they are known now)."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        if not rest:
+            return list(self.block_ids), lambda: None
+        block_id = _block_id(self.part, len(self.block_ids))
+        self.block_ids.append(block_id)
+
+        def stage_rest() -> None:
+            self.blobs.ensure_container(self.container)
+            client = self.blobs.service.get_blob_client(self.container, self.name)
+            client.stage_block(block_id, rest)
+
+        return list(self.block_ids), stage_rest
+
 
 def commit_parts(
     blobs: BlobStore,

@@ -15,8 +15,8 @@ import contextlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -245,20 +245,35 @@ def process_buckets(
     run_key = safe_key(run_id)
 
     def bucket_done(work: BucketWork) -> None:
+        reject_blocks, stage_rejects = work.rejects.finish()
+        preview_blocks, stage_preview = work.preview.finish() if work.preview else ([], None)
         result = BucketResult(
             partition_key=run_key,
             row_key=f"{work.number:04d}",
             outcomes=dict(work.counts.outcomes),
             reasons=dict(work.counts.reasons),
             stats=vars(work.stats),
-            reject_blocks=work.rejects.close(),
+            reject_blocks=reject_blocks,
             diff=dict(work.diff),
-            preview_blocks=work.preview.close() if work.preview else [],
+            preview_blocks=preview_blocks,
         )
+        snapshot = None
         if not plan.preview and work.state.dirty:  # a dry run changes no state
-            states.commit(work.number, work.state, run_id=run_id, result=result.model_dump())
-        with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
-            results.insert(result)
+            snapshot = states.snapshot(
+                work.number, work.state, run_id=run_id, result=result.model_dump()
+            )
+
+        def write() -> None:
+            # In this order: the result marks the bucket finished, so it goes last.
+            stage_rejects()
+            if stage_preview is not None:
+                stage_preview()
+            if snapshot is not None:
+                states.write(snapshot)
+            with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
+                results.insert(result)
+
+        writer.submit(write)
 
     runner = ChunkRunner(
         storage, sync, RowMapper(sync, plan.columns), destination,
@@ -266,7 +281,37 @@ def process_buckets(
         run_id=run_id, worker=f"w{buckets[0]:04d}", on_bucket_done=bucket_done,
         dry_run=plan.preview, checkpoints=checkpoints,
     )  # fmt: skip
-    _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
+    with _BucketWriter() as writer:
+        _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
+
+
+class _BucketWriter:
+    """Writes finished buckets (rejects, state, result) on a thread, one bucket at a time,
+    while the next bucket runs. It is handed bytes, never a bucket's state objects, so
+    memory stays flat; an error surfaces at the next bucket or at the end. A crash before
+    a write is done leaves that bucket unfinished, and its retry resumes from checkpoints."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bucket-writer")
+        self._pending: Future[None] | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _BucketWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _run_buckets(

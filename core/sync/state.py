@@ -16,6 +16,7 @@ digests from another mapping are ignored (attribute hashes still hold).
 from __future__ import annotations
 
 import hashlib
+from binascii import unhexlify
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,27 +63,35 @@ def raw_digest(values: Sequence[Any]) -> bytes:
 class ProfileState:
     """One profile's acknowledged state.
 
-    Loaded lazily: attribute hashes and audiences stay as the snapshot's bytes until a row
-    needs them, and are written back untouched when no row did (most profiles, most runs).
+    Loaded lazily: a profile read from a snapshot keeps its stored line, and its attribute
+    hashes and audiences stay JSON inside it until a row needs them. A profile no row
+    touched is written back as that same line, with no work per profile; in a typical run
+    that is nearly all of them.
     """
 
-    __slots__ = ("_audiences", "_hashes", "_stored", "digest")
+    __slots__ = ("_at", "_audiences", "_hashes", "_line", "_verbatim", "digest")
 
-    def __init__(self, digest: bytes | None = None, stored: bytes | None = None) -> None:
+    def __init__(
+        self, digest: bytes | None = None, line: bytes = b"", at: int = 0, verbatim: bool = False
+    ) -> None:
         self.digest = digest
-        self._stored = stored
-        self._hashes: dict[str, bytes] | None = None if stored else {}
-        self._audiences: set[str] | None = None if stored else set()
+        self._line = line
+        """The stored line; `[hashes, audiences]` JSON from `at` on (empty: a new profile)."""
+        self._at = at
+        self._verbatim = verbatim
+        """Whether the line can be written back as it is (nothing changed since loading)."""
+        self._hashes: dict[str, bytes] | None = None if line else {}
+        self._audiences: set[str] | None = None if line else set()
 
     def _parse(self) -> None:
-        assert self._stored is not None
-        hashes, audiences = orjson.loads(self._stored)
+        hashes, audiences = orjson.loads(memoryview(self._line)[self._at :])
         self._hashes = {name: bytes.fromhex(h) for name, h in hashes.items()}
         self._audiences = set(audiences)
-        self._stored = None
+        self._line, self._verbatim = b"", False
 
     @property
     def hashes(self) -> dict[str, bytes]:
+        """The attribute hashes, for reading or changing (either way the line is rebuilt)."""
         if self._hashes is None:
             self._parse()
         assert self._hashes is not None
@@ -95,11 +104,23 @@ class ProfileState:
         assert self._audiences is not None
         return self._audiences
 
-    def stored(self) -> bytes:
-        if self._stored is not None:
-            return self._stored
-        hashes = {name: digest.hex() for name, digest in self.hashes.items()}
-        return orjson.dumps([hashes, sorted(self.audiences)])
+    def set_digest(self, digest: bytes) -> None:
+        self.digest = digest
+        self._verbatim = False
+
+    def line(self, identity: str) -> bytes:
+        """digest TAB identity (JSON, so no tabs or newlines) TAB [hashes, audiences]"""
+        if self._verbatim:
+            return self._line
+        stored = (
+            self._line[self._at :] if self._line
+            else orjson.dumps([
+                {name: digest.hex() for name, digest in self.hashes.items()},
+                sorted(self.audiences),
+            ])
+        )  # fmt: skip
+        digest = self.digest.hex().encode() if self.digest else b""
+        return b"%s\t%s\t%s" % (digest, orjson.dumps(identity), stored)
 
 
 @dataclass(frozen=True)
@@ -130,8 +151,29 @@ class SyncState:
         """The run that committed this snapshot, with its bucket result: a run resumed after
         committing a bucket but before recording it finds its own result here."""
         self.last_result: dict[str, Any] = {}
-        self.dirty = False
-        """Whether anything was acknowledged since loading (else there is nothing to commit)."""
+        self._changed = False
+        self.withheld: dict[str, bytes] = {}
+        """Identity -> raw digest of rows held back last run for lack of consent. The row
+        itself says so (its consent column), so the same raw row is held back again
+        without typing it; a snapshot keeps only those seen again in its run."""
+        self.withheld_now: dict[str, bytes] = {}
+        """This run's: what the next snapshot keeps."""
+
+    @property
+    def dirty(self) -> bool:
+        """Whether anything changed since loading (else there is nothing to commit)."""
+        return self._changed or self.withheld_now != self.withheld
+
+    def withheld_again(self, identity: str, digest: bytes) -> bool:
+        """The same raw row as one held back for lack of consent last run."""
+        if self.withheld.get(identity) != digest:
+            return False
+        self.withheld_now[identity] = digest
+        return True
+
+    def withhold(self, identity: str, digest: bytes) -> None:
+        """This row is held back because it grants no consent."""
+        self.withheld_now[identity] = digest
 
     def unchanged_raw(self, identity: str, digest: bytes) -> bool:
         known = self.profiles.get(identity)
@@ -167,24 +209,33 @@ class SyncState:
 
     def acknowledge(self, identity: str, change: Change, digest: bytes | None) -> None:
         """Record what the destination applied; `digest` None keeps the raw digest."""
-        self.dirty = True
+        self._changed = True
         profile = self.profiles.setdefault(identity, ProfileState())
         profile.hashes.update(change.hashes)
         profile.audiences.update(change.added)
         profile.audiences.difference_update(change.removed)
         if digest is not None:
-            profile.digest = digest
+            profile.set_digest(digest)
 
     def remember_digest(self, identity: str, digest: bytes) -> None:
         """An unchanged row: its raw form may differ (e.g. 'existing' for 'realized')."""
         known = self.profiles.get(identity)
         if known is not None and known.digest != digest:
-            known.digest = digest
-            self.dirty = True
+            known.set_digest(digest)
+            self._changed = True
 
 
 StoredState = tuple[bytes, str]
-"""A snapshot's gzip bytes and the ETag they were read at."""
+"""A snapshot's text (inflated) and the ETag it was read at."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    bucket: int
+    data: bytes
+    """The encoded state (gzip)."""
+    etag: str | None
+    """The ETag the state was loaded at (None: there was none): the write's condition."""
 
 
 def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
@@ -197,16 +248,12 @@ def _encode(state: SyncState) -> bytes:
         "fingerprint": state.fingerprint,
         "run": state.last_run,
         "result": state.last_result,
+        "withheld": {identity: digest.hex() for identity, digest in state.withheld_now.items()},
     }
     text = bytearray(orjson.dumps(header))
     for identity, profile in state.profiles.items():
-        # digest TAB identity (JSON, so no tabs or newlines) TAB [hashes, audiences]
         text += b"\n"
-        text += profile.digest.hex().encode() if profile.digest else b""
-        text += b"\t"
-        text += orjson.dumps(identity)
-        text += b"\t"
-        text += profile.stored()
+        text += profile.line(identity)
     text += b"\n"
     return igzip.compress(text, compresslevel=1)
 
@@ -216,18 +263,24 @@ def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
     header = orjson.loads(next(iterator, b"{}") or b"{}")
     if header.get("version") != _FORMAT_VERSION:
         raise ValueError(f"unsupported sync state version {header.get('version')}")
+    # Another mapping: the raw digests no longer say anything, so lines are rebuilt.
     same_mapping = header.get("fingerprint") == fingerprint
     profiles: dict[str, ProfileState] = {}
     for line in iterator:
         if not line:
             continue  # the end of the last line
-        digest, identity, stored = line.split(b"\t", 2)
-        profiles[orjson.loads(identity)] = ProfileState(
-            bytes.fromhex(digest.decode()) if digest and same_mapping else None, stored
+        first = line.find(b"\t")
+        second = line.find(b"\t", first + 1)
+        digest = unhexlify(line[:first]) if first and same_mapping else None
+        profiles[orjson.loads(line[first + 1 : second])] = ProfileState(
+            digest, line, second + 1, same_mapping
         )
     state = SyncState(profiles, None, fingerprint)
     state.last_run = header.get("run")
     state.last_result = header.get("result") or {}
+    if same_mapping:  # else consent may be read differently now
+        withheld = header.get("withheld") or {}
+        state.withheld = {identity: unhexlify(digest) for identity, digest in withheld.items()}
     return state
 
 
@@ -242,38 +295,51 @@ class StateStore:
         return self.decode(self.fetch(bucket))
 
     def fetch(self, bucket: int) -> StoredState | None:
-        """A bucket's snapshot as stored (gzip) and its ETag, or None if it has none yet.
-        Bytes only: a worker fetches the next bucket's while it runs this one."""
+        """A bucket's snapshot, downloaded and inflated, and its ETag; None if it has none
+        yet. A worker fetches the next bucket's on a thread while it runs this one: the
+        inflating happens there too, so the worker's own thread never waits for the GIL
+        after a release (each wait can last the interpreter's whole switch interval)."""
         self.storage.blobs.ensure_container(STATE_CONTAINER)
         name = _state_blob(self.sync_id, self.destination, bucket)
-        return self.storage.blobs.read_versioned(STATE_CONTAINER, name)
+        found = self.storage.blobs.read_versioned(STATE_CONTAINER, name)
+        if found is None:
+            return None
+        data, etag = found
+        return isal_zlib.decompress(data, wbits=31), etag
 
     def decode(self, stored: StoredState | None) -> SyncState:
         if stored is None:
             return SyncState({}, None, self.fingerprint)
-        data, etag = stored
-        # Inflated in one call: gzip's line reader costs more per profile than the rest.
-        state = _decode(isal_zlib.decompress(data, wbits=31).split(b"\n"), self.fingerprint)
+        text, etag = stored
+        state = _decode(text.split(b"\n"), self.fingerprint)
         state.etag = etag
         return state
 
-    def commit(self, bucket: int, state: SyncState, *, run_id: str, result: dict[str, Any]) -> None:
-        """Replace the bucket's snapshot only if nobody else did since it was loaded."""
+    def snapshot(
+        self, bucket: int, state: SyncState, *, run_id: str, result: dict[str, Any]
+    ) -> Snapshot:
+        """The bucket's state as it will be stored: bytes only, so the state's objects can
+        go before the write is done (a writer thread then holds kilobytes, not a bucket)."""
         state.last_run, state.last_result = run_id, result
-        name = _state_blob(self.sync_id, self.destination, bucket)
+        return Snapshot(bucket, _encode(state), state.etag)
+
+    def write(self, snapshot: Snapshot) -> str:
+        """Replace the bucket's snapshot only if nobody else did since it was loaded."""
+        name = _state_blob(self.sync_id, self.destination, snapshot.bucket)
         client = self.storage.blob_service.get_blob_client(STATE_CONTAINER, name)
         conditions: dict[str, Any]
-        if state.etag is None:
+        if snapshot.etag is None:
             conditions = {"match_condition": MatchConditions.IfMissing}
         else:
-            conditions = {"etag": state.etag, "match_condition": MatchConditions.IfNotModified}
+            conditions = {"etag": snapshot.etag, "match_condition": MatchConditions.IfNotModified}
         try:
-            result = client.upload_blob(_encode(state), overwrite=True, **conditions)
+            written = client.upload_blob(snapshot.data, overwrite=True, **conditions)
         except (ResourceModifiedError, ResourceExistsError):
             raise ConcurrencyConflict(
-                f"sync state {self.sync_id}/{self.destination} bucket {bucket} changed meanwhile"
+                f"sync state {self.sync_id}/{self.destination} bucket {snapshot.bucket} "
+                "changed meanwhile"
             ) from None
-        state.etag = str(result["etag"])
+        return str(written["etag"])
 
 
 def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[str]:
