@@ -14,13 +14,14 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import azure.functions as func
 
 from devhost.app import HostedFunction
+from devhost.handler import ResponseInOneWrite
 
 log = logging.getLogger("devhost.http")
 
@@ -120,9 +121,7 @@ class HttpFrontEnd:
         self._invoke_admin = invoke_admin
         front = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(ResponseInOneWrite):
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""

@@ -51,10 +51,10 @@ class OutcomeCounts:
         self.outcomes: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
 
-    def add(self, outcome: Outcome, reason: str | None = None) -> None:
-        self.outcomes[outcome.value] += 1
+    def add(self, outcome: Outcome, reason: str | None = None, times: int = 1) -> None:
+        self.outcomes[outcome.value] += times
         if reason:
-            self.reasons[f"{outcome.value}.{reason}"] += 1
+            self.reasons[f"{outcome.value}.{reason}"] += times
 
     @property
     def rows(self) -> int:

@@ -16,6 +16,7 @@ digests from another mapping are ignored (attribute hashes still hold).
 from __future__ import annotations
 
 import hashlib
+import io
 from binascii import unhexlify
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from core.storage import Storage
 STATE_CONTAINER = "sync-state"
 _FORMAT_VERSION = 3
 _NULL_HASH = b"\x00" * 8
+_ENCODE_BYTES = 1 << 20
 _blake2b = hashlib.blake2b
 
 
@@ -226,7 +228,7 @@ class SyncState:
 
 
 StoredState = tuple[bytes, str]
-"""A snapshot's text (inflated) and the ETag it was read at."""
+"""A snapshot's gzip bytes and the ETag they were read at."""
 
 
 @dataclass(frozen=True)
@@ -250,12 +252,20 @@ def _encode(state: SyncState) -> bytes:
         "result": state.last_result,
         "withheld": {identity: digest.hex() for identity, digest in state.withheld_now.items()},
     }
+    # Compressed a megabyte at a time: the whole text would be another copy of the state.
+    deflate = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+    out = bytearray()
     text = bytearray(orjson.dumps(header))
     for identity, profile in state.profiles.items():
         text += b"\n"
         text += profile.line(identity)
+        if len(text) >= _ENCODE_BYTES:
+            out += deflate.compress(text)
+            text.clear()
     text += b"\n"
-    return igzip.compress(text, compresslevel=1)
+    out += deflate.compress(text)
+    out += deflate.flush()
+    return bytes(out)
 
 
 def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
@@ -267,8 +277,9 @@ def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
     same_mapping = header.get("fingerprint") == fingerprint
     profiles: dict[str, ProfileState] = {}
     for line in iterator:
+        line = line.rstrip(b"\n")
         if not line:
-            continue  # the end of the last line
+            continue
         first = line.find(b"\t")
         second = line.find(b"\t", first + 1)
         digest = unhexlify(line[:first]) if first and same_mapping else None
@@ -295,23 +306,20 @@ class StateStore:
         return self.decode(self.fetch(bucket))
 
     def fetch(self, bucket: int) -> StoredState | None:
-        """A bucket's snapshot, downloaded and inflated, and its ETag; None if it has none
-        yet. A worker fetches the next bucket's on a thread while it runs this one: the
-        inflating happens there too, so the worker's own thread never waits for the GIL
-        after a release (each wait can last the interpreter's whole switch interval)."""
+        """A bucket's snapshot as stored (gzip) and its ETag, or None if it has none yet.
+        Compressed bytes only: a worker fetches the next bucket's on a thread while it
+        runs this one, and holding it inflated would grow memory with bucket size."""
         self.storage.blobs.ensure_container(STATE_CONTAINER)
         name = _state_blob(self.sync_id, self.destination, bucket)
-        found = self.storage.blobs.read_versioned(STATE_CONTAINER, name)
-        if found is None:
-            return None
-        data, etag = found
-        return isal_zlib.decompress(data, wbits=31), etag
+        return self.storage.blobs.read_versioned(STATE_CONTAINER, name)
 
     def decode(self, stored: StoredState | None) -> SyncState:
         if stored is None:
             return SyncState({}, None, self.fingerprint)
-        text, etag = stored
-        state = _decode(text.split(b"\n"), self.fingerprint)
+        data, etag = stored
+        # Inflated in one call (gzip's line reader costs more per profile than the rest),
+        # read line by line: the text and the profiles' lines are held at once, no list.
+        state = _decode(io.BytesIO(isal_zlib.decompress(data, wbits=31)), self.fingerprint)
         state.etag = etag
         return state
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Self
+
+from devhost.handler import ResponseInOneWrite
 
 Reply = tuple[int, Any, dict[str, str]]
 Route = Callable[[str, dict[str, str], bytes], Reply]
@@ -33,9 +35,7 @@ class JsonFake(Configurable):
         self.lock = threading.Lock()
         routes: dict[str, Route] = {"GET": self._get, "POST": self._post}
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(ResponseInOneWrite):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
@@ -56,10 +56,10 @@ class JsonFake(Configurable):
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:
+            def do_GET(self) -> None:  # noqa: N802 (http.server names)
                 self._handle("GET")
 
-            def do_POST(self) -> None:
+            def do_POST(self) -> None:  # noqa: N802
                 self._handle("POST")
 
         self.server = ThreadingHTTPServer((host, port), Handler)
