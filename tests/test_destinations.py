@@ -116,7 +116,8 @@ def test_rate_limit_waits_do_not_spend_attempts(fake: FakeBraze) -> None:
     ]
     assert sum(r.rate_limited_waits for r in results) > 0
     assert all(not r.failures for r in results)
-    assert time.monotonic() - started >= 2.5  # 40 requests at 10/s
+    # 10 per whole-second window: 40 requests span four windows, so three boundaries pass.
+    assert time.monotonic() - started >= 2.0
     assert all(fake.profiles()[f"p{i}"] == {"n": i} for i in range(40))
 
 
