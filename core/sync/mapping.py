@@ -374,9 +374,9 @@ class RowMapper:
             positions.append(self.consent_index)
         self.digest_positions = positions
         """Positions of every value the mapping reads: the raw digest covers exactly these."""
-        self.digest_values: Callable[[Sequence[Any]], Any] = (
+        self.digest_values: Callable[[Sequence[Any]], tuple[Any, ...]] = (
             operator.itemgetter(*positions) if len(positions) > 1
-            else lambda values: values[positions[0]]
+            else lambda values: (values[positions[0]],)
         )  # fmt: skip
         """Those values, picked in C (this runs for every row of every file)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import io
 import json
 from collections import Counter
@@ -103,34 +104,32 @@ class StagedPart:
             self._stage()
 
     def _stage(self) -> None:
-        if not self._buffer:
-            return
-        self.blobs.ensure_container(self.container)
+        if self._buffer:
+            self._put(self._next_block_id(), bytes(self._buffer))
+            self._buffer.clear()
+
+    def _next_block_id(self) -> str:
         block_id = _block_id(self.part, len(self.block_ids))
-        client = self.blobs.service.get_blob_client(self.container, self.name)
-        client.stage_block(block_id, bytes(self._buffer))
         self.block_ids.append(block_id)
-        self._buffer.clear()
+        return block_id
+
+    def _put(self, block_id: str, data: bytes) -> None:
+        self.blobs.ensure_container(self.container)
+        client = self.blobs.service.get_blob_client(self.container, self.name)
+        client.stage_block(block_id, data)
 
     def close(self) -> list[str]:
-        self._stage()
-        return self.block_ids
+        block_ids, stage_rest = self.finish()
+        stage_rest()
+        return block_ids
 
     def finish(self) -> tuple[list[str], Callable[[], None]]:
         """Every block id, and a call that stages what is still buffered: the caller may
         make it on another thread (ids are deterministic, so they are known now)."""
-        rest = bytes(self._buffer)
-        self._buffer.clear()
-        if not rest:
+        if not self._buffer:
             return list(self.block_ids), lambda: None
-        block_id = _block_id(self.part, len(self.block_ids))
-        self.block_ids.append(block_id)
-
-        def stage_rest() -> None:
-            self.blobs.ensure_container(self.container)
-            client = self.blobs.service.get_blob_client(self.container, self.name)
-            client.stage_block(block_id, rest)
-
+        stage_rest = functools.partial(self._put, self._next_block_id(), bytes(self._buffer))
+        self._buffer.clear()
         return list(self.block_ids), stage_rest
 
 
