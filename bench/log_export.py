@@ -1,6 +1,8 @@
 """Log export: one four-hour window holding 1,000,000 engagement events.
 
 Measured in one run, on the same window, in a process of its own:
+  fetch     the window's segments listed, downloaded and gunzipped, not parsed (the part of
+            reading that no parser can save; shown for scale)
   read      the window's events from the store (segments listed, downloaded, gunzipped,
             parsed), nothing else
   export    the whole window export: seal, read, XDM records for broadLog and trackingLog,
@@ -26,7 +28,7 @@ from bench.processes import in_process
 from core.currents.mapping import kind_of, to_event
 from core.events.store import EventStore
 from core.export.service import ExportSettings, Window, export_window
-from core.export.xdm import XdmOptions
+from core.export.xdm import SPEEDUPS, XdmOptions
 from core.services import Services
 from core.settings import load_settings
 from devhost.fakes.currents import record_for
@@ -77,6 +79,11 @@ def measure(window_start: str) -> dict[str, Any]:
     store = EventStore(services.storage)
     figures: dict[str, Any] = {}
     started = time.perf_counter()
+    entries = list(store.segments(window.start, window.end))
+    fetched = sum(len(store.segment_data(entry)) for entry in entries)
+    figures["fetch_seconds"] = time.perf_counter() - started
+    figures["fetch_bytes"] = fetched
+    started = time.perf_counter()
     read = sum(
         1 for entry in store.segments(window.start, window.end)
         for _ in store.read_segment_stored(entry)
@@ -123,18 +130,26 @@ def run() -> dict[str, Any]:
     events = main["read_events"]
     figures = {
         "events": events,
+        "fetch_events_per_s": round(events / main["fetch_seconds"]),
+        "fetch_mb": round(main["fetch_bytes"] / 1e6, 1),
         "read_events_per_s": round(events / main["read_seconds"]),
         "export_events_per_s": round(events / main["export_seconds"]),
         "export_over_read": round(main["export_seconds"] / main["read_seconds"], 2),
+        "export_over_fetch": round(main["export_seconds"] / main["fetch_seconds"], 2),
+        "records_by": "C speedups" if SPEEDUPS is not None else "Python reference",
         "export_counts": main["export_counts"],
         "peak_rss_mb_small_window": rss_small["peak_rss_mb"],
         "peak_rss_mb_large_window": rss_big["peak_rss_mb"],
         "small_window_events": rss_small["events"],
         "rss_growth_5x_window": round(rss_big["peak_rss_mb"] / rss_small["peak_rss_mb"] - 1, 3),
     }
+    print(f"   fetch only      {figures['fetch_events_per_s']:>9,} events/s"
+          f"  ({figures['fetch_mb']} MB of JSON Lines, not parsed)")  # fmt: skip
     print(f"   read only       {figures['read_events_per_s']:>9,} events/s")
     print(f"   export          {figures['export_events_per_s']:>9,} events/s"
-          f"  = {figures['export_over_read']}x the read-only time")  # fmt: skip
+          f"  = {figures['export_over_read']}x the read-only time,"
+          f" {figures['export_over_fetch']}x the fetch-only time"
+          f" (records by the {figures['records_by']})")  # fmt: skip
     print(f"   records         {json.dumps(figures['export_counts'])}")
     print(f"   peak RSS        {figures['peak_rss_mb_small_window']} MB ({rss_small['events']:,}"
           f" events), {figures['peak_rss_mb_large_window']} MB ({events:,} events),"

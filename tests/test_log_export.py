@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import requests
+from azure.core.exceptions import ResourceNotFoundError
 from jsonschema import Draft202012Validator
 
 from core.currents.files import FileLedger
@@ -380,12 +381,20 @@ def test_a_host_killed_mid_export_retries_to_the_same_files_as_a_clean_export(
         url = f"{host.base_url}/admin/functions/log_export_timer"
         assert requests.post(url, json={}, timeout=5).status_code == 202
 
+    broadlog = storage.blobs.service.get_blob_client(container, window.blob_name("broadLog"))
+
+    def mid_file() -> bool:
+        """Blocks of the broadLog file staged, the file not committed yet."""
+        try:
+            return bool(broadlog.get_block_list("uncommitted")[1])
+        except ResourceNotFoundError:
+            return False
+
     doomed = HostProcess(env, free_port(), tmp_path / "doomed.log")
     try:
         doomed.wait_ready()
         fire(doomed)
-        eventually(lambda: (m := marks.get(container, "watermark")) and m.entity.lease_owner)
-        time.sleep(0.3)
+        eventually(mid_file, timeout=30, interval=0.002)
         os.kill(doomed.process.pid, signal.SIGKILL)  # mid-export: no cleanup
     finally:
         doomed.stop()

@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import orjson
+from isal import isal_zlib
 
 from core.errors import ConcurrencyConflict, EntityExists
 from core.events.model import EngagementEvent
@@ -420,11 +421,15 @@ class EventStore:
         for data in self.read_segment_stored(entry):
             yield EngagementEvent.from_stored(data, ingested_at)
 
-    def segment_lines(self, entry: SegmentEntry) -> list[bytes]:
-        """A segment's events as JSON lines, downloaded and inflated (one segment is a few
-        MB: bulk readers fetch the next one on a thread while parsing this one)."""
+    def segment_data(self, entry: SegmentEntry) -> bytes:
+        """A segment's JSON Lines, downloaded and inflated whole (a segment is a few MB; bulk
+        readers fetch the next one on a thread while working on this one)."""
         blobs = self.storage.blobs
-        return list(_gzip_lines(blobs.iter_chunks(blobs.ref(EVENTS_CONTAINER, entry.blob))))
+        inflate = isal_zlib.decompressobj(31)  # ISA-L: zlib's inflate, about twice as fast
+        parts = [inflate.decompress(chunk) for chunk in blobs.iter_chunks(
+            blobs.ref(EVENTS_CONTAINER, entry.blob))]  # fmt: skip
+        parts.append(inflate.flush())
+        return b"".join(parts)
 
     def read_segment_stored(self, entry: SegmentEntry) -> Iterator[dict[str, Any]]:
         """A segment's events in stored form, unvalidated (for bulk readers)."""

@@ -122,7 +122,16 @@ class AepStreamingWriter:
         self.requests = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        entity = orjson.dumps(record)
+        self._add(orjson.dumps(record))
+
+    def write_lines(self, lines: bytes, count: int) -> None:
+        """`count` records as JSON lines, each ending in a newline."""
+        entities = lines.split(b"\n")[:-1]
+        assert len(entities) == count
+        for entity in entities:
+            self._add(entity)
+
+    def _add(self, entity: bytes) -> None:
         if len(entity) > MAX_RECORD_BYTES:
             self.rejected += 1  # over the ExperienceEvent limit: AEP would refuse it
             return

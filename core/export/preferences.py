@@ -19,6 +19,10 @@ PREFERENCES = "profilePreferences"
 _CHANNEL_KEYS = {"email": "email", "sms": "sms", "push": "push", "whatsapp": "whatsApp"}
 _SUBSCRIBED = frozenset({"subscribed", "opted in", "opted_in", "optedin"})
 _UNSUBSCRIBED = frozenset({"unsubscribed"})
+PREFERENCE_EVENT_TYPES = frozenset(
+    {EventType.SUBSCRIPTION_CHANGED, EventType.SUBSCRIPTION_GROUP_CHANGED, EventType.UNSUBSCRIBED}
+)
+"""The event types `note_preference` reads."""
 
 
 @dataclass
@@ -45,10 +49,7 @@ def _later(current: tuple[int, str, str] | None, candidate: tuple[int, str, str]
 def note_preference(event: dict[str, Any], profiles: dict[str, ProfilePreferences]) -> None:
     """Keep what a subscription-changing event says about its profile."""
     kind = event["type"]
-    if kind not in (
-        EventType.SUBSCRIPTION_CHANGED, EventType.SUBSCRIPTION_GROUP_CHANGED,
-        EventType.UNSUBSCRIBED,
-    ):  # fmt: skip
+    if kind not in PREFERENCE_EVENT_TYPES:
         return
     choice = _choice(event)
     key = event.get("external_id") or event.get("email") or event.get("phone")

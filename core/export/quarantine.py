@@ -63,7 +63,11 @@ _SOFT = {
     ("whatsapp", EventType.DELIVERY_FAILED), ("rcs", EventType.DELIVERY_FAILED),
     ("push", EventType.DELIVERY_FAILED),
 }  # fmt: skip
-_ADDRESS_FIELD = {
+ADDRESS_EVENT_TYPES = frozenset(
+    {kind for _, kind in _HARD | _SOFT} | {EventType.SPAM_COMPLAINT, EventType.DELIVERED}
+)
+"""The only event types `relevant` can find an address in."""
+ADDRESS_FIELDS = {
     "email": "email",
     "sms": "phone",
     "whatsapp": "phone",
@@ -127,11 +131,25 @@ def relevant(event: dict[str, Any]) -> tuple[str, str] | None:
     matters for addresses With errors: the caller checks that)."""
     channel, kind = event["channel"], event["type"]
     pair = (channel, kind)
+    field_name = ADDRESS_FIELDS.get(channel)
+    if field_name is None:
+        return None
     if pair in _HARD or pair in _SOFT or kind in (EventType.SPAM_COMPLAINT, EventType.DELIVERED):
-        address = event.get(_ADDRESS_FIELD.get(channel, ""))
-        if address:
+        address = event.get(field_name)
+        if isinstance(address, str) and address:
             return channel, address.strip().lower() if channel == "email" else address.strip()
     return None
+
+
+def with_errors_key(channel: str, key: str) -> str:
+    """How `delivery_matters` names an address With errors: `{channel}|{address key}`."""
+    return f"{channel}|{key}"
+
+
+def delivery_matters(event: dict[str, Any], with_errors: frozenset[str]) -> bool:
+    """Whether a delivery changes a state: only that of an address With errors."""
+    found = relevant(event)
+    return found is not None and with_errors_key(found[0], address_key(found[1])) in with_errors
 
 
 def apply_event(state: AddressState, event: AddressEvent, channel: str, threshold: int) -> None:

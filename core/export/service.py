@@ -30,35 +30,36 @@ import orjson
 from isal import isal_zlib
 
 from core.errors import ConcurrencyConflict, ConfigError
-from core.events.model import epoch_millis
+from core.events.model import EventType, epoch_millis
 from core.events.store import EventStore, hour_start
 from core.export.aep import AepStreamingClient, AepStreamingWriter
 from core.export.preferences import (
+    PREFERENCE_EVENT_TYPES,
     PREFERENCES,
     ProfilePreferences,
     note_preference,
     preference_records,
 )
 from core.export.quarantine import (
+    ADDRESS_EVENT_TYPES,
     AddressState,
     QuarantineBook,
     TouchedAddress,
     address_event,
     address_key,
     relevant,
+    with_errors_key,
 )
 from core.export.xdm import (
     BROADLOG,
-    DELIVERY_OUTCOMES,
-    INTERACTIONS,
     NON_DELIVERABLE,
     TRACKINGLOG,
+    NotableEvents,
     XdmOptions,
-    broadlog_record,
     identity_map,
     iso,
     record_id,
-    trackinglog_record,
+    segment_lines,
 )
 from core.runs import RunKind, RunRecord, RunStatus
 from core.services import Services
@@ -70,6 +71,8 @@ log = logging.getLogger(__name__)
 WINDOW = timedelta(hours=4)
 _FLUSH_BYTES = 1 << 20
 _GZIP_LEVEL = 1
+_SLICE_EVENTS = 2_000
+"""Events parsed and written at a time: a segment may hold 100,000 (memory stays flat)."""
 """Fast: XDM JSON is repetitive enough that level 1 keeps most of level 6's ratio."""
 SCHEMAS = {
     BROADLOG: "https://switchboard.dev/schemas/xdm/broadlog.schema.json",
@@ -191,9 +194,12 @@ class LogFile:
         self.bytes = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        self._buffer += orjson.dumps(record)
-        self._buffer += b"\n"
-        self.records += 1
+        self.write_lines(orjson.dumps(record) + b"\n", 1)
+
+    def write_lines(self, lines: bytes, count: int) -> None:
+        """`count` records as JSON lines, each ending in a newline."""
+        self._buffer += lines
+        self.records += count
         if len(self._buffer) >= _FLUSH_BYTES:
             self._hand_over(bytes(self._buffer), final=False)
             self._buffer.clear()
@@ -302,6 +308,13 @@ def _write_logs(
     profiles: dict[str, ProfilePreferences] | None,
 ) -> None:
     """Every event of the window into its log, and the addresses its events touch."""
+    # Events the quarantine (and preference) books look at; a delivery only matters to an
+    # address With errors.
+    types = ADDRESS_EVENT_TYPES - {EventType.DELIVERED}
+    notable = NotableEvents(
+        types | PREFERENCE_EVENT_TYPES if profiles is not None else types,
+        frozenset(with_errors_key(*pair) for pair in with_errors) if with_errors else None,
+    )
     seen_segments: set[str] = set()
     entries = []
     for entry in store.segments(window.start, window.end):
@@ -311,24 +324,25 @@ def _write_logs(
     # The next segment downloads and inflates on a thread while this one is turned into
     # records: I/O and gunzip overlap with the CPU work instead of adding to it.
     with ThreadPoolExecutor(1) as fetcher:
-        upcoming = fetcher.submit(store.segment_lines, entries[0]) if entries else None
+        upcoming = fetcher.submit(store.segment_data, entries[0]) if entries else None
         for index, entry in enumerate(entries):
             assert upcoming is not None
-            lines = upcoming.result()
+            data = upcoming.result()
             if index + 1 < len(entries):
-                upcoming = fetcher.submit(store.segment_lines, entries[index + 1])
+                upcoming = fetcher.submit(store.segment_data, entries[index + 1])
             ingested = iso(epoch_millis(entry.committed_at or hour_start(entry.partition_key)))
-            for line in lines:
-                event = orjson.loads(line)
-                result.events_read += 1
-                kind = event["type"]
-                if kind in DELIVERY_OUTCOMES:
-                    broadlog.write(broadlog_record(event, ingested, xdm))
-                elif kind in INTERACTIONS:
-                    tracking.write(trackinglog_record(event, ingested, xdm))
-                _note_address(event, touched, with_errors)
-                if profiles is not None:
-                    note_preference(event, profiles)
+            offset = 0
+            while offset < len(data):
+                written = segment_lines(data, offset, _SLICE_EVENTS, ingested, xdm, notable)
+                offset = written.next_offset
+                result.events_read += written.events
+                broadlog.write_lines(written.broadlog, written.broadlog_count)
+                tracking.write_lines(written.trackinglog, written.trackinglog_count)
+                for line in written.notable:
+                    event = orjson.loads(line)
+                    _note_address(event, touched, with_errors)
+                    if profiles is not None:
+                        note_preference(event, profiles)
     result.segments = len(seen_segments)
 
 

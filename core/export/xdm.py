@@ -3,6 +3,10 @@
     broadLog     one record per delivery attempt outcome (sent, delivered, bounced, ...)
     trackingLog  one record per interaction (open, click, unsubscribe, spam complaint, ...)
 
+`segment_lines` writes a segment's records as JSON Lines: through the C speedups
+(`native/switchboard_speedups.c`) when they are built, else through the functions below,
+which are the reference: both give the same bytes (the tests compare them).
+
 Shapes follow `schemas/xdm/*.schema.json` (the files' contract, checked by the tests):
 `_id` (deterministic from the source event), `timestamp`, `eventType` from the XDM enum
 where one fits (`message.feedback` / `message.tracking` otherwise), an `identityMap` with
@@ -15,12 +19,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from core.events.model import EventType
+from core.export.quarantine import ADDRESS_FIELDS, delivery_matters
 
 BROADLOG = "broadLog"
 TRACKINGLOG = "trackingLog"
@@ -169,7 +177,7 @@ def broadlog_record(event: dict[str, Any], ingested_at: str, options: XdmOptions
     campaign["broadlogID"] = event["event_id"]
     campaign["status"] = status
     if failure is not None:
-        reason = event.get("bounce_reason") or str(event.get("raw", {}).get("error") or "") or None
+        reason = event.get("bounce_reason") or str(_raw(event).get("error") or "") or None
         message_failure: dict[str, Any] = {
             "type": failure,
             "category": "async"
@@ -195,8 +203,14 @@ def broadlog_record(event: dict[str, Any], ingested_at: str, options: XdmOptions
     )  # fmt: skip
 
 
+def _raw(event: dict[str, Any]) -> dict[str, Any]:
+    """The source's own fields (an object; anything else counts as none)."""
+    raw = event.get("raw")
+    return raw if isinstance(raw, dict) else {}
+
+
 def _is_bot(event: dict[str, Any]) -> bool:
-    raw = event.get("raw") or {}
+    raw = _raw(event)
     return (
         str(raw.get("machine_open", "")).lower() == "true"
         or raw.get("is_suspected_bot_click") is True
@@ -252,3 +266,110 @@ def _experience_event(
         },
         options.tenant_key: {"hub": _hub(event, ingested_at)},
     }
+
+
+@dataclass(frozen=True)
+class NotableEvents:
+    """The events a caller also wants back (as their lines): every event of `types`, and
+    deliveries to addresses in `with_errors` (named by `quarantine.with_errors_key`)."""
+
+    types: frozenset[str]
+    with_errors: frozenset[str] | None = None
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        kind = event["type"]
+        if kind in self.types:
+            return True
+        return (
+            kind == EventType.DELIVERED
+            and self.with_errors is not None
+            and delivery_matters(event, self.with_errors)
+        )
+
+    def wants_line(self, line: bytes) -> bool:
+        return self.wants(orjson.loads(line))
+
+
+def reference_line(
+    line: bytes, ingested_at: str, options: XdmOptions, notable: NotableEvents
+) -> tuple[int, bytes, bool]:
+    """One stored event's record: (0 broadLog, 1 trackingLog or -1 none, the record's JSON,
+    whether the event is `notable`)."""
+    event = orjson.loads(line)
+    kind = event["type"]
+    wanted = notable.wants(event)
+    if kind in DELIVERY_OUTCOMES:
+        return 0, orjson.dumps(broadlog_record(event, ingested_at, options)), wanted
+    if kind in INTERACTIONS:
+        return 1, orjson.dumps(trackinglog_record(event, ingested_at, options)), wanted
+    return -1, b"", wanted
+
+
+@dataclass(frozen=True)
+class SegmentLines:
+    """Records of a run of a segment's events: JSON Lines per log, each line with its newline."""
+
+    next_offset: int
+    """Where the next run of events starts in the segment's data."""
+    events: int
+    broadlog: bytes
+    broadlog_count: int
+    trackinglog: bytes
+    trackinglog_count: int
+    notable: list[bytes]
+    """The lines of events whose type the caller named, in order (for the quarantine book)."""
+
+
+def _load_speedups() -> Any:
+    try:
+        return importlib.import_module("switchboard_speedups")
+    except ImportError:  # not built (e.g. no compiler where it was installed): the reference
+        return None
+
+
+SPEEDUPS = _load_speedups()
+
+
+def segment_lines(
+    data: bytes,
+    start: int,
+    max_events: int,
+    ingested_at: str,
+    options: XdmOptions,
+    notable: NotableEvents,
+    *,
+    native: bool = True,
+) -> SegmentLines:
+    """Records of the next `max_events` events of a segment's JSON Lines (stored form) from
+    byte `start`, in event order. Empty lines are skipped, as the store reads them."""
+    if native and SPEEDUPS is not None and options.profile_namespace not in ("Email", "Phone"):
+        # (A namespace named like an address's replaces it in the map: the reference's rule.)
+        written = SPEEDUPS.experience_lines(
+            data, start, max_events, DELIVERY_OUTCOMES, INTERACTIONS, _EMAIL_DELIVERY_TYPES,
+            _EMAIL_TRACKING_TYPES, CHANNEL_URIS, failure_code, notable.types,
+            ADDRESS_FIELDS, notable.with_errors, notable.wants_line,
+            functools.partial(
+                reference_line, ingested_at=ingested_at, options=options, notable=notable
+            ),
+            options.profile_namespace, options.tenant_key, ingested_at,
+        )  # fmt: skip
+        return SegmentLines(*written)
+    logs: tuple[list[bytes], list[bytes]] = ([], [])
+    found: list[bytes] = []
+    events, position = 0, start
+    while position < len(data) and events < max_events:
+        newline = data.find(b"\n", position)
+        end = len(data) if newline < 0 else newline
+        line, position = data[position:end], end + 1
+        if not line or (newline < 0 and not line.strip()):
+            continue
+        events += 1
+        log, record, wanted = reference_line(line, ingested_at, options, notable)
+        if log >= 0:
+            logs[log].append(record + b"\n")
+        if wanted:
+            found.append(line)
+    return SegmentLines(
+        min(position, len(data)), events, b"".join(logs[0]), len(logs[0]),
+        b"".join(logs[1]), len(logs[1]), found,
+    )  # fmt: skip
