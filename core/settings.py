@@ -193,6 +193,12 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_EXPORT_PREFERENCES",
         description="Also export profile preferences (consent per channel) per window.",
     )
+    export_native_records: bool = Field(
+        default=True,
+        validation_alias="SWITCHBOARD_EXPORT_NATIVE_RECORDS",
+        description="Write broadLog/trackingLog records with the C speedups when built "
+        "(false: the Python reference, same bytes, several times slower).",
+    )
     export_lease_seconds: int = Field(
         default=900,
         ge=5,

@@ -3,6 +3,7 @@ Schemas, exactly once across retries and crashes, catch-up, the guard, quarantin
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -19,7 +20,7 @@ from jsonschema import Draft202012Validator
 
 from core.currents.files import FileLedger
 from core.currents.ingest import IngestContext, ingest_file
-from core.currents.mapping import kind_of, to_event
+from core.currents.mapping import KNOWN_TYPES, kind_of, to_event
 from core.currents.s3 import parse_key, s3_client
 from core.errors import TerminalError
 from core.events.store import EventStore
@@ -218,6 +219,31 @@ def test_a_retried_window_rewrites_the_same_bytes_and_applies_quarantine_once(
         assert read_blob(storage, options.container, window.blob_name(name)) == data
     mark = storage.tables.get(ExportWatermark).get(options.container, "watermark")
     assert mark.entity.exported_through == window.end
+
+
+def test_the_c_speedups_and_the_reference_write_the_same_files(
+    services, storage, events, window, options
+) -> None:  # type: ignore[no-untyped-def]
+    kinds = sorted(KNOWN_TYPES)
+    batch = [
+        events.make(kinds[n % len(kinds)], window.start + timedelta(seconds=n),
+                    email_address=f"user{n % 40}-{events.salt[:6]}@example.com")
+        for n in range(3_000)
+    ]  # fmt: skip
+    events.place(batch, window.start + timedelta(minutes=5))
+    reference = dataclasses.replace(
+        options, container=f"{options.container}-py", native_records=False
+    )
+    files = {}
+    for settings in (options, reference):
+        export_window(services, window, settings)
+        files[settings.native_records] = {
+            name: read_blob(storage, settings.container, window.blob_name(name))
+            for name in ("broadLog", "trackingLog")
+        }
+        check_window_files(storage, settings.container, window)
+    assert files[True] == files[False]
+    assert all(len(data) > 1_000 for data in files[True].values())
 
 
 def test_catch_up_exports_every_missed_window_in_order_and_empty_ones_get_manifests(

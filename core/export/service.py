@@ -143,6 +143,8 @@ class ExportSettings:
     """Set: records go to AEP streaming ingestion instead of files (the manifest stays)."""
     preferences: bool = False
     """Also export the profile preferences (consent per channel) file."""
+    native_records: bool = True
+    """broadLog/trackingLog records by the C speedups when built (else the reference)."""
 
     def open_log(
         self, storage: Storage, window: Window, log_name: str
@@ -163,6 +165,7 @@ class ExportSettings:
             start=settings.export_start,
             lease=timedelta(seconds=settings.export_lease_seconds),
             preferences=settings.export_preferences,
+            native_records=settings.export_native_records,
             streaming=_streaming_client(settings)
             if settings.export_target == "aep_streaming"
             else None,
@@ -257,7 +260,9 @@ def export_window(
     xdm = options.xdm
     profiles: dict[str, ProfilePreferences] | None = {} if options.preferences else None
     with _no_cyclic_gc():  # millions of short-lived acyclic dicts: collections only cost
-        _write_logs(store, window, xdm, broadlog, tracking, touched, with_errors, result, profiles)
+        _write_logs(
+            store, window, options, (broadlog, tracking), touched, with_errors, result, profiles
+        )
     files = [broadlog.close(), tracking.close()]
     states = book.apply_window(window.start, touched.values())
     addresses = options.open_log(storage, window, NON_DELIVERABLE)
@@ -299,15 +304,15 @@ def _no_cyclic_gc() -> Iterator[None]:
 def _write_logs(
     store: EventStore,
     window: Window,
-    xdm: XdmOptions,
-    broadlog: LogFile | AepStreamingWriter,
-    tracking: LogFile | AepStreamingWriter,
+    options: ExportSettings,
+    logs: tuple[LogFile | AepStreamingWriter, LogFile | AepStreamingWriter],
     touched: dict[tuple[str, str], TouchedAddress],
     with_errors: set[tuple[str, str]],
     result: WindowResult,
     profiles: dict[str, ProfilePreferences] | None,
 ) -> None:
-    """Every event of the window into its log, and the addresses its events touch."""
+    """Every event of the window into its log (`logs`: broadLog, trackingLog), and the
+    addresses its events touch."""
     # Events the quarantine (and preference) books look at; a delivery only matters to an
     # address With errors.
     types = ADDRESS_EVENT_TYPES - {EventType.DELIVERED}
@@ -333,11 +338,14 @@ def _write_logs(
             ingested = iso(epoch_millis(entry.committed_at or hour_start(entry.partition_key)))
             offset = 0
             while offset < len(data):
-                written = segment_lines(data, offset, _SLICE_EVENTS, ingested, xdm, notable)
+                written = segment_lines(
+                    data, offset, _SLICE_EVENTS, ingested, options.xdm, notable,
+                    native=options.native_records,
+                )  # fmt: skip
                 offset = written.next_offset
                 result.events_read += written.events
-                broadlog.write_lines(written.broadlog, written.broadlog_count)
-                tracking.write_lines(written.trackinglog, written.trackinglog_count)
+                logs[0].write_lines(written.broadlog, written.broadlog_count)
+                logs[1].write_lines(written.trackinglog, written.trackinglog_count)
                 for line in written.notable:
                     event = orjson.loads(line)
                     _note_address(event, touched, with_errors)
