@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <strings.h>
+#include <math.h>
 
 /* ---- a growable byte buffer ---------------------------------------------------------- */
 
@@ -531,17 +532,31 @@ static int parse_number(Parser *ps, Field *out) {
         if (ps->p >= ps->end || !is_digit(*ps->p)) return REFERENCE;
         while (ps->p < ps->end && is_digit(*ps->p)) ps->p++;
     }
-    if (out) {
-        const unsigned char *d = start + negative;
-        if (integral && digits_end - d <= 18) {
+    const unsigned char *d = start + negative;
+    if (integral && digits_end - d <= 18) {
+        if (out) {
             long long v = 0;
             for (; d < digits_end; d++) v = v * 10 + (*d - '0');
             out->kind = JINT;
             out->number = negative ? -v : v;
-        } else {
-            out->kind = JOTHER;
         }
+        return DONE;
     }
+    /* orjson reads any other number as a double and refuses one that overflows to
+     * infinity (`1e309`, 400 digits): so does this parser. */
+    Py_ssize_t n = ps->p - start;
+    char local[64], *text = n < (Py_ssize_t)sizeof local ? local : PyMem_Malloc((size_t)n + 1);
+    if (text == NULL) return REFERENCE;
+    memcpy(text, start, (size_t)n);
+    text[n] = '\0';
+    double value = PyOS_string_to_double(text, NULL, NULL);
+    if (text != local) PyMem_Free(text);
+    if (value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return REFERENCE;
+    }
+    if (isinf(value)) return REFERENCE;
+    if (out) out->kind = JOTHER;
     return DONE;
 }
 

@@ -307,3 +307,37 @@ def test_smtp_codes_match_the_reference() -> None:
     for text in samples:
         assert speedups.smtp_code(text) == failure_code(text), text
     assert re.search(r"\s", "\x1c")  # (Python's \s takes \x1c-\x1f: the C does too)
+
+
+def test_mutated_lines_give_the_same_records_or_the_same_error() -> None:
+    # The C parser must never take a line the reference refuses, nor read one differently.
+    rng = random.Random(5)
+    seeds = [orjson.dumps(event) for event in EDGE_CASES] + [
+        b'{"event_id":"\\u0062\\ud83d\\ude00\\n","source":"s","source_type":"t","type":"sent",'
+        b'"channel":"email","occurred_at":1764000000123,"raw":{"a":[1.5e3,-0,{"b":[]}]}}',
+    ]
+    alphabet = b'{}[]":,\\/ -.0123456789eEtrufalsn\x00\x1f\x7f\xc3\xa9\xed\xa0\x80\xff'
+    taken = 0
+    for _ in range(6_000):
+        line = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(len(line))
+            action = rng.randrange(3)
+            if action == 0:
+                line[at] = rng.choice(alphabet)
+            elif action == 1:
+                line.insert(at, rng.choice(alphabet))
+            else:
+                del line[at]
+        data = bytes(line) + b"\n"
+        outcomes = []
+        for native in (True, False):
+            try:
+                outcomes.append(
+                    segment_lines(data, 0, 10, INGESTED, OPTIONS, NOTABLE, native=native)
+                )
+            except Exception as error:  # whatever the reference raises
+                outcomes.append(type(error))
+        assert outcomes[0] == outcomes[1], data
+        taken += isinstance(outcomes[0], SegmentLines)
+    assert taken > 600  # lines still valid after the mutations: compared record for record
