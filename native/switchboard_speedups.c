@@ -1159,6 +1159,35 @@ static int all_space(const unsigned char *p, const unsigned char *end) {
     return 1;
 }
 
+/* Output buffers are reused between calls: fresh megabytes every call cost more in page
+ * faults than the records themselves. A call takes a set from the pool and gives it back;
+ * both happen under the GIL, and a call running at the same time on another thread (the
+ * reference's callbacks let it in) takes a set of its own. */
+typedef struct {
+    Buf broadlog, tracking, scratch;
+} Buffers;
+
+#define POOLED 4
+static Buffers *pool[POOLED];
+static int pooled;
+
+static Buffers *take_buffers(void) {
+    if (pooled > 0) return pool[--pooled];
+    return PyMem_Calloc(1, sizeof(Buffers));
+}
+
+static void give_back(Buffers *buffers) {
+    buffers->broadlog.len = buffers->tracking.len = buffers->scratch.len = 0;
+    if (pooled < POOLED) {
+        pool[pooled++] = buffers;
+        return;
+    }
+    PyMem_Free(buffers->broadlog.data);
+    PyMem_Free(buffers->tracking.data);
+    PyMem_Free(buffers->scratch.data);
+    PyMem_Free(buffers);
+}
+
 static PyObject *experience_lines(PyObject *module, PyObject *args) {
     Py_buffer data;
     Py_ssize_t start, max_events;
@@ -1177,11 +1206,12 @@ static PyObject *experience_lines(PyObject *module, PyObject *args) {
         PyBuffer_Release(&data);
         return NULL;
     }
-    /* Buffers live on between calls (the GIL serialises them): fresh megabytes every call
-     * cost more in page faults than the records themselves. */
-    static Buf broadlog, tracking, scratch;
-    broadlog.len = tracking.len = scratch.len = 0;
-    Buf *logs[2] = {&broadlog, &tracking};
+    Buffers *buffers = take_buffers();
+    if (buffers == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    Buf *logs[2] = {&buffers->broadlog, &buffers->tracking};
     Py_ssize_t counts[2] = {0, 0}, events = 0;
     PyObject *notable = NULL, *result = NULL;
     const unsigned char *base = data.buf, *end = base + data.len;
@@ -1204,8 +1234,8 @@ static PyObject *experience_lines(PyObject *module, PyObject *args) {
         p = newline ? newline + 1 : end;
         if (line == line_end || (!newline && all_space(line, line_end))) continue; /* as the store reads */
         events++;
-        if (buf_reserve(&scratch, line_end - line) < 0) goto done;
-        Parser ps = {line, line_end, scratch.data, 0, 0};
+        if (buf_reserve(&buffers->scratch, line_end - line) < 0) goto done;
+        Parser ps = {line, line_end, buffers->scratch.data, 0, 0};
         int status = parse_event(&ps, &ev);
         if (status == DONE) status = put_event(&c, &ev, logs, counts);
         if (status == FAILED) goto done;
@@ -1235,10 +1265,11 @@ static PyObject *experience_lines(PyObject *module, PyObject *args) {
         Py_XDECREF(text);
     }
     result = Py_BuildValue("nny#ny#nO", (Py_ssize_t)(p - base), events,
-                           broadlog.data ? broadlog.data : "", broadlog.len, counts[0],
-                           tracking.data ? tracking.data : "", tracking.len, counts[1], notable);
+                           logs[0]->data ? logs[0]->data : "", logs[0]->len, counts[0],
+                           logs[1]->data ? logs[1]->data : "", logs[1]->len, counts[1], notable);
 done:
     Py_XDECREF(notable);
+    give_back(buffers);
     PyBuffer_Release(&data);
     return result;
 }

@@ -341,3 +341,25 @@ def test_mutated_lines_give_the_same_records_or_the_same_error() -> None:
         assert outcomes[0] == outcomes[1], data
         taken += isinstance(outcomes[0], SegmentLines)
     assert taken > 600  # lines still valid after the mutations: compared record for record
+
+
+def test_threads_writing_records_at_once_each_get_their_own() -> None:
+    # A Functions worker may run two exports on two threads; the reference's callbacks let
+    # the other thread in mid-call (the GIL is released in Python code).
+    from concurrent.futures import ThreadPoolExecutor
+
+    mixed = _lines(*EDGE_CASES) * 30  # lines handed to the reference: Python mid-call
+    plain = _lines(*[_event(event_id=f"p{n}", email=f"u{n}@x.example") for n in range(900)])
+    expected = {
+        data: segment_lines(data, 0, 10**6, INGESTED, OPTIONS, NOTABLE, native=False)
+        for data in (mixed, plain)
+    }
+
+    def run(data: bytes) -> bool:
+        return all(
+            segment_lines(data, 0, 10**6, INGESTED, OPTIONS, NOTABLE) == expected[data]
+            for _ in range(40)
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, [mixed, plain] * 4))
