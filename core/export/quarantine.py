@@ -209,21 +209,21 @@ class QuarantineBook:
     def _existing_shards(self) -> list[str]:
         return [ref.name for ref in self.blobs.list(STATE_CONTAINER, "quarantine/v1/")]
 
-    def with_errors(self, window_start: datetime) -> set[tuple[str, str]]:
-        """(channel, address key) of every address With errors before the window (a delivery
-        clears those), also when an earlier attempt at this window applied it already."""
+    def with_errors(self, window_start: datetime) -> frozenset[str]:
+        """Every address With errors before the window (a delivery clears those), also when
+        an earlier attempt at this window applied it already, named by `with_errors_key`."""
         window = window_start.isoformat().replace("+00:00", "Z")
         errors = AddressStatus.WITH_ERRORS.value
-        found: set[tuple[str, str]] = set()
+        found: set[str] = set()
         with ThreadPoolExecutor(_PARALLEL_IO) as pool:
             for rows, _ in pool.map(self._read, self._existing_shards()):
                 found.update(
-                    (row["channel"], key)
+                    with_errors_key(row["channel"], key)
                     for key, row in rows.items()
                     if row["status"] == errors
                     or (row.get("applied_window") == window and row.get("status_before") == errors)
                 )
-        return found
+        return frozenset(found)
 
     def apply_window(
         self, window_start: datetime, touched: Iterable[TouchedAddress]

@@ -71,9 +71,9 @@ log = logging.getLogger(__name__)
 WINDOW = timedelta(hours=4)
 _FLUSH_BYTES = 1 << 20
 _GZIP_LEVEL = 1
+"""Fast: XDM JSON is repetitive enough that level 1 keeps most of level 6's ratio."""
 _SLICE_EVENTS = 2_000
 """Events parsed and written at a time: a segment may hold 100,000 (memory stays flat)."""
-"""Fast: XDM JSON is repetitive enough that level 1 keeps most of level 6's ratio."""
 SCHEMAS = {
     BROADLOG: "https://switchboard.dev/schemas/xdm/broadlog.schema.json",
     TRACKINGLOG: "https://switchboard.dev/schemas/xdm/trackinglog.schema.json",
@@ -259,7 +259,7 @@ def export_window(
     result = WindowResult(window, {})
     xdm = options.xdm
     profiles: dict[str, ProfilePreferences] | None = {} if options.preferences else None
-    with _no_cyclic_gc():  # millions of short-lived acyclic dicts: collections only cost
+    with _no_cyclic_gc():  # the reference path makes millions of acyclic dicts: gc only costs
         _write_logs(
             store, window, options, (broadlog, tracking), touched, with_errors, result, profiles
         )
@@ -307,7 +307,7 @@ def _write_logs(
     options: ExportSettings,
     logs: tuple[LogFile | AepStreamingWriter, LogFile | AepStreamingWriter],
     touched: dict[tuple[str, str], TouchedAddress],
-    with_errors: set[tuple[str, str]],
+    with_errors: frozenset[str],
     result: WindowResult,
     profiles: dict[str, ProfilePreferences] | None,
 ) -> None:
@@ -318,7 +318,7 @@ def _write_logs(
     types = ADDRESS_EVENT_TYPES - {EventType.DELIVERED}
     notable = NotableEvents(
         types | PREFERENCE_EVENT_TYPES if profiles is not None else types,
-        frozenset(with_errors_key(*pair) for pair in with_errors) if with_errors else None,
+        with_errors or None,
     )
     seen_segments: set[str] = set()
     entries = []
@@ -357,13 +357,15 @@ def _write_logs(
 def _note_address(
     event: dict[str, Any],
     touched: dict[tuple[str, str], TouchedAddress],
-    with_errors: set[tuple[str, str]],
+    with_errors: frozenset[str],
 ) -> None:
     found = relevant(event)
     if found is None:
         return
     channel, address = found
-    if event["type"] == "delivered" and (channel, address_key(address)) not in with_errors:
+    if event["type"] == EventType.DELIVERED and (
+        with_errors_key(channel, address_key(address)) not in with_errors
+    ):
         return  # a delivery only matters to an address With errors
     item = touched.get(found)
     if item is None:
