@@ -8,7 +8,7 @@ ONLY ?=
 
 .PHONY: demo start test lint typecheck pytest bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt native/switchboard_speedups.c native/setup.py
+$(VENV)/.installed: requirements.txt requirements-dev.txt native/switchboard_speedups.c native/switchboard_sync.c native/shared.h native/setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@

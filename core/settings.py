@@ -199,6 +199,12 @@ class Settings(BaseSettings):
         description="Write broadLog/trackingLog records with the C speedups when built "
         "(false: the Python reference, same bytes, several times slower).",
     )
+    sync_native_buckets: bool = Field(
+        default=True,
+        validation_alias="SWITCHBOARD_SYNC_NATIVE_BUCKETS",
+        description="Process segment sync buckets with the C speedups (false: the Python "
+        "reference, the same requests and state, several times slower).",
+    )
     export_lease_seconds: int = Field(
         default=900,
         ge=5,

@@ -1,4 +1,5 @@
-"""Builds the optional C speedups of the log export (see switchboard_speedups.c)."""
+"""Builds the C speedups: the log export's records (switchboard_speedups.c) and a segment
+sync's buckets (switchboard_sync.c)."""
 
 from setuptools import Extension, setup
 
@@ -7,7 +8,14 @@ setup(
         Extension(
             "switchboard_speedups",
             sources=["switchboard_speedups.c"],
+            depends=["shared.h"],
             extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+        ),
+        Extension(
+            "switchboard_sync",
+            sources=["switchboard_sync.c"],
+            depends=["shared.h"],
+            extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter"],
+        ),
     ],
 )

@@ -28,6 +28,7 @@ from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import Channel, SuppressionSnapshot
 from core.sync.definitions import SyncDefinition, SyncMode
 from core.sync.mapping import MappedRow, RowMapper, RowRejected
+from core.sync.native import native_mapping
 from core.sync.readers import SourceRow
 from core.sync.reports import Outcome, OutcomeCounts, PreviewPart, RejectsPart
 from core.sync.state import Change, SyncState, raw_digest
@@ -78,6 +79,45 @@ class _Pending:
     digest: bytes
     item: dict[str, Any]
     encoded: bytes = b""
+
+
+class _Items:
+    """Queued objects of one bucket, by index: the reference's, one `_Pending` each."""
+
+    def __init__(self, work: BucketWork) -> None:
+        self.work = work
+        self.pending: list[_Pending] = []
+
+    def encoded(self, start: int, end: int) -> list[bytes]:
+        return [pending.encoded for pending in self.pending[start:end]]
+
+    def keys(self, start: int, end: int) -> list[str]:
+        return [_item_key(self.work.number, p.line) for p in self.pending[start:end]]
+
+
+class _NativeItems:
+    """Queued objects of one bucket processed in C: they stay in its `State` until sent."""
+
+    def __init__(self, work: BucketWork) -> None:
+        self.work = work
+        self.state = work.state.native
+
+    def encoded(self, start: int, end: int) -> list[bytes]:
+        encoded: list[bytes] = self.state.encoded(start, end)
+        return encoded
+
+    def keys(self, start: int, end: int) -> list[str]:
+        keys: list[str] = self.state.keys(self.work.number, start, end)
+        return keys
+
+
+@dataclass
+class _Span:
+    """Items start..end-1 of one bucket, in a batch."""
+
+    items: _Items | _NativeItems
+    start: int
+    end: int
 
 
 @dataclass
@@ -166,23 +206,55 @@ class ChunkRunner:
         self.dry_run = dry_run
         self.send_nulls = frozenset(m.target for m in sync.fields if m.send_nulls)
         self._checkpoints = checkpoints or CheckpointLog(storage)
-        self._pending: list[_Pending] = []
-        self._pending_bytes = 0
+        self._batch: list[_Span] = []
+        self._batch_objects = 0
+        self._batch_bytes = 0
         self._batch_number = 0
         self._acknowledged: dict[str, list[Any]] = {}
         self._open: list[BucketWork] = []
         self._rows = 0
+        self._items: dict[int, _Items] = {}
         self._started = self._last_report = time.monotonic()
         if not dry_run:
             self._load_checkpoints()
+        self.native = (
+            None if dry_run or self._acknowledged
+            else native_mapping(sync, mapper, suppressions, self._suppressed_raw)
+        )  # fmt: skip
+        """The mapping compiled for the C path, or None: every bucket on the reference."""
 
-    def run_bucket(self, work: BucketWork, rows: Iterable[SourceRow]) -> None:
+    def run_bucket(
+        self, work: BucketWork, rows: Iterable[SourceRow], data: bytes | None = None
+    ) -> None:
+        """Process a bucket's rows; `data`, the work blob's lines they were read from, lets
+        the C path take the bucket (its state must then be decoded for it)."""
         self._open.append(work)
-        seen = self._process(work, rows)
-        if self.sync.mode == SyncMode.MIRROR:
-            self._mirror_absent(work, seen)
+        self._items[work.number] = _Items(work)
+        native = self.native is not None and data is not None and work.state.native is not None
+        if not (native and data is not None and self._process_native(work, data)):
+            work.state.use_reference()
+            seen = self._process(work, rows)
+            if self.sync.mode == SyncMode.MIRROR:
+                self._mirror_absent(work, seen)
         work.rows_done = True
         self._close_finished()
+
+    def _process_native(self, work: BucketWork, data: bytes) -> bool:
+        outcome = work.state.native.process(self.native, data, work.state.withheld)
+        if outcome is None:
+            return False  # input C does not take: the whole bucket runs on the reference
+        unchanged, reasons, rejects, withheld_now, items = outcome
+        counts = work.counts
+        counts.add(Outcome.UNCHANGED, times=unchanged)
+        for key, times in reasons.items():
+            counts.outcomes[key.partition(".")[0]] += times
+            counts.reasons[key] += times
+        for line, code, message, values in rejects:
+            work.rejects.add(line, code, message, values)
+        work.state.withheld_now.update(withheld_now)
+        self._report_progress(unchanged + sum(reasons.values()) + items)
+        self._add_native(_NativeItems(work), items)
+        return True
 
     def _mirror_absent(self, work: BucketWork, seen: set[str]) -> None:
         """A full export without a profile we gave audiences: take those audiences back."""
@@ -203,6 +275,7 @@ class ChunkRunner:
     def _close_finished(self) -> None:
         for work in [w for w in self._open if w.rows_done and w.in_flight == 0]:
             self._open.remove(work)
+            del self._items[work.number]
             self.on_bucket_done(work)
 
     def _process(self, work: BucketWork, rows: Iterable[SourceRow]) -> set[str]:
@@ -316,15 +389,37 @@ class ChunkRunner:
             return
         pending.encoded = self.destination.encode(pending.item)
         size = len(pending.encoded) + 1
-        if self._pending and (
-            len(self._pending) >= self.destination.max_batch_objects
-            or self._pending_bytes + size > self.destination.max_body_bytes
+        if self._batch and (
+            self._batch_objects >= self.destination.max_batch_objects
+            or self._batch_bytes + size > self.destination.max_body_bytes
         ):
             self._flush()
             self._close_finished()
-        work.in_flight += 1
-        self._pending.append(pending)
-        self._pending_bytes += size
+        items = self._items[work.number]
+        items.pending.append(pending)
+        self._add_span(_Span(items, len(items.pending) - 1, len(items.pending)), size)
+
+    def _add_native(self, items: _NativeItems, count: int) -> None:
+        """Queue a bucket's objects from C: whole runs of them per batch, the same batches
+        as `_queue` makes one object at a time."""
+        start = 0
+        while start < count:
+            end, size = items.state.take(
+                start, self._batch_objects, self._batch_bytes,
+                self.destination.max_batch_objects, self.destination.max_body_bytes,
+            )  # fmt: skip
+            if end == start:  # the batch is full
+                self._flush()
+                self._close_finished()
+                continue
+            self._add_span(_Span(items, start, end), size - self._batch_bytes)
+            start = end
+
+    def _add_span(self, span: _Span, size: int) -> None:
+        span.items.work.in_flight += span.end - span.start
+        self._batch.append(span)
+        self._batch_objects += span.end - span.start
+        self._batch_bytes += size
 
     def _preview(self, work: BucketWork, pending: _Pending) -> None:
         assert work.preview is not None
@@ -340,13 +435,30 @@ class ChunkRunner:
             work.counts.add(Outcome.WOULD_SEND)
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._batch:
             return
-        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        batch, self._batch = self._batch, []
+        self._batch_objects = self._batch_bytes = 0
         results = self._send(batch)
-        for pending, result in zip(batch, results, strict=True):
-            pending.bucket.in_flight -= 1
-            self._settle(pending, result)
+        offset = 0
+        for span in batch:
+            count = span.end - span.start
+            span.items.work.in_flight -= count
+            self._settle_span(span, results[offset : offset + count])
+            offset += count
+
+    def _settle_span(self, span: _Span, results: list[list[Any]]) -> None:
+        items = span.items
+        if isinstance(items, _Items):
+            for pending, result in zip(items.pending[span.start : span.end], results, strict=True):
+                self._settle(pending, result)
+            return
+        failed = {span.start + index: result for index, result in enumerate(results) if result}
+        items.state.settle(span.start, span.end, failed)
+        counts = items.work.counts
+        counts.add(Outcome.SENT, times=len(results) - len(failed))
+        for result in failed.values():
+            self._count_failure(counts, result)
 
     def _settle(self, pending: _Pending, result: list[Any]) -> None:
         counts = pending.bucket.counts
@@ -358,29 +470,36 @@ class ChunkRunner:
         if not result:
             pending.bucket.state.acknowledge(pending.identity, pending.change, pending.digest)
             counts.add(Outcome.SENT)
-        elif result[0]:
+        else:
+            self._count_failure(counts, result)
+
+    @staticmethod
+    def _count_failure(counts: OutcomeCounts, result: list[Any]) -> None:
+        if result[0]:
             counts.add(Outcome.UNMATCHED, "not_in_destination")
         else:
             counts.add(Outcome.FAILED, _reason_code(str(result[1])))
 
-    def _send(self, batch: list[_Pending]) -> list[list[Any]]:
-        answer = self.destination.send_batch([p.encoded for p in batch])
-        stats = batch[-1].bucket.stats
+    def _send(self, batch: list[_Span]) -> list[list[Any]]:
+        encoded: list[bytes] = []
+        keys: list[str] = []
+        for span in batch:
+            encoded += span.items.encoded(span.start, span.end)
+            keys += span.items.keys(span.start, span.end)
+        answer = self.destination.send_batch(encoded)
+        stats = batch[-1].items.work.stats
         stats.sent += 1
         stats.requests += answer.requests
         stats.rate_limited_waits += answer.rate_limited_waits
         stats.retries += answer.retries
-        results: list[list[Any]] = [[] for _ in batch]
+        results: list[list[Any]] = [[] for _ in encoded]
         for index, failure in answer.failures.items():
             results[index] = [failure.unmatched, failure.reason]
         self._batch_number += 1
         self._checkpoints.record(
             self.run_id,
             f"{self.worker}-{self._batch_number:09d}",
-            {
-                _item_key(p.bucket.number, p.line): result
-                for p, result in zip(batch, results, strict=True)
-            },
+            dict(zip(keys, results, strict=True)),
         )
         return results
 

@@ -344,6 +344,7 @@ class RowMapper:
     """Compiled for one file: which value index feeds which target, through which coercer."""
 
     def __init__(self, sync: SyncDefinition, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
         index = {name: i for i, name in enumerate(columns)}
 
         def position(column: str, what: str) -> int:
@@ -390,7 +391,10 @@ class RowMapper:
         return list(dict.fromkeys(names))
 
     def identity(self, values: Sequence[Any]) -> str:
-        raw_identity = values[self.identity_index]
+        return self.identity_value(values[self.identity_index])
+
+    def identity_value(self, raw_identity: Any) -> str:
+        """The identity a raw identity value stands for, normalised and checked."""
         if _is_empty(raw_identity):
             raise RowRejected("missing_identity", "the identity column is empty")
         identity = _as_text(raw_identity)

@@ -47,6 +47,7 @@ from core.sync.split import (
     SplitResult,
     delete_work,
     fetch_work_blob,
+    inflate_work,
     line_label,
     split_file,
     work_rows,
@@ -336,14 +337,16 @@ def _run_buckets(
             stored, work_data = upcoming.result()
             if index + 1 < len(todo):
                 upcoming = fetcher.submit(fetch, todo[index + 1])
-            state = states.decode(stored)
+            native = runner.native is not None and in_memory is None
+            state = states.decode(stored, native=native)
             if state.last_run == run_id:  # committed before a crash, not yet recorded
                 with contextlib.suppress(EntityExists):
                     results.insert(BucketResult.model_validate(state.last_result))
                 continue
+            lines = inflate_work(work_data) if work_data is not None else None
             rows: Iterable[SourceRow] = (
                 in_memory[bucket] if in_memory is not None
-                else work_rows(work_data) if work_data is not None else ()
+                else work_rows(lines) if lines is not None else ()
             )  # fmt: skip
             rejects = RejectsPart(
                 storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
@@ -352,7 +355,8 @@ def _run_buckets(
             preview = (
                 PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None
             )
-            runner.run_bucket(BucketWork(bucket, state, rejects, preview=preview), rows)
+            work = BucketWork(bucket, state, rejects, preview=preview)
+            runner.run_bucket(work, rows, lines if native else None)
     runner.finish()
 
 

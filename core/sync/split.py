@@ -233,10 +233,15 @@ def fetch_work_blob(storage: Storage, name: str) -> bytes:
     return found[0]
 
 
-def work_rows(data: bytes) -> Iterator[SourceRow]:
-    """The rows of a fetched work blob: inflated in one call (a bucket is a few MB at
-    most, and gzip's line reader costs more per row than the rest), read line by line."""
-    for line in io.BytesIO(isal_zlib.decompress(data, wbits=31)):
+def inflate_work(data: bytes) -> bytes:
+    """A fetched work blob's lines: inflated in one call (a bucket is a few MB at most, and
+    gzip's line reader costs more per row than the rest)."""
+    return isal_zlib.decompress(data, wbits=31)
+
+
+def work_rows(lines: bytes) -> Iterator[SourceRow]:
+    """The rows of a work blob's lines, one by one."""
+    for line in io.BytesIO(lines):
         line_number, *values = orjson.loads(line)
         yield SourceRow(line_number, values)
 

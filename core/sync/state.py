@@ -16,6 +16,7 @@ digests from another mapping are ignored (attribute hashes still hold).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 from binascii import unhexlify
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,6 +36,17 @@ _FORMAT_VERSION = 3
 _NULL_HASH = b"\x00" * 8
 _ENCODE_BYTES = 1 << 20
 _blake2b = hashlib.blake2b
+
+
+def _load_speedups() -> Any:
+    try:
+        return importlib.import_module("switchboard_sync")
+    except ImportError:  # not built (no compiler where it was installed): the reference
+        return None
+
+
+SPEEDUPS = _load_speedups()
+"""native/switchboard_sync.c, or None; core/sync/native.py says when it is used."""
 
 
 def value_hash(value: Any) -> bytes:
@@ -141,12 +153,20 @@ class Change:
 
 
 class SyncState:
-    """The acknowledged state of one bucket of one sync, in memory while it is processed."""
+    """The acknowledged state of one bucket of one sync, in memory while it is processed.
+
+    Decoded for the C path (`native`), its profiles stay in C, read from the snapshot's
+    text; `profiles` is then empty until `use_reference` reads them in Python instead.
+    """
 
     def __init__(
         self, profiles: dict[str, ProfileState], etag: str | None, fingerprint: str = ""
     ) -> None:
         self.profiles = profiles
+        self.native: Any = None
+        """switchboard_sync.State, holding the profiles, or None."""
+        self._lines = b""
+        self._same_mapping = True
         self.etag = etag
         self.fingerprint = fingerprint
         self.last_run: str | None = None
@@ -164,7 +184,14 @@ class SyncState:
     @property
     def dirty(self) -> bool:
         """Whether anything changed since loading (else there is nothing to commit)."""
-        return self._changed or self.withheld_now != self.withheld
+        changed = self._changed or (self.native is not None and self.native.changed)
+        return changed or self.withheld_now != self.withheld
+
+    def use_reference(self) -> None:
+        """Read the profiles in Python: this bucket runs on the reference after all."""
+        if self.native is not None:
+            self.profiles = _profiles(io.BytesIO(self._lines), self._same_mapping)
+            self.native, self._lines = None, b""
 
     def withheld_again(self, identity: str, digest: bytes) -> bool:
         """The same raw row as one held back for lack of consent last run."""
@@ -256,6 +283,8 @@ def _encode(state: SyncState) -> bytes:
     deflate = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
     out = bytearray()
     text = bytearray(orjson.dumps(header))
+    if state.native is not None:
+        text += state.native.encode()
     for identity, profile in state.profiles.items():
         text += b"\n"
         text += profile.line(identity)
@@ -268,15 +297,9 @@ def _encode(state: SyncState) -> bytes:
     return bytes(out)
 
 
-def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
-    iterator = iter(lines)
-    header = orjson.loads(next(iterator, b"{}") or b"{}")
-    if header.get("version") != _FORMAT_VERSION:
-        raise ValueError(f"unsupported sync state version {header.get('version')}")
-    # Another mapping: the raw digests no longer say anything, so lines are rebuilt.
-    same_mapping = header.get("fingerprint") == fingerprint
+def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileState]:
     profiles: dict[str, ProfileState] = {}
-    for line in iterator:
+    for line in lines:
         line = line.rstrip(b"\n")
         if not line:
             continue
@@ -286,7 +309,23 @@ def _decode(lines: Iterable[bytes], fingerprint: str) -> SyncState:
         profiles[orjson.loads(line[first + 1 : second])] = ProfileState(
             digest, line, second + 1, same_mapping
         )
-    state = SyncState(profiles, None, fingerprint)
+    return profiles
+
+
+def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
+    end = text.find(b"\n")
+    header = orjson.loads(text[: end if end >= 0 else len(text)] or b"{}")
+    if header.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"unsupported sync state version {header.get('version')}")
+    # Another mapping: the raw digests no longer say anything, so lines are rebuilt.
+    same_mapping = header.get("fingerprint") == fingerprint
+    lines = text[end + 1 :] if end >= 0 else b""
+    if native:
+        state = SyncState({}, None, fingerprint)
+        state.native = SPEEDUPS.State(lines, same_mapping)
+        state._lines, state._same_mapping = lines, same_mapping
+    else:
+        state = SyncState(_profiles(io.BytesIO(lines), same_mapping), None, fingerprint)
     state.last_run = header.get("run")
     state.last_result = header.get("result") or {}
     if same_mapping:  # else consent may be read differently now
@@ -302,8 +341,8 @@ class StateStore:
         self.destination = destination
         self.fingerprint = fingerprint
 
-    def load(self, bucket: int) -> SyncState:
-        return self.decode(self.fetch(bucket))
+    def load(self, bucket: int, *, native: bool = False) -> SyncState:
+        return self.decode(self.fetch(bucket), native=native)
 
     def fetch(self, bucket: int) -> StoredState | None:
         """A bucket's snapshot as stored (gzip) and its ETag, or None if it has none yet.
@@ -313,13 +352,14 @@ class StateStore:
         name = _state_blob(self.sync_id, self.destination, bucket)
         return self.storage.blobs.read_versioned(STATE_CONTAINER, name)
 
-    def decode(self, stored: StoredState | None) -> SyncState:
+    def decode(self, stored: StoredState | None, *, native: bool = False) -> SyncState:
+        """The bucket's state; `native`: with its profiles in C (switchboard_sync.State)."""
         if stored is None:
-            return SyncState({}, None, self.fingerprint)
+            text = orjson.dumps({"version": _FORMAT_VERSION, "fingerprint": self.fingerprint})
+            return _decode(text, self.fingerprint, native)
         data, etag = stored
-        # Inflated in one call (gzip's line reader costs more per profile than the rest),
-        # read line by line: the text and the profiles' lines are held at once, no list.
-        state = _decode(io.BytesIO(isal_zlib.decompress(data, wbits=31)), self.fingerprint)
+        # Inflated in one call: gzip's line reader costs more per profile than the rest.
+        state = _decode(isal_zlib.decompress(data, wbits=31), self.fingerprint, native)
         state.etag = etag
         return state
 

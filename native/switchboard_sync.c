@@ -1,0 +1,2112 @@
+/*
+ * switchboard_sync: one bucket of a segment sync, in C.
+ *
+ * The reference is core/sync/engine.py with mapping.py and state.py: for every row of a
+ * bucket's work blob it takes the raw digest, checks the identity, skips rows the
+ * destination already has, types the mapped fields, applies suppression and consent,
+ * diffs against the acknowledged state and encodes the /users/track object; after the
+ * destination acknowledged a batch, it records the change in the bucket's state and
+ * writes the state's lines. The results are the same bytes as the reference's, several
+ * times faster: the tests run both on the same inputs and compare objects, state, counts
+ * and rejects.
+ *
+ * C accepts only the common, plainly valid forms of each value. Anything else (a value it
+ * does not recognise, a rejected value, non-ASCII text where case matters) is typed by the
+ * reference's own coercer, called from here, so an unusual value costs a Python call and
+ * never a different answer. Input this module does not take at all (non-text values,
+ * state lines it cannot read) makes `process` return None, and the bucket runs on the
+ * reference from the start.
+ */
+#include "shared.h"
+
+#define OK 0
+#define ERR -1    /* a Python exception is set */
+#define PUNT 1    /* not for this module: the bucket goes to the reference */
+#define SLOW 2    /* this value goes to the reference's coercer */
+#define NULLED 3  /* the coercer read the value as none (gender "unknown") */
+
+#define TRY(expr)                    \
+    do {                             \
+        int try_status_ = (expr);    \
+        if (try_status_ != OK) return try_status_; \
+    } while (0)
+
+typedef unsigned char uc;
+
+/* ---- BLAKE2b (RFC 7693), the digest sizes hashlib.blake2b(digest_size=n) gives ---------- */
+
+typedef struct {
+    uint64_t h[8];
+    uint64_t t;
+    uc buf[128];
+    size_t used;
+    size_t outlen;
+} Blake2b;
+
+static const uint64_t B2_IV[8] = {0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL,
+                                  0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+                                  0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL,
+                                  0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL};
+static const uint8_t B2_SIGMA[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3}};
+
+#define ROTR64(x, n) (((x) >> (n)) | ((x) << (64 - (n))))
+#define B2_G(a, b, c, d, x, y)       \
+    do {                             \
+        a = a + b + x;               \
+        d = ROTR64(d ^ a, 32);       \
+        c = c + d;                   \
+        b = ROTR64(b ^ c, 24);       \
+        a = a + b + y;               \
+        d = ROTR64(d ^ a, 16);       \
+        c = c + d;                   \
+        b = ROTR64(b ^ c, 63);       \
+    } while (0)
+
+static void b2_compress(Blake2b *s, const uc *block, int last) {
+    uint64_t m[16], v[16];
+    for (int i = 0; i < 16; i++) {
+        uint64_t w = 0;
+        for (int j = 7; j >= 0; j--) w = (w << 8) | block[8 * i + j];
+        m[i] = w;
+    }
+    for (int i = 0; i < 8; i++) {
+        v[i] = s->h[i];
+        v[i + 8] = B2_IV[i];
+    }
+    v[12] ^= s->t;
+    if (last) v[14] = ~v[14];
+    for (int r = 0; r < 12; r++) {
+        const uint8_t *z = B2_SIGMA[r];
+        B2_G(v[0], v[4], v[8], v[12], m[z[0]], m[z[1]]);
+        B2_G(v[1], v[5], v[9], v[13], m[z[2]], m[z[3]]);
+        B2_G(v[2], v[6], v[10], v[14], m[z[4]], m[z[5]]);
+        B2_G(v[3], v[7], v[11], v[15], m[z[6]], m[z[7]]);
+        B2_G(v[0], v[5], v[10], v[15], m[z[8]], m[z[9]]);
+        B2_G(v[1], v[6], v[11], v[12], m[z[10]], m[z[11]]);
+        B2_G(v[2], v[7], v[8], v[13], m[z[12]], m[z[13]]);
+        B2_G(v[3], v[4], v[9], v[14], m[z[14]], m[z[15]]);
+    }
+    for (int i = 0; i < 8; i++) s->h[i] ^= v[i] ^ v[i + 8];
+}
+
+static void b2_init(Blake2b *s, size_t outlen) {
+    memcpy(s->h, B2_IV, sizeof B2_IV);
+    s->h[0] ^= 0x01010000ULL ^ outlen;
+    s->t = 0;
+    s->used = 0;
+    s->outlen = outlen;
+}
+
+static void b2_update(Blake2b *s, const uc *p, size_t n) {
+    while (n > 0) {
+        if (s->used == 128) { /* only now: the last block is compressed by b2_final */
+            s->t += 128;
+            b2_compress(s, s->buf, 0);
+            s->used = 0;
+        }
+        size_t take = 128 - s->used < n ? 128 - s->used : n;
+        memcpy(s->buf + s->used, p, take);
+        s->used += take;
+        p += take;
+        n -= take;
+    }
+}
+
+static void b2_final(Blake2b *s, uc *out) {
+    s->t += s->used;
+    memset(s->buf + s->used, 0, 128 - s->used);
+    b2_compress(s, s->buf, 1);
+    for (size_t i = 0; i < s->outlen; i++) out[i] = (uc)(s->h[i / 8] >> (8 * (i % 8)));
+}
+
+/* 8-byte BLAKE2b of `prefix` then `p`: state.value_hash and raw_digest. */
+static void hash8(const char *prefix, size_t prefix_len, const uc *p, size_t n, uc out[8]) {
+    Blake2b s;
+    b2_init(&s, 8);
+    b2_update(&s, (const uc *)prefix, prefix_len);
+    b2_update(&s, p, n);
+    b2_final(&s, out);
+}
+
+/* ---- text: UTF-8 code points, Python's whitespace ------------------------------------- */
+
+static unsigned decode_cp(const uc *p, const uc *end, int *len) {
+    uc c = p[0];
+    if (c < 0x80) {
+        *len = 1;
+        return c;
+    }
+    if (c < 0xE0 && p + 1 < end) {
+        *len = 2;
+        return (unsigned)(c & 0x1F) << 6 | (p[1] & 0x3F);
+    }
+    if (c < 0xF0 && p + 2 < end) {
+        *len = 3;
+        return (unsigned)(c & 0x0F) << 12 | (unsigned)(p[1] & 0x3F) << 6 | (p[2] & 0x3F);
+    }
+    if (p + 3 < end) {
+        *len = 4;
+        return (unsigned)(c & 0x07) << 18 | (unsigned)(p[1] & 0x3F) << 12 |
+               (unsigned)(p[2] & 0x3F) << 6 | (p[3] & 0x3F);
+    }
+    *len = 1;
+    return 0xFFFD;
+}
+
+/* str.isspace() for one code point. */
+static int is_uspace(unsigned cp) {
+    if (cp < 0x80) return cp == ' ' || (cp >= '\t' && cp <= '\r') || (cp >= 0x1C && cp <= 0x1F);
+    return cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) ||
+           cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
+/* str.strip(): the span without leading and trailing whitespace. */
+static void strip(const uc *s, Py_ssize_t n, Py_ssize_t *a, Py_ssize_t *b) {
+    Py_ssize_t i = 0, j = n;
+    while (i < j) {
+        int len;
+        unsigned cp = decode_cp(s + i, s + j, &len);
+        if (!is_uspace(cp)) break;
+        i += len;
+    }
+    while (j > i) {
+        Py_ssize_t k = j - 1;
+        while (k > i && (s[k] & 0xC0) == 0x80) k--;
+        int len;
+        if (!is_uspace(decode_cp(s + k, s + j, &len))) break;
+        j = k;
+    }
+    *a = i;
+    *b = j;
+}
+
+static Py_ssize_t code_points(const uc *s, Py_ssize_t n) {
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) count += (s[i] & 0xC0) != 0x80;
+    return count;
+}
+
+static int is_ascii(const uc *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i] >= 0x80) return 0;
+    return 1;
+}
+
+/* mapping._MOJIBAKE_PAIR: only where it matches can text be mojibake. */
+static int continuation_like(unsigned cp) {
+    return (cp >= 0x80 && cp <= 0xBF) || (cp >= 0x152 && cp <= 0x192) ||
+           (cp >= 0x2C6 && cp <= 0x2DC) || (cp >= 0x2013 && cp <= 0x2122);
+}
+
+static int mojibake_pair(const uc *s, Py_ssize_t n) {
+    unsigned previous = 0;
+    for (Py_ssize_t i = 0; i < n;) {
+        int len;
+        unsigned cp = decode_cp(s + i, s + n, &len);
+        if (previous >= 0xC2 && previous <= 0xF4 && continuation_like(cp)) return 1;
+        previous = cp;
+        i += len;
+    }
+    return 0;
+}
+
+static int is_digit(uc c) { return c >= '0' && c <= '9'; }
+
+/* ---- hash tables of byte strings -------------------------------------------------------- */
+
+static uint64_t bytes_hash(const uc *p, Py_ssize_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+        p += 8;
+        n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, (size_t)n);
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
+    return h ^ (h >> 29);
+}
+
+/* ---- the compiled mapping --------------------------------------------------------------- */
+
+enum Kind {
+    K_STRING, K_EMAIL, K_PHONE, K_INTEGER, K_FLOAT, K_DECIMAL, K_BOOLEAN, K_DATE, K_DOB,
+    K_DATETIME, K_ARRAY, K_OTHER /* always the reference's coercer */
+};
+enum IdentityKind { ID_PLAIN, ID_EMAIL, ID_PHONE };
+
+#define MEMO_SLOTS 1024
+#define MEMO_MAX_VALUE 64
+
+typedef struct {
+    PyObject *key;    /* raw text, bytes */
+    PyObject *result; /* (json, hash, text) or (code, message) */
+    int rejected;
+} Memo;
+
+typedef struct {
+    int kind, position, required, send_nulls;
+    Py_ssize_t limit;
+    Buf token; /* the target name as JSON */
+    PyObject *source, *coerce;
+    int memoize;
+    Memo *memo;
+    Py_ssize_t memo_used;
+} FieldSpec;
+
+typedef struct {
+    int position;
+    Buf name;      /* the audience name as JSON */
+    Buf attribute; /* boolean representation: its attribute as JSON */
+    PyObject *label;
+} AudienceSpec;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t columns;
+    int identity_index, identity_kind, update_only, array_representation;
+    PyObject *identity_slow, *row_rejected, *suppressed_raw_slow;
+    Buf key_token, array_token;
+    FieldSpec *fields;
+    Py_ssize_t nfields;
+    AudienceSpec *audiences;
+    Py_ssize_t naudiences;
+    int *audience_order; /* audience indices sorted by name */
+    int consent_index;
+    PyObject *granted;   /* tuple of str */
+    int *digest_positions;
+    Py_ssize_t ndigest;
+    int email_slot, phone_slot, email_index, phone_index;
+    PyObject *email_suppressions, *phone_suppressions; /* dict hash hex -> reason, or None */
+} Mapping;
+
+static void mapping_dealloc(Mapping *m) {
+    for (Py_ssize_t i = 0; i < m->nfields; i++) {
+        FieldSpec *f = &m->fields[i];
+        PyMem_Free(f->token.data);
+        Py_XDECREF(f->source);
+        Py_XDECREF(f->coerce);
+        if (f->memo) {
+            for (Py_ssize_t j = 0; j < MEMO_SLOTS; j++) {
+                Py_XDECREF(f->memo[j].key);
+                Py_XDECREF(f->memo[j].result);
+            }
+            PyMem_Free(f->memo);
+        }
+    }
+    for (Py_ssize_t i = 0; i < m->naudiences; i++) {
+        PyMem_Free(m->audiences[i].name.data);
+        PyMem_Free(m->audiences[i].attribute.data);
+        Py_XDECREF(m->audiences[i].label);
+    }
+    PyMem_Free(m->fields);
+    PyMem_Free(m->audiences);
+    PyMem_Free(m->audience_order);
+    PyMem_Free(m->digest_positions);
+    PyMem_Free(m->key_token.data);
+    PyMem_Free(m->array_token.data);
+    Py_XDECREF(m->identity_slow);
+    Py_XDECREF(m->row_rejected);
+    Py_XDECREF(m->suppressed_raw_slow);
+    Py_XDECREF(m->granted);
+    Py_XDECREF(m->email_suppressions);
+    Py_XDECREF(m->phone_suppressions);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static int put_json_str(Buf *b, PyObject *text) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(text, &n);
+    if (s == NULL) return -1;
+    return put_json_bytes(b, s, n);
+}
+
+static int int_list(PyObject *list, int **out, Py_ssize_t *n) {
+    PyObject *seq = PySequence_Fast(list, "expected a sequence of ints");
+    if (seq == NULL) return -1;
+    *n = PySequence_Fast_GET_SIZE(seq);
+    *out = PyMem_Calloc((size_t)(*n ? *n : 1), sizeof(int));
+    if (*out == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        (*out)[i] = (int)v;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/*
+ * Mapping(columns, identity, key, update_only, fields, audiences, array_attribute,
+ *         consent_index, granted, digest_positions, contact, suppressions, row_rejected)
+ *   identity: (index, kind, slow)        fields: [(kind, position, target, limit,
+ *   required, send_nulls, source, coerce, memoize)]   audiences: ([(position, name,
+ *   attribute or None)], their indices in name order)   contact: (email_slot, phone_slot, email_index,
+ *   phone_index, suppressed_raw_slow)   suppressions: (email dict, phone dict) or None
+ */
+static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Py_ssize_t columns;
+    int identity_index, identity_kind, update_only, consent_index;
+    PyObject *identity_slow, *key, *fields, *audiences, *order, *array_attribute, *granted;
+    PyObject *digest, *contact, *suppressions, *row_rejected;
+    if (!PyArg_ParseTuple(args, "n(iiO)UpO(OO)OiO!OOOO", &columns, &identity_index, &identity_kind,
+                          &identity_slow, &key, &update_only, &fields, &audiences, &order,
+                          &array_attribute, &consent_index, &PyTuple_Type, &granted, &digest,
+                          &contact, &suppressions, &row_rejected))
+        return NULL;
+    Mapping *m = (Mapping *)type->tp_alloc(type, 0);
+    if (m == NULL) return NULL;
+    m->columns = columns;
+    m->identity_index = identity_index;
+    m->identity_kind = identity_kind;
+    m->update_only = update_only;
+    m->consent_index = consent_index;
+    m->identity_slow = Py_NewRef(identity_slow);
+    m->row_rejected = Py_NewRef(row_rejected);
+    m->granted = Py_NewRef(granted);
+    if (put_json_str(&m->key_token, key) < 0) goto fail;
+    m->array_representation = array_attribute != Py_None;
+    if (m->array_representation && put_json_str(&m->array_token, array_attribute) < 0) goto fail;
+    if (int_list(digest, &m->digest_positions, &m->ndigest) < 0) goto fail;
+    if (!PyArg_ParseTuple(contact, "iiiiO", &m->email_slot, &m->phone_slot, &m->email_index,
+                          &m->phone_index, &m->suppressed_raw_slow))
+        goto fail;
+    Py_INCREF(m->suppressed_raw_slow);
+    if (suppressions == Py_None) {
+        m->email_suppressions = Py_NewRef(Py_None);
+        m->phone_suppressions = Py_NewRef(Py_None);
+    } else if (!PyArg_ParseTuple(suppressions, "O!O!", &PyDict_Type, &m->email_suppressions,
+                                 &PyDict_Type, &m->phone_suppressions)) {
+        m->email_suppressions = m->phone_suppressions = NULL;
+        goto fail;
+    } else {
+        Py_INCREF(m->email_suppressions);
+        Py_INCREF(m->phone_suppressions);
+    }
+    PyObject *seq = PySequence_Fast(fields, "fields must be a sequence");
+    if (seq == NULL) goto fail;
+    m->nfields = PySequence_Fast_GET_SIZE(seq);
+    m->fields = PyMem_Calloc((size_t)(m->nfields ? m->nfields : 1), sizeof(FieldSpec));
+    if (m->fields == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < m->nfields; i++) {
+        FieldSpec *f = &m->fields[i];
+        PyObject *target;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiUnppOOp", &f->kind,
+                              &f->position, &target, &f->limit, &f->required, &f->send_nulls,
+                              &f->source, &f->coerce, &f->memoize) ||
+            put_json_str(&f->token, target) < 0) {
+            f->source = f->coerce = NULL;
+            Py_DECREF(seq);
+            goto fail;
+        }
+        Py_INCREF(f->source);
+        Py_INCREF(f->coerce);
+        if (f->memoize && (f->memo = PyMem_Calloc(MEMO_SLOTS, sizeof(Memo))) == NULL) {
+            Py_DECREF(seq);
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    seq = PySequence_Fast(audiences, "audiences must be a sequence");
+    if (seq == NULL) goto fail;
+    m->naudiences = PySequence_Fast_GET_SIZE(seq);
+    if (m->naudiences > 64) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "at most 64 audiences");
+        goto fail;
+    }
+    m->audiences = PyMem_Calloc((size_t)(m->naudiences ? m->naudiences : 1), sizeof(AudienceSpec));
+    m->audience_order = PyMem_Calloc((size_t)(m->naudiences ? m->naudiences : 1), sizeof(int));
+    if (m->audiences == NULL || m->audience_order == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < m->naudiences; i++) {
+        AudienceSpec *a = &m->audiences[i];
+        PyObject *name, *attribute;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iUO", &a->position, &name,
+                              &attribute) ||
+            put_json_str(&a->name, name) < 0 ||
+            (attribute != Py_None && put_json_str(&a->attribute, attribute) < 0)) {
+            Py_DECREF(seq);
+            goto fail;
+        }
+        a->label = Py_NewRef(name);
+    }
+    Py_DECREF(seq);
+    PyMem_Free(m->audience_order);
+    m->audience_order = NULL;
+    Py_ssize_t ordered;
+    if (int_list(order, &m->audience_order, &ordered) < 0) goto fail;
+    if (ordered != m->naudiences) {
+        PyErr_SetString(PyExc_ValueError, "audience order must name every audience");
+        goto fail;
+    }
+    return (PyObject *)m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}
+
+static PyTypeObject MappingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "switchboard_sync.Mapping",
+    .tp_basicsize = sizeof(Mapping),
+    .tp_dealloc = (destructor)mapping_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = mapping_new,
+    .tp_doc = "A sync's mapping compiled for one file's columns (see core/sync/native.py).",
+};
+
+/* ---- a bucket's state ------------------------------------------------------------------- */
+
+typedef struct {
+    Py_ssize_t name; /* offset of the name's JSON in the profile's names buffer */
+    Py_ssize_t name_len;
+    uc hash[8];
+} Slot;
+
+typedef struct {
+    Slot *slots;
+    Py_ssize_t nslots, cap;
+    Buf names;       /* JSON names of the slots */
+    uint64_t owned;  /* audiences Switchboard added, by audience index */
+    Buf others;      /* owned audiences this mapping does not know, as JSON, comma-joined */
+} Profile;
+
+enum { E_STORED = 1, E_SEEN = 2, E_DIGEST = 4, E_REWRITE = 8, E_PRESENT = 16 };
+
+typedef struct {
+    Py_ssize_t line, line_len; /* stored line in the text (E_STORED) */
+    Py_ssize_t id, id_len;     /* identity JSON: in the text, or in the state's arena */
+    Py_ssize_t stored;         /* offset of `[hashes, audiences]` in the text */
+    uc digest[8];
+    int flags;
+    Profile *profile; /* parsed (NULL: untouched, the stored part still holds) */
+} Entry;
+
+typedef struct {
+    Py_ssize_t line;
+    Py_ssize_t entry;
+    Py_ssize_t off, len; /* the encoded object in `items` */
+    Py_ssize_t changes, nchanges; /* in `changes` */
+    uint64_t added, removed;
+    uc digest[8];
+} Item;
+
+typedef struct {
+    int slot; /* field index */
+    uc hash[8];
+} ChangeSlot;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *text; /* bytes: the snapshot's profile lines */
+    int same_mapping;
+    Entry *entries;
+    Py_ssize_t nentries, cap;
+    Py_ssize_t *table; /* open addressing: entry index + 1, 0 empty */
+    Py_ssize_t table_size;
+    Buf arena;         /* identities of new profiles */
+    Item *items;
+    Py_ssize_t nitems, items_cap;
+    Buf encoded;
+    ChangeSlot *changes;
+    Py_ssize_t nchanges, changes_cap;
+    Py_ssize_t *added_order; /* new profiles in the order they were acknowledged */
+    Py_ssize_t nadded, added_cap;
+    int changed;
+    Mapping *mapping;
+} State;
+
+static const uc *entry_id(const State *st, const Entry *e) {
+    return (e->flags & E_STORED) ? (const uc *)PyBytes_AS_STRING(st->text) + e->id
+                                 : (const uc *)st->arena.data + e->id;
+}
+
+static void profile_free(Profile *p) {
+    if (p == NULL) return;
+    PyMem_Free(p->slots);
+    PyMem_Free(p->names.data);
+    PyMem_Free(p->others.data);
+    PyMem_Free(p);
+}
+
+static void state_dealloc(State *st) {
+    for (Py_ssize_t i = 0; i < st->nentries; i++) profile_free(st->entries[i].profile);
+    PyMem_Free(st->entries);
+    PyMem_Free(st->table);
+    PyMem_Free(st->arena.data);
+    PyMem_Free(st->items);
+    PyMem_Free(st->encoded.data);
+    PyMem_Free(st->changes);
+    PyMem_Free(st->added_order);
+    Py_XDECREF(st->text);
+    Py_XDECREF(st->mapping);
+    Py_TYPE(st)->tp_free((PyObject *)st);
+}
+
+static int grow(void **array, Py_ssize_t *cap, Py_ssize_t need, size_t size) {
+    if (need <= *cap) return 0;
+    Py_ssize_t next = *cap ? *cap * 2 : 256;
+    while (next < need) next *= 2;
+    void *grown = PyMem_Realloc(*array, (size_t)next * size);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *array = grown;
+    *cap = next;
+    return 0;
+}
+
+static int table_rehash(State *st) {
+    Py_ssize_t size = st->table_size ? st->table_size * 2 : 1024;
+    while (size < st->nentries * 2 + 16) size *= 2;
+    Py_ssize_t *table = PyMem_Calloc((size_t)size, sizeof(Py_ssize_t));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < st->nentries; i++) {
+        const Entry *e = &st->entries[i];
+        size_t k = (size_t)bytes_hash(entry_id(st, e), e->id_len) & (size_t)(size - 1);
+        while (table[k]) k = (k + 1) & (size_t)(size - 1);
+        table[k] = i + 1;
+    }
+    PyMem_Free(st->table);
+    st->table = table;
+    st->table_size = size;
+    return 0;
+}
+
+/* The entry of an identity (its JSON), or -1; `*slot` is where a new one would go. */
+static Py_ssize_t table_find(const State *st, const uc *id, Py_ssize_t n, size_t *slot) {
+    size_t mask = (size_t)(st->table_size - 1);
+    size_t k = (size_t)bytes_hash(id, n) & mask;
+    while (st->table[k]) {
+        const Entry *e = &st->entries[st->table[k] - 1];
+        if (e->id_len == n && memcmp(entry_id(st, e), id, (size_t)n) == 0)
+            return st->table[k] - 1;
+        k = (k + 1) & mask;
+    }
+    *slot = k;
+    return -1;
+}
+
+static Py_ssize_t table_add(State *st, Entry entry, size_t slot) {
+    if (grow((void **)&st->entries, &st->cap, st->nentries + 1, sizeof(Entry)) < 0) return -1;
+    st->entries[st->nentries++] = entry;
+    if (st->nentries * 2 > st->table_size) {
+        if (table_rehash(st) < 0) return -1;
+    } else {
+        st->table[slot] = st->nentries;
+    }
+    return st->nentries - 1;
+}
+
+static int hex_nibble(uc c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+static int unhex8(const uc *p, uc out[8]) {
+    for (int i = 0; i < 8; i++) {
+        int hi = hex_nibble(p[2 * i]), lo = hex_nibble(p[2 * i + 1]);
+        if (hi < 0 || lo < 0) return -1;
+        out[i] = (uc)(hi << 4 | lo);
+    }
+    return 0;
+}
+
+/* A JSON string token as orjson writes it: `"` ... `"`, escapes allowed; returns its end. */
+static const uc *string_token(const uc *p, const uc *end) {
+    if (p >= end || *p != '"') return NULL;
+    for (p++; p < end; p++) {
+        if (*p == '\\') {
+            p++;
+            continue;
+        }
+        if (*p == '"') return p + 1;
+    }
+    return NULL;
+}
+
+/* State(text, same_mapping): the profile lines of a snapshot (everything after its header). */
+static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *text;
+    int same_mapping;
+    if (!PyArg_ParseTuple(args, "O!p", &PyBytes_Type, &text, &same_mapping)) return NULL;
+    State *st = (State *)type->tp_alloc(type, 0);
+    if (st == NULL) return NULL;
+    st->text = Py_NewRef(text);
+    st->same_mapping = same_mapping;
+    const uc *base = (const uc *)PyBytes_AS_STRING(text), *end = base + PyBytes_GET_SIZE(text);
+    Py_ssize_t lines = 0;
+    for (const uc *p = base; p < end; p++) lines += *p == '\n';
+    if (grow((void **)&st->entries, &st->cap, lines + 1, sizeof(Entry)) < 0) goto fail;
+    for (const uc *p = base; p < end;) {
+        const uc *newline = memchr(p, '\n', (size_t)(end - p));
+        const uc *line_end = newline ? newline : end;
+        const uc *line = p;
+        p = newline ? newline + 1 : end;
+        if (line == line_end) continue;
+        const uc *tab = memchr(line, '\t', (size_t)(line_end - line));
+        const uc *id_end = tab ? string_token(tab + 1, line_end) : NULL;
+        if (id_end == NULL || id_end >= line_end || *id_end != '\t' ||
+            (tab - line != 0 && tab - line != 16))
+            goto unreadable;
+        Entry e = {0};
+        e.line = line - base;
+        e.line_len = line_end - line;
+        e.id = tab + 1 - base;
+        e.id_len = id_end - (tab + 1);
+        e.stored = id_end + 1 - base;
+        e.flags = E_STORED | E_PRESENT;
+        if (tab - line == 16 && same_mapping) {
+            if (unhex8(line, e.digest) < 0) goto unreadable;
+            e.flags |= E_DIGEST;
+        }
+        st->entries[st->nentries++] = e;
+    }
+    if (table_rehash(st) < 0) goto fail;
+    /* Two lines of one identity: the reference keeps the last one's content in the first
+     * one's place; nothing writes that, so it is not handled here. */
+    {
+        Py_ssize_t distinct = 0;
+        for (Py_ssize_t k = 0; k < st->table_size; k++) distinct += st->table[k] != 0;
+        if (distinct != st->nentries) goto unreadable;
+    }
+    return (PyObject *)st;
+unreadable:
+    PyErr_SetString(PyExc_ValueError, "sync state line not in the expected form");
+fail:
+    Py_DECREF(st);
+    return NULL;
+}
+
+/* ---- a stored profile's `[{name: hash hex}, [audience, ...]]` ---------------------------- */
+
+static int profile_slot(Profile *p, const uc *name, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < p->nslots; i++)
+        if (p->slots[i].name_len == n && memcmp(p->names.data + p->slots[i].name, name, (size_t)n) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* A profile's buffers start small: a bucket holds thousands of profiles. */
+static int small_reserve(Buf *b, Py_ssize_t extra) {
+    if (b->cap == 0 && extra <= 480) {
+        b->data = PyMem_Malloc(512);
+        if (b->data == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->cap = 512;
+    }
+    return buf_reserve(b, extra);
+}
+
+static int profile_append(Profile *p, const uc *name, Py_ssize_t n, const uc hash[8]) {
+    if (p->cap == 0) {
+        p->slots = PyMem_Malloc(24 * sizeof(Slot));
+        if (p->slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        p->cap = 24;
+    }
+    if (grow((void **)&p->slots, &p->cap, p->nslots + 1, sizeof(Slot)) < 0) return -1;
+    if (small_reserve(&p->names, n) < 0) return -1;
+    Slot *s = &p->slots[p->nslots++];
+    s->name = p->names.len;
+    s->name_len = n;
+    memcpy(s->hash, hash, 8);
+    return buf_put(&p->names, (const char *)name, n);
+}
+
+static int audience_of(const Mapping *m, const uc *token, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < m->naudiences; i++)
+        if (m->audiences[i].name.len == n && memcmp(m->audiences[i].name.data, token, (size_t)n) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* OK, PUNT (not in the form this module writes), or ERR. */
+static int profile_parse(const Mapping *m, const uc *p, const uc *end, Profile **out) {
+    Profile *pr = PyMem_Calloc(1, sizeof(Profile));
+    if (pr == NULL) {
+        PyErr_NoMemory();
+        return ERR;
+    }
+    *out = pr;
+    if (end - p < 2 || p[0] != '[' || p[1] != '{') return PUNT;
+    p += 2;
+    if (p < end && *p == '}') {
+        p++;
+    } else {
+        for (;;) {
+            const uc *name_end = string_token(p, end);
+            if (name_end == NULL || memchr(p, '\\', (size_t)(name_end - p)) || end - name_end < 20 ||
+                name_end[0] != ':' || name_end[1] != '"' || name_end[18] != '"')
+                return PUNT;
+            uc hash[8];
+            if (unhex8(name_end + 2, hash) < 0 || profile_slot(pr, p, name_end - p) >= 0) return PUNT;
+            if (profile_append(pr, p, name_end - p, hash) < 0) return ERR;
+            p = name_end + 19;
+            if (p < end && *p == ',') {
+                p++;
+                continue;
+            }
+            if (p < end && *p == '}') {
+                p++;
+                break;
+            }
+            return PUNT;
+        }
+    }
+    if (end - p < 2 || p[0] != ',' || p[1] != '[') return PUNT;
+    p += 2;
+    if (p < end && *p == ']') {
+        p++;
+    } else {
+        for (;;) {
+            const uc *token_end = string_token(p, end);
+            if (token_end == NULL || memchr(p, '\\', (size_t)(token_end - p))) return PUNT;
+            int index = audience_of(m, p, token_end - p);
+            if (index >= 0) {
+                pr->owned |= (uint64_t)1 << index;
+            } else {
+                if (pr->others.len && PUT(&pr->others, ",") < 0) return ERR;
+                if (buf_put(&pr->others, (const char *)p, token_end - p) < 0) return ERR;
+            }
+            p = token_end;
+            if (p < end && *p == ',') {
+                p++;
+                continue;
+            }
+            if (p < end && *p == ']') {
+                p++;
+                break;
+            }
+            return PUNT;
+        }
+    }
+    if (p + 1 != end || *p != ']') return PUNT;
+    return OK;
+}
+
+static int entry_profile(State *st, Entry *e, Profile **out) {
+    if (e->profile != NULL) {
+        *out = e->profile;
+        return OK;
+    }
+    if (!(e->flags & E_STORED)) {
+        e->profile = PyMem_Calloc(1, sizeof(Profile));
+        if (e->profile == NULL) {
+            PyErr_NoMemory();
+            return ERR;
+        }
+        *out = e->profile;
+        return OK;
+    }
+    const uc *base = (const uc *)PyBytes_AS_STRING(st->text);
+    Profile *parsed = NULL;
+    int status = profile_parse(st->mapping, base + e->stored, base + e->line + e->line_len, &parsed);
+    if (status != OK) {
+        profile_free(parsed);
+        return status;
+    }
+    if (parsed->others.len) { /* audiences from another mapping: kept, but sorted with ours */
+        profile_free(parsed);
+        return PUNT;
+    }
+    e->profile = *out = parsed;
+    return OK;
+}
+
+/* ---- one row ---------------------------------------------------------------------------- */
+
+typedef struct {
+    const uc *token; /* as in the work line (JSON) */
+    Py_ssize_t token_len;
+    const uc *text; /* decoded */
+    Py_ssize_t len;
+} Value;
+
+typedef struct {
+    int present; /* 0: null */
+    Py_ssize_t json, json_len; /* in the row's typed buffer */
+    Py_ssize_t text, text_len; /* the string value, for email and phone */
+    uc hash[8];
+} Typed;
+
+typedef struct {
+    Value *values;
+    Buf scratch; /* decoded values with escapes */
+    Buf typed;   /* typed values' JSON and text */
+    Buf id;      /* the identity as JSON */
+    Buf id_text;
+    Typed *fields;
+    long long line;
+    /* the outcome of a rejected row */
+    PyObject *code, *message;
+} Row;
+
+static unsigned hex4(const uc *p) {
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) v = v << 4 | (unsigned)(p[i] <= '9' ? p[i] - '0' : (p[i] | 0x20) - 'a' + 10);
+    return v;
+}
+
+static char *put_cp(char *out, unsigned cp) {
+    if (cp < 0x80) {
+        *out++ = (char)cp;
+    } else if (cp < 0x800) {
+        *out++ = (char)(0xC0 | cp >> 6);
+        *out++ = (char)(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        *out++ = (char)(0xE0 | cp >> 12);
+        *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+        *out++ = (char)(0x80 | (cp & 0x3F));
+    } else {
+        *out++ = (char)(0xF0 | cp >> 18);
+        *out++ = (char)(0x80 | ((cp >> 12) & 0x3F));
+        *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+        *out++ = (char)(0x80 | (cp & 0x3F));
+    }
+    return out;
+}
+
+/* `[line,"value",...]` as orjson.dumps wrote it; PUNT for anything but text values. */
+static int parse_row(const Mapping *m, const uc *p, const uc *end, Row *row) {
+    if (p >= end || *p != '[') return PUNT;
+    p++;
+    int negative = p < end && *p == '-';
+    p += negative;
+    if (p >= end || !is_digit(*p)) return PUNT;
+    long long line = 0;
+    int digits = 0;
+    while (p < end && is_digit(*p)) {
+        line = line * 10 + (*p++ - '0');
+        if (++digits > 18) return PUNT;
+    }
+    row->line = negative ? -line : line;
+    row->scratch.len = 0;
+    if (buf_reserve(&row->scratch, end - p) < 0) return ERR;
+    char *out = row->scratch.data;
+    for (Py_ssize_t i = 0; i < m->columns; i++) {
+        if (p >= end || *p != ',') return PUNT;
+        p++;
+        const uc *token_end = string_token(p, end);
+        if (token_end == NULL) return PUNT;
+        Value *v = &row->values[i];
+        v->token = p;
+        v->token_len = token_end - p;
+        const uc *s = p + 1, *e = token_end - 1;
+        if (!memchr(s, '\\', (size_t)(e - s))) {
+            v->text = s;
+            v->len = e - s;
+        } else {
+            char *start = out;
+            while (s < e) {
+                if (*s != '\\') {
+                    *out++ = (char)*s++;
+                    continue;
+                }
+                if (e - s < 2) return PUNT;
+                uc c = s[1];
+                s += 2;
+                switch (c) {
+                case '"': *out++ = '"'; break;
+                case '\\': *out++ = '\\'; break;
+                case '/': *out++ = '/'; break;
+                case 'b': *out++ = '\b'; break;
+                case 'f': *out++ = '\f'; break;
+                case 'n': *out++ = '\n'; break;
+                case 'r': *out++ = '\r'; break;
+                case 't': *out++ = '\t'; break;
+                case 'u': {
+                    if (e - s < 4) return PUNT;
+                    unsigned cp = hex4(s);
+                    s += 4;
+                    if (cp >= 0xD800 && cp < 0xDC00 && e - s >= 6 && s[0] == '\\' && s[1] == 'u') {
+                        unsigned low = hex4(s + 2);
+                        if (low < 0xDC00 || low > 0xDFFF) return PUNT;
+                        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+                        s += 6;
+                    } else if (cp >= 0xD800 && cp <= 0xDFFF) {
+                        return PUNT;
+                    }
+                    out = put_cp(out, cp);
+                    break;
+                }
+                default:
+                    return PUNT;
+                }
+            }
+            v->text = (const uc *)start;
+            v->len = out - start;
+        }
+        p = token_end;
+    }
+    if (p + 1 != end || *p != ']') return PUNT;
+    return OK;
+}
+
+static int is_blank(const Value *v) {
+    Py_ssize_t a, b;
+    strip(v->text, v->len, &a, &b);
+    return a == b;
+}
+
+static PyObject *value_str(const Value *v) {
+    return PyUnicode_DecodeUTF8((const char *)v->text, v->len, "strict");
+}
+
+static PyObject *row_values(const Mapping *m, const Row *row) {
+    PyObject *list = PyList_New(m->columns);
+    if (list == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < m->columns; i++) {
+        PyObject *text = value_str(&row->values[i]);
+        if (text == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, text);
+    }
+    return list;
+}
+
+/* A RowRejected raised by the reference: its code and message become the row's outcome. */
+static int take_rejection(const Mapping *m, Row *row) {
+    if (!PyErr_ExceptionMatches(m->row_rejected)) return ERR;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    if (value == NULL) return ERR;
+    row->code = PyObject_GetAttrString(value, "code");
+    row->message = row->code ? PyObject_Str(value) : NULL;
+    Py_DECREF(value);
+    if (row->message == NULL) {
+        Py_CLEAR(row->code);
+        return ERR;
+    }
+    return PUNT; /* here: "rejected" */
+}
+
+static int reject_with(Row *row, const char *code, PyObject *message) {
+    if (message == NULL) return ERR;
+    row->code = PyUnicode_FromString(code);
+    row->message = message;
+    if (row->code == NULL) {
+        Py_CLEAR(row->message);
+        return ERR;
+    }
+    return PUNT;
+}
+
+#define REJECTED PUNT /* in typing: the row was rejected, `row->code`/`message` are set */
+
+/* ---- Braze's formats, the common valid forms only --------------------------------------- */
+
+static int email_ok(const uc *s, Py_ssize_t n) {
+    /* ^[^@\s]+@[^@\s]+\.[^@\s]+$ on lower-cased ASCII text, at most 254 characters */
+    if (n > 254) return 0;
+    Py_ssize_t at = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (s[i] == '@') {
+            if (at >= 0) return 0;
+            at = i;
+        } else if (is_uspace(s[i])) {
+            return 0;
+        }
+    }
+    if (at < 1) return 0;
+    for (Py_ssize_t i = at + 2; i < n - 1; i++)
+        if (s[i] == '.') return 1;
+    return 0;
+}
+
+static int phone_normal(const uc *s, Py_ssize_t n, char *out, Py_ssize_t *len) {
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uc c = s[i];
+        if (c == ' ' || c == '-' || c == '(' || c == ')' || c == '.') continue;
+        out[k++] = (char)c;
+    }
+    Py_ssize_t start = 0;
+    if (k >= 2 && out[0] == '0' && out[1] == '0') {
+        out[1] = '+';
+        start = 1;
+    }
+    Py_ssize_t digits = k - start - 1;
+    if (k - start < 1 || out[start] != '+' || digits < 7 || digits > 15 || out[start + 1] == '0')
+        return 0;
+    for (Py_ssize_t i = start + 1; i < k; i++)
+        if (!is_digit((uc)out[i])) return 0;
+    memmove(out, out + start, (size_t)(k - start));
+    *len = k - start;
+    return 1;
+}
+
+static int leap(int y) { return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0; }
+
+static int days_in(int y, int mo) {
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    return mo == 2 && leap(y) ? 29 : days[mo - 1];
+}
+
+static int digits_at(const uc *s, int n, int *value) {
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (!is_digit(s[i])) return 0;
+        v = v * 10 + (s[i] - '0');
+    }
+    *value = v;
+    return 1;
+}
+
+static int date_ok(const uc *s, Py_ssize_t n, int *year) {
+    int y, mo, d;
+    if (n != 10 || s[4] != '-' || s[7] != '-' || !digits_at(s, 4, &y) || !digits_at(s + 5, 2, &mo) ||
+        !digits_at(s + 8, 2, &d))
+        return 0;
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 || d > days_in(y, mo)) return 0;
+    *year = y;
+    return 1;
+}
+
+/* YYYY-MM-DDTHH:MM:SS, optionally .fff or .ffffff, then Z, +00:00 or nothing (UTC). */
+static int datetime_ok(const uc *s, Py_ssize_t n, char *out, Py_ssize_t *len) {
+    int year, h, mi, sec;
+    if (n < 19 || !date_ok(s, 10, &year) || s[10] != 'T' || s[13] != ':' || s[16] != ':' ||
+        !digits_at(s + 11, 2, &h) || !digits_at(s + 14, 2, &mi) || !digits_at(s + 17, 2, &sec) ||
+        h > 23 || mi > 59 || sec > 59)
+        return 0;
+    Py_ssize_t i = 19, fraction = 0;
+    if (i < n && s[i] == '.') {
+        while (i + 1 + fraction < n && is_digit(s[i + 1 + fraction])) fraction++;
+        if (fraction != 3 && fraction != 6) return 0;
+        i += 1 + fraction;
+    }
+    Py_ssize_t rest = n - i;
+    if (!(rest == 0 || (rest == 1 && s[i] == 'Z') || (rest == 6 && memcmp(s + i, "+00:00", 6) == 0)))
+        return 0;
+    memcpy(out, s, 19);
+    Py_ssize_t k = 19;
+    int nonzero = 0;
+    for (Py_ssize_t j = 0; j < fraction; j++) nonzero |= s[20 + j] != '0';
+    if (nonzero) {
+        out[k++] = '.';
+        for (Py_ssize_t j = 0; j < 6; j++) out[k++] = j < fraction ? (char)s[20 + j] : '0';
+    }
+    out[k++] = 'Z';
+    *len = k;
+    return 1;
+}
+
+static int put_hashed_text(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
+    t->text = typed->len;
+    t->text_len = n;
+    if (buf_put(typed, (const char *)s, n) < 0) return ERR;
+    t->json = typed->len;
+    if (put_json_bytes(typed, (const char *)s, n) < 0) return ERR;
+    t->json_len = typed->len - t->json;
+    hash8("s", 1, s, (size_t)n, t->hash);
+    return OK;
+}
+
+static int put_number_json(Buf *typed, Typed *t, const char *hash_prefix, const char *text,
+                           Py_ssize_t n) {
+    t->json = typed->len;
+    if (buf_put(typed, text, n) < 0) return ERR;
+    t->json_len = n;
+    hash8(hash_prefix, 1, (const uc *)text, (size_t)n, t->hash);
+    return OK;
+}
+
+/* [+-]digits[.digits][e[+-]digits], or with exponents not allowed (decimal). */
+static int plain_number(const uc *s, Py_ssize_t n, int exponent) {
+    Py_ssize_t i = 0;
+    if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+    Py_ssize_t digits = 0;
+    while (i < n && is_digit(s[i])) i++, digits++;
+    if (!digits) return 0;
+    if (i < n && s[i] == '.') {
+        i++;
+        Py_ssize_t fraction = 0;
+        while (i < n && is_digit(s[i])) i++, fraction++;
+        if (!fraction) return 0;
+    }
+    if (exponent && i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+        Py_ssize_t e = 0;
+        while (i < n && is_digit(s[i])) i++, e++;
+        if (!e || e > 3) return 0;
+    }
+    return i == n && n < 64;
+}
+
+static int float_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
+    char text[64];
+    memcpy(text, s, (size_t)n);
+    text[n] = 0;
+    char *stop;
+    double x = PyOS_string_to_double(text, &stop, NULL);
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return SLOW;
+    }
+    if (*stop || !isfinite(x)) return SLOW;
+    char *repr = PyOS_double_to_string(x, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (repr == NULL) return ERR;
+    int status = SLOW;
+    size_t len = strlen(repr);
+    if (!strchr(repr, 'e') && !strchr(repr, 'n')) /* orjson writes these the same */
+        status = put_number_json(typed, t, "f", repr, (Py_ssize_t)len);
+    PyMem_Free(repr);
+    return status;
+}
+
+static void lower_ascii(char *out, const uc *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = (char)(s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i]);
+}
+
+static int word_is(const char *lower, Py_ssize_t n, const char *word) {
+    return (Py_ssize_t)strlen(word) == n && memcmp(lower, word, (size_t)n) == 0;
+}
+
+/* The array kind: `a|b|c`, parts stripped, empty ones dropped, duplicates collapsed. */
+static int array_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
+    if (n && s[0] == '[') return SLOW; /* JSON arrays: the reference parses them */
+    Py_ssize_t starts[100], ends[100];
+    int count = 0;
+    for (Py_ssize_t i = 0; i <= n;) {
+        const uc *bar = memchr(s + i, '|', (size_t)(n - i));
+        Py_ssize_t stop = bar ? bar - s : n;
+        Py_ssize_t a, b;
+        strip(s + i, stop - i, &a, &b);
+        if (b > a) {
+            if (count == 100 || code_points(s + i + a, b - a) > 255) return SLOW;
+            int duplicate = 0;
+            for (int k = 0; k < count && !duplicate; k++)
+                duplicate = ends[k] - starts[k] == b - a && memcmp(s + starts[k], s + i + a, (size_t)(b - a)) == 0;
+            if (!duplicate) {
+                starts[count] = i + a;
+                ends[count++] = i + b;
+            }
+        }
+        i = stop + 1;
+    }
+    t->json = typed->len;
+    if (PUT(typed, "[") < 0) return ERR;
+    for (int k = 0; k < count; k++) {
+        if (k && PUT(typed, ",") < 0) return ERR;
+        if (put_json_bytes(typed, (const char *)s + starts[k], ends[k] - starts[k]) < 0) return ERR;
+    }
+    if (PUT(typed, "]") < 0) return ERR;
+    t->json_len = typed->len - t->json;
+    hash8("j", 1, (const uc *)typed->data + t->json, (size_t)t->json_len, t->hash);
+    return OK;
+}
+
+static int fast_value(const FieldSpec *f, const uc *s, Py_ssize_t n, Buf *typed, Typed *t) {
+    Py_ssize_t a, b;
+    strip(s, n, &a, &b);
+    s += a;
+    n = b - a;
+    char work[256];
+    switch (f->kind) {
+    case K_STRING:
+        if (code_points(s, n) > f->limit || (!is_ascii(s, n) && mojibake_pair(s, n))) return SLOW;
+        return put_hashed_text(typed, t, s, n);
+    case K_EMAIL:
+        if (n > 254 || !is_ascii(s, n)) return SLOW;
+        lower_ascii(work, s, n);
+        if (!email_ok((const uc *)work, n)) return SLOW;
+        return put_hashed_text(typed, t, (const uc *)work, n);
+    case K_PHONE: {
+        Py_ssize_t len;
+        if (n > 64 || !is_ascii(s, n) || !phone_normal(s, n, work, &len)) return SLOW;
+        return put_hashed_text(typed, t, (const uc *)work, len);
+    }
+    case K_INTEGER: {
+        Py_ssize_t i = 0;
+        int negative = 0;
+        if (n && (s[0] == '+' || s[0] == '-')) negative = s[i++] == '-';
+        if (i == n || n - i > 18) return SLOW;
+        long long v = 0;
+        for (; i < n; i++) {
+            if (!is_digit(s[i])) return SLOW;
+            v = v * 10 + (s[i] - '0');
+        }
+        int len = snprintf(work, sizeof work, "%lld", negative ? -v : v);
+        return put_number_json(typed, t, "i", work, len);
+    }
+    case K_FLOAT:
+        if (!plain_number(s, n, 1)) return SLOW;
+        return float_value(typed, t, s, n);
+    case K_DECIMAL:
+        if (!plain_number(s, n, 0)) return SLOW;
+        return float_value(typed, t, s, n);
+    case K_BOOLEAN: {
+        if (n > 5) return SLOW;
+        lower_ascii(work, s, n);
+        const char *json;
+        if (word_is(work, n, "true") || word_is(work, n, "t") || word_is(work, n, "yes") ||
+            word_is(work, n, "y") || word_is(work, n, "1"))
+            json = "true";
+        else if (word_is(work, n, "false") || word_is(work, n, "f") || word_is(work, n, "no") ||
+                 word_is(work, n, "n") || word_is(work, n, "0"))
+            json = "false";
+        else
+            return SLOW;
+        t->json = typed->len;
+        t->json_len = (Py_ssize_t)strlen(json);
+        if (buf_put(typed, json, t->json_len) < 0) return ERR;
+        hash8(json[0] == 't' ? "b1" : "b0", 2, NULL, 0, t->hash);
+        return OK;
+    }
+    case K_DATE:
+    case K_DOB: {
+        int year;
+        if (!date_ok(s, n, &year)) return SLOW;
+        if (f->kind == K_DOB && (year < 1900 || year > f->limit)) return SLOW;
+        return put_hashed_text(typed, t, s, n);
+    }
+    case K_DATETIME: {
+        Py_ssize_t len;
+        if (!datetime_ok(s, n, work, &len)) return SLOW;
+        return put_hashed_text(typed, t, (const uc *)work, len);
+    }
+    case K_ARRAY:
+        return array_value(typed, t, s, n);
+    default:
+        return SLOW;
+    }
+}
+
+/* The reference's coercer gives (json, hash, text or None) or raises RowRejected. */
+static int take_coerced(PyObject *result, Buf *typed, Typed *t) {
+    PyObject *json, *hash, *text;
+    if (result == Py_None) return NULLED;
+    if (!PyArg_ParseTuple(result, "SSO", &json, &hash, &text) || PyBytes_GET_SIZE(hash) != 8)
+        return ERR;
+    t->json = typed->len;
+    t->json_len = PyBytes_GET_SIZE(json);
+    if (buf_put(typed, PyBytes_AS_STRING(json), t->json_len) < 0) return ERR;
+    memcpy(t->hash, PyBytes_AS_STRING(hash), 8);
+    t->text = typed->len;
+    t->text_len = 0;
+    if (text != Py_None) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(text, &n);
+        if (s == NULL || buf_put(typed, s, n) < 0) return ERR;
+        t->text_len = n;
+    }
+    return OK;
+}
+
+static Memo *memo_slot(FieldSpec *f, const uc *s, Py_ssize_t n) {
+    size_t k = (size_t)bytes_hash(s, n) & (MEMO_SLOTS - 1);
+    for (int probe = 0; probe < 8; probe++, k = (k + 1) & (MEMO_SLOTS - 1)) {
+        Memo *slot = &f->memo[k];
+        if (slot->key == NULL) return slot;
+        if (PyBytes_GET_SIZE(slot->key) == n && memcmp(PyBytes_AS_STRING(slot->key), s, (size_t)n) == 0)
+            return slot;
+    }
+    return NULL;
+}
+
+static int slow_value(const Mapping *m, FieldSpec *f, const Value *v, Row *row, Typed *t) {
+    Memo *memo = NULL;
+    if (f->memo && v->len <= MEMO_MAX_VALUE) {
+        memo = memo_slot(f, v->text, v->len);
+        if (memo && memo->key) {
+            if (memo->rejected) {
+                row->code = Py_NewRef(PyTuple_GET_ITEM(memo->result, 0));
+                row->message = Py_NewRef(PyTuple_GET_ITEM(memo->result, 1));
+                return REJECTED;
+            }
+            return take_coerced(memo->result, &row->typed, t);
+        }
+    }
+    PyObject *raw = value_str(v);
+    if (raw == NULL) return ERR;
+    PyObject *result = PyObject_CallOneArg(f->coerce, raw);
+    Py_DECREF(raw);
+    if (result == NULL) {
+        int status = take_rejection(m, row);
+        if (status == REJECTED && memo) {
+            memo->key = PyBytes_FromStringAndSize((const char *)v->text, v->len);
+            memo->result = PyTuple_Pack(2, row->code, row->message);
+            memo->rejected = 1;
+            if (memo->key == NULL || memo->result == NULL) return ERR;
+        }
+        return status;
+    }
+    int status = take_coerced(result, &row->typed, t);
+    if ((status == OK || status == NULLED) && memo) {
+        memo->key = PyBytes_FromStringAndSize((const char *)v->text, v->len);
+        memo->result = Py_NewRef(result);
+        if (memo->key == NULL) status = ERR;
+    }
+    Py_DECREF(result);
+    return status;
+}
+
+/* ---- the identity ------------------------------------------------------------------------ */
+
+static int identity_of(const Mapping *m, Row *row) {
+    const Value *v = &row->values[m->identity_index];
+    Py_ssize_t a, b;
+    strip(v->text, v->len, &a, &b);
+    const uc *s = v->text + a;
+    Py_ssize_t n = b - a, len = n;
+    char work[256];
+    int fast = 0;
+    row->id_text.len = 0;
+    if (n == 0) {
+        fast = 0;
+    } else if (m->identity_kind == ID_PLAIN) {
+        fast = n <= 987;
+        if (fast && buf_put(&row->id_text, (const char *)s, n) < 0) return ERR;
+    } else if (m->identity_kind == ID_EMAIL) {
+        fast = n <= 254 && is_ascii(s, n);
+        if (fast) {
+            lower_ascii(work, s, n);
+            fast = email_ok((const uc *)work, n);
+        }
+        if (fast && buf_put(&row->id_text, work, n) < 0) return ERR;
+    } else {
+        fast = n <= 64 && is_ascii(s, n) && phone_normal(s, n, work, &len);
+        if (fast && buf_put(&row->id_text, work, len) < 0) return ERR;
+    }
+    if (!fast) {
+        PyObject *raw = value_str(v);
+        if (raw == NULL) return ERR;
+        PyObject *identity = PyObject_CallOneArg(m->identity_slow, raw);
+        Py_DECREF(raw);
+        if (identity == NULL) return take_rejection(m, row);
+        Py_ssize_t size;
+        const char *text = PyUnicode_AsUTF8AndSize(identity, &size);
+        int status = text == NULL || buf_put(&row->id_text, text, size) < 0 ? ERR : OK;
+        Py_DECREF(identity);
+        TRY(status);
+    }
+    row->id.len = 0;
+    return put_json_bytes(&row->id, row->id_text.data, row->id_text.len) < 0 ? ERR : OK;
+}
+
+/* ---- suppression ------------------------------------------------------------------------- */
+
+/* The reason an address is suppressed for (a new reference to a str), or NULL; -1 on error. */
+static int suppression_of(PyObject *table, const char *address, Py_ssize_t n, PyObject **reason) {
+    *reason = NULL;
+    if (table == Py_None || n == 0 || PyDict_GET_SIZE(table) == 0) return OK;
+    Sha256 h;
+    sha256_init(&h);
+    sha256_update(&h, (const uc *)address, (size_t)n);
+    char hex[64];
+    sha256_hex(&h, hex);
+    PyObject *key = PyUnicode_FromStringAndSize(hex, 64);
+    if (key == NULL) return ERR;
+    PyObject *found = PyDict_GetItemWithError(table, key);
+    Py_DECREF(key);
+    if (found == NULL) return PyErr_Occurred() ? ERR : OK;
+    *reason = Py_NewRef(found);
+    return OK;
+}
+
+static int suppressed_mapped(const Mapping *m, Row *row, PyObject **reason) {
+    const char *email = NULL, *phone = NULL;
+    Py_ssize_t email_len = 0, phone_len = 0;
+    if (m->identity_kind == ID_EMAIL) {
+        email = row->id_text.data;
+        email_len = row->id_text.len;
+    } else if (m->email_slot >= 0 && row->fields[m->email_slot].present) {
+        email = row->typed.data + row->fields[m->email_slot].text;
+        email_len = row->fields[m->email_slot].text_len;
+    }
+    if (m->identity_kind == ID_PHONE) {
+        phone = row->id_text.data;
+        phone_len = row->id_text.len;
+    } else if (m->phone_slot >= 0 && row->fields[m->phone_slot].present) {
+        phone = row->typed.data + row->fields[m->phone_slot].text;
+        phone_len = row->fields[m->phone_slot].text_len;
+    }
+    TRY(suppression_of(m->email_suppressions, email, email_len, reason));
+    if (*reason == NULL) TRY(suppression_of(m->phone_suppressions, phone, phone_len, reason));
+    return OK;
+}
+
+/* engine._suppressed_raw: a row typed and acknowledged before, from its raw values. */
+static int suppressed_raw(const Mapping *m, Row *row, PyObject **reason) {
+    *reason = NULL;
+    if (m->email_suppressions == Py_None) return OK;
+    char email[256], phone[64];
+    Py_ssize_t email_len = 0, phone_len = 0;
+    int fast = 1;
+    if (m->identity_kind == ID_EMAIL) {
+        memcpy(email, row->id_text.data, (size_t)(email_len = row->id_text.len));
+    } else if (m->email_index >= 0 && !is_blank(&row->values[m->email_index])) {
+        const Value *v = &row->values[m->email_index];
+        Py_ssize_t a, b;
+        strip(v->text, v->len, &a, &b);
+        fast = b - a <= 254 && is_ascii(v->text + a, b - a);
+        if (fast) lower_ascii(email, v->text + a, email_len = b - a);
+    }
+    if (m->identity_kind == ID_PHONE) {
+        memcpy(phone, row->id_text.data, (size_t)(phone_len = row->id_text.len));
+    } else if (fast && m->phone_index >= 0 && !is_blank(&row->values[m->phone_index])) {
+        const Value *v = &row->values[m->phone_index];
+        Py_ssize_t a, b;
+        strip(v->text, v->len, &a, &b);
+        fast = b - a <= 60 && is_ascii(v->text + a, b - a) &&
+               phone_normal(v->text + a, b - a, phone, &phone_len);
+    }
+    if (!fast) {
+        PyObject *values = row_values(m, row);
+        if (values == NULL) return ERR;
+        PyObject *found = PyObject_CallOneArg(m->suppressed_raw_slow, values);
+        Py_DECREF(values);
+        if (found == NULL) return ERR;
+        if (found == Py_None) Py_DECREF(found);
+        else *reason = found;
+        return OK;
+    }
+    TRY(suppression_of(m->email_suppressions, email, email_len, reason));
+    if (*reason == NULL) TRY(suppression_of(m->phone_suppressions, phone, phone_len, reason));
+    return OK;
+}
+
+/* ---- outcomes ---------------------------------------------------------------------------- */
+
+typedef struct {
+    Py_ssize_t unchanged;
+    PyObject *reasons; /* dict "outcome.reason" -> count */
+    PyObject *rejects; /* list of (line, code, message, values) */
+    PyObject *withheld_now; /* list of (identity, digest) */
+} Outcomes;
+
+static int count_reason(Outcomes *o, const char *outcome, PyObject *reason) {
+    PyObject *key = PyUnicode_FromFormat("%s.%U", outcome, reason);
+    if (key == NULL) return ERR;
+    PyObject *current = PyDict_GetItemWithError(o->reasons, key);
+    if (current == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return ERR;
+    }
+    PyObject *next = PyLong_FromSsize_t((current ? PyLong_AsSsize_t(current) : 0) + 1);
+    int status = next == NULL || PyDict_SetItem(o->reasons, key, next) < 0 ? ERR : OK;
+    Py_XDECREF(next);
+    Py_DECREF(key);
+    return status;
+}
+
+static int reject_row(const Mapping *m, Outcomes *o, Row *row) {
+    PyObject *values = row_values(m, row);
+    PyObject *entry = values ? Py_BuildValue("LOON", row->line, row->code, row->message, values) : NULL;
+    int status = entry == NULL || PyList_Append(o->rejects, entry) < 0 ? ERR : OK;
+    if (status == OK) status = count_reason(o, "rejected", row->code);
+    Py_XDECREF(entry);
+    Py_CLEAR(row->code);
+    Py_CLEAR(row->message);
+    return status;
+}
+
+static int withhold(Outcomes *o, const Row *row, const uc digest[8]) {
+    PyObject *entry = Py_BuildValue("s#y#", row->id_text.data, row->id_text.len, digest, (Py_ssize_t)8);
+    int status = entry == NULL || PyList_Append(o->withheld_now, entry) < 0 ? ERR : OK;
+    Py_XDECREF(entry);
+    return status;
+}
+
+/* ---- typing a row: mapping.RowMapper.map ------------------------------------------------- */
+
+static int type_row(Mapping *m, Row *row, uint64_t *members, uint64_t *stated) {
+    row->typed.len = 0;
+    for (Py_ssize_t i = 0; i < m->nfields; i++) {
+        FieldSpec *f = &m->fields[i];
+        const Value *v = &row->values[f->position];
+        Typed *t = &row->fields[i];
+        t->present = 0;
+        if (is_blank(v)) {
+            if (f->required) return reject_with(row, "missing_value", PyUnicode_FromFormat("%U is required", f->source));
+            continue;
+        }
+        int status = fast_value(f, v->text, v->len, &row->typed, t);
+        if (status == SLOW) status = slow_value(m, f, v, row, t);
+        if (status == NULLED) continue;
+        TRY(status);
+        t->present = 1;
+    }
+    *members = *stated = 0;
+    for (Py_ssize_t i = 0; i < m->naudiences; i++) {
+        const Value *v = &row->values[m->audiences[i].position];
+        Py_ssize_t a, b;
+        strip(v->text, v->len, &a, &b);
+        if (a == b) continue;
+        char lower[16];
+        int member = -1;
+        if (b - a <= 8 && is_ascii(v->text + a, b - a)) {
+            lower_ascii(lower, v->text + a, b - a);
+            if (word_is(lower, b - a, "realized") || word_is(lower, b - a, "existing")) member = 1;
+            else if (word_is(lower, b - a, "exited")) member = 0;
+        } /* else not a status: non-ASCII text never lower-cases to one */
+        if (member < 0)
+            return reject_with(row, "invalid_membership_status",
+                               PyUnicode_FromFormat("%U: status must be realized/existing/exited",
+                                                    m->audiences[i].label));
+        *stated |= (uint64_t)1 << i;
+        if (member) *members |= (uint64_t)1 << i;
+    }
+    return OK;
+}
+
+/* `row.consent in consent.granted_values`: the stripped, lower-cased consent value. */
+static int consent_granted(const Mapping *m, const Row *row) {
+    const Value *v = &row->values[m->consent_index];
+    Py_ssize_t a, b;
+    strip(v->text, v->len, &a, &b);
+    if (a == b) return 0;
+    if (b - a <= 64 && is_ascii(v->text + a, b - a)) {
+        char lower[64];
+        lower_ascii(lower, v->text + a, b - a);
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(m->granted); i++) {
+            Py_ssize_t n;
+            const char *granted = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(m->granted, i), &n);
+            if (granted == NULL) return ERR;
+            if (n == b - a && memcmp(granted, lower, (size_t)n) == 0) return 1;
+        }
+        return 0;
+    }
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)v->text + a, b - a, "strict");
+    PyObject *lower = text ? PyObject_CallMethod(text, "lower", NULL) : NULL;
+    Py_XDECREF(text);
+    if (lower == NULL) return ERR;
+    int granted = PySequence_Contains(m->granted, lower);
+    Py_DECREF(lower);
+    return granted;
+}
+
+/* ---- the diff and the /users/track object ------------------------------------------------ */
+
+static const uc NULL_HASH[8] = {0};
+
+static int slot_of(const Profile *p, const Buf *token, int hint) {
+    if (hint < p->nslots && p->slots[hint].name_len == token->len &&
+        memcmp(p->names.data + p->slots[hint].name, token->data, (size_t)token->len) == 0)
+        return hint; /* profiles keep the mapping's order, so this is the usual hit */
+    return profile_slot((Profile *)p, (const uc *)token->data, token->len);
+}
+
+static int put_audience_names(Buf *b, const Mapping *m, uint64_t set) {
+    int first = 1;
+    for (Py_ssize_t k = 0; k < m->naudiences; k++) {
+        int i = m->audience_order[k];
+        if (!(set >> i & 1)) continue;
+        if (!first && PUT(b, ",") < 0) return ERR;
+        first = 0;
+        if (buf_put(b, m->audiences[i].name.data, m->audiences[i].name.len) < 0) return ERR;
+    }
+    return OK;
+}
+
+/* state.diff, then engine.build_item encoded as orjson encodes it; `*queued` says whether
+ * anything changed. */
+static int diff_and_queue(State *st, Mapping *m, Row *row, Py_ssize_t index, const uc digest[8],
+                          uint64_t members, uint64_t stated, int *queued) {
+    Entry *e = &st->entries[index];
+    Profile *profile = NULL;
+    if (e->flags & E_PRESENT) TRY(entry_profile(st, e, &profile));
+    Py_ssize_t first_change = st->nchanges;
+    for (Py_ssize_t i = 0; i < m->nfields; i++) {
+        const Typed *t = &row->fields[i];
+        int slot = profile ? slot_of(profile, &m->fields[i].token, (int)i) : -1;
+        const uc *stored = slot >= 0 ? profile->slots[slot].hash : NULL;
+        const uc *hash;
+        if (!t->present) {
+            if (!m->fields[i].send_nulls || stored == NULL || memcmp(stored, NULL_HASH, 8) == 0) continue;
+            hash = NULL_HASH;
+        } else {
+            if (stored != NULL && memcmp(stored, t->hash, 8) == 0) continue;
+            hash = t->hash;
+        }
+        if (grow((void **)&st->changes, &st->changes_cap, st->nchanges + 1, sizeof(ChangeSlot)) < 0)
+            return ERR;
+        st->changes[st->nchanges].slot = (int)i;
+        memcpy(st->changes[st->nchanges++].hash, hash, 8);
+    }
+    uint64_t owned = profile ? profile->owned : 0;
+    uint64_t added = stated & members & ~owned, removed = stated & ~members & owned;
+    *queued = st->nchanges > first_change || added || removed;
+    if (!*queued) return OK;
+    if (grow((void **)&st->items, &st->items_cap, st->nitems + 1, sizeof(Item)) < 0) return ERR;
+    Item *item = &st->items[st->nitems++];
+    item->line = row->line;
+    item->entry = index;
+    item->changes = first_change;
+    item->nchanges = st->nchanges - first_change;
+    item->added = added;
+    item->removed = removed;
+    memcpy(item->digest, digest, 8);
+    Buf *b = &st->encoded;
+    item->off = b->len;
+    if (PUT(b, "{") < 0 || buf_put(b, m->key_token.data, m->key_token.len) < 0 || PUT(b, ":") < 0 ||
+        buf_put(b, row->id.data, row->id.len) < 0 ||
+        (m->update_only && PUT(b, ",\"_update_existing_only\":true") < 0))
+        return ERR;
+    for (Py_ssize_t c = first_change; c < st->nchanges; c++) {
+        const FieldSpec *f = &m->fields[st->changes[c].slot];
+        const Typed *t = &row->fields[st->changes[c].slot];
+        if (PUT(b, ",") < 0 || buf_put(b, f->token.data, f->token.len) < 0 || PUT(b, ":") < 0) return ERR;
+        if (t->present ? buf_put(b, row->typed.data + t->json, t->json_len) < 0 : PUT(b, "null") < 0)
+            return ERR;
+    }
+    if (!m->array_representation) {
+        for (int pass = 0; pass < 2; pass++) {
+            uint64_t set = pass ? removed : added;
+            for (Py_ssize_t k = 0; k < m->naudiences; k++) {
+                int i = m->audience_order[k];
+                if (!(set >> i & 1)) continue;
+                const Buf *attribute = &m->audiences[i].attribute;
+                if (PUT(b, ",") < 0 || buf_put(b, attribute->data, attribute->len) < 0) return ERR;
+                if (pass ? PUT(b, ":false") < 0 : PUT(b, ":true") < 0) return ERR;
+            }
+        }
+    } else if (added || removed) {
+        if (PUT(b, ",") < 0 || buf_put(b, m->array_token.data, m->array_token.len) < 0 || PUT(b, ":{") < 0)
+            return ERR;
+        if (added && (PUT(b, "\"add\":[") < 0 || put_audience_names(b, m, added) < 0 || PUT(b, "]") < 0))
+            return ERR;
+        if (removed && ((added && PUT(b, ",") < 0) || PUT(b, "\"remove\":[") < 0 ||
+                        put_audience_names(b, m, removed) < 0 || PUT(b, "]") < 0))
+            return ERR;
+        if (PUT(b, "}") < 0) return ERR;
+    }
+    if (PUT(b, "}") < 0) return ERR;
+    item->len = b->len - item->off;
+    return OK;
+}
+
+/* ---- State.process: every row of a work blob ---------------------------------------------- */
+
+static void row_free(Row *row) {
+    PyMem_Free(row->values);
+    PyMem_Free(row->fields);
+    PyMem_Free(row->scratch.data);
+    PyMem_Free(row->typed.data);
+    PyMem_Free(row->id.data);
+    PyMem_Free(row->id_text.data);
+    Py_CLEAR(row->code);
+    Py_CLEAR(row->message);
+}
+
+static int count_suppressed(Outcomes *o, PyObject *reason, PyObject *no_consent) {
+    int status = count_reason(o, "suppressed", reason ? reason : no_consent);
+    Py_XDECREF(reason);
+    return status;
+}
+
+static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Outcomes *o,
+                       PyObject *no_consent) {
+    Buf *scratch = &row->typed; /* free until the row is typed */
+    scratch->len = 0;
+    if (PUT(scratch, "[") < 0) return ERR;
+    for (Py_ssize_t i = 0; i < m->ndigest; i++) {
+        const Value *v = &row->values[m->digest_positions[i]];
+        if ((i && PUT(scratch, ",") < 0) || buf_put(scratch, (const char *)v->token, v->token_len) < 0)
+            return ERR;
+    }
+    if (PUT(scratch, "]") < 0) return ERR;
+    uc digest[8];
+    hash8("", 0, (const uc *)scratch->data, (size_t)scratch->len, digest);
+
+    int status = identity_of(m, row);
+    if (status == REJECTED) return reject_row(m, o, row);
+    TRY(status);
+    size_t slot = 0;
+    Py_ssize_t index = table_find(st, (const uc *)row->id.data, row->id.len, &slot);
+    if (index >= 0 && (st->entries[index].flags & E_SEEN)) {
+        reject_with(row, "duplicate_identity",
+                    PyUnicode_FromString("identity already appeared earlier in this file (first row wins)"));
+        if (row->code == NULL) return ERR;
+        return reject_row(m, o, row);
+    }
+    if (index < 0) {
+        Entry e = {0};
+        e.id = st->arena.len;
+        e.id_len = row->id.len;
+        if (buf_put(&st->arena, row->id.data, row->id.len) < 0) return ERR;
+        index = table_add(st, e, slot);
+        if (index < 0) return ERR;
+    }
+    Entry *e = &st->entries[index];
+    e->flags |= E_SEEN;
+    PyObject *reason = NULL;
+    if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST) && memcmp(e->digest, digest, 8) == 0) {
+        TRY(suppressed_raw(m, row, &reason));
+        if (reason) return count_suppressed(o, reason, NULL);
+        o->unchanged++;
+        return OK;
+    }
+    if (PyDict_GET_SIZE(withheld)) {
+        PyObject *key = PyUnicode_DecodeUTF8(row->id_text.data, row->id_text.len, "strict");
+        if (key == NULL) return ERR;
+        PyObject *before = PyDict_GetItemWithError(withheld, key);
+        Py_DECREF(key);
+        if (before == NULL && PyErr_Occurred()) return ERR;
+        if (before && PyBytes_Check(before) && PyBytes_GET_SIZE(before) == 8 &&
+            memcmp(PyBytes_AS_STRING(before), digest, 8) == 0) {
+            TRY(withhold(o, row, digest));
+            TRY(suppressed_raw(m, row, &reason));
+            return count_suppressed(o, reason, no_consent);
+        }
+    }
+    uint64_t members, stated;
+    status = type_row(m, row, &members, &stated);
+    if (status == REJECTED) return reject_row(m, o, row);
+    TRY(status);
+    TRY(suppressed_mapped(m, row, &reason));
+    if (reason == NULL && m->consent_index >= 0) {
+        int granted = consent_granted(m, row);
+        if (granted < 0) return ERR;
+        if (!granted) {
+            TRY(withhold(o, row, digest));
+            return count_suppressed(o, NULL, no_consent);
+        }
+    }
+    if (reason) return count_suppressed(o, reason, NULL);
+    int queued;
+    TRY(diff_and_queue(st, m, row, index, digest, members, stated, &queued));
+    if (!queued) {
+        e = &st->entries[index];
+        if ((e->flags & E_PRESENT) && (!(e->flags & E_DIGEST) || memcmp(e->digest, digest, 8) != 0)) {
+            memcpy(e->digest, digest, 8);
+            e->flags |= E_DIGEST | E_REWRITE;
+            st->changed = 1;
+        }
+        o->unchanged++;
+    }
+    return OK;
+}
+
+/* process(mapping, data, withheld) -> None when the bucket is for the reference, else
+ * (unchanged, reasons, rejects, withheld_now, items). */
+static PyObject *state_process(State *st, PyObject *args) {
+    Mapping *m;
+    Py_buffer data;
+    PyObject *withheld;
+    if (!PyArg_ParseTuple(args, "O!y*O!", &MappingType, &m, &data, &PyDict_Type, &withheld)) return NULL;
+    Py_XSETREF(st->mapping, (Mapping *)Py_NewRef(m));
+    Row row = {0};
+    Outcomes o = {0};
+    PyObject *result = NULL, *no_consent = PyUnicode_FromString("no_consent");
+    row.values = PyMem_Calloc((size_t)m->columns + 1, sizeof(Value));
+    row.fields = PyMem_Calloc((size_t)m->nfields + 1, sizeof(Typed));
+    o.reasons = PyDict_New();
+    o.rejects = PyList_New(0);
+    o.withheld_now = PyList_New(0);
+    if (row.values == NULL || row.fields == NULL) PyErr_NoMemory();
+    if (PyErr_Occurred() || no_consent == NULL) goto done;
+    const uc *p = data.buf, *end = p + data.len;
+    int status = OK;
+    while (p < end && status == OK) {
+        const uc *newline = memchr(p, '\n', (size_t)(end - p));
+        const uc *line_end = newline ? newline : end;
+        const uc *line = p;
+        p = newline ? newline + 1 : end;
+        if (line == line_end) continue;
+        status = parse_row(m, line, line_end, &row);
+        if (status == OK) status = process_row(st, m, &row, withheld, &o, no_consent);
+    }
+    if (status == PUNT) {
+        result = Py_NewRef(Py_None);
+    } else if (status == OK) {
+        result = Py_BuildValue("nOOOn", o.unchanged, o.reasons, o.rejects, o.withheld_now, st->nitems);
+    }
+done:
+    row_free(&row);
+    Py_XDECREF(o.reasons);
+    Py_XDECREF(o.rejects);
+    Py_XDECREF(o.withheld_now);
+    Py_XDECREF(no_consent);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* ---- batches: sizes, objects, checkpoint keys, acknowledgements --------------------------- */
+
+static int range_of(State *st, Py_ssize_t start, Py_ssize_t end) {
+    if (start < 0 || end > st->nitems || start > end) {
+        PyErr_SetString(PyExc_IndexError, "item range out of bounds");
+        return -1;
+    }
+    return 0;
+}
+
+/* take(start, objects, size, max_objects, max_bytes) -> (end, size): the items from `start`
+ * that still fit a batch holding `objects` objects of `size` bytes (each counted with its
+ * comma, as ChunkRunner._queue counts them). */
+static PyObject *state_take(State *st, PyObject *args) {
+    Py_ssize_t start, objects, size, max_objects, max_bytes;
+    if (!PyArg_ParseTuple(args, "nnnnn", &start, &objects, &size, &max_objects, &max_bytes) ||
+        range_of(st, start, start) < 0)
+        return NULL;
+    Py_ssize_t end = start;
+    while (end < st->nitems) {
+        Py_ssize_t item = st->items[end].len + 1;
+        if (objects && (objects >= max_objects || size + item > max_bytes)) break;
+        objects++;
+        size += item;
+        end++;
+    }
+    return Py_BuildValue("nn", end, size);
+}
+
+static PyObject *state_encoded(State *st, PyObject *args) {
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "nn", &start, &end) || range_of(st, start, end) < 0) return NULL;
+    PyObject *list = PyList_New(end - start);
+    for (Py_ssize_t i = start; list && i < end; i++) {
+        PyObject *item = PyBytes_FromStringAndSize(st->encoded.data + st->items[i].off, st->items[i].len);
+        if (item == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i - start, item);
+    }
+    return list;
+}
+
+/* keys(bucket, start, end): the checkpoint keys `bucket:line` (engine._item_key). */
+static PyObject *state_keys(State *st, PyObject *args) {
+    int bucket;
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "inn", &bucket, &start, &end) || range_of(st, start, end) < 0) return NULL;
+    PyObject *list = PyList_New(end - start);
+    for (Py_ssize_t i = start; list && i < end; i++) {
+        char key[48];
+        int n = snprintf(key, sizeof key, "%d:%lld", bucket, (long long)st->items[i].line);
+        PyObject *text = PyUnicode_FromStringAndSize(key, n);
+        if (text == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i - start, text);
+    }
+    return list;
+}
+
+static int acknowledge(State *st, const Item *item) {
+    Entry *e = &st->entries[item->entry];
+    Profile *profile;
+    TRY(entry_profile(st, e, &profile));
+    for (Py_ssize_t c = item->changes; c < item->changes + item->nchanges; c++) {
+        const Buf *token = &st->mapping->fields[st->changes[c].slot].token;
+        int slot = slot_of(profile, token, st->changes[c].slot);
+        if (slot >= 0) memcpy(profile->slots[slot].hash, st->changes[c].hash, 8);
+        else if (profile_append(profile, (const uc *)token->data, token->len, st->changes[c].hash) < 0)
+            return ERR;
+    }
+    profile->owned = (profile->owned | item->added) & ~item->removed;
+    memcpy(e->digest, item->digest, 8);
+    e->flags |= E_DIGEST | E_REWRITE;
+    if (!(e->flags & E_PRESENT)) {
+        e->flags |= E_PRESENT;
+        if (grow((void **)&st->added_order, &st->added_cap, st->nadded + 1, sizeof(Py_ssize_t)) < 0)
+            return ERR;
+        st->added_order[st->nadded++] = item->entry;
+    }
+    st->changed = 1;
+    return OK;
+}
+
+/* settle(start, end, failed): the destination applied items start..end-1 but those in
+ * `failed` (a container of item indices). */
+static PyObject *state_settle(State *st, PyObject *args) {
+    Py_ssize_t start, end;
+    PyObject *failed;
+    if (!PyArg_ParseTuple(args, "nnO", &start, &end, &failed) || range_of(st, start, end) < 0) return NULL;
+    int none_failed = PyObject_Length(failed) == 0;
+    for (Py_ssize_t i = start; i < end; i++) {
+        if (!none_failed) {
+            PyObject *key = PyLong_FromSsize_t(i);
+            int found = key ? PySequence_Contains(failed, key) : -1;
+            Py_XDECREF(key);
+            if (found < 0) return NULL;
+            if (found) continue;
+        }
+        int status = acknowledge(st, &st->items[i]);
+        if (status == PUNT) {
+            PyErr_SetString(PyExc_RuntimeError, "profile unreadable at acknowledgement");
+            return NULL;
+        }
+        if (status != OK) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- State.encode: the snapshot's profile lines ------------------------------------------- */
+
+static int put_line(State *st, Buf *b, const Entry *e) {
+    const char *text = PyBytes_AS_STRING(st->text);
+    if (PUT(b, "\n") < 0) return ERR;
+    if (!(e->flags & E_REWRITE)) return buf_put(b, text + e->line, e->line_len) < 0 ? ERR : OK;
+    if (e->flags & E_DIGEST) {
+        char hex[16];
+        for (int i = 0; i < 8; i++) {
+            hex[2 * i] = HEX[e->digest[i] >> 4];
+            hex[2 * i + 1] = HEX[e->digest[i] & 15];
+        }
+        if (buf_put(b, hex, 16) < 0) return ERR;
+    }
+    if (PUT(b, "\t") < 0 || buf_put(b, (const char *)entry_id(st, e), e->id_len) < 0 || PUT(b, "\t") < 0)
+        return ERR;
+    const Profile *p = e->profile;
+    if (p == NULL) /* only the digest changed */
+        return buf_put(b, text + e->stored, e->line + e->line_len - e->stored) < 0 ? ERR : OK;
+    if (PUT(b, "[{") < 0) return ERR;
+    for (Py_ssize_t i = 0; i < p->nslots; i++) {
+        char hex[19];
+        hex[0] = ':';
+        hex[1] = '"';
+        for (int k = 0; k < 8; k++) {
+            hex[2 + 2 * k] = HEX[p->slots[i].hash[k] >> 4];
+            hex[3 + 2 * k] = HEX[p->slots[i].hash[k] & 15];
+        }
+        hex[18] = '"';
+        if ((i && PUT(b, ",") < 0) || buf_put(b, p->names.data + p->slots[i].name, p->slots[i].name_len) < 0 ||
+            buf_put(b, hex, 19) < 0)
+            return ERR;
+    }
+    if (PUT(b, "},[") < 0 || put_audience_names(b, st->mapping, p->owned) < 0 || PUT(b, "]]") < 0)
+        return ERR;
+    return OK;
+}
+
+/* encode() -> bytes: "\n" and the line of every profile, stored ones first, in their order,
+ * then new ones in the order they were acknowledged (as state._encode writes the dict). */
+static PyObject *state_encode(State *st, PyObject *unused) {
+    Buf b = {0};
+    PyObject *result = NULL;
+    if (buf_reserve(&b, PyBytes_GET_SIZE(st->text) + 1024) < 0) return NULL;
+    for (Py_ssize_t i = 0; i < st->nentries; i++) {
+        const Entry *e = &st->entries[i];
+        if ((e->flags & E_STORED) && put_line(st, &b, e) != OK) goto done;
+    }
+    for (Py_ssize_t i = 0; i < st->nadded; i++)
+        if (put_line(st, &b, &st->entries[st->added_order[i]]) != OK) goto done;
+    result = PyBytes_FromStringAndSize(b.data, b.len);
+done:
+    PyMem_Free(b.data);
+    return result;
+}
+
+static PyObject *state_get_changed(State *st, void *closure) { return PyBool_FromLong(st->changed); }
+
+static PyObject *state_get_profiles(State *st, void *closure) {
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < st->nentries; i++) count += (st->entries[i].flags & E_PRESENT) != 0;
+    return PyLong_FromSsize_t(count);
+}
+
+static PyMethodDef STATE_METHODS[] = {
+    {"process", (PyCFunction)state_process, METH_VARARGS,
+     "process(mapping, data, withheld) -> None (the reference's) or\n"
+     "(unchanged, reasons, rejects, withheld_now, items)"},
+    {"take", (PyCFunction)state_take, METH_VARARGS,
+     "take(start, objects, size, max_objects, max_bytes) -> (end, size)"},
+    {"encoded", (PyCFunction)state_encoded, METH_VARARGS, "encoded(start, end) -> [bytes]"},
+    {"keys", (PyCFunction)state_keys, METH_VARARGS, "keys(bucket, start, end) -> [checkpoint key]"},
+    {"settle", (PyCFunction)state_settle, METH_VARARGS, "settle(start, end, failed)"},
+    {"encode", (PyCFunction)state_encode, METH_NOARGS, "encode() -> the profile lines"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef STATE_GETSET[] = {
+    {"changed", (getter)state_get_changed, NULL, "whether anything was acknowledged or re-digested", NULL},
+    {"profiles", (getter)state_get_profiles, NULL, "profiles the state holds", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject StateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "switchboard_sync.State",
+    .tp_basicsize = sizeof(State),
+    .tp_dealloc = (destructor)state_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = state_new,
+    .tp_methods = STATE_METHODS,
+    .tp_getset = STATE_GETSET,
+    .tp_doc = "One bucket's delta state while it is processed (see core/sync/native.py).",
+};
+
+/* ---- helpers the tests compare with the reference ------------------------------------------ */
+
+static PyObject *blake2b_digest(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &size)) return NULL;
+    if (size < 1 || size > 64) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "digest size is 1 to 64");
+        return NULL;
+    }
+    Blake2b s;
+    uc out[64];
+    b2_init(&s, (size_t)size);
+    b2_update(&s, view.buf, (size_t)view.len);
+    b2_final(&s, out);
+    PyBuffer_Release(&view);
+    return PyBytes_FromStringAndSize((const char *)out, size);
+}
+
+static PyMethodDef METHODS[] = {
+    {"blake2b", blake2b_digest, METH_VARARGS, "blake2b(data, digest_size) -> digest"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, "switchboard_sync",
+    "A segment sync's buckets in C (the reference is core/sync/engine.py).", -1, METHODS,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit_switchboard_sync(void) {
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&StateType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&MODULE);
+    if (module == NULL) return NULL;
+    if (PyModule_AddObjectRef(module, "Mapping", (PyObject *)&MappingType) < 0 ||
+        PyModule_AddObjectRef(module, "State", (PyObject *)&StateType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
