@@ -131,13 +131,101 @@ static void b2_final(Blake2b *s, uc *out) {
     for (size_t i = 0; i < s->outlen; i++) out[i] = (uc)(s->h[i / 8] >> (8 * (i % 8)));
 }
 
-/* 8-byte BLAKE2b of `prefix` then `p`: state.value_hash and raw_digest. */
+/* 8-byte BLAKE2b of `prefix` then `p`: split.bucket_of and state.raw_digest. */
 static void hash8(const char *prefix, size_t prefix_len, const uc *p, size_t n, uc out[8]) {
     Blake2b s;
     b2_init(&s, 8);
     b2_update(&s, (const uc *)prefix, prefix_len);
     b2_update(&s, p, n);
     b2_final(&s, out);
+}
+
+/* ---- XXH64 (seed 0), state.value_hash: the digest as xxhash.xxh64_digest gives it ----- */
+
+#define XP1 0x9E3779B185EBCA87ULL
+#define XP2 0xC2B2AE3D27D4EB4FULL
+#define XP3 0x165667B19E3779F9ULL
+#define XP4 0x85EBCA77C2B2AE63ULL
+#define XP5 0x27D4EB2F165667C5ULL
+#define ROTL64(x, n) (((x) << (n)) | ((x) >> (64 - (n))))
+
+static uint64_t read64(const uc *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+static uint64_t read32(const uc *p) { return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24; }
+
+static uint64_t xxh_round(uint64_t acc, uint64_t input) {
+    acc += input * XP2;
+    acc = ROTL64(acc, 31);
+    return acc * XP1;
+}
+
+static uint64_t xxh_merge(uint64_t acc, uint64_t value) {
+    acc ^= xxh_round(0, value);
+    return acc * XP1 + XP4;
+}
+
+static uint64_t xxh64(const uc *p, size_t n) {
+    const uc *end = p + n;
+    uint64_t h;
+    if (n >= 32) {
+        uint64_t v1 = XP1 + XP2, v2 = XP2, v3 = 0, v4 = 0 - XP1;
+        const uc *limit = end - 32;
+        do {
+            v1 = xxh_round(v1, read64(p));
+            v2 = xxh_round(v2, read64(p + 8));
+            v3 = xxh_round(v3, read64(p + 16));
+            v4 = xxh_round(v4, read64(p + 24));
+            p += 32;
+        } while (p <= limit);
+        h = ROTL64(v1, 1) + ROTL64(v2, 7) + ROTL64(v3, 12) + ROTL64(v4, 18);
+        h = xxh_merge(h, v1);
+        h = xxh_merge(h, v2);
+        h = xxh_merge(h, v3);
+        h = xxh_merge(h, v4);
+    } else {
+        h = XP5;
+    }
+    h += (uint64_t)n;
+    while (p + 8 <= end) {
+        h ^= xxh_round(0, read64(p));
+        h = ROTL64(h, 27) * XP1 + XP4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        h ^= read32(p) * XP1;
+        h = ROTL64(h, 23) * XP2 + XP3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (*p++) * XP5;
+        h = ROTL64(h, 11) * XP1;
+    }
+    h ^= h >> 33;
+    h *= XP2;
+    h ^= h >> 29;
+    h *= XP3;
+    h ^= h >> 32;
+    return h;
+}
+
+/* state.value_hash: XXH64 of `prefix` then `p`, big-endian (xxhash's canonical form). */
+static int value_hash8(const char *prefix, size_t prefix_len, const uc *p, size_t n, uc out[8]) {
+    uc small[512];
+    uc *text = prefix_len + n <= sizeof small ? small : PyMem_Malloc(prefix_len + n);
+    if (text == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(text, prefix, prefix_len);
+    if (n) memcpy(text + prefix_len, p, n);
+    uint64_t h = xxh64(text, prefix_len + n);
+    if (text != small) PyMem_Free(text);
+    for (int i = 0; i < 8; i++) out[i] = (uc)(h >> (56 - 8 * i));
+    return 0;
 }
 
 /* ---- text: UTF-8 code points, Python's whitespace ------------------------------------- */
@@ -1143,8 +1231,7 @@ static int put_hashed_text(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
     t->json = typed->len;
     if (put_json_bytes(typed, (const char *)s, n) < 0) return ERR;
     t->json_len = typed->len - t->json;
-    hash8("s", 1, s, (size_t)n, t->hash);
-    return OK;
+    return value_hash8("s", 1, s, (size_t)n, t->hash) < 0 ? ERR : OK;
 }
 
 static int put_number_json(Buf *typed, Typed *t, const char *hash_prefix, const char *text,
@@ -1152,8 +1239,7 @@ static int put_number_json(Buf *typed, Typed *t, const char *hash_prefix, const 
     t->json = typed->len;
     if (buf_put(typed, text, n) < 0) return ERR;
     t->json_len = n;
-    hash8(hash_prefix, 1, (const uc *)text, (size_t)n, t->hash);
-    return OK;
+    return value_hash8(hash_prefix, 1, (const uc *)text, (size_t)n, t->hash) < 0 ? ERR : OK;
 }
 
 /* [+-]digits[.digits][e[+-]digits], or with exponents not allowed (decimal). */
@@ -1179,8 +1265,55 @@ static int plain_number(const uc *s, Py_ssize_t n, int exponent) {
     return i == n && n < 64;
 }
 
+/*
+ * repr(float(text)) for plain decimals of at most 15 significant digits, from 1e-4 up:
+ * such a decimal is the shortest text that reads back as its double (DBL_DIG is 15), so
+ * repr gives its digits without leading or trailing zeros. orjson writes the same.
+ */
+static int canonical_decimal(const uc *s, Py_ssize_t n, char *out, Py_ssize_t *len) {
+    Py_ssize_t i = 0, k = 0;
+    if (s[i] == '+' || s[i] == '-') {
+        if (s[i] == '-') out[k++] = '-';
+        i++;
+    }
+    while (i < n && s[i] == '0') i++; /* leading zeros */
+    Py_ssize_t int_start = i;
+    while (i < n && is_digit(s[i])) i++;
+    Py_ssize_t int_len = i - int_start;
+    Py_ssize_t frac_start = i < n && s[i] == '.' ? i + 1 : n, frac_end = n;
+    while (frac_end > frac_start && s[frac_end - 1] == '0') frac_end--; /* trailing zeros */
+    Py_ssize_t significant;
+    if (int_len) {
+        significant = int_len + (frac_end - frac_start);
+    } else {
+        Py_ssize_t z = frac_start;
+        while (z < frac_end && s[z] == '0') z++;
+        if (z < frac_end && z - frac_start >= 4) return 0; /* under 1e-4: repr uses an exponent */
+        significant = frac_end - z;
+    }
+    if (significant > 15) return 0;
+    if (int_len) {
+        memcpy(out + k, s + int_start, (size_t)int_len);
+        k += int_len;
+    } else {
+        out[k++] = '0';
+    }
+    out[k++] = '.';
+    if (frac_end > frac_start) {
+        memcpy(out + k, s + frac_start, (size_t)(frac_end - frac_start));
+        k += frac_end - frac_start;
+    } else {
+        out[k++] = '0';
+    }
+    *len = k;
+    return 1;
+}
+
 static int float_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
-    char text[64];
+    char text[80];
+    Py_ssize_t len;
+    if (!memchr(s, 'e', (size_t)n) && !memchr(s, 'E', (size_t)n) && canonical_decimal(s, n, text, &len))
+        return put_number_json(typed, t, "f", text, len);
     memcpy(text, s, (size_t)n);
     text[n] = 0;
     char *stop;
@@ -1193,9 +1326,8 @@ static int float_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
     char *repr = PyOS_double_to_string(x, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (repr == NULL) return ERR;
     int status = SLOW;
-    size_t len = strlen(repr);
     if (!strchr(repr, 'e') && !strchr(repr, 'n')) /* orjson writes these the same */
-        status = put_number_json(typed, t, "f", repr, (Py_ssize_t)len);
+        status = put_number_json(typed, t, "f", repr, (Py_ssize_t)strlen(repr));
     PyMem_Free(repr);
     return status;
 }
@@ -1238,8 +1370,7 @@ static int array_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
     }
     if (PUT(typed, "]") < 0) return ERR;
     t->json_len = typed->len - t->json;
-    hash8("j", 1, (const uc *)typed->data + t->json, (size_t)t->json_len, t->hash);
-    return OK;
+    return value_hash8("j", 1, (const uc *)typed->data + t->json, (size_t)t->json_len, t->hash) < 0 ? ERR : OK;
 }
 
 static int fast_value(const FieldSpec *f, const uc *s, Py_ssize_t n, Buf *typed, Typed *t) {
@@ -1296,8 +1427,7 @@ static int fast_value(const FieldSpec *f, const uc *s, Py_ssize_t n, Buf *typed,
         t->json = typed->len;
         t->json_len = (Py_ssize_t)strlen(json);
         if (buf_put(typed, json, t->json_len) < 0) return ERR;
-        hash8(json[0] == 't' ? "b1" : "b0", 2, NULL, 0, t->hash);
-        return OK;
+        return value_hash8(json[0] == 't' ? "b1" : "b0", 2, NULL, 0, t->hash) < 0 ? ERR : OK;
     }
     case K_DATE:
     case K_DOB: {
@@ -2068,6 +2198,365 @@ static PyTypeObject StateType = {
     .tp_doc = "One bucket's delta state while it is processed (see core/sync/native.py).",
 };
 
+/* ---- Splitter: a CSV file into identity buckets (core/sync/split.py) ---------------------- */
+
+/*
+ * The reference reads with Python's csv module (strict, the sync's delimiter, '"' quotes
+ * doubled inside quoted fields) over text decoded as strict UTF-8, and writes each row to
+ * its bucket's work blob as orjson.dumps([line, *values]). This parser takes well-formed
+ * CSV; anything the csv module would report or read in its own way (a character after a
+ * closing quote, a lone carriage return, NUL, a field over the size limit, a file ending
+ * inside quotes) makes `feed` return None, and the file is split by the reference from its
+ * start.
+ */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t columns;
+    int identity_index;
+    uc delimiter;
+    int buckets;
+    Py_ssize_t ready_bytes;
+    PyObject *identity_key; /* the reference's key of a non-ASCII identity */
+    Buf *pending;           /* per bucket: work lines not yet handed out */
+    Py_ssize_t *counts;
+    Py_ssize_t rows;
+    Buf fields; /* the current record's values, unquoted */
+    Py_ssize_t *starts, *lens;
+    Py_ssize_t fields_cap;
+    Buf key;
+} Splitter;
+
+static void splitter_dealloc(Splitter *sp) {
+    if (sp->pending)
+        for (int i = 0; i < sp->buckets; i++) PyMem_Free(sp->pending[i].data);
+    PyMem_Free(sp->pending);
+    PyMem_Free(sp->counts);
+    PyMem_Free(sp->fields.data);
+    PyMem_Free(sp->starts);
+    PyMem_Free(sp->lens);
+    PyMem_Free(sp->key.data);
+    Py_XDECREF(sp->identity_key);
+    Py_TYPE(sp)->tp_free((PyObject *)sp);
+}
+
+/* Splitter(columns, identity_index, delimiter, buckets, ready_bytes, identity_key) */
+static PyObject *splitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Py_ssize_t columns, ready_bytes;
+    int identity_index, buckets;
+    const char *delimiter;
+    Py_ssize_t delimiter_len;
+    PyObject *identity_key;
+    if (!PyArg_ParseTuple(args, "nis#inO", &columns, &identity_index, &delimiter, &delimiter_len,
+                          &buckets, &ready_bytes, &identity_key))
+        return NULL;
+    if (delimiter_len != 1 || (uc)delimiter[0] >= 0x80 || delimiter[0] == '"' ||
+        delimiter[0] == '\r' || delimiter[0] == '\n' || buckets < 1 || columns < 1 ||
+        identity_index < 0 || identity_index >= columns) {
+        PyErr_SetString(PyExc_ValueError, "unsupported splitter settings");
+        return NULL;
+    }
+    Splitter *sp = (Splitter *)type->tp_alloc(type, 0);
+    if (sp == NULL) return NULL;
+    sp->columns = columns;
+    sp->identity_index = identity_index;
+    sp->delimiter = (uc)delimiter[0];
+    sp->buckets = buckets;
+    sp->ready_bytes = ready_bytes;
+    sp->identity_key = Py_NewRef(identity_key);
+    sp->pending = PyMem_Calloc((size_t)buckets, sizeof(Buf));
+    sp->counts = PyMem_Calloc((size_t)buckets, sizeof(Py_ssize_t));
+    if (sp->pending == NULL || sp->counts == NULL) {
+        Py_DECREF(sp);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)sp;
+}
+
+#define FIELD_LIMIT (1 << 20)
+
+/* Strict UTF-8 (what the reference's decoder takes): the length of valid text from p. */
+static Py_ssize_t utf8_valid(const uc *p, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        uc c = p[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+        if (len == 0 || i + len > n) return i;
+        uc c1 = p[i + 1];
+        if ((c1 & 0xC0) != 0x80 || (c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 > 0x9F) ||
+            (c == 0xF0 && c1 < 0x90) || (c == 0xF4 && c1 > 0x8F))
+            return i;
+        for (int k = 2; k < len; k++)
+            if ((p[i + k] & 0xC0) != 0x80) return i;
+        i += len;
+    }
+    return i;
+}
+
+static int add_field(Splitter *sp, Py_ssize_t *count, Py_ssize_t start) {
+    if (*count >= sp->fields_cap) {
+        Py_ssize_t cap = sp->fields_cap ? sp->fields_cap * 2 : 64;
+        Py_ssize_t *starts = PyMem_Realloc(sp->starts, (size_t)cap * sizeof(Py_ssize_t));
+        if (starts == NULL) return ERR;
+        sp->starts = starts;
+        Py_ssize_t *lens = PyMem_Realloc(sp->lens, (size_t)cap * sizeof(Py_ssize_t));
+        if (lens == NULL) return ERR;
+        sp->lens = lens;
+        sp->fields_cap = cap;
+    }
+    sp->starts[*count] = start;
+    sp->lens[*count] = sp->fields.len - start;
+    (*count)++;
+    return OK;
+}
+
+/*
+ * One record from p: OK with `*next` after it, PUNT, or SLOW when the data ends inside it
+ * (more is needed). `*lines` counts the physical lines it spans.
+ */
+static int split_record(Splitter *sp, const uc *p, const uc *end, int final, const uc **next,
+                        Py_ssize_t *count, long long *lines) {
+    sp->fields.len = 0;
+    *count = 0;
+    *lines = 0;
+    if (buf_reserve(&sp->fields, end - p) < 0) return ERR;
+    char *out = sp->fields.data;
+    uc d = sp->delimiter;
+    if (p < end && (*p == '\n' || *p == '\r')) { /* a blank line: no fields */
+        if (*p == '\r' && p + 1 >= end) return final ? PUNT : SLOW;
+        if (*p == '\r' && p[1] != '\n') return PUNT;
+        *next = p + (*p == '\r' ? 2 : 1);
+        *lines = 1;
+        return OK;
+    }
+    for (;;) {
+        Py_ssize_t start = out - sp->fields.data;
+        if (p < end && *p == '"') {
+            p++;
+            for (;;) {
+                const uc *quote = memchr(p, '"', (size_t)(end - p));
+                if (quote == NULL) return final ? PUNT : SLOW;
+                for (const uc *q = p; q < quote; q++) {
+                    if (*q == '\n') (*lines)++;
+                    else if (*q == '\r' && (q + 1 >= quote || q[1] != '\n')) return PUNT;
+                    else if (*q == 0) return PUNT;
+                }
+                memcpy(out, p, (size_t)(quote - p));
+                out += quote - p;
+                p = quote + 1;
+                if (p < end && *p == '"') { /* a doubled quote */
+                    *out++ = '"';
+                    p++;
+                    continue;
+                }
+                if (p >= end && !final) return SLOW;
+                break;
+            }
+            if (p < end && *p != d && *p != '\n' && *p != '\r') return PUNT;
+        } else {
+            const uc *q = p;
+            while (q < end && *q != d && *q != '\n' && *q != '\r') {
+                if (*q == 0) return PUNT;
+                q++;
+            }
+            if (q >= end && !final) return SLOW;
+            memcpy(out, p, (size_t)(q - p));
+            out += q - p;
+            p = q;
+        }
+        sp->fields.len = out - sp->fields.data;
+        if (sp->fields.len - start > FIELD_LIMIT) return PUNT;
+        if (add_field(sp, count, start) < 0) return ERR;
+        if (p < end && *p == d) {
+            p++;
+            continue;
+        }
+        if (p < end && *p == '\r') {
+            if (p + 1 >= end) return final ? PUNT : SLOW;
+            if (p[1] != '\n') return PUNT;
+            p++;
+        }
+        if (p < end) p++; /* the newline */
+        (*lines)++;
+        *next = p;
+        return OK;
+    }
+}
+
+static int bucket_of_key(const uc *key, Py_ssize_t n, int buckets) {
+    uc digest[8];
+    hash8("", 0, key, (size_t)n, digest);
+    uint64_t value = 0;
+    for (int i = 0; i < 8; i++) value = value << 8 | digest[i];
+    return (int)(value % (uint64_t)buckets);
+}
+
+/* split.identity_key: the value stripped and lower-cased. */
+static int identity_bucket(Splitter *sp, const uc *s, Py_ssize_t n, int *bucket) {
+    Py_ssize_t a, b;
+    strip(s, n, &a, &b);
+    sp->key.len = 0;
+    if (is_ascii(s + a, b - a)) {
+        if (buf_reserve(&sp->key, b - a + 1) < 0) return ERR;
+        lower_ascii(sp->key.data, s + a, b - a);
+        *bucket = bucket_of_key((const uc *)sp->key.data, b - a, sp->buckets);
+        return OK;
+    }
+    PyObject *raw = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
+    PyObject *key = raw ? PyObject_CallOneArg(sp->identity_key, raw) : NULL;
+    Py_XDECREF(raw);
+    if (key == NULL) return ERR;
+    Py_ssize_t size;
+    const char *text = PyUnicode_AsUTF8AndSize(key, &size);
+    if (text != NULL) *bucket = bucket_of_key((const uc *)text, size, sp->buckets);
+    Py_DECREF(key);
+    return text ? OK : ERR;
+}
+
+static int put_work_line(Splitter *sp, Buf *b, long long line, Py_ssize_t count) {
+    char number[32];
+    int n = snprintf(number, sizeof number, "[%lld", line);
+    if (buf_put(b, number, n) < 0) return ERR;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (PUT(b, ",") < 0 || put_json_bytes(b, sp->fields.data + sp->starts[i], sp->lens[i]) < 0)
+            return ERR;
+    }
+    return PUT(b, "]\n") < 0 ? ERR : OK;
+}
+
+/*
+ * feed(data, line, final) -> None (for the reference), or (consumed, line, malformed,
+ * ready, bad_utf8): the records of `data` up to the last complete one are split into their
+ * buckets; `line` is the number of the next record's first line; `ready` lists (bucket,
+ * work lines) of buckets that hold at least `ready_bytes`; `bad_utf8` is the offset of the
+ * first byte that is not UTF-8, or -1.
+ */
+static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
+    Py_buffer data;
+    long long line;
+    int final;
+    if (!PyArg_ParseTuple(args, "y*Lp", &data, &line, &final)) return NULL;
+    const uc *base = data.buf, *p = base;
+    PyObject *malformed = PyList_New(0), *ready = PyList_New(0), *result = NULL;
+    Py_ssize_t bad = -1;
+    int status = OK;
+    if (malformed == NULL || ready == NULL) goto done;
+    Py_ssize_t valid = utf8_valid(p, data.len);
+    if (valid < data.len && (final || data.len - valid >= 4)) {
+        bad = valid; /* records before it are still split: the file is rejected anyway */
+    }
+    const uc *text_end = base + valid;
+    while (p < text_end) {
+        const uc *next = p;
+        Py_ssize_t count;
+        long long lines;
+        status = split_record(sp, p, text_end, final && valid == data.len, &next, &count, &lines);
+        if (status == SLOW) {
+            status = OK;
+            break;
+        }
+        if (status != OK) break;
+        long long first = line;
+        line += lines;
+        p = next;
+        if (count == 0) continue; /* a blank line */
+        if (count != sp->columns) {
+            PyObject *entry = Py_BuildValue("(LN)", first, PyUnicode_FromFormat("expected %zd fields, found %zd", sp->columns, count));
+            if (entry == NULL || PyList_Append(malformed, entry) < 0) {
+                Py_XDECREF(entry);
+                status = ERR;
+                break;
+            }
+            Py_DECREF(entry);
+            continue;
+        }
+        int bucket;
+        status = identity_bucket(sp, (const uc *)sp->fields.data + sp->starts[sp->identity_index],
+                                 sp->lens[sp->identity_index], &bucket);
+        if (status != OK) break;
+        Buf *pending = &sp->pending[bucket];
+        if (pending->cap == 0 && small_reserve(pending, 0) < 0) {
+            status = ERR;
+            break;
+        }
+        status = put_work_line(sp, pending, first, count);
+        if (status != OK) break;
+        sp->counts[bucket]++;
+        sp->rows++;
+        if (pending->len >= sp->ready_bytes) {
+            PyObject *entry = Py_BuildValue("(iy#)", bucket, pending->data, pending->len);
+            if (entry == NULL || PyList_Append(ready, entry) < 0) {
+                Py_XDECREF(entry);
+                status = ERR;
+                break;
+            }
+            Py_DECREF(entry);
+            pending->len = 0;
+        }
+    }
+    if (status == PUNT) result = Py_NewRef(Py_None);
+    else if (status == OK)
+        result = Py_BuildValue("(nLOOn)", (Py_ssize_t)(p - base), line, malformed, ready, bad);
+done:
+    Py_XDECREF(malformed);
+    Py_XDECREF(ready);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* drain() -> [(bucket, work lines)] of every bucket still holding lines. */
+static PyObject *splitter_drain(Splitter *sp, PyObject *unused) {
+    PyObject *ready = PyList_New(0);
+    for (int i = 0; ready && i < sp->buckets; i++) {
+        Buf *pending = &sp->pending[i];
+        if (pending->len == 0) continue;
+        PyObject *entry = Py_BuildValue("(iy#)", i, pending->data, pending->len);
+        if (entry == NULL || PyList_Append(ready, entry) < 0) Py_CLEAR(ready);
+        Py_XDECREF(entry);
+        pending->len = 0;
+    }
+    return ready;
+}
+
+static PyObject *splitter_counts(Splitter *sp, PyObject *unused) {
+    PyObject *list = PyList_New(sp->buckets);
+    for (int i = 0; list && i < sp->buckets; i++) {
+        PyObject *n = PyLong_FromSsize_t(sp->counts[i]);
+        if (n == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, n);
+    }
+    return list;
+}
+
+static PyMethodDef SPLITTER_METHODS[] = {
+    {"feed", (PyCFunction)splitter_feed, METH_VARARGS,
+     "feed(data, line, final) -> None or (consumed, line, malformed, ready, bad_utf8)"},
+    {"drain", (PyCFunction)splitter_drain, METH_NOARGS, "drain() -> [(bucket, work lines)]"},
+    {"counts", (PyCFunction)splitter_counts, METH_NOARGS, "counts() -> rows per bucket"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *splitter_get_rows(Splitter *sp, void *closure) { return PyLong_FromSsize_t(sp->rows); }
+
+static PyGetSetDef SPLITTER_GETSET[] = {
+    {"rows", (getter)splitter_get_rows, NULL, "rows split so far", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SplitterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "switchboard_sync.Splitter",
+    .tp_basicsize = sizeof(Splitter),
+    .tp_dealloc = (destructor)splitter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = splitter_new,
+    .tp_methods = SPLITTER_METHODS,
+    .tp_getset = SPLITTER_GETSET,
+    .tp_doc = "A CSV file's rows into identity buckets as work lines (see core/sync/split.py).",
+};
+
 /* ---- helpers the tests compare with the reference ------------------------------------------ */
 
 static PyObject *blake2b_digest(PyObject *module, PyObject *args) {
@@ -2088,8 +2577,19 @@ static PyObject *blake2b_digest(PyObject *module, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)out, size);
 }
 
+static PyObject *xxh64_digest(PyObject *module, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    uint64_t h = xxh64(view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    uc out[8];
+    for (int i = 0; i < 8; i++) out[i] = (uc)(h >> (56 - 8 * i));
+    return PyBytes_FromStringAndSize((const char *)out, 8);
+}
+
 static PyMethodDef METHODS[] = {
     {"blake2b", blake2b_digest, METH_VARARGS, "blake2b(data, digest_size) -> digest"},
+    {"xxh64", xxh64_digest, METH_O, "xxh64(data) -> digest, as xxhash.xxh64_digest"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2100,11 +2600,14 @@ static struct PyModuleDef MODULE = {
 };
 
 PyMODINIT_FUNC PyInit_switchboard_sync(void) {
-    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&StateType) < 0) return NULL;
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&StateType) < 0 ||
+        PyType_Ready(&SplitterType) < 0)
+        return NULL;
     PyObject *module = PyModule_Create(&MODULE);
     if (module == NULL) return NULL;
     if (PyModule_AddObjectRef(module, "Mapping", (PyObject *)&MappingType) < 0 ||
-        PyModule_AddObjectRef(module, "State", (PyObject *)&StateType) < 0) {
+        PyModule_AddObjectRef(module, "State", (PyObject *)&StateType) < 0 ||
+        PyModule_AddObjectRef(module, "Splitter", (PyObject *)&SplitterType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

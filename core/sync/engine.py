@@ -31,6 +31,7 @@ from core.sync.mapping import MappedRow, RowMapper, RowRejected
 from core.sync.native import native_mapping
 from core.sync.readers import SourceRow
 from core.sync.reports import Outcome, OutcomeCounts, PreviewPart, RejectsPart
+from core.sync.split import work_rows
 from core.sync.state import Change, SyncState, raw_digest
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class ChunkRunner:
         on_bucket_done: Callable[[BucketWork], None],
         dry_run: bool = False,
         checkpoints: CheckpointLog | None = None,
+        native: bool = True,
     ) -> None:
         self.sync = sync
         self.mapper = mapper
@@ -218,22 +220,20 @@ class ChunkRunner:
         if not dry_run:
             self._load_checkpoints()
         self.native = (
-            None if dry_run or self._acknowledged
-            else native_mapping(sync, mapper, suppressions, self._suppressed_raw)
+            native_mapping(sync, mapper, suppressions, self._suppressed_raw)
+            if native and not dry_run and not self._acknowledged else None
         )  # fmt: skip
         """The mapping compiled for the C path, or None: every bucket on the reference."""
 
-    def run_bucket(
-        self, work: BucketWork, rows: Iterable[SourceRow], data: bytes | None = None
-    ) -> None:
-        """Process a bucket's rows; `data`, the work blob's lines they were read from, lets
-        the C path take the bucket (its state must then be decoded for it)."""
+    def run_bucket(self, work: BucketWork, lines: bytes) -> None:
+        """Process a bucket's work lines (split.work_rows): in C if its state was decoded
+        for it and C takes them, else on the reference."""
         self._open.append(work)
         self._items[work.number] = _Items(work)
-        native = self.native is not None and data is not None and work.state.native is not None
-        if not (native and data is not None and self._process_native(work, data)):
+        native = self.native is not None and work.state.native is not None
+        if not (native and self._process_native(work, lines)):
             work.state.use_reference()
-            seen = self._process(work, rows)
+            seen = self._process(work, work_rows(lines))
             if self.sync.mode == SyncMode.MIRROR:
                 self._mirror_absent(work, seen)
         work.rows_done = True

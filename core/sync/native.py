@@ -33,7 +33,14 @@ _BY_TYPE = {
 }  # fmt: skip
 _BY_TARGET = {"email": _EMAIL, "phone": _PHONE, "dob": _DOB}
 # Standard fields with a handful of distinct values: C remembers the reference's answers.
-_LOOKUP_TARGETS = {"gender", "country", "language", "time_zone", "email_subscribe", "push_subscribe"}
+_LOOKUP_TARGETS = {
+    "gender",
+    "country",
+    "language",
+    "time_zone",
+    "email_subscribe",
+    "push_subscribe",
+}
 _IDENTITY_KINDS = {"email": 1, "phone": 2}
 
 Coerced = tuple[bytes, bytes, str | None] | None
@@ -56,7 +63,11 @@ def _coercer(convert: Callable[[Any], Any], source: str) -> Callable[[str], Coer
 def _names_collide(sync: SyncDefinition) -> bool:
     """Whether two entries of one /users/track object could share a key (the reference's
     dict keeps the first one's place; C writes both)."""
-    names = [sync.identity.destination_key, "_update_existing_only", *(m.target for m in sync.fields)]
+    names = [
+        sync.identity.destination_key,
+        "_update_existing_only",
+        *(m.target for m in sync.fields),
+    ]
     audiences = sync.audiences
     if audiences.representation == "boolean":
         names += [audiences.attribute_for(segment) for segment in audiences.segments]
@@ -78,7 +89,9 @@ def native_mapping(
         return None
     fields = []
     for target, position, convert, mapping in mapper.fields:
-        kind = _BY_TARGET.get(target, _OTHER if target in _LOOKUP_TARGETS else _BY_TYPE[mapping.type])
+        kind = _BY_TARGET.get(
+            target, _OTHER if target in _LOOKUP_TARGETS else _BY_TYPE[mapping.type]
+        )
         limit = mapping.max_length or 255
         if kind == _DOB:
             limit = datetime.now(UTC).year
@@ -99,7 +112,10 @@ def native_mapping(
     blocked = None
     if not suppressions.empty:
         blocked = tuple(
-            {address: reason.value for address, reason in suppressions.by_channel.get(ch, {}).items()}
+            {
+                address: reason.value
+                for address, reason in suppressions.by_channel.get(ch, {}).items()
+            }
             for ch in (Channel.EMAIL, Channel.PHONE)
         )
     return SPEEDUPS.Mapping(

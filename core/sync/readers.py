@@ -48,6 +48,15 @@ def decompressed(stream: IO[bytes]) -> IO[bytes]:
     return cast(IO[bytes], buffered)
 
 
+def header_columns(header: list[str]) -> list[str]:
+    """The column names of a parsed header line; raises FileRejected if one repeats."""
+    columns = [name.strip() for name in header]
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise FileRejected("bad_header", f"header repeats columns {duplicated}")
+    return columns
+
+
 class RowReader:
     """Iterates the rows of one file; `columns` names the values of each row."""
 
@@ -67,10 +76,7 @@ class RowReader:
                 raise FileRejected("empty_file", "file has no header line") from None
             except csv.Error as exc:
                 raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
-            self.columns = [name.strip() for name in header]
-            duplicated = sorted({c for c in self.columns if self.columns.count(c) > 1})
-            if duplicated:
-                raise FileRejected("bad_header", f"header repeats columns {duplicated}")
+            self.columns = header_columns(header)
 
     def __iter__(self) -> Iterator[SourceRow | tuple[int, str]]:
         """SourceRow per record, or (line, error message) for a record that cannot parse."""

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -35,7 +35,7 @@ from core.sync.definitions import SyncDefinition, SyncMode, mapping_fingerprint
 from core.sync.engine import BatchStats, BucketWork, CheckpointLog, ChunkRunner
 from core.sync.manifest import is_manifest, listed_parts
 from core.sync.mapping import RowMapper
-from core.sync.readers import FileRejected, SourceRow
+from core.sync.readers import FileRejected
 from core.sync.reports import (
     OutcomeCounts,
     PreviewPart,
@@ -50,7 +50,6 @@ from core.sync.split import (
     inflate_work,
     line_label,
     split_file,
-    work_rows,
 )
 from core.sync.state import StateStore, StoredState
 
@@ -138,6 +137,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             run_id=run.run_id,
             buckets=sync.processing.state_buckets,
             in_memory_max_rows=sync.processing.in_memory_max_rows,
+            native=services.settings.sync_native_buckets,
         )
     except FileRejected as rejected:
         error = f"{rejected.code}: {rejected}"
@@ -233,7 +233,7 @@ def process_buckets(
     plan: RunPlan,
     run_id: str,
     buckets: list[int],
-    in_memory: list[list[SourceRow]] | None,
+    in_memory: list[bytes] | None,
     *,
     destination: Destination | None = None,
     checkpoints: CheckpointLog | None = None,
@@ -281,6 +281,7 @@ def process_buckets(
         SuppressionList(storage).snapshot(),
         run_id=run_id, worker=f"w{buckets[0]:04d}", on_bucket_done=bucket_done,
         dry_run=plan.preview, checkpoints=checkpoints,
+        native=services.settings.sync_native_buckets,
     )  # fmt: skip
     with _BucketWriter() as writer:
         _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
@@ -317,7 +318,7 @@ class _BucketWriter:
 
 def _run_buckets(
     storage: Storage, sync: SyncDefinition, plan: RunPlan, run_id: str, buckets: list[int],
-    in_memory: list[list[SourceRow]] | None, states: StateStore,
+    in_memory: list[bytes] | None, states: StateStore,
     results: EntityTable[BucketResult], runner: ChunkRunner,
 ) -> None:  # fmt: skip
     run_key = safe_key(run_id)
@@ -337,16 +338,14 @@ def _run_buckets(
             stored, work_data = upcoming.result()
             if index + 1 < len(todo):
                 upcoming = fetcher.submit(fetch, todo[index + 1])
-            native = runner.native is not None and in_memory is None
-            state = states.decode(stored, native=native)
+            state = states.decode(stored, native=runner.native is not None)
             if state.last_run == run_id:  # committed before a crash, not yet recorded
                 with contextlib.suppress(EntityExists):
                     results.insert(BucketResult.model_validate(state.last_result))
                 continue
-            lines = inflate_work(work_data) if work_data is not None else None
-            rows: Iterable[SourceRow] = (
+            lines = (
                 in_memory[bucket] if in_memory is not None
-                else work_rows(lines) if lines is not None else ()
+                else inflate_work(work_data) if work_data is not None else b""
             )  # fmt: skip
             rejects = RejectsPart(
                 storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
@@ -355,8 +354,7 @@ def _run_buckets(
             preview = (
                 PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None
             )
-            work = BucketWork(bucket, state, rejects, preview=preview)
-            runner.run_bucket(work, rows, lines if native else None)
+            runner.run_bucket(BucketWork(bucket, state, rejects, preview=preview), lines)
     runner.finish()
 
 

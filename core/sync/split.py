@@ -14,22 +14,24 @@ UTF-8 halfway is still rejected as a whole.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, cast
 
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
-from isal import isal_zlib
+from isal import igzip, isal_zlib
 
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockStager, BlockWriter
-from core.sync.definitions import SyncDefinition
+from core.sync.definitions import FileFormat, SyncDefinition
 from core.sync.mapping import RowMapper
-from core.sync.readers import FileRejected, RowReader, SourceRow
+from core.sync.readers import GZIP_MAGIC, FileRejected, RowReader, SourceRow, header_columns
+from core.sync.state import SPEEDUPS
 
 WORK_CONTAINER = "sync-work"
 # Every bucket holds a compressor, uncompressed rows and one unstaged block while the file
@@ -43,6 +45,8 @@ _WORK_BLOCK_BYTES = 128 * 1024
 _PENDING_BYTES = 32 * 1024
 LINE_STRIDE = 10**10
 """Lines of the n-th part of a multi-part export are offset by n * LINE_STRIDE."""
+_READ_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"
 
 
 def bucket_of(identity: str, buckets: int) -> int:
@@ -62,7 +66,8 @@ class SplitResult:
     rows: int = 0
     counts: list[int] = field(default_factory=list)
     malformed: list[tuple[int, str]] = field(default_factory=list)
-    in_memory: list[list[SourceRow]] | None = None
+    in_memory: list[bytes] | None = None
+    """Each bucket's work lines, for a file small enough to keep (else work blobs)."""
     work_blobs: dict[int, str] = field(default_factory=dict)
 
 
@@ -79,6 +84,12 @@ class _BucketFile:
     def add(self, row: SourceRow) -> None:
         self.pending += orjson.dumps([row.line, *row.values])
         self.pending += b"\n"
+        if len(self.pending) >= _PENDING_BYTES:
+            self._compress()
+
+    def add_lines(self, lines: bytes) -> None:
+        """Work lines written elsewhere (by the C splitter, a group at a time)."""
+        self.pending += lines
         if len(self.pending) >= _PENDING_BYTES:
             self._compress()
 
@@ -102,6 +113,8 @@ class _Partitioner:
         self.run_id = run_id
         self.limit = in_memory_max_rows
         self.memory: list[list[SourceRow]] | None = [[] for _ in range(buckets)]
+        self.memory_lines: list[bytearray] = [bytearray() for _ in range(buckets)]
+        """Work lines from the C splitter, while the file still fits in memory."""
         self.rows = 0
         self.files: dict[int, _BucketFile] = {}
         self.names: dict[int, str] = {}
@@ -115,12 +128,35 @@ class _Partitioner:
         if self.rows > self.limit:
             self._spill()
 
+    def add_lines(self, bucket: int, lines: bytes, rows: int) -> None:
+        """Work lines of one bucket; `rows`: how many rows the file has given so far."""
+        self.rows = rows
+        if self.memory is None:
+            (self.files.get(bucket) or self._file(bucket)).add_lines(lines)
+            return
+        self.memory_lines[bucket] += lines
+        if self.rows > self.limit:
+            self._spill()
+
     def _spill(self) -> None:
         assert self.memory is not None
         held, self.memory = self.memory, None
         for bucket, rows in enumerate(held):
             for row in rows:
                 self._file(bucket).add(row)
+        held_lines, self.memory_lines = self.memory_lines, []
+        for bucket, lines in enumerate(held_lines):
+            if lines:
+                self._file(bucket).add_lines(bytes(lines))
+
+    def in_memory(self) -> list[bytes] | None:
+        """Each bucket's work lines if the file was never spilled (else None)."""
+        if self.memory is None:
+            return None
+        for bucket, rows in enumerate(self.memory):
+            for row in rows:
+                self.memory_lines[bucket] += orjson.dumps([row.line, *row.values]) + b"\n"
+        return [bytes(lines) for lines in self.memory_lines]
 
     def _file(self, bucket: int) -> _BucketFile:
         if bucket not in self.files:
@@ -161,21 +197,124 @@ def split_file(
     run_id: str,
     buckets: int,
     in_memory_max_rows: int,
+    native: bool = True,
 ) -> SplitResult:
     """Read every part once; raises FileRejected when the input is unusable as a whole.
 
     Rows of part n carry `n * LINE_STRIDE + line` as their line, so lines stay unique.
+    CSV and TSV are split by C (native/switchboard_sync.c) when `native`; a file it does
+    not take (malformed quoting, lone carriage returns) is split again by the reference.
     """
-    partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
+    readers = [_read_parts]
+    if native and SPEEDUPS is not None and sync.input.format != FileFormat.JSONL:
+        readers.insert(0, _read_parts_native)
+    for read in readers:
+        partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
+        try:
+            result = read(storage, sync, blobs, buckets, partitioner)
+        except _ReferenceNeeded:
+            partitioner.abandon()
+            continue
+        except BaseException:
+            partitioner.abandon()
+            raise
+        partitioner.close()
+        result.rows = partitioner.rows
+        result.in_memory = partitioner.in_memory()
+        result.work_blobs = partitioner.names
+        return result
+    raise AssertionError("the reference takes every file")
+
+
+class _ReferenceNeeded(Exception):
+    """The C splitter met input it leaves to the reference."""
+
+
+def _text_stream(storage: Storage, blob: BlobRef) -> IO[bytes]:
+    stream = storage.blobs.open_reader(blob)
+    if stream.peek(2)[:2] == GZIP_MAGIC:
+        return cast(IO[bytes], igzip.IGzipFile(fileobj=stream, mode="rb"))  # type: ignore[no-untyped-call]
+    return stream
+
+
+def _read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
+    """The header's columns and the bytes read after it."""
+    buffer = b""
+    while b"\n" not in buffer:
+        chunk = text.read(_READ_BYTES)
+        if not chunk:
+            break
+        buffer += chunk
+    buffer = buffer.removeprefix(_BOM)
+    end = buffer.find(b"\n")
+    line, rest = (buffer, b"") if end < 0 else (buffer[: end + 1], buffer[end + 1 :])
+    if line.count(b'"') % 2 or b"\r" in line.rstrip(b"\r\n"):
+        raise _ReferenceNeeded  # a quoted line break in the header, or a lone CR
     try:
-        result = _read_parts(storage, sync, blobs, buckets, partitioner)
-    except BaseException:
-        partitioner.abandon()
-        raise
-    partitioner.close()
-    result.rows = partitioner.rows
-    result.in_memory = partitioner.memory
-    result.work_blobs = partitioner.names
+        header = next(csv.reader([line.decode("utf-8")], delimiter=delimiter, strict=True), None)
+    except csv.Error as exc:
+        raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
+    if not header:
+        raise FileRejected("empty_file", "file has no header line")
+    return header_columns(header), rest
+
+
+def _read_parts_native(
+    storage: Storage,
+    sync: SyncDefinition,
+    blobs: list[BlobRef],
+    buckets: int,
+    partitioner: _Partitioner,
+) -> SplitResult:
+    result: SplitResult | None = None
+    splitter: Any = None
+    try:
+        for part, blob in enumerate(blobs):
+            text = _text_stream(storage, blob)
+            columns, data = _read_header(text, sync.input.field_delimiter)
+            if result is None:
+                if sync.identity.column not in columns:
+                    raise FileRejected(
+                        "missing_column",
+                        f"identity column {sync.identity.column!r} is not in the file",
+                    )
+                result = SplitResult(columns, buckets, counts=[0] * buckets)
+                splitter = SPEEDUPS.Splitter(
+                    len(columns), columns.index(sync.identity.column),
+                    sync.input.field_delimiter, buckets, _PENDING_BYTES, identity_key,
+                )  # fmt: skip
+            elif columns != result.columns:
+                raise FileRejected("parts_differ", f"{blob.name} has other columns than part 1")
+            line = part * LINE_STRIDE + 2
+            while True:
+                chunk = text.read(_READ_BYTES)
+                final = not chunk
+                data += chunk
+                fed = splitter.feed(data, line, final)
+                if fed is None:
+                    raise _ReferenceNeeded
+                consumed, line, malformed, ready, bad_utf8 = fed
+                result.malformed += malformed
+                for bucket, lines in ready:
+                    partitioner.add_lines(bucket, lines, splitter.rows)
+                if bad_utf8 >= 0:
+                    data[bad_utf8:].decode("utf-8")  # raises with the reference's reason
+                    raise _ReferenceNeeded  # it did not: the decoder knows best
+                data = data[consumed:]
+                if final:
+                    break
+        assert result is not None and splitter is not None  # at least one part
+        for bucket, lines in splitter.drain():
+            partitioner.add_lines(bucket, lines, splitter.rows)
+        result.counts = splitter.counts()
+        partitioner.rows = splitter.rows
+    except UnicodeDecodeError as exc:
+        raise FileRejected(
+            "not_utf8",
+            f"file is not valid UTF-8 ({exc.reason}); export it as UTF-8, nothing was sent",
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
     return result
 
 

@@ -27,12 +27,16 @@ import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 from isal import igzip, isal_zlib
+from xxhash import xxh64_digest
 
 from core.errors import ConcurrencyConflict
 from core.storage import Storage
 
 STATE_CONTAINER = "sync-state"
-_FORMAT_VERSION = 3
+_FORMAT_VERSION = 4
+_READABLE_VERSIONS = (3, 4)
+"""Version 3 hashed attribute values with BLAKE2b: its hashes never match version 4's, so
+a profile's attributes are each sent once more, the first time its row changes."""
 _NULL_HASH = b"\x00" * 8
 _ENCODE_BYTES = 1 << 20
 _blake2b = hashlib.blake2b
@@ -50,7 +54,8 @@ SPEEDUPS = _load_speedups()
 
 
 def value_hash(value: Any) -> bytes:
-    """Stable 8-byte hash of a JSON value (key order does not matter)."""
+    """Stable 8-byte hash of a JSON value (key order does not matter): XXH64 of a typed
+    text, fast enough for every attribute of every row (BLAKE2b was half a row's cost)."""
     kind = type(value)
     # Typed prefixes keep "1", 1, 1.0 and True apart; scalars skip the JSON encoder.
     if kind is str:
@@ -62,10 +67,8 @@ def value_hash(value: Any) -> bytes:
     elif kind is float:
         text = "f" + repr(value)
     else:
-        return _blake2b(
-            b"j" + orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=8
-        ).digest()
-    return _blake2b(text.encode(), digest_size=8).digest()
+        return xxh64_digest(b"j" + orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+    return xxh64_digest(text.encode())
 
 
 def raw_digest(values: Sequence[Any]) -> bytes:
@@ -315,7 +318,7 @@ def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileSt
 def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
     end = text.find(b"\n")
     header = orjson.loads(text[: end if end >= 0 else len(text)] or b"{}")
-    if header.get("version") != _FORMAT_VERSION:
+    if header.get("version") not in _READABLE_VERSIONS:
         raise ValueError(f"unsupported sync state version {header.get('version')}")
     # Another mapping: the raw digests no longer say anything, so lines are rebuilt.
     same_mapping = header.get("fingerprint") == fingerprint
