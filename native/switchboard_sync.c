@@ -1344,14 +1344,14 @@ static int word_is(const char *lower, Py_ssize_t n, const char *word) {
 static int array_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
     if (n && s[0] == '[') return SLOW; /* JSON arrays: the reference parses them */
     Py_ssize_t starts[100], ends[100];
-    int count = 0;
+    int count = 0, parts = 0; /* the limit counts items before duplicates collapse */
     for (Py_ssize_t i = 0; i <= n;) {
         const uc *bar = memchr(s + i, '|', (size_t)(n - i));
         Py_ssize_t stop = bar ? bar - s : n;
         Py_ssize_t a, b;
         strip(s + i, stop - i, &a, &b);
         if (b > a) {
-            if (count == 100 || code_points(s + i + a, b - a) > 255) return SLOW;
+            if (++parts > 100 || code_points(s + i + a, b - a) > 255) return SLOW;
             int duplicate = 0;
             for (int k = 0; k < count && !duplicate; k++)
                 duplicate = ends[k] - starts[k] == b - a && memcmp(s + starts[k], s + i + a, (size_t)(b - a)) == 0;
@@ -2577,6 +2577,31 @@ static PyObject *blake2b_digest(PyObject *module, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)out, size);
 }
 
+/* typed(kind, limit, text) -> (json, hash, text or None), or None where C leaves the value
+ * to the reference's coercer. */
+static PyObject *typed_value(PyObject *module, PyObject *args) {
+    FieldSpec f = {0};
+    const char *text;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "ins#", &f.kind, &f.limit, &text, &n)) return NULL;
+    Buf typed = {0};
+    Typed t = {0};
+    PyObject *result = NULL;
+    int status = fast_value(&f, (const uc *)text, n, &typed, &t);
+    if (status == SLOW) {
+        result = Py_NewRef(Py_None);
+    } else if (status == OK) {
+        PyObject *string = Py_None;
+        if (t.text_len || f.kind == K_STRING || f.kind == K_EMAIL)
+            string = PyUnicode_DecodeUTF8(typed.data + t.text, t.text_len, "strict");
+        if (string != NULL)
+            result = Py_BuildValue("(y#y#O)", typed.data + t.json, t.json_len, t.hash, (Py_ssize_t)8, string);
+        if (string != Py_None) Py_XDECREF(string);
+    }
+    PyMem_Free(typed.data);
+    return result;
+}
+
 static PyObject *xxh64_digest(PyObject *module, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
@@ -2590,6 +2615,7 @@ static PyObject *xxh64_digest(PyObject *module, PyObject *arg) {
 static PyMethodDef METHODS[] = {
     {"blake2b", blake2b_digest, METH_VARARGS, "blake2b(data, digest_size) -> digest"},
     {"xxh64", xxh64_digest, METH_O, "xxh64(data) -> digest, as xxhash.xxh64_digest"},
+    {"typed", typed_value, METH_VARARGS, "typed(kind, limit, text) -> (json, hash, text) or None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,509 @@
+"""The C path of a segment sync (native/switchboard_sync.c) against its Python reference.
+
+The split must give the same work lines per bucket, and a bucket must give the same
+objects to Braze (the fake server, over HTTP), the same counts, rejects and state, for
+the same rows and state. The rows mix plain values with every unusual form the mapping
+knows: whitespace, non-ASCII text, numbers Python reads and C leaves to it, bad values.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+import xxhash
+from isal import isal_zlib
+
+from core.destinations.braze import BrazeDestination
+from core.suppression import Channel, Reason, SuppressionSnapshot, address_hash
+from core.sync.definitions import SyncDefinition, mapping_fingerprint, parse_document
+from core.sync.engine import BucketWork, CheckpointLog, ChunkRunner
+from core.sync.mapping import RowMapper
+from core.sync.readers import RowReader
+from core.sync.reports import RejectsPart
+from core.sync.split import bucket_of, identity_key, split_file
+from core.sync.state import SPEEDUPS, StateStore
+from devhost.fakes.braze import FakeBraze
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_speedups_are_built() -> None:
+    assert SPEEDUPS is not None, "native/switchboard_sync.c was not built: pip install ./native"
+
+
+def test_hashes_match_hashlib_and_xxhash() -> None:
+    rng = random.Random(3)
+    for length in [*range(0, 300), 1000, 4096]:
+        data = rng.randbytes(length)
+        assert SPEEDUPS.blake2b(data, 8) == hashlib.blake2b(data, digest_size=8).digest()
+        assert SPEEDUPS.xxh64(data) == xxhash.xxh64_digest(data)
+
+
+# -- the split ----------------------------------------------------------------------------
+
+COLUMNS = ["id", "name", "note", "status"]
+
+
+def _reference_split(data: bytes, buckets: int) -> Split:
+    spec = parse_document({"version": 1, "syncs": [_sync_document("split")]}).syncs[0].input
+    reader = RowReader(io.BytesIO(data), spec, [])
+    lines: list[list[bytes]] = [[] for _ in range(buckets)]
+    malformed = []
+    for entry in reader:
+        if isinstance(entry, tuple):
+            malformed.append(entry)
+            continue
+        bucket = bucket_of(identity_key(entry.values[0]), buckets)
+        lines[bucket].append(orjson.dumps([entry.line, *entry.values]) + b"\n")
+    return lines, malformed
+
+
+Split = tuple[list[list[bytes]], list[Any]]
+
+
+def _native_split(data: bytes, buckets: int, chunk: int) -> Split | None:
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    body = body[body.index(b"\n") + 1 :]
+    splitter = SPEEDUPS.Splitter(len(COLUMNS), 0, ",", buckets, 64, identity_key)
+    lines: list[list[bytes]] = [[] for _ in range(buckets)]
+    malformed: list[Any] = []
+    pending, line, offset = b"", 2, 0
+    while True:
+        piece = body[offset : offset + chunk]
+        offset += chunk
+        final = not piece
+        pending += piece
+        fed = splitter.feed(pending, line, final)
+        if fed is None:
+            return None
+        consumed, line, bad_rows, ready, bad_utf8 = fed
+        assert bad_utf8 == -1
+        malformed += bad_rows
+        for bucket, block in [*ready, *(splitter.drain() if final else [])]:
+            lines[bucket] += io.BytesIO(block).readlines()
+        pending = pending[consumed:]
+        if final:
+            return lines, malformed
+
+
+_TEXT = ["Ana", "Müller", "漢字", "😀", "a,b", 'say "hi"', "line\nbreak", "crlf\r\nin", " ", "",
+         "\t", "x" * 40]  # fmt: skip
+
+
+def _random_csv(rng: random.Random, rows: int) -> bytes:
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator=rng.choice(["\n", "\r\n"]))
+    writer.writerow(COLUMNS)
+    for i in range(rows):
+        identity = rng.choice([f"ID-{i}", f" Id-{i} ", "İstanbul", "ǅ", "dup", "ß", ""])
+        status = rng.choice(["realized", "exited", ""])
+        row = [identity, rng.choice(_TEXT), rng.choice(_TEXT), status]
+        if rng.random() < 0.03:
+            row = row[: rng.randrange(1, 4)]  # too few fields
+        if rng.random() < 0.03:
+            out.write("\r\n" if rng.random() < 0.5 else "\n")  # a blank line
+        if rng.random() < 0.1:
+            out.write(",".join('"' + value.replace('"', '""') + '"' for value in row) + "\n")
+        else:
+            writer.writerow(row)
+    return (b"\xef\xbb\xbf" if rng.random() < 0.5 else b"") + out.getvalue().encode()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_split_gives_the_reference_lines_in_every_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    data = _random_csv(rng, 400)
+    expected = _reference_split(data, 16)
+    for chunk in (1, 7, 64, 4096, len(data) + 1):
+        assert _native_split(data, 16, chunk) == expected, chunk
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'a,"b"c,d,e\n',  # a character after a closing quote
+        b"a,b\rc,d\n",  # a lone carriage return
+        b"a,b\x00,c,d\n",  # NUL
+        b'a,"unterminated,c,d\n',  # the file ends inside quotes
+    ],
+)
+def test_the_splitter_leaves_what_csv_reads_its_own_way_to_the_reference(body: bytes) -> None:
+    data = b"id,name,note,status\n" + body
+    assert _native_split(data, 4, 1 << 20) is None
+
+
+def test_split_file_falls_back_to_the_reference_for_such_input(storage: Any, unique: str) -> None:
+    sync = parse_document({"version": 1, "syncs": [_sync_document(f"s{unique}")]}).syncs[0]
+    data = b'id,name,note,status\nA,"x"y,z,realized\nB,b,c,exited\n'
+    storage.blobs.create("segments", f"{sync.id}/f.csv", data, overwrite=True)
+    blob = storage.blobs.ref("segments", f"{sync.id}/f.csv")
+    results = [
+        split_file(storage, sync, [blob], run_id=f"r{unique}{native}", buckets=4,
+                   in_memory_max_rows=10, native=native)
+        for native in (True, False)
+    ]  # fmt: skip
+    assert results[0].malformed == results[1].malformed != []
+    assert results[0].in_memory == results[1].in_memory
+    assert results[0].counts == results[1].counts
+
+
+# -- a bucket ----------------------------------------------------------------------------
+
+
+def _sync_document(sync_id: str, **overrides: Any) -> dict[str, Any]:
+    return {"id": sync_id, "identity": {"column": "id", "namespace": "crmId"}, **overrides}
+
+
+FULL_COLUMNS = [
+    "id", "email", "first", "last", "dob", "gender", "country", "language", "phone", "city",
+    "zone", "points", "value", "vip", "bought", "tier", "tags", "score", "prefs", "subscribe",
+    "consent", "segmentMembership.ups.vip.status", "segmentMembership.ups.lapsed.status",
+]  # fmt: skip
+FIELDS = [
+    {"source": "email", "target": "email"},
+    {"source": "first", "target": "first_name"},
+    {"source": "last", "target": "last_name"},
+    {"source": "dob", "target": "dob", "type": "date"},
+    {"source": "gender", "target": "gender"},
+    {"source": "country", "target": "country"},
+    {"source": "language", "target": "language"},
+    {"source": "phone", "target": "phone"},
+    {"source": "city", "target": "home_city"},
+    {"source": "zone", "target": "time_zone"},
+    {"source": "points", "target": "points", "type": "integer"},
+    {"source": "value", "target": "value", "type": "decimal"},
+    {"source": "vip", "target": "vip", "type": "boolean"},
+    {"source": "bought", "target": "bought", "type": "datetime"},
+    {"source": "tier", "target": "tier", "max_length": 6},
+    {"source": "tags", "target": "tags", "type": "array"},
+    {"source": "score", "target": "score", "type": "float"},
+    {"source": "prefs", "target": "prefs", "type": "object"},
+    {"source": "subscribe", "target": "email_subscribe"},
+]
+SEGMENTS = {"segments": [{"id": "vip", "name": "vip"}, {"id": "lapsed", "name": "lapsed"}]}
+CONFIGURATIONS = {
+    "boolean-audiences": {
+        "fields": FIELDS, "audiences": SEGMENTS,
+        "consent": {"channel": "email", "column": "consent"},
+    },
+    "array-upsert-nulls": {
+        "fields": [
+            {**f, "send_nulls": f["target"] in ("first_name", "tier", "tags")} for f in FIELDS
+        ] + [{"source": "last", "target": "surname", "required": True}],
+        "audiences": {**SEGMENTS, "representation": "array"}, "mode": "upsert",
+    },
+    "email-identity": {
+        "identity": {"column": "email", "namespace": "email", "destination_key": "email"},
+        "fields": [f for f in FIELDS if f["target"] != "email"], "audiences": SEGMENTS,
+    },
+    "phone-identity": {
+        "identity": {"column": "phone", "namespace": "phone", "destination_key": "phone"},
+        "fields": [f for f in FIELDS if f["target"] in ("email", "first_name", "points")],
+    },
+}  # fmt: skip
+
+POOLS: dict[str, list[str]] = {
+    "email": ["{i}@example.com", " User{i}@Example.COM ", "not-an-email", "", "a@b",
+              "ü{i}@example.com", "a b@c.de", "a@b@c.de", "@x.y", "x@.y", "x@y.",
+              "v" * 250 + "@x.com", "x@y.z"],
+    "first": ["Ana", " Ana ", "", "Müller", "JosÃ©", "Ã©x", "x" * 300, "漢字", "\u00a0Ana\u3000",
+              'Quote "q"', "tab\there", "new\nline", "emoji 😀", "\x85"],
+    "dob": ["1990-01-31", "1990-02-30", "2024-02-29", "2023-02-29", "19900131", "1899-12-31",
+            "2100-01-01", " 1990-01-31 ", "", "1990-1-31", "abc", "0001-01-01", "1900-01-01"],
+    "gender": ["M", "f", "Female", "unknown", "u", "x", "", " M ", "prefer not to say", "É"],
+    "country": ["PT", "nl", "Netherlands", "deu", "Côte d'Ivoire", "XX", "", "  fr "],
+    "language": ["pt", "en-US", "EN_gb", "xx", "", "pt-BR"],
+    "phone": ["+3161{i:07d}", "0031 6 1234 {i:04d}", "(06) 123", "+1-555-123-4567", "+0123456789",
+              "+١٢٣٤٥٦٧٨٩٠", "", "+31 6 12.34.56.78", "12345", "+" + "9" * 16],
+    "zone": ["Europe/Lisbon", "Mars/Olympus", "", "UTC", "europe/lisbon"],
+    "points": ["0", "42", "-7", "+5", "007", "1_000", "1e3", "12.0", "9223372036854775807",
+               "9223372036854775808", "-9223372036854775809", "", " 3 ", "٣", "1" * 21, "-0"],
+    "value": ["12.50", "0.1", "-0", "007.5", "1e5", "1_000.5", "NaN", "Infinity", "0.00001",
+              "0.0001", "123456789012345.6", "1234567890123456.7", ".5", "5.", "", "abc",
+              "+3.25", " 2.5 ", "100", "0.000123456789012345"],
+    "vip": ["true", "False", "YES", "n", "1", "0", "maybe", "", " t ", "TRUE",
+            "\uff54\uff52\uff55\uff45"],
+    "bought": ["2026-01-01T10:00:00Z", "2026-01-01T10:00:00", "2026-01-01T10:00:00+02:00",
+               "2026-01-01T10:00:00.123Z", "2026-01-01T10:00:00.000Z", "2026-01-01T10:00:00.5Z",
+               "2026-01-01 10:00:00", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z", "",
+               "2026-01-01T10:00:00.123456+00:00", "2026-01-01T10:00:00.000001Z",
+               "20260101T100000Z", "2026-01-01", "2024-02-29T23:59:59Z"],
+    "tier": ["gold", "silver", "", "platinum", "ÿÿÿÿÿÿ", " gold "],
+    "tags": ["news|offers", "offers", "a|a|b", " a | b |", "|", "", '["x","y"]', '["x",1]', "[bad",
+             "x" * 300, "|".join(["v"] * 101), "|".join(str(i) for i in range(101)), "é|É"],
+    "score": ["54.123", "1e16", "1.5e-7", "-1E+2", "inf", "0.1", "3", "", "1_0.5", "2.50"],
+    "prefs": ['{"a":1}', '{"b":{"c":[1,2]}}', "[1]", "nope", '{"a b":1}', '{"b":2,"a":1}', ""],
+    "subscribe": ["opted_in", "Subscribed", "unsubscribed", "maybe", ""],
+    "consent": ["y", "Y", "n", "", "yes", "NO", " y ", "ÿ", "opted_in"],
+    "status": ["realized", "existing", "exited", "", "EXITED", " Realized ", "bogus", "réalisé"],
+}  # fmt: skip
+POOLS["last"] = POOLS["city"] = POOLS["first"]
+TYPICAL = {
+    "email": "user{i}@example.com", "first": "Ana", "last": "Silva", "dob": "1980-05-1{d}",
+    "gender": "F", "country": "PT", "language": "pt", "phone": "+3161{i:07d}", "city": "Porto",
+    "zone": "Europe/Lisbon", "points": "{i}", "value": "{i}.5", "vip": "true",
+    "bought": "2026-03-0{d}T10:00:00Z", "tier": "gold", "tags": "news|offers", "score": "{i}.25",
+    "prefs": '{"n":{i}}', "subscribe": "opted_in", "consent": "y", "status": "realized",
+}  # fmt: skip
+
+
+def _value(rng: random.Random, column: str, i: int) -> str:
+    pool = "status" if column.startswith("segmentMembership") else column
+    template = rng.choice(POOLS[pool]) if rng.random() < 0.25 else TYPICAL[pool]
+    for placeholder, text in (("{i:07d}", f"{i:07d}"), ("{i:04d}", f"{i:04d}"), ("{i}", str(i))):
+        template = template.replace(placeholder, text)
+    return template.replace("{d}", str(i % 9))
+
+
+def _random_rows(rng: random.Random, count: int, start: int = 0) -> list[list[str]]:
+    rows = []
+    for i in range(start, start + count):
+        row = [_value(rng, column, i) if column != "id" else f"CRM-{i}" for column in FULL_COLUMNS]
+        if rng.random() < 0.05:
+            row[0] = rng.choice(["", " CRM-7 ", "CRM-3", "x" * 1000, "Ünï-{i}", "\u3000"])
+        rows.append(row)
+    return rows
+
+
+def _changed(rng: random.Random, rows: list[list[str]]) -> list[list[str]]:
+    """The next export: most rows as they were, some changed, some gone, some new."""
+    changed = []
+    for number, row in enumerate(rows):
+        roll = rng.random()
+        if roll < 0.05:
+            continue
+        if roll < 0.35:
+            row = list(row)
+            for _ in range(rng.randrange(1, 3)):
+                column = rng.randrange(1, len(FULL_COLUMNS))
+                row[column] = _value(rng, FULL_COLUMNS[column], number)
+        changed.append(row)
+    return changed + _random_rows(rng, 20, start=len(rows))
+
+
+@dataclass
+class BucketOutcome:
+    received: list[dict[str, Any]]
+    counts: dict[str, int]
+    rejects: list[tuple[int, str, str, list[Any]]]
+    state: bytes
+    checkpoints: list[dict[str, list[Any]]] = field(default_factory=list)
+
+
+class _Checkpoints(CheckpointLog):
+    """Kept in memory: the batches acknowledged in one test run."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, list[Any]]] = []
+
+    def load(self, run_id: str) -> dict[str, list[Any]]:
+        return {}
+
+    def record(self, run_id: str, key: str, items: dict[str, list[Any]]) -> None:
+        self.records.append(items)
+
+
+class _Rejects(RejectsPart):
+    """Writes the rejects file part as usual, and keeps what it was given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.added: list[tuple[int, str, str, list[Any]]] = []
+
+    def add(self, line: int, code: str, message: str, values: Any) -> None:
+        self.added.append((line, code, message, list(values)))
+        super().add(line, code, message, values)
+
+
+@pytest.fixture(scope="module")
+def braze() -> Iterator[FakeBraze]:
+    fake = FakeBraze().start()
+    yield fake
+    fake.stop()
+
+
+def _run_bucket(
+    storage: Any, braze: FakeBraze, sync: SyncDefinition, rows: list[list[str]],
+    previous: bytes | None, *, native: bool, known: list[str], suppressions: SuppressionSnapshot,
+) -> BucketOutcome:  # fmt: skip
+    braze.reset(known)
+    lines = b"".join(orjson.dumps([n + 2, *row]) + b"\n" for n, row in enumerate(rows))
+    states = StateStore(storage, sync.id, "braze", mapping_fingerprint(sync))
+    stored = None if previous is None else (gzip.compress(previous), "etag")
+    state = states.decode(stored, native=native)
+    destination = BrazeDestination(
+        braze.url, "fake-braze-key", batch_size=7, max_body_bytes=2500, requests_per_second=1e6
+    )
+    rejects = _Rejects(storage.blobs, sync.id, f"run-{native}", FULL_COLUMNS, part=1)
+    checkpoints = _Checkpoints()
+    done: list[bytes] = []
+    runner = ChunkRunner(
+        storage, sync, RowMapper(sync, FULL_COLUMNS), destination, suppressions,
+        run_id="r", worker="w", checkpoints=checkpoints, native=native,
+        on_bucket_done=lambda work: done.append(isal_zlib.decompress(
+            states.snapshot(0, work.state, run_id="r", result={}).data, wbits=31
+        )),
+    )  # fmt: skip
+    assert (runner.native is not None) == native
+    work = BucketWork(0, state, rejects)
+    runner.run_bucket(work, lines)
+    runner.finish()
+    assert len(done) == 1
+    received = braze.state.received
+    counts = work.counts.as_dict()
+    return BucketOutcome(received, counts, rejects.added, done[0], checkpoints.records)
+
+
+def _suppressions(rows: list[list[str]], rng: random.Random) -> SuppressionSnapshot:
+    emails = {
+        address_hash(row[1].strip().lower()): Reason.HARD_BOUNCE
+        for row in rows
+        if rng.random() < 0.05
+    }
+    phones = {address_hash(p): Reason.UNSUBSCRIBE for p in ("+31610000003", "+31610000011")}
+    return SuppressionSnapshot({Channel.EMAIL: emails, Channel.PHONE: phones})
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_bucket_in_c_gives_what_the_reference_gives(
+    storage: Any, braze: FakeBraze, configuration: str, seed: int
+) -> None:
+    rng = random.Random(seed * 100 + len(configuration))
+    document = {**_sync_document(f"native-{configuration}"), **CONFIGURATIONS[configuration]}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rows = _random_rows(rng, 300)
+    known = [f"CRM-{i}" for i in range(0, 330) if rng.random() < 0.8]
+    suppressions = _suppressions(rows, rng) if seed == 2 else SuppressionSnapshot({})
+    previous: bytes | None = None
+    for _ in range(3):  # a first run, then changed exports against the state it left
+        native, reference = (
+            _run_bucket(storage, braze, sync, rows, previous, native=flag, known=known,
+                        suppressions=suppressions)
+            for flag in (True, False)
+        )  # fmt: skip
+        assert native.received == reference.received
+        assert native.counts == reference.counts
+        assert native.rejects == reference.rejects
+        assert native.checkpoints == reference.checkpoints
+        assert native.state == reference.state
+        assert native.counts["sent"] or configuration.endswith("-identity")  # Braze: ids only
+        previous = reference.state
+        rows = _changed(rng, rows)
+
+
+def test_a_large_bucket_gives_the_same_and_accounts_for_every_row(
+    storage: Any, braze: FakeBraze
+) -> None:
+    document = {**_sync_document("native-large"), **CONFIGURATIONS["boolean-audiences"]}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rows = _random_rows(random.Random(9), 3000)
+    native, reference = (
+        _run_bucket(storage, braze, sync, rows, None, native=flag, known=[r[0] for r in rows],
+                    suppressions=SuppressionSnapshot({}))
+        for flag in (True, False)
+    )  # fmt: skip
+    assert (native.received, native.counts, native.rejects, native.state) == (
+        reference.received,
+        reference.counts,
+        reference.rejects,
+        reference.state,
+    )
+    assert native.counts["rows"] == len(rows)
+    assert native.counts["sent"] == len(native.received) > 500
+
+
+def test_the_mapping_falls_back_for_what_c_does_not_take() -> None:
+    from core.sync.native import native_mapping
+
+    colliding = {"fields": [{"source": "email", "target": "audience_vip"}], "audiences": SEGMENTS}
+    for overrides in ({"mode": "mirror"}, colliding):
+        document = {**_sync_document("fallback"), **overrides}
+        sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+        mapper = RowMapper(sync, FULL_COLUMNS)
+        assert native_mapping(sync, mapper, SuppressionSnapshot({}), lambda v: None) is None
+
+
+# -- single values -------------------------------------------------------------------------
+
+_KIND_MAPPINGS: dict[int, dict[str, Any]] = {
+    0: {"target": "nick", "max_length": 12}, 1: {"target": "email"}, 2: {"target": "phone"},
+    3: {"target": "n", "type": "integer"}, 4: {"target": "n", "type": "float"},
+    5: {"target": "n", "type": "decimal"}, 6: {"target": "n", "type": "boolean"},
+    7: {"target": "n", "type": "date"}, 8: {"target": "dob", "type": "date"},
+    9: {"target": "n", "type": "datetime"}, 10: {"target": "n", "type": "array"},
+}  # fmt: skip
+_PIECES: dict[int, list[str]] = {
+    0: ["a", "Z", " ", "\u00a0", "\u3000", "é", "Ã", "©", "\u2122", "漢", "😀", "\t", "\n", '"',
+        "\\"],
+    1: ["a", "B", "@", ".", "-", "_", " ", "+", "é", "@x.com", "example", "\t"],
+    2: ["+", "0", "3", "1", "6", "9", " ", "-", "(", ")", ".", "٣", "x"],
+    3: ["0", "1", "7", "9", "-", "+", " ", "_", ".", "e", "٣", "99999999"],
+    4: ["0", "1", "5", "9", "-", "+", ".", "e", "E", " ", "_", "inf", "nan", "000"],
+    6: ["t", "r", "u", "e", "f", "a", "l", "s", "y", "n", "o", "1", "0", " ", "T", "E"],
+    7: ["19", "20", "00", "02", "29", "30", "31", "12", "13", "-", " ", "W", "T"],
+    9: ["2026", "-", "01", "02", "29", "T", " ", ":", "10", "23", "59", "60", ".", "123",
+        "000", "Z", "+00:00", "+02:00", "5"],
+    10: ["a", "b", "|", " ", "||", "[", "]", '"', "é", "\u00a0"],
+}  # fmt: skip
+_PIECES[5] = _PIECES[4]
+_PIECES[8] = _PIECES[7]
+
+
+def _texts(rng: random.Random, kind: int, count: int) -> Iterator[str]:
+    pieces = _PIECES[kind]
+    for _ in range(count):
+        yield "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12)))
+    for _ in range(count if kind in (1, 2) else 0):  # near-valid addresses and numbers
+        if kind == 1:
+            local = "".join(rng.choice("aB.-_+é ") for _ in range(rng.randrange(0, 6)))
+            domain = rng.choice(["x", "Ex.", ".y", ""]) + "." + rng.choice(["com", "", "c"])
+            yield f"{rng.choice(['', ' '])}{local}@{domain}"
+        else:
+            digits = "".join(rng.choice("0123456789 -.()") for _ in range(rng.randrange(4, 20)))
+            yield rng.choice(["+", "00", "0", "+0", "+ "]) + digits
+    if kind in (7, 8, 9):
+        for _ in range(count):  # near-valid dates and times
+            year, month, day = rng.randrange(1850, 2200), rng.randrange(0, 14), rng.randrange(0, 33)
+            text = f"{year:04d}-{month:02d}-{day:02d}"
+            if kind == 9:
+                hour, minute, second = (rng.randrange(0, n) for n in (25, 61, 61))
+                text += f"T{hour:02d}:{minute:02d}:{second:02d}"
+                text += rng.choice(["", "Z", ".123Z", ".000000", "+00:00", ".1Z", "-00:00"])
+            yield text
+
+
+@pytest.mark.parametrize("kind", sorted(_KIND_MAPPINGS))
+def test_values_c_types_are_typed_as_the_reference_types_them(kind: int) -> None:
+    from core.sync.definitions import FieldMapping
+    from core.sync.mapping import RowRejected, coercer
+    from core.sync.native import _coercer
+
+    mapping = FieldMapping(source="column", **_KIND_MAPPINGS[kind])
+    limit = 2026 if kind == 8 else mapping.max_length or 255
+    reference = _coercer(coercer(mapping), "column")
+    rng = random.Random(kind)
+    typed = 0
+    for text in _texts(rng, kind, 20_000):
+        if not text.strip():
+            continue  # empty values never reach a coercer
+        fast = SPEEDUPS.typed(kind, limit, text)
+        if fast is None:
+            continue
+        typed += 1
+        try:
+            expected = reference(text)
+        except RowRejected as exc:
+            raise AssertionError(f"C took {text!r}, the reference rejects it: {exc}") from None
+        assert expected is not None and fast[:2] == expected[:2], text
+        assert fast[2] == expected[2] or expected[2] is None, text
+    assert typed > 200  # the fast path did take a share of them
