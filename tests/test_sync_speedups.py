@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 import pytest
 import xxhash
-from isal import isal_zlib
 
 from core.destinations.braze import BrazeDestination
 from core.suppression import Channel, Reason, SuppressionSnapshot, address_hash
@@ -349,9 +348,9 @@ def _run_bucket(
     runner = ChunkRunner(
         storage, sync, RowMapper(sync, FULL_COLUMNS), destination, suppressions,
         run_id="r", worker="w", checkpoints=checkpoints, native=native,
-        on_bucket_done=lambda work: done.append(isal_zlib.decompress(
-            states.snapshot(0, work.state, run_id="r", result={}).data, wbits=31
-        )),
+        on_bucket_done=lambda work: done.append(
+            states.snapshot(0, work.state, run_id="r", result={}).text
+        ),
     )  # fmt: skip
     assert (runner.native is not None) == native
     work = BucketWork(0, state, rejects)

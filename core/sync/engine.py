@@ -439,24 +439,29 @@ class ChunkRunner:
             return
         batch, self._batch = self._batch, []
         self._batch_objects = self._batch_bytes = 0
-        results = self._send(batch)
+        failures = self._send(batch)
         offset = 0
         for span in batch:
             count = span.end - span.start
             span.items.work.in_flight -= count
-            self._settle_span(span, results[offset : offset + count])
+            failed = {
+                span.start + index - offset: result
+                for index, result in failures.items()
+                if offset <= index < offset + count
+            }
+            self._settle_span(span, failed)
             offset += count
 
-    def _settle_span(self, span: _Span, results: list[list[Any]]) -> None:
+    def _settle_span(self, span: _Span, failed: dict[int, list[Any]]) -> None:
+        """Settle a span's items: those in `failed` (by item index) were not applied."""
         items = span.items
         if isinstance(items, _Items):
-            for pending, result in zip(items.pending[span.start : span.end], results, strict=True):
-                self._settle(pending, result)
+            for index in range(span.start, span.end):
+                self._settle(items.pending[index], failed.get(index, []))
             return
-        failed = {span.start + index: result for index, result in enumerate(results) if result}
         items.state.settle(span.start, span.end, failed)
         counts = items.work.counts
-        counts.add(Outcome.SENT, times=len(results) - len(failed))
+        counts.add(Outcome.SENT, times=span.end - span.start - len(failed))
         for result in failed.values():
             self._count_failure(counts, result)
 
@@ -480,7 +485,8 @@ class ChunkRunner:
         else:
             counts.add(Outcome.FAILED, _reason_code(str(result[1])))
 
-    def _send(self, batch: list[_Span]) -> list[list[Any]]:
+    def _send(self, batch: list[_Span]) -> dict[int, list[Any]]:
+        """Send one batch and checkpoint it; the failed objects by index in the batch."""
         encoded: list[bytes] = []
         keys: list[str] = []
         for span in batch:
@@ -492,16 +498,16 @@ class ChunkRunner:
         stats.requests += answer.requests
         stats.rate_limited_waits += answer.rate_limited_waits
         stats.retries += answer.retries
-        results: list[list[Any]] = [[] for _ in encoded]
-        for index, failure in answer.failures.items():
-            results[index] = [failure.unmatched, failure.reason]
+        failures = {
+            index: [failure.unmatched, failure.reason]
+            for index, failure in answer.failures.items()
+        }
+        recorded: dict[str, list[Any]] = {key: [] for key in keys}  # [] means applied
+        for index, result in failures.items():
+            recorded[keys[index]] = result
         self._batch_number += 1
-        self._checkpoints.record(
-            self.run_id,
-            f"{self.worker}-{self._batch_number:09d}",
-            dict(zip(keys, results, strict=True)),
-        )
-        return results
+        self._checkpoints.record(self.run_id, f"{self.worker}-{self._batch_number:09d}", recorded)
+        return failures
 
     def _load_checkpoints(self) -> None:
         self._acknowledged = self._checkpoints.load(self.run_id)

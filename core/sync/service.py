@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -55,6 +55,7 @@ from core.sync.state import StateStore, StoredState
 
 log = logging.getLogger(__name__)
 CHUNK_QUEUE = "segment-chunks"
+_WRITERS = 4
 PREVIEW_FOLDER = "preview"
 """Files under `segments/{sync_id}/preview/` are dry runs: reported, never sent."""
 
@@ -288,23 +289,25 @@ def process_buckets(
 
 
 class _BucketWriter:
-    """Writes finished buckets (rejects, state, result) on a thread, one bucket at a time,
-    while the next bucket runs. It is handed bytes, never a bucket's state objects, so
-    memory stays flat; an error surfaces at the next bucket or at the end. A crash before
-    a write is done leaves that bucket unfinished, and its retry resumes from checkpoints."""
+    """Writes finished buckets (rejects, state, result) on threads while the next buckets
+    run, up to `_WRITERS` at a time: each write is a few requests whose latency, not the
+    bytes, is the cost. It is handed bytes, never a bucket's state objects, so memory
+    holds at most that many buckets' texts; an error surfaces at the next bucket or at the
+    end. A crash before a write is done leaves that bucket unfinished, and its retry
+    resumes from checkpoints."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bucket-writer")
-        self._pending: Future[None] | None = None
+        self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="bucket-writer")
+        self._pending: deque[Future[None]] = deque()
 
     def submit(self, write: Callable[[], None]) -> None:
-        self.wait()
-        self._pending = self._pool.submit(write)
+        while len(self._pending) >= _WRITERS:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write))
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        while self._pending:
+            self._pending.popleft().result()
 
     def __enter__(self) -> _BucketWriter:
         return self
@@ -325,28 +328,27 @@ def _run_buckets(
     finished = {row.row_key for row in results.query_partition(run_key)}  # one request
     todo = [bucket for bucket in buckets if f"{bucket:04d}" not in finished]
 
-    def fetch(bucket: int) -> tuple[StoredState | None, bytes | None]:
-        """A bucket's stored inputs; runs on a thread, one bucket ahead (bytes only, so
-        memory stays flat), so its I/O overlaps with the bucket before it."""
+    def fetch(bucket: int) -> tuple[StoredState | None, bytes]:
+        """A bucket's state and work lines, inflated; runs on a thread one bucket ahead, so
+        its I/O and inflating overlap with the bucket before it (memory: two buckets)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
-        return states.fetch(bucket), fetch_work_blob(storage, name) if name else None
+        state = states.inflate(states.fetch(bucket))
+        if in_memory is not None:
+            return state, in_memory[bucket]
+        return state, inflate_work(fetch_work_blob(storage, name)) if name else b""
 
     with ThreadPoolExecutor(1) as fetcher:
         upcoming = fetcher.submit(fetch, todo[0]) if todo else None
         for index, bucket in enumerate(todo):
             assert upcoming is not None
-            stored, work_data = upcoming.result()
+            stored, lines = upcoming.result()
             if index + 1 < len(todo):
                 upcoming = fetcher.submit(fetch, todo[index + 1])
-            state = states.decode(stored, native=runner.native is not None)
+            state = states.decode_text(stored, native=runner.native is not None)
             if state.last_run == run_id:  # committed before a crash, not yet recorded
                 with contextlib.suppress(EntityExists):
                     results.insert(BucketResult.model_validate(state.last_result))
                 continue
-            lines = (
-                in_memory[bucket] if in_memory is not None
-                else inflate_work(work_data) if work_data is not None else b""
-            )  # fmt: skip
             rejects = RejectsPart(
                 storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
                 label=lambda line: line_label(line, plan.inputs),

@@ -38,7 +38,6 @@ _READABLE_VERSIONS = (3, 4)
 """Version 3 hashed attribute values with BLAKE2b: its hashes never match version 4's, so
 a profile's attributes are each sent once more, the first time its row changes."""
 _NULL_HASH = b"\x00" * 8
-_ENCODE_BYTES = 1 << 20
 _blake2b = hashlib.blake2b
 
 
@@ -258,14 +257,14 @@ class SyncState:
 
 
 StoredState = tuple[bytes, str]
-"""A snapshot's gzip bytes and the ETag they were read at."""
+"""A snapshot's bytes (gzip as stored, or inflated) and the ETag they were read at."""
 
 
 @dataclass(frozen=True)
 class Snapshot:
     bucket: int
-    data: bytes
-    """The encoded state (gzip)."""
+    text: bytes
+    """The encoded state, not yet compressed (the writer's thread compresses it)."""
     etag: str | None
     """The ETag the state was loaded at (None: there was none): the write's condition."""
 
@@ -282,22 +281,14 @@ def _encode(state: SyncState) -> bytes:
         "result": state.last_result,
         "withheld": {identity: digest.hex() for identity, digest in state.withheld_now.items()},
     }
-    # Compressed a megabyte at a time: the whole text would be another copy of the state.
-    deflate = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
-    out = bytearray()
     text = bytearray(orjson.dumps(header))
     if state.native is not None:
         text += state.native.encode()
     for identity, profile in state.profiles.items():
         text += b"\n"
         text += profile.line(identity)
-        if len(text) >= _ENCODE_BYTES:
-            out += deflate.compress(text)
-            text.clear()
     text += b"\n"
-    out += deflate.compress(text)
-    out += deflate.flush()
-    return bytes(out)
+    return bytes(text)
 
 
 def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileState]:
@@ -355,22 +346,31 @@ class StateStore:
         name = _state_blob(self.sync_id, self.destination, bucket)
         return self.storage.blobs.read_versioned(STATE_CONTAINER, name)
 
+    @staticmethod
+    def inflate(stored: StoredState | None) -> StoredState | None:
+        """A fetched snapshot's text, inflated in one call (gzip's line reader costs more
+        per profile than the rest); a worker does this on its fetching thread."""
+        return None if stored is None else (isal_zlib.decompress(stored[0], wbits=31), stored[1])
+
     def decode(self, stored: StoredState | None, *, native: bool = False) -> SyncState:
-        """The bucket's state; `native`: with its profiles in C (switchboard_sync.State)."""
-        if stored is None:
+        """The bucket's state from its stored (gzip) form; `native`: see `decode_text`."""
+        return self.decode_text(self.inflate(stored), native=native)
+
+    def decode_text(self, inflated: StoredState | None, *, native: bool = False) -> SyncState:
+        """The bucket's state from its inflated text; `native`: with its profiles in C
+        (switchboard_sync.State) rather than in Python."""
+        if inflated is None:
             text = orjson.dumps({"version": _FORMAT_VERSION, "fingerprint": self.fingerprint})
             return _decode(text, self.fingerprint, native)
-        data, etag = stored
-        # Inflated in one call: gzip's line reader costs more per profile than the rest.
-        state = _decode(isal_zlib.decompress(data, wbits=31), self.fingerprint, native)
-        state.etag = etag
+        state = _decode(inflated[0], self.fingerprint, native)
+        state.etag = inflated[1]
         return state
 
     def snapshot(
         self, bucket: int, state: SyncState, *, run_id: str, result: dict[str, Any]
     ) -> Snapshot:
         """The bucket's state as it will be stored: bytes only, so the state's objects can
-        go before the write is done (a writer thread then holds kilobytes, not a bucket)."""
+        go before the write is done (a writer thread then holds its text, not objects)."""
         state.last_run, state.last_result = run_id, result
         return Snapshot(bucket, _encode(state), state.etag)
 
@@ -384,7 +384,8 @@ class StateStore:
         else:
             conditions = {"etag": snapshot.etag, "match_condition": MatchConditions.IfNotModified}
         try:
-            written = client.upload_blob(snapshot.data, overwrite=True, **conditions)
+            data = isal_zlib.compress(snapshot.text, 1, wbits=31)
+            written = client.upload_blob(data, overwrite=True, **conditions)
         except (ResourceModifiedError, ResourceExistsError):
             raise ConcurrencyConflict(
                 f"sync state {self.sync_id}/{self.destination} bucket {snapshot.bucket} "
