@@ -332,11 +332,12 @@ def _run_buckets(
         """A bucket's state and work lines, inflated; runs on a thread one bucket ahead, so
         its I/O and inflating overlap with the bucket before it (memory: two buckets)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
-        state = states.inflate(states.fetch(bucket))
+        state = states.inflate(states.fetch(bucket)) if bucket in existing else None
         if in_memory is not None:
             return state, in_memory[bucket]
         return state, inflate_work(fetch_work_blob(storage, name)) if name else b""
 
+    existing = states.stored_buckets()
     with ThreadPoolExecutor(1) as fetcher:
         upcoming = fetcher.submit(fetch, todo[0]) if todo else None
         for index, bucket in enumerate(todo):

@@ -338,6 +338,16 @@ class StateStore:
     def load(self, bucket: int, *, native: bool = False) -> SyncState:
         return self.decode(self.fetch(bucket), native=native)
 
+    def stored_buckets(self) -> set[int]:
+        """The buckets that have a snapshot, in one listing (a first run then fetches
+        none; a bucket written after the listing still conflicts at the write)."""
+        self.storage.blobs.ensure_container(STATE_CONTAINER)
+        prefix = f"{self.sync_id}/{self.destination}/bucket-"
+        return {
+            int(ref.name[len(prefix) : len(prefix) + 4])
+            for ref in self.storage.blobs.list(STATE_CONTAINER, prefix)
+        }
+
     def fetch(self, bucket: int) -> StoredState | None:
         """A bucket's snapshot as stored (gzip) and its ETag, or None if it has none yet.
         Compressed bytes only: a worker fetches the next bucket's on a thread while it
