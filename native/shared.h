@@ -21,14 +21,20 @@ static int buf_reserve(Buf *b, Py_ssize_t extra) {
     if (b->len + extra <= b->cap) return 0;
     Py_ssize_t cap = b->cap ? b->cap : 65536;
     while (cap < b->len + extra) cap *= 2;
-    char *grown = PyMem_Realloc(b->data, (size_t)cap);
+    char *grown = PyMem_RawRealloc(b->data, (size_t)cap); /* raw: callable without the GIL */
     if (grown == NULL) {
-        PyErr_NoMemory();
+        if (PyGILState_Check()) PyErr_NoMemory();
         return -1;
     }
     b->data = grown;
     b->cap = cap;
     return 0;
+}
+
+static void buf_free(Buf *b) {
+    PyMem_RawFree(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
 }
 
 static int buf_put(Buf *b, const char *s, Py_ssize_t n) {

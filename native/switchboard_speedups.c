@@ -999,9 +999,9 @@ static void give_back(Buffers *buffers) {
         pool[pooled++] = buffers;
         return;
     }
-    PyMem_Free(buffers->broadlog.data);
-    PyMem_Free(buffers->tracking.data);
-    PyMem_Free(buffers->scratch.data);
+    buf_free(&buffers->broadlog);
+    buf_free(&buffers->tracking);
+    buf_free(&buffers->scratch);
     PyMem_Free(buffers);
 }
 
@@ -1113,7 +1113,7 @@ static PyObject *iso_millis(PyObject *module, PyObject *arg) {
     PyObject *result = NULL;
     if (status == DONE) result = PyUnicode_FromStringAndSize(b.data + 1, b.len - 2);
     else if (status == REFERENCE) result = Py_NewRef(Py_None);
-    PyMem_Free(b.data);
+    buf_free(&b);
     return result;
 }
 

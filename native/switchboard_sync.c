@@ -33,6 +33,12 @@
 
 typedef unsigned char uc;
 
+static uint64_t read64(const unsigned char *p) { /* little-endian, on any host */
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
 /* ---- BLAKE2b (RFC 7693), the digest sizes hashlib.blake2b(digest_size=n) gives ---------- */
 
 typedef struct {
@@ -76,11 +82,7 @@ static const uint8_t B2_SIGMA[12][16] = {
 
 static void b2_compress(Blake2b *s, const uc *block, int last) {
     uint64_t m[16], v[16];
-    for (int i = 0; i < 16; i++) {
-        uint64_t w = 0;
-        for (int j = 7; j >= 0; j--) w = (w << 8) | block[8 * i + j];
-        m[i] = w;
-    }
+    for (int i = 0; i < 16; i++) m[i] = read64(block + 8 * i);
     for (int i = 0; i < 8; i++) {
         v[i] = s->h[i];
         v[i + 8] = B2_IV[i];
@@ -149,12 +151,6 @@ static void hash8(const char *prefix, size_t prefix_len, const uc *p, size_t n, 
 #define XP5 0x27D4EB2F165667C5ULL
 #define ROTL64(x, n) (((x) << (n)) | ((x) >> (64 - (n))))
 
-static uint64_t read64(const uc *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-
 static uint64_t read32(const uc *p) { return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24; }
 
 static uint64_t xxh_round(uint64_t acc, uint64_t input) {
@@ -215,7 +211,7 @@ static uint64_t xxh64(const uc *p, size_t n) {
 /* state.value_hash: XXH64 of `prefix` then `p`, big-endian (xxhash's canonical form). */
 static int value_hash8(const char *prefix, size_t prefix_len, const uc *p, size_t n, uc out[8]) {
     uc small[512];
-    uc *text = prefix_len + n <= sizeof small ? small : PyMem_Malloc(prefix_len + n);
+    uc *text = prefix_len + n <= sizeof small ? small : PyMem_RawMalloc(prefix_len + n);
     if (text == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -223,7 +219,7 @@ static int value_hash8(const char *prefix, size_t prefix_len, const uc *p, size_
     memcpy(text, prefix, prefix_len);
     if (n) memcpy(text + prefix_len, p, n);
     uint64_t h = xxh64(text, prefix_len + n);
-    if (text != small) PyMem_Free(text);
+    if (text != small) PyMem_RawFree(text);
     for (int i = 0; i < 8; i++) out[i] = (uc)(h >> (56 - 8 * i));
     return 0;
 }
@@ -386,7 +382,7 @@ typedef struct {
 static void mapping_dealloc(Mapping *m) {
     for (Py_ssize_t i = 0; i < m->nfields; i++) {
         FieldSpec *f = &m->fields[i];
-        PyMem_Free(f->token.data);
+        PyMem_RawFree(f->token.data);
         Py_XDECREF(f->source);
         Py_XDECREF(f->coerce);
         if (f->memo) {
@@ -394,20 +390,20 @@ static void mapping_dealloc(Mapping *m) {
                 Py_XDECREF(f->memo[j].key);
                 Py_XDECREF(f->memo[j].result);
             }
-            PyMem_Free(f->memo);
+            PyMem_RawFree(f->memo);
         }
     }
     for (Py_ssize_t i = 0; i < m->naudiences; i++) {
-        PyMem_Free(m->audiences[i].name.data);
-        PyMem_Free(m->audiences[i].attribute.data);
+        PyMem_RawFree(m->audiences[i].name.data);
+        PyMem_RawFree(m->audiences[i].attribute.data);
         Py_XDECREF(m->audiences[i].label);
     }
-    PyMem_Free(m->fields);
-    PyMem_Free(m->audiences);
-    PyMem_Free(m->audience_order);
-    PyMem_Free(m->digest_positions);
-    PyMem_Free(m->key_token.data);
-    PyMem_Free(m->array_token.data);
+    PyMem_RawFree(m->fields);
+    PyMem_RawFree(m->audiences);
+    PyMem_RawFree(m->audience_order);
+    PyMem_RawFree(m->digest_positions);
+    PyMem_RawFree(m->key_token.data);
+    PyMem_RawFree(m->array_token.data);
     Py_XDECREF(m->identity_slow);
     Py_XDECREF(m->row_rejected);
     Py_XDECREF(m->suppressed_raw_slow);
@@ -428,7 +424,7 @@ static int int_list(PyObject *list, int **out, Py_ssize_t *n) {
     PyObject *seq = PySequence_Fast(list, "expected a sequence of ints");
     if (seq == NULL) return -1;
     *n = PySequence_Fast_GET_SIZE(seq);
-    *out = PyMem_Calloc((size_t)(*n ? *n : 1), sizeof(int));
+    *out = PyMem_RawCalloc((size_t)(*n ? *n : 1), sizeof(int));
     if (*out == NULL) {
         Py_DECREF(seq);
         PyErr_NoMemory();
@@ -496,7 +492,7 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *seq = PySequence_Fast(fields, "fields must be a sequence");
     if (seq == NULL) goto fail;
     m->nfields = PySequence_Fast_GET_SIZE(seq);
-    m->fields = PyMem_Calloc((size_t)(m->nfields ? m->nfields : 1), sizeof(FieldSpec));
+    m->fields = PyMem_RawCalloc((size_t)(m->nfields ? m->nfields : 1), sizeof(FieldSpec));
     if (m->fields == NULL) {
         Py_DECREF(seq);
         PyErr_NoMemory();
@@ -515,7 +511,7 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         Py_INCREF(f->source);
         Py_INCREF(f->coerce);
-        if (f->memoize && (f->memo = PyMem_Calloc(MEMO_SLOTS, sizeof(Memo))) == NULL) {
+        if (f->memoize && (f->memo = PyMem_RawCalloc(MEMO_SLOTS, sizeof(Memo))) == NULL) {
             Py_DECREF(seq);
             PyErr_NoMemory();
             goto fail;
@@ -530,8 +526,8 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "at most 64 audiences");
         goto fail;
     }
-    m->audiences = PyMem_Calloc((size_t)(m->naudiences ? m->naudiences : 1), sizeof(AudienceSpec));
-    m->audience_order = PyMem_Calloc((size_t)(m->naudiences ? m->naudiences : 1), sizeof(int));
+    m->audiences = PyMem_RawCalloc((size_t)(m->naudiences ? m->naudiences : 1), sizeof(AudienceSpec));
+    m->audience_order = PyMem_RawCalloc((size_t)(m->naudiences ? m->naudiences : 1), sizeof(int));
     if (m->audiences == NULL || m->audience_order == NULL) {
         Py_DECREF(seq);
         PyErr_NoMemory();
@@ -550,7 +546,7 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         a->label = Py_NewRef(name);
     }
     Py_DECREF(seq);
-    PyMem_Free(m->audience_order);
+    PyMem_RawFree(m->audience_order);
     m->audience_order = NULL;
     Py_ssize_t ordered;
     if (int_list(order, &m->audience_order, &ordered) < 0) goto fail;
@@ -641,21 +637,21 @@ static const uc *entry_id(const State *st, const Entry *e) {
 
 static void profile_free(Profile *p) {
     if (p == NULL) return;
-    PyMem_Free(p->slots);
-    PyMem_Free(p->names.data);
-    PyMem_Free(p->others.data);
-    PyMem_Free(p);
+    PyMem_RawFree(p->slots);
+    PyMem_RawFree(p->names.data);
+    PyMem_RawFree(p->others.data);
+    PyMem_RawFree(p);
 }
 
 static void state_dealloc(State *st) {
     for (Py_ssize_t i = 0; i < st->nentries; i++) profile_free(st->entries[i].profile);
-    PyMem_Free(st->entries);
-    PyMem_Free(st->table);
-    PyMem_Free(st->arena.data);
-    PyMem_Free(st->items);
-    PyMem_Free(st->encoded.data);
-    PyMem_Free(st->changes);
-    PyMem_Free(st->added_order);
+    PyMem_RawFree(st->entries);
+    PyMem_RawFree(st->table);
+    PyMem_RawFree(st->arena.data);
+    PyMem_RawFree(st->items);
+    PyMem_RawFree(st->encoded.data);
+    PyMem_RawFree(st->changes);
+    PyMem_RawFree(st->added_order);
     Py_XDECREF(st->text);
     Py_XDECREF(st->mapping);
     Py_TYPE(st)->tp_free((PyObject *)st);
@@ -665,9 +661,9 @@ static int grow(void **array, Py_ssize_t *cap, Py_ssize_t need, size_t size) {
     if (need <= *cap) return 0;
     Py_ssize_t next = *cap ? *cap * 2 : 256;
     while (next < need) next *= 2;
-    void *grown = PyMem_Realloc(*array, (size_t)next * size);
+    void *grown = PyMem_RawRealloc(*array, (size_t)next * size);
     if (grown == NULL) {
-        PyErr_NoMemory();
+        if (PyGILState_Check()) PyErr_NoMemory();
         return -1;
     }
     *array = grown;
@@ -678,7 +674,7 @@ static int grow(void **array, Py_ssize_t *cap, Py_ssize_t need, size_t size) {
 static int table_rehash(State *st) {
     Py_ssize_t size = st->table_size ? st->table_size * 2 : 1024;
     while (size < st->nentries * 2 + 16) size *= 2;
-    Py_ssize_t *table = PyMem_Calloc((size_t)size, sizeof(Py_ssize_t));
+    Py_ssize_t *table = PyMem_RawCalloc((size_t)size, sizeof(Py_ssize_t));
     if (table == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -689,7 +685,7 @@ static int table_rehash(State *st) {
         while (table[k]) k = (k + 1) & (size_t)(size - 1);
         table[k] = i + 1;
     }
-    PyMem_Free(st->table);
+    PyMem_RawFree(st->table);
     st->table = table;
     st->table_size = size;
     return 0;
@@ -813,9 +809,9 @@ static int profile_slot(Profile *p, const uc *name, Py_ssize_t n) {
 /* A profile's buffers start small: a bucket holds thousands of profiles. */
 static int small_reserve(Buf *b, Py_ssize_t extra) {
     if (b->cap == 0 && extra <= 480) {
-        b->data = PyMem_Malloc(512);
+        b->data = PyMem_RawMalloc(512);
         if (b->data == NULL) {
-            PyErr_NoMemory();
+            if (PyGILState_Check()) PyErr_NoMemory();
             return -1;
         }
         b->cap = 512;
@@ -825,7 +821,7 @@ static int small_reserve(Buf *b, Py_ssize_t extra) {
 
 static int profile_append(Profile *p, const uc *name, Py_ssize_t n, const uc hash[8]) {
     if (p->cap == 0) {
-        p->slots = PyMem_Malloc(24 * sizeof(Slot));
+        p->slots = PyMem_RawMalloc(24 * sizeof(Slot));
         if (p->slots == NULL) {
             PyErr_NoMemory();
             return -1;
@@ -850,7 +846,7 @@ static int audience_of(const Mapping *m, const uc *token, Py_ssize_t n) {
 
 /* OK, PUNT (not in the form this module writes), or ERR. */
 static int profile_parse(const Mapping *m, const uc *p, const uc *end, Profile **out) {
-    Profile *pr = PyMem_Calloc(1, sizeof(Profile));
+    Profile *pr = PyMem_RawCalloc(1, sizeof(Profile));
     if (pr == NULL) {
         PyErr_NoMemory();
         return ERR;
@@ -918,7 +914,7 @@ static int entry_profile(State *st, Entry *e, Profile **out) {
         return OK;
     }
     if (!(e->flags & E_STORED)) {
-        e->profile = PyMem_Calloc(1, sizeof(Profile));
+        e->profile = PyMem_RawCalloc(1, sizeof(Profile));
         if (e->profile == NULL) {
             PyErr_NoMemory();
             return ERR;
@@ -1328,7 +1324,7 @@ static int float_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
     int status = SLOW;
     if (!strchr(repr, 'e') && !strchr(repr, 'n')) /* orjson writes these the same */
         status = put_number_json(typed, t, "f", repr, (Py_ssize_t)strlen(repr));
-    PyMem_Free(repr);
+    PyMem_Free(repr); /* PyOS_double_to_string allocates with PyMem_Malloc */
     return status;
 }
 
@@ -1855,12 +1851,12 @@ static int diff_and_queue(State *st, Mapping *m, Row *row, Py_ssize_t index, con
 /* ---- State.process: every row of a work blob ---------------------------------------------- */
 
 static void row_free(Row *row) {
-    PyMem_Free(row->values);
-    PyMem_Free(row->fields);
-    PyMem_Free(row->scratch.data);
-    PyMem_Free(row->typed.data);
-    PyMem_Free(row->id.data);
-    PyMem_Free(row->id_text.data);
+    PyMem_RawFree(row->values);
+    PyMem_RawFree(row->fields);
+    PyMem_RawFree(row->scratch.data);
+    PyMem_RawFree(row->typed.data);
+    PyMem_RawFree(row->id.data);
+    PyMem_RawFree(row->id_text.data);
     Py_CLEAR(row->code);
     Py_CLEAR(row->message);
 }
@@ -1965,8 +1961,8 @@ static PyObject *state_process(State *st, PyObject *args) {
     Row row = {0};
     Outcomes o = {0};
     PyObject *result = NULL, *no_consent = PyUnicode_FromString("no_consent");
-    row.values = PyMem_Calloc((size_t)m->columns + 1, sizeof(Value));
-    row.fields = PyMem_Calloc((size_t)m->nfields + 1, sizeof(Typed));
+    row.values = PyMem_RawCalloc((size_t)m->columns + 1, sizeof(Value));
+    row.fields = PyMem_RawCalloc((size_t)m->nfields + 1, sizeof(Typed));
     o.reasons = PyDict_New();
     o.rejects = PyList_New(0);
     o.withheld_now = PyList_New(0);
@@ -2142,21 +2138,29 @@ static int put_line(State *st, Buf *b, const Entry *e) {
     return OK;
 }
 
-/* encode() -> bytes: "\n" and the line of every profile, stored ones first, in their order,
- * then new ones in the order they were acknowledged (as state._encode writes the dict). */
-static PyObject *state_encode(State *st, PyObject *unused) {
+/* encode(header) -> bytes: the header, then "\n" and the line of every profile, stored ones
+ * first, in their order, then new ones in the order they were acknowledged (as
+ * state._encode writes the dict), then "\n": the snapshot's whole text, in one copy. */
+static PyObject *state_encode(State *st, PyObject *header) {
     Buf b = {0};
     PyObject *result = NULL;
-    if (buf_reserve(&b, PyBytes_GET_SIZE(st->text) + 1024) < 0) return NULL;
+    if (!PyBytes_Check(header)) {
+        PyErr_SetString(PyExc_TypeError, "header must be bytes");
+        return NULL;
+    }
+    if (buf_reserve(&b, PyBytes_GET_SIZE(st->text) + PyBytes_GET_SIZE(header) + 1024) < 0 ||
+        buf_put(&b, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header)) < 0)
+        goto done;
     for (Py_ssize_t i = 0; i < st->nentries; i++) {
         const Entry *e = &st->entries[i];
         if ((e->flags & E_STORED) && put_line(st, &b, e) != OK) goto done;
     }
     for (Py_ssize_t i = 0; i < st->nadded; i++)
         if (put_line(st, &b, &st->entries[st->added_order[i]]) != OK) goto done;
+    if (PUT(&b, "\n") < 0) goto done;
     result = PyBytes_FromStringAndSize(b.data, b.len);
 done:
-    PyMem_Free(b.data);
+    PyMem_RawFree(b.data);
     return result;
 }
 
@@ -2177,7 +2181,7 @@ static PyMethodDef STATE_METHODS[] = {
     {"encoded", (PyCFunction)state_encoded, METH_VARARGS, "encoded(start, end) -> [bytes]"},
     {"keys", (PyCFunction)state_keys, METH_VARARGS, "keys(bucket, start, end) -> [checkpoint key]"},
     {"settle", (PyCFunction)state_settle, METH_VARARGS, "settle(start, end, failed)"},
-    {"encode", (PyCFunction)state_encode, METH_NOARGS, "encode() -> the profile lines"},
+    {"encode", (PyCFunction)state_encode, METH_O, "encode(header) -> the snapshot's text"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2228,13 +2232,13 @@ typedef struct {
 
 static void splitter_dealloc(Splitter *sp) {
     if (sp->pending)
-        for (int i = 0; i < sp->buckets; i++) PyMem_Free(sp->pending[i].data);
-    PyMem_Free(sp->pending);
-    PyMem_Free(sp->counts);
-    PyMem_Free(sp->fields.data);
-    PyMem_Free(sp->starts);
-    PyMem_Free(sp->lens);
-    PyMem_Free(sp->key.data);
+        for (int i = 0; i < sp->buckets; i++) PyMem_RawFree(sp->pending[i].data);
+    PyMem_RawFree(sp->pending);
+    PyMem_RawFree(sp->counts);
+    PyMem_RawFree(sp->fields.data);
+    PyMem_RawFree(sp->starts);
+    PyMem_RawFree(sp->lens);
+    PyMem_RawFree(sp->key.data);
     Py_XDECREF(sp->identity_key);
     Py_TYPE(sp)->tp_free((PyObject *)sp);
 }
@@ -2263,8 +2267,8 @@ static PyObject *splitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     sp->buckets = buckets;
     sp->ready_bytes = ready_bytes;
     sp->identity_key = Py_NewRef(identity_key);
-    sp->pending = PyMem_Calloc((size_t)buckets, sizeof(Buf));
-    sp->counts = PyMem_Calloc((size_t)buckets, sizeof(Py_ssize_t));
+    sp->pending = PyMem_RawCalloc((size_t)buckets, sizeof(Buf));
+    sp->counts = PyMem_RawCalloc((size_t)buckets, sizeof(Py_ssize_t));
     if (sp->pending == NULL || sp->counts == NULL) {
         Py_DECREF(sp);
         return PyErr_NoMemory();
@@ -2299,10 +2303,10 @@ static Py_ssize_t utf8_valid(const uc *p, Py_ssize_t n) {
 static int add_field(Splitter *sp, Py_ssize_t *count, Py_ssize_t start) {
     if (*count >= sp->fields_cap) {
         Py_ssize_t cap = sp->fields_cap ? sp->fields_cap * 2 : 64;
-        Py_ssize_t *starts = PyMem_Realloc(sp->starts, (size_t)cap * sizeof(Py_ssize_t));
+        Py_ssize_t *starts = PyMem_RawRealloc(sp->starts, (size_t)cap * sizeof(Py_ssize_t));
         if (starts == NULL) return ERR;
         sp->starts = starts;
-        Py_ssize_t *lens = PyMem_Realloc(sp->lens, (size_t)cap * sizeof(Py_ssize_t));
+        Py_ssize_t *lens = PyMem_RawRealloc(sp->lens, (size_t)cap * sizeof(Py_ssize_t));
         if (lens == NULL) return ERR;
         sp->lens = lens;
         sp->fields_cap = cap;
@@ -2394,17 +2398,8 @@ static int bucket_of_key(const uc *key, Py_ssize_t n, int buckets) {
     return (int)(value % (uint64_t)buckets);
 }
 
-/* split.identity_key: the value stripped and lower-cased. */
+/* The bucket of an identity that is not ASCII: split.identity_key (the GIL is held). */
 static int identity_bucket(Splitter *sp, const uc *s, Py_ssize_t n, int *bucket) {
-    Py_ssize_t a, b;
-    strip(s, n, &a, &b);
-    sp->key.len = 0;
-    if (is_ascii(s + a, b - a)) {
-        if (buf_reserve(&sp->key, b - a + 1) < 0) return ERR;
-        lower_ascii(sp->key.data, s + a, b - a);
-        *bucket = bucket_of_key((const uc *)sp->key.data, b - a, sp->buckets);
-        return OK;
-    }
     PyObject *raw = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
     PyObject *key = raw ? PyObject_CallOneArg(sp->identity_key, raw) : NULL;
     Py_XDECREF(raw);
@@ -2444,6 +2439,16 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
     Py_ssize_t bad = -1;
     int status = OK;
     if (malformed == NULL || ready == NULL) goto done;
+    /* The parsing runs without the GIL, so the threads uploading work blocks and the
+     * storage SDK's Python keep going meanwhile; Python is entered only to hand over
+     * results and for identities that are not ASCII. */
+    PyThreadState *released = PyEval_SaveThread();
+#define WITH_GIL(statement)                  \
+    do {                                     \
+        PyEval_RestoreThread(released);      \
+        statement;                           \
+        released = PyEval_SaveThread();      \
+    } while (0)
     Py_ssize_t valid = utf8_valid(p, data.len);
     if (valid < data.len && (final || data.len - valid >= 4)) {
         bad = valid; /* records before it are still split: the file is rejected anyway */
@@ -2464,39 +2469,54 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         p = next;
         if (count == 0) continue; /* a blank line */
         if (count != sp->columns) {
-            PyObject *entry = Py_BuildValue("(LN)", first, PyUnicode_FromFormat("expected %zd fields, found %zd", sp->columns, count));
-            if (entry == NULL || PyList_Append(malformed, entry) < 0) {
+            WITH_GIL({
+                PyObject *entry = Py_BuildValue(
+                    "(LN)", first,
+                    PyUnicode_FromFormat("expected %zd fields, found %zd", sp->columns, count));
+                if (entry == NULL || PyList_Append(malformed, entry) < 0) status = ERR;
                 Py_XDECREF(entry);
+            });
+            if (status != OK) break;
+            continue;
+        }
+        const uc *identity = (const uc *)sp->fields.data + sp->starts[sp->identity_index];
+        Py_ssize_t identity_len = sp->lens[sp->identity_index];
+        int bucket;
+        Py_ssize_t a, b;
+        strip(identity, identity_len, &a, &b);
+        if (is_ascii(identity + a, b - a)) {
+            sp->key.len = 0;
+            if (buf_reserve(&sp->key, b - a + 1) < 0) {
                 status = ERR;
                 break;
             }
-            Py_DECREF(entry);
-            continue;
+            lower_ascii(sp->key.data, identity + a, b - a);
+            bucket = bucket_of_key((const uc *)sp->key.data, b - a, sp->buckets);
+        } else {
+            WITH_GIL(status = identity_bucket(sp, identity, identity_len, &bucket));
+            if (status != OK) break;
         }
-        int bucket;
-        status = identity_bucket(sp, (const uc *)sp->fields.data + sp->starts[sp->identity_index],
-                                 sp->lens[sp->identity_index], &bucket);
-        if (status != OK) break;
         Buf *pending = &sp->pending[bucket];
-        if (pending->cap == 0 && small_reserve(pending, 0) < 0) {
+        if ((pending->cap == 0 && small_reserve(pending, 0) < 0) ||
+            put_work_line(sp, pending, first, count) != OK) {
             status = ERR;
             break;
         }
-        status = put_work_line(sp, pending, first, count);
-        if (status != OK) break;
         sp->counts[bucket]++;
         sp->rows++;
         if (pending->len >= sp->ready_bytes) {
-            PyObject *entry = Py_BuildValue("(iy#)", bucket, pending->data, pending->len);
-            if (entry == NULL || PyList_Append(ready, entry) < 0) {
+            WITH_GIL({
+                PyObject *entry = Py_BuildValue("(iy#)", bucket, pending->data, pending->len);
+                if (entry == NULL || PyList_Append(ready, entry) < 0) status = ERR;
                 Py_XDECREF(entry);
-                status = ERR;
-                break;
-            }
-            Py_DECREF(entry);
+            });
+            if (status != OK) break;
             pending->len = 0;
         }
     }
+#undef WITH_GIL
+    PyEval_RestoreThread(released);
+    if (status == ERR && !PyErr_Occurred()) PyErr_NoMemory();
     if (status == PUNT) result = Py_NewRef(Py_None);
     else if (status == OK)
         result = Py_BuildValue("(nLOOn)", (Py_ssize_t)(p - base), line, malformed, ready, bad);
@@ -2598,7 +2618,7 @@ static PyObject *typed_value(PyObject *module, PyObject *args) {
             result = Py_BuildValue("(y#y#O)", typed.data + t.json, t.json_len, t.hash, (Py_ssize_t)8, string);
         if (string != Py_None) Py_XDECREF(string);
     }
-    PyMem_Free(typed.data);
+    PyMem_RawFree(typed.data);
     return result;
 }
 

@@ -392,7 +392,14 @@ def work_rows(lines: bytes) -> Iterator[SourceRow]:
 
 
 def delete_work(storage: Storage, run_id: str) -> None:
+    """Remove a run's work blobs, several deletes at a time (each is a round trip)."""
     container = storage.blob_service.get_container_client(WORK_CONTAINER)
-    for blob in storage.blobs.list(WORK_CONTAINER, f"{run_id}/"):
+
+    def delete(name: str) -> None:
         with contextlib.suppress(ResourceNotFoundError):  # a concurrent finisher got it
-            container.delete_blob(blob.name)
+            container.delete_blob(name)
+
+    names = [blob.name for blob in storage.blobs.list(WORK_CONTAINER, f"{run_id}/")]
+    with ThreadPoolExecutor(_COMMITTERS, thread_name_prefix="delete-work") as pool:
+        for _ in pool.map(delete, names):
+            pass

@@ -281,14 +281,15 @@ def _encode(state: SyncState) -> bytes:
         "result": state.last_result,
         "withheld": {identity: digest.hex() for identity, digest in state.withheld_now.items()},
     }
-    text = bytearray(orjson.dumps(header))
     if state.native is not None:
-        text += state.native.encode()
+        text: bytes = state.native.encode(orjson.dumps(header))
+        return text
+    lines = bytearray(orjson.dumps(header))
     for identity, profile in state.profiles.items():
-        text += b"\n"
-        text += profile.line(identity)
-    text += b"\n"
-    return bytes(text)
+        lines += b"\n"
+        lines += profile.line(identity)
+    lines += b"\n"
+    return bytes(lines)
 
 
 def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileState]:
