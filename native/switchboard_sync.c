@@ -33,6 +33,13 @@
 
 typedef unsigned char uc;
 
+/* Out of memory: an exception if this thread holds the GIL; else the caller sets it once
+ * it holds the GIL again (an ERR with no exception set means exactly this). */
+static void no_memory(void) {
+    if (PyGILState_Check()) PyErr_NoMemory();
+}
+
+
 static uint64_t read64(const unsigned char *p) { /* little-endian, on any host */
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
@@ -213,7 +220,7 @@ static int value_hash8(const char *prefix, size_t prefix_len, const uc *p, size_
     uc small[512];
     uc *text = prefix_len + n <= sizeof small ? small : PyMem_RawMalloc(prefix_len + n);
     if (text == NULL) {
-        PyErr_NoMemory();
+        no_memory();
         return -1;
     }
     memcpy(text, prefix, prefix_len);
@@ -326,6 +333,74 @@ static uint64_t bytes_hash(const uc *p, Py_ssize_t n) {
     return h ^ (h >> 29);
 }
 
+/* ---- suppressed addresses: SHA-256 hex of the address -> reason index ------------------- */
+
+typedef struct SuppressionTable {
+    char (*keys)[64];
+    int *reasons; /* -1: empty slot */
+    Py_ssize_t size;
+} SuppressionTable;
+
+static void table_free(SuppressionTable *t) {
+    if (t == NULL) return;
+    PyMem_RawFree(t->keys);
+    PyMem_RawFree(t->reasons);
+    PyMem_RawFree(t);
+}
+
+/* From the suppression snapshot's {address hash: reason}, reasons indexed into `names`. */
+static SuppressionTable *table_of(PyObject *dict, PyObject *names) {
+    SuppressionTable *t = PyMem_RawCalloc(1, sizeof(SuppressionTable));
+    if (t == NULL) return (SuppressionTable *)PyErr_NoMemory();
+    t->size = 16;
+    while (t->size < PyDict_GET_SIZE(dict) * 2) t->size *= 2;
+    t->keys = PyMem_RawCalloc((size_t)t->size, 64);
+    t->reasons = PyMem_RawMalloc((size_t)t->size * sizeof(int));
+    if (t->keys == NULL || t->reasons == NULL) {
+        table_free(t);
+        return (SuppressionTable *)PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < t->size; i++) t->reasons[i] = -1;
+    Py_ssize_t position = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(dict, &position, &key, &value)) {
+        Py_ssize_t n = 0;
+        const char *hex = PyUnicode_Check(key) ? PyUnicode_AsUTF8AndSize(key, &n) : NULL;
+        Py_ssize_t index = hex && n == 64 && PyUnicode_Check(value) ? PySequence_Index(names, value) : -2;
+        if (index == -1) {
+            PyErr_Clear();
+            index = PyList_GET_SIZE(names);
+            if (PyList_Append(names, value) < 0) index = -2;
+        }
+        if (index < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "suppressions: {sha256 hex: reason}");
+            table_free(t);
+            return NULL;
+        }
+        size_t k = (size_t)bytes_hash((const uc *)hex, 64) & (size_t)(t->size - 1);
+        while (t->reasons[k] >= 0 && memcmp(t->keys[k], hex, 64) != 0) k = (k + 1) & (size_t)(t->size - 1);
+        memcpy(t->keys[k], hex, 64);
+        t->reasons[k] = (int)index;
+    }
+    return t;
+}
+
+/* The reason index an address is suppressed for, or -1. */
+static int table_reason(const SuppressionTable *t, const char *address, Py_ssize_t n) {
+    if (t == NULL || n == 0) return -1;
+    Sha256 h;
+    sha256_init(&h);
+    sha256_update(&h, (const uc *)address, (size_t)n);
+    char hex[64];
+    sha256_hex(&h, hex);
+    size_t k = (size_t)bytes_hash((const uc *)hex, 64) & (size_t)(t->size - 1);
+    while (t->reasons[k] >= 0) {
+        if (memcmp(t->keys[k], hex, 64) == 0) return t->reasons[k];
+        k = (k + 1) & (size_t)(t->size - 1);
+    }
+    return -1;
+}
+
 /* ---- the compiled mapping --------------------------------------------------------------- */
 
 enum Kind {
@@ -373,10 +448,13 @@ typedef struct {
     int *audience_order; /* audience indices sorted by name */
     int consent_index;
     PyObject *granted;   /* tuple of str */
+    Buf granted_text;    /* each granted value's UTF-8 and a NUL, one after the other */
     int *digest_positions;
     Py_ssize_t ndigest;
     int email_slot, phone_slot, email_index, phone_index;
-    PyObject *email_suppressions, *phone_suppressions; /* dict hash hex -> reason, or None */
+    int suppressions;      /* whether any address is suppressed */
+    struct SuppressionTable *email_table, *phone_table;
+    PyObject *reasons;     /* list: the suppression reasons, by index */
 } Mapping;
 
 static void mapping_dealloc(Mapping *m) {
@@ -408,8 +486,10 @@ static void mapping_dealloc(Mapping *m) {
     Py_XDECREF(m->row_rejected);
     Py_XDECREF(m->suppressed_raw_slow);
     Py_XDECREF(m->granted);
-    Py_XDECREF(m->email_suppressions);
-    Py_XDECREF(m->phone_suppressions);
+    buf_free(&m->granted_text);
+    table_free(m->email_table);
+    table_free(m->phone_table);
+    Py_XDECREF(m->reasons);
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
@@ -427,7 +507,7 @@ static int int_list(PyObject *list, int **out, Py_ssize_t *n) {
     *out = PyMem_RawCalloc((size_t)(*n ? *n : 1), sizeof(int));
     if (*out == NULL) {
         Py_DECREF(seq);
-        PyErr_NoMemory();
+        no_memory();
         return -1;
     }
     for (Py_ssize_t i = 0; i < *n; i++) {
@@ -470,6 +550,16 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m->identity_slow = Py_NewRef(identity_slow);
     m->row_rejected = Py_NewRef(row_rejected);
     m->granted = Py_NewRef(granted);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(granted); i++) {
+        Py_ssize_t n;
+        const char *text = PyUnicode_Check(PyTuple_GET_ITEM(granted, i))
+                               ? PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(granted, i), &n) : NULL;
+        if (text == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "granted values are text");
+            goto fail;
+        }
+        if (buf_put(&m->granted_text, text, n + 1) < 0) goto fail;
+    }
     if (put_json_str(&m->key_token, key) < 0) goto fail;
     m->array_representation = array_attribute != Py_None;
     if (m->array_representation && put_json_str(&m->array_token, array_attribute) < 0) goto fail;
@@ -478,16 +568,14 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                           &m->phone_index, &m->suppressed_raw_slow))
         goto fail;
     Py_INCREF(m->suppressed_raw_slow);
-    if (suppressions == Py_None) {
-        m->email_suppressions = Py_NewRef(Py_None);
-        m->phone_suppressions = Py_NewRef(Py_None);
-    } else if (!PyArg_ParseTuple(suppressions, "O!O!", &PyDict_Type, &m->email_suppressions,
-                                 &PyDict_Type, &m->phone_suppressions)) {
-        m->email_suppressions = m->phone_suppressions = NULL;
-        goto fail;
-    } else {
-        Py_INCREF(m->email_suppressions);
-        Py_INCREF(m->phone_suppressions);
+    if ((m->reasons = PyList_New(0)) == NULL) goto fail;
+    if (suppressions != Py_None) {
+        PyObject *emails, *phones;
+        if (!PyArg_ParseTuple(suppressions, "O!O!", &PyDict_Type, &emails, &PyDict_Type, &phones) ||
+            (m->email_table = table_of(emails, m->reasons)) == NULL ||
+            (m->phone_table = table_of(phones, m->reasons)) == NULL)
+            goto fail;
+        m->suppressions = PyDict_GET_SIZE(emails) + PyDict_GET_SIZE(phones) > 0;
     }
     PyObject *seq = PySequence_Fast(fields, "fields must be a sequence");
     if (seq == NULL) goto fail;
@@ -495,7 +583,7 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m->fields = PyMem_RawCalloc((size_t)(m->nfields ? m->nfields : 1), sizeof(FieldSpec));
     if (m->fields == NULL) {
         Py_DECREF(seq);
-        PyErr_NoMemory();
+        no_memory();
         goto fail;
     }
     for (Py_ssize_t i = 0; i < m->nfields; i++) {
@@ -513,7 +601,7 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_INCREF(f->coerce);
         if (f->memoize && (f->memo = PyMem_RawCalloc(MEMO_SLOTS, sizeof(Memo))) == NULL) {
             Py_DECREF(seq);
-            PyErr_NoMemory();
+            no_memory();
             goto fail;
         }
     }
@@ -530,7 +618,7 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m->audience_order = PyMem_RawCalloc((size_t)(m->naudiences ? m->naudiences : 1), sizeof(int));
     if (m->audiences == NULL || m->audience_order == NULL) {
         Py_DECREF(seq);
-        PyErr_NoMemory();
+        no_memory();
         goto fail;
     }
     for (Py_ssize_t i = 0; i < m->naudiences; i++) {
@@ -676,7 +764,7 @@ static int table_rehash(State *st) {
     while (size < st->nentries * 2 + 16) size *= 2;
     Py_ssize_t *table = PyMem_RawCalloc((size_t)size, sizeof(Py_ssize_t));
     if (table == NULL) {
-        PyErr_NoMemory();
+        no_memory();
         return -1;
     }
     for (Py_ssize_t i = 0; i < st->nentries; i++) {
@@ -823,7 +911,7 @@ static int profile_append(Profile *p, const uc *name, Py_ssize_t n, const uc has
     if (p->cap == 0) {
         p->slots = PyMem_RawMalloc(24 * sizeof(Slot));
         if (p->slots == NULL) {
-            PyErr_NoMemory();
+            no_memory();
             return -1;
         }
         p->cap = 24;
@@ -848,7 +936,7 @@ static int audience_of(const Mapping *m, const uc *token, Py_ssize_t n) {
 static int profile_parse(const Mapping *m, const uc *p, const uc *end, Profile **out) {
     Profile *pr = PyMem_RawCalloc(1, sizeof(Profile));
     if (pr == NULL) {
-        PyErr_NoMemory();
+        no_memory();
         return ERR;
     }
     *out = pr;
@@ -916,7 +1004,7 @@ static int entry_profile(State *st, Entry *e, Profile **out) {
     if (!(e->flags & E_STORED)) {
         e->profile = PyMem_RawCalloc(1, sizeof(Profile));
         if (e->profile == NULL) {
-            PyErr_NoMemory();
+            no_memory();
             return ERR;
         }
         *out = e->profile;
@@ -963,7 +1051,23 @@ typedef struct {
     long long line;
     /* the outcome of a rejected row */
     PyObject *code, *message;
+    PyThreadState *released; /* set while this thread runs without the GIL */
+    int without_gil;         /* whether rows run without the GIL (State.process) */
 } Row;
+
+/* Rows are processed without the GIL, so the threads fetching and writing other buckets
+ * keep going meanwhile; Python is entered only where a row needs it (the reference's
+ * coercers, rejects, suppression and consent look-ups, counts by reason). */
+static void gil_take(Row *row) {
+    if (row->released != NULL) {
+        PyEval_RestoreThread(row->released);
+        row->released = NULL;
+    }
+}
+
+static void gil_give(Row *row) {
+    if (row->without_gil && row->released == NULL) row->released = PyEval_SaveThread();
+}
 
 static unsigned hex4(const uc *p) {
     unsigned v = 0;
@@ -1310,22 +1414,7 @@ static int float_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
     Py_ssize_t len;
     if (!memchr(s, 'e', (size_t)n) && !memchr(s, 'E', (size_t)n) && canonical_decimal(s, n, text, &len))
         return put_number_json(typed, t, "f", text, len);
-    memcpy(text, s, (size_t)n);
-    text[n] = 0;
-    char *stop;
-    double x = PyOS_string_to_double(text, &stop, NULL);
-    if (x == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return SLOW;
-    }
-    if (*stop || !isfinite(x)) return SLOW;
-    char *repr = PyOS_double_to_string(x, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (repr == NULL) return ERR;
-    int status = SLOW;
-    if (!strchr(repr, 'e') && !strchr(repr, 'n')) /* orjson writes these the same */
-        status = put_number_json(typed, t, "f", repr, (Py_ssize_t)strlen(repr));
-    PyMem_Free(repr); /* PyOS_double_to_string allocates with PyMem_Malloc */
-    return status;
+    return SLOW; /* exponents, more digits: the reference reads them */
 }
 
 static void lower_ascii(char *out, const uc *s, Py_ssize_t n) {
@@ -1541,15 +1630,20 @@ static int identity_of(const Mapping *m, Row *row) {
         if (fast && buf_put(&row->id_text, work, len) < 0) return ERR;
     }
     if (!fast) {
+        gil_take(row);
         PyObject *raw = value_str(v);
-        if (raw == NULL) return ERR;
-        PyObject *identity = PyObject_CallOneArg(m->identity_slow, raw);
-        Py_DECREF(raw);
-        if (identity == NULL) return take_rejection(m, row);
-        Py_ssize_t size;
-        const char *text = PyUnicode_AsUTF8AndSize(identity, &size);
-        int status = text == NULL || buf_put(&row->id_text, text, size) < 0 ? ERR : OK;
-        Py_DECREF(identity);
+        PyObject *identity = raw ? PyObject_CallOneArg(m->identity_slow, raw) : NULL;
+        Py_XDECREF(raw);
+        int status;
+        if (identity == NULL) {
+            status = raw ? take_rejection(m, row) : ERR;
+        } else {
+            Py_ssize_t size;
+            const char *text = PyUnicode_AsUTF8AndSize(identity, &size);
+            status = text == NULL || buf_put(&row->id_text, text, size) < 0 ? ERR : OK;
+            Py_DECREF(identity);
+        }
+        gil_give(row);
         TRY(status);
     }
     row->id.len = 0;
@@ -1558,25 +1652,8 @@ static int identity_of(const Mapping *m, Row *row) {
 
 /* ---- suppression ------------------------------------------------------------------------- */
 
-/* The reason an address is suppressed for (a new reference to a str), or NULL; -1 on error. */
-static int suppression_of(PyObject *table, const char *address, Py_ssize_t n, PyObject **reason) {
-    *reason = NULL;
-    if (table == Py_None || n == 0 || PyDict_GET_SIZE(table) == 0) return OK;
-    Sha256 h;
-    sha256_init(&h);
-    sha256_update(&h, (const uc *)address, (size_t)n);
-    char hex[64];
-    sha256_hex(&h, hex);
-    PyObject *key = PyUnicode_FromStringAndSize(hex, 64);
-    if (key == NULL) return ERR;
-    PyObject *found = PyDict_GetItemWithError(table, key);
-    Py_DECREF(key);
-    if (found == NULL) return PyErr_Occurred() ? ERR : OK;
-    *reason = Py_NewRef(found);
-    return OK;
-}
-
-static int suppressed_mapped(const Mapping *m, Row *row, PyObject **reason) {
+/* engine._suppressed: the reason index a typed row is suppressed for, or -1. */
+static int suppressed_mapped(const Mapping *m, const Row *row) {
     const char *email = NULL, *phone = NULL;
     Py_ssize_t email_len = 0, phone_len = 0;
     if (m->identity_kind == ID_EMAIL) {
@@ -1593,58 +1670,49 @@ static int suppressed_mapped(const Mapping *m, Row *row, PyObject **reason) {
         phone = row->typed.data + row->fields[m->phone_slot].text;
         phone_len = row->fields[m->phone_slot].text_len;
     }
-    TRY(suppression_of(m->email_suppressions, email, email_len, reason));
-    if (*reason == NULL) TRY(suppression_of(m->phone_suppressions, phone, phone_len, reason));
-    return OK;
+    int reason = table_reason(m->email_table, email, email_len);
+    return reason >= 0 ? reason : table_reason(m->phone_table, phone, phone_len);
 }
 
-/* engine._suppressed_raw: a row typed and acknowledged before, from its raw values. */
-static int suppressed_raw(const Mapping *m, Row *row, PyObject **reason) {
-    *reason = NULL;
-    if (m->email_suppressions == Py_None) return OK;
+/* engine._suppressed_raw, for a row typed and acknowledged before, from its raw values:
+ * the reason index or -1; SLOW when its address is not ASCII (the reference decides). */
+static int suppressed_raw(const Mapping *m, const Row *row, int *reason) {
+    *reason = -1;
+    if (!m->suppressions) return OK;
     char email[256], phone[64];
     Py_ssize_t email_len = 0, phone_len = 0;
-    int fast = 1;
     if (m->identity_kind == ID_EMAIL) {
         memcpy(email, row->id_text.data, (size_t)(email_len = row->id_text.len));
     } else if (m->email_index >= 0 && !is_blank(&row->values[m->email_index])) {
         const Value *v = &row->values[m->email_index];
         Py_ssize_t a, b;
         strip(v->text, v->len, &a, &b);
-        fast = b - a <= 254 && is_ascii(v->text + a, b - a);
-        if (fast) lower_ascii(email, v->text + a, email_len = b - a);
+        if (b - a > 254 || !is_ascii(v->text + a, b - a)) return SLOW;
+        lower_ascii(email, v->text + a, email_len = b - a);
     }
     if (m->identity_kind == ID_PHONE) {
         memcpy(phone, row->id_text.data, (size_t)(phone_len = row->id_text.len));
-    } else if (fast && m->phone_index >= 0 && !is_blank(&row->values[m->phone_index])) {
+    } else if (m->phone_index >= 0 && !is_blank(&row->values[m->phone_index])) {
         const Value *v = &row->values[m->phone_index];
         Py_ssize_t a, b;
         strip(v->text, v->len, &a, &b);
-        fast = b - a <= 60 && is_ascii(v->text + a, b - a) &&
-               phone_normal(v->text + a, b - a, phone, &phone_len);
+        if (b - a > 60 || !is_ascii(v->text + a, b - a) ||
+            !phone_normal(v->text + a, b - a, phone, &phone_len))
+            return SLOW;
     }
-    if (!fast) {
-        PyObject *values = row_values(m, row);
-        if (values == NULL) return ERR;
-        PyObject *found = PyObject_CallOneArg(m->suppressed_raw_slow, values);
-        Py_DECREF(values);
-        if (found == NULL) return ERR;
-        if (found == Py_None) Py_DECREF(found);
-        else *reason = found;
-        return OK;
-    }
-    TRY(suppression_of(m->email_suppressions, email, email_len, reason));
-    if (*reason == NULL) TRY(suppression_of(m->phone_suppressions, phone, phone_len, reason));
+    *reason = table_reason(m->email_table, email, email_len);
+    if (*reason < 0) *reason = table_reason(m->phone_table, phone, phone_len);
     return OK;
 }
 
 /* ---- outcomes ---------------------------------------------------------------------------- */
 
 typedef struct {
-    Py_ssize_t unchanged;
-    PyObject *reasons; /* dict "outcome.reason" -> count */
-    PyObject *rejects; /* list of (line, code, message, values) */
-    PyObject *withheld_now; /* list of (identity, digest) */
+    Py_ssize_t unchanged, no_consent;
+    Py_ssize_t *suppressed; /* by reason index */
+    Buf withheld;           /* identity length, identity, digest: rows held back for consent */
+    PyObject *reasons;      /* dict "outcome.reason" -> count, for what Python counted */
+    PyObject *rejects;      /* list of (line, code, message, values) */
 } Outcomes;
 
 static int count_reason(Outcomes *o, const char *outcome, PyObject *reason) {
@@ -1674,9 +1742,28 @@ static int reject_row(const Mapping *m, Outcomes *o, Row *row) {
 }
 
 static int withhold(Outcomes *o, const Row *row, const uc digest[8]) {
-    PyObject *entry = Py_BuildValue("s#y#", row->id_text.data, row->id_text.len, digest, (Py_ssize_t)8);
-    int status = entry == NULL || PyList_Append(o->withheld_now, entry) < 0 ? ERR : OK;
-    Py_XDECREF(entry);
+    Py_ssize_t n = row->id_text.len;
+    if (buf_put(&o->withheld, (const char *)&n, sizeof n) < 0 ||
+        buf_put(&o->withheld, row->id_text.data, n) < 0 || buf_put(&o->withheld, (const char *)digest, 8) < 0)
+        return ERR;
+    return OK;
+}
+
+/* A row held back: for a suppression reason (an index), else for lack of consent. */
+static void count_suppressed(Outcomes *o, int reason) {
+    if (reason >= 0) o->suppressed[reason]++;
+    else o->no_consent++;
+}
+
+/* The reference's answer for a row whose address C leaves to it (the GIL is held). */
+static int suppressed_raw_by_reference(const Mapping *m, Row *row, Outcomes *o, int *suppressed) {
+    PyObject *values = row_values(m, row);
+    PyObject *found = values ? PyObject_CallOneArg(m->suppressed_raw_slow, values) : NULL;
+    Py_XDECREF(values);
+    if (found == NULL) return ERR;
+    *suppressed = found != Py_None;
+    int status = *suppressed ? count_reason(o, "suppressed", found) : OK;
+    Py_DECREF(found);
     return status;
 }
 
@@ -1690,11 +1777,20 @@ static int type_row(Mapping *m, Row *row, uint64_t *members, uint64_t *stated) {
         Typed *t = &row->fields[i];
         t->present = 0;
         if (is_blank(v)) {
-            if (f->required) return reject_with(row, "missing_value", PyUnicode_FromFormat("%U is required", f->source));
+            if (f->required) {
+                gil_take(row);
+                int status = reject_with(row, "missing_value", PyUnicode_FromFormat("%U is required", f->source));
+                gil_give(row);
+                return status;
+            }
             continue;
         }
         int status = fast_value(f, v->text, v->len, &row->typed, t);
-        if (status == SLOW) status = slow_value(m, f, v, row, t);
+        if (status == SLOW) {
+            gil_take(row);
+            status = slow_value(m, f, v, row, t);
+            gil_give(row);
+        }
         if (status == NULLED) continue;
         TRY(status);
         t->present = 1;
@@ -1712,10 +1808,14 @@ static int type_row(Mapping *m, Row *row, uint64_t *members, uint64_t *stated) {
             if (word_is(lower, b - a, "realized") || word_is(lower, b - a, "existing")) member = 1;
             else if (word_is(lower, b - a, "exited")) member = 0;
         } /* else not a status: non-ASCII text never lower-cases to one */
-        if (member < 0)
-            return reject_with(row, "invalid_membership_status",
-                               PyUnicode_FromFormat("%U: status must be realized/existing/exited",
-                                                    m->audiences[i].label));
+        if (member < 0) {
+            gil_take(row);
+            int status = reject_with(row, "invalid_membership_status",
+                                     PyUnicode_FromFormat("%U: status must be realized/existing/exited",
+                                                          m->audiences[i].label));
+            gil_give(row);
+            return status;
+        }
         *stated |= (uint64_t)1 << i;
         if (member) *members |= (uint64_t)1 << i;
     }
@@ -1723,7 +1823,7 @@ static int type_row(Mapping *m, Row *row, uint64_t *members, uint64_t *stated) {
 }
 
 /* `row.consent in consent.granted_values`: the stripped, lower-cased consent value. */
-static int consent_granted(const Mapping *m, const Row *row) {
+static int consent_granted(const Mapping *m, Row *row) {
     const Value *v = &row->values[m->consent_index];
     Py_ssize_t a, b;
     strip(v->text, v->len, &a, &b);
@@ -1731,20 +1831,20 @@ static int consent_granted(const Mapping *m, const Row *row) {
     if (b - a <= 64 && is_ascii(v->text + a, b - a)) {
         char lower[64];
         lower_ascii(lower, v->text + a, b - a);
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(m->granted); i++) {
-            Py_ssize_t n;
-            const char *granted = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(m->granted, i), &n);
-            if (granted == NULL) return ERR;
-            if (n == b - a && memcmp(granted, lower, (size_t)n) == 0) return 1;
+        for (const char *g = m->granted_text.data, *end = g + m->granted_text.len; g < end;) {
+            size_t n = strlen(g);
+            if ((Py_ssize_t)n == b - a && memcmp(g, lower, n) == 0) return 1;
+            g += n + 1;
         }
         return 0;
     }
+    gil_take(row);
     PyObject *text = PyUnicode_DecodeUTF8((const char *)v->text + a, b - a, "strict");
     PyObject *lower = text ? PyObject_CallMethod(text, "lower", NULL) : NULL;
     Py_XDECREF(text);
-    if (lower == NULL) return ERR;
-    int granted = PySequence_Contains(m->granted, lower);
-    Py_DECREF(lower);
+    int granted = lower ? PySequence_Contains(m->granted, lower) : -1;
+    Py_XDECREF(lower);
+    gil_give(row);
     return granted;
 }
 
@@ -1861,14 +1961,17 @@ static void row_free(Row *row) {
     Py_CLEAR(row->message);
 }
 
-static int count_suppressed(Outcomes *o, PyObject *reason, PyObject *no_consent) {
-    int status = count_reason(o, "suppressed", reason ? reason : no_consent);
-    Py_XDECREF(reason);
-    return status;
-}
 
-static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Outcomes *o,
-                       PyObject *no_consent) {
+/* A call that needs Python, made with the GIL held. */
+#define ROW_WITH_GIL(row, status, call) \
+    do {                                \
+        gil_take(row);                  \
+        (status) = (call);              \
+        gil_give(row);                  \
+    } while (0)
+
+static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Py_ssize_t withheld_size,
+                       Outcomes *o) {
     Buf *scratch = &row->typed; /* free until the row is typed */
     scratch->len = 0;
     if (PUT(scratch, "[") < 0) return ERR;
@@ -1882,15 +1985,20 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Outc
     hash8("", 0, (const uc *)scratch->data, (size_t)scratch->len, digest);
 
     int status = identity_of(m, row);
-    if (status == REJECTED) return reject_row(m, o, row);
+    if (status == REJECTED) {
+        ROW_WITH_GIL(row, status, reject_row(m, o, row));
+        return status;
+    }
     TRY(status);
     size_t slot = 0;
     Py_ssize_t index = table_find(st, (const uc *)row->id.data, row->id.len, &slot);
     if (index >= 0 && (st->entries[index].flags & E_SEEN)) {
+        gil_take(row);
         reject_with(row, "duplicate_identity",
                     PyUnicode_FromString("identity already appeared earlier in this file (first row wins)"));
-        if (row->code == NULL) return ERR;
-        return reject_row(m, o, row);
+        status = row->code == NULL ? ERR : reject_row(m, o, row);
+        gil_give(row);
+        return status;
     }
     if (index < 0) {
         Entry e = {0};
@@ -1902,40 +2010,61 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Outc
     }
     Entry *e = &st->entries[index];
     e->flags |= E_SEEN;
-    PyObject *reason = NULL;
+    int reason = -1;
     if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST) && memcmp(e->digest, digest, 8) == 0) {
-        TRY(suppressed_raw(m, row, &reason));
-        if (reason) return count_suppressed(o, reason, NULL);
+        if (suppressed_raw(m, row, &reason) == SLOW) {
+            int suppressed;
+            ROW_WITH_GIL(row, status, suppressed_raw_by_reference(m, row, o, &suppressed));
+            TRY(status);
+            if (suppressed) return OK;
+        } else if (reason >= 0) {
+            count_suppressed(o, reason);
+            return OK;
+        }
         o->unchanged++;
         return OK;
     }
-    if (PyDict_GET_SIZE(withheld)) {
+    if (withheld_size) {
+        gil_take(row);
+        int again = 0;
         PyObject *key = PyUnicode_DecodeUTF8(row->id_text.data, row->id_text.len, "strict");
-        if (key == NULL) return ERR;
-        PyObject *before = PyDict_GetItemWithError(withheld, key);
-        Py_DECREF(key);
-        if (before == NULL && PyErr_Occurred()) return ERR;
-        if (before && PyBytes_Check(before) && PyBytes_GET_SIZE(before) == 8 &&
-            memcmp(PyBytes_AS_STRING(before), digest, 8) == 0) {
+        PyObject *before = key ? PyDict_GetItemWithError(withheld, key) : NULL;
+        Py_XDECREF(key);
+        status = key == NULL || (before == NULL && PyErr_Occurred()) ? ERR : OK;
+        again = status == OK && before && PyBytes_Check(before) && PyBytes_GET_SIZE(before) == 8 &&
+                memcmp(PyBytes_AS_STRING(before), digest, 8) == 0;
+        int suppressed = 0;
+        if (again && suppressed_raw(m, row, &reason) == SLOW)
+            status = suppressed_raw_by_reference(m, row, o, &suppressed);
+        gil_give(row);
+        TRY(status);
+        if (again) {
             TRY(withhold(o, row, digest));
-            TRY(suppressed_raw(m, row, &reason));
-            return count_suppressed(o, reason, no_consent);
+            if (!suppressed) count_suppressed(o, reason);
+            return OK;
         }
     }
     uint64_t members, stated;
     status = type_row(m, row, &members, &stated);
-    if (status == REJECTED) return reject_row(m, o, row);
+    if (status == REJECTED) {
+        ROW_WITH_GIL(row, status, reject_row(m, o, row));
+        return status;
+    }
     TRY(status);
-    TRY(suppressed_mapped(m, row, &reason));
-    if (reason == NULL && m->consent_index >= 0) {
+    if (m->suppressions) reason = suppressed_mapped(m, row);
+    if (reason < 0 && m->consent_index >= 0) {
         int granted = consent_granted(m, row);
         if (granted < 0) return ERR;
         if (!granted) {
             TRY(withhold(o, row, digest));
-            return count_suppressed(o, NULL, no_consent);
+            count_suppressed(o, -1);
+            return OK;
         }
     }
-    if (reason) return count_suppressed(o, reason, NULL);
+    if (reason >= 0) {
+        count_suppressed(o, reason);
+        return OK;
+    }
     int queued;
     TRY(diff_and_queue(st, m, row, index, digest, members, stated, &queued));
     if (!queued) {
@@ -1949,6 +2078,41 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Outc
     }
     return OK;
 }
+#undef ROW_WITH_GIL
+
+/* The counts kept in C, into the reasons dict (the GIL is held). */
+static int merge_counts(const Mapping *m, Outcomes *o) {
+    for (Py_ssize_t i = 0; i <= PyList_GET_SIZE(m->reasons); i++) {
+        Py_ssize_t times = i < PyList_GET_SIZE(m->reasons) ? o->suppressed[i] : o->no_consent;
+        if (times == 0) continue;
+        PyObject *key = i < PyList_GET_SIZE(m->reasons)
+                            ? PyUnicode_FromFormat("suppressed.%U", PyList_GET_ITEM(m->reasons, i))
+                            : PyUnicode_FromString("suppressed.no_consent");
+        PyObject *current = key ? PyDict_GetItemWithError(o->reasons, key) : NULL;
+        PyObject *total = key && (current || !PyErr_Occurred())
+                              ? PyLong_FromSsize_t((current ? PyLong_AsSsize_t(current) : 0) + times) : NULL;
+        int status = total == NULL || PyDict_SetItem(o->reasons, key, total) < 0 ? ERR : OK;
+        Py_XDECREF(total);
+        Py_XDECREF(key);
+        if (status != OK) return ERR;
+    }
+    return OK;
+}
+
+/* The rows held back for consent, as [(identity, digest)] in row order. */
+static PyObject *withheld_list(const Outcomes *o) {
+    PyObject *list = PyList_New(0);
+    for (Py_ssize_t at = 0; list && at < o->withheld.len;) {
+        Py_ssize_t n;
+        memcpy(&n, o->withheld.data + at, sizeof n);
+        at += (Py_ssize_t)sizeof n;
+        PyObject *entry = Py_BuildValue("(s#y#)", o->withheld.data + at, n, o->withheld.data + at + n, (Py_ssize_t)8);
+        at += n + 8;
+        if (entry == NULL || PyList_Append(list, entry) < 0) Py_CLEAR(list);
+        Py_XDECREF(entry);
+    }
+    return list;
+}
 
 /* process(mapping, data, withheld) -> None when the bucket is for the reference, else
  * (unchanged, reasons, rejects, withheld_now, items). */
@@ -1960,16 +2124,20 @@ static PyObject *state_process(State *st, PyObject *args) {
     Py_XSETREF(st->mapping, (Mapping *)Py_NewRef(m));
     Row row = {0};
     Outcomes o = {0};
-    PyObject *result = NULL, *no_consent = PyUnicode_FromString("no_consent");
+    PyObject *result = NULL, *withheld_now = NULL;
     row.values = PyMem_RawCalloc((size_t)m->columns + 1, sizeof(Value));
     row.fields = PyMem_RawCalloc((size_t)m->nfields + 1, sizeof(Typed));
     o.reasons = PyDict_New();
     o.rejects = PyList_New(0);
-    o.withheld_now = PyList_New(0);
+    o.suppressed = PyMem_RawCalloc((size_t)PyList_GET_SIZE(m->reasons) + 1, sizeof(Py_ssize_t));
+    if (o.suppressed == NULL) PyErr_NoMemory();
     if (row.values == NULL || row.fields == NULL) PyErr_NoMemory();
-    if (PyErr_Occurred() || no_consent == NULL) goto done;
+    if (PyErr_Occurred()) goto done;
     const uc *p = data.buf, *end = p + data.len;
     int status = OK;
+    Py_ssize_t withheld_size = PyDict_GET_SIZE(withheld);
+    row.without_gil = 1;
+    gil_give(&row);
     while (p < end && status == OK) {
         const uc *newline = memchr(p, '\n', (size_t)(end - p));
         const uc *line_end = newline ? newline : end;
@@ -1977,19 +2145,24 @@ static PyObject *state_process(State *st, PyObject *args) {
         p = newline ? newline + 1 : end;
         if (line == line_end) continue;
         status = parse_row(m, line, line_end, &row);
-        if (status == OK) status = process_row(st, m, &row, withheld, &o, no_consent);
+        if (status == OK) status = process_row(st, m, &row, withheld, withheld_size, &o);
     }
+    gil_take(&row);
+    row.without_gil = 0;
+    if (status == ERR && !PyErr_Occurred()) PyErr_NoMemory();
     if (status == PUNT) {
         result = Py_NewRef(Py_None);
     } else if (status == OK) {
-        result = Py_BuildValue("nOOOn", o.unchanged, o.reasons, o.rejects, o.withheld_now, st->nitems);
+        if (merge_counts(m, &o) == OK && (withheld_now = withheld_list(&o)) != NULL)
+            result = Py_BuildValue("nOOOn", o.unchanged, o.reasons, o.rejects, withheld_now, st->nitems);
     }
 done:
     row_free(&row);
     Py_XDECREF(o.reasons);
     Py_XDECREF(o.rejects);
-    Py_XDECREF(o.withheld_now);
-    Py_XDECREF(no_consent);
+    Py_XDECREF(withheld_now);
+    PyMem_RawFree(o.suppressed);
+    buf_free(&o.withheld);
     PyBuffer_Release(&data);
     return result;
 }

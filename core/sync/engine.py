@@ -499,8 +499,7 @@ class ChunkRunner:
         stats.rate_limited_waits += answer.rate_limited_waits
         stats.retries += answer.retries
         failures = {
-            index: [failure.unmatched, failure.reason]
-            for index, failure in answer.failures.items()
+            index: [failure.unmatched, failure.reason] for index, failure in answer.failures.items()
         }
         recorded: dict[str, list[Any]] = {key: [] for key in keys}  # [] means applied
         for index, result in failures.items():
