@@ -871,11 +871,11 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     }
     if (table_rehash(st) < 0) goto fail;
     /* Two lines of one identity: the reference keeps the last one's content in the first
-     * one's place; nothing writes that, so it is not handled here. */
-    {
-        Py_ssize_t distinct = 0;
-        for (Py_ssize_t k = 0; k < st->table_size; k++) distinct += st->table[k] != 0;
-        if (distinct != st->nentries) goto unreadable;
+     * one's place; nothing writes that, so such a snapshot is left to the reference. */
+    for (Py_ssize_t i = 0; i < st->nentries; i++) {
+        size_t slot;
+        if (table_find(st, entry_id(st, &st->entries[i]), st->entries[i].id_len, &slot) != i)
+            goto unreadable;
     }
     return (PyObject *)st;
 unreadable:

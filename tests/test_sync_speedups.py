@@ -539,3 +539,35 @@ def test_rows_run_without_the_gil_so_other_threads_keep_going(storage: Any) -> N
         stop.set()
         ticker.join()
     assert min(during) > 400, during  # with the GIL held throughout: about a tenth of that
+
+
+def test_version_3_state_and_unusual_state_lines_give_the_same_results(
+    storage: Any, braze: FakeBraze
+) -> None:
+    document = {**_sync_document("native-v3"), **CONFIGURATIONS["boolean-audiences"]}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rng = random.Random(5)
+    rows = _random_rows(rng, 200)
+    known = [row[0] for row in rows]
+    empty = SuppressionSnapshot({})
+    first = _run_bucket(storage, braze, sync, rows, None, native=False, known=known,
+                        suppressions=empty)  # fmt: skip
+    header, _, lines = first.state.partition(b"\n")
+    version_3 = orjson.dumps({**orjson.loads(header), "version": 3}) + b"\n" + lines
+    repeated = first.state + lines.partition(b"\n")[0] + b"\n"  # one identity twice
+    states = StateStore(storage, sync.id, "braze", mapping_fingerprint(sync))
+    assert states.decode_text((version_3, "e"), native=True).native is not None
+    assert states.decode_text((repeated, "e"), native=True).native is None  # the reference's
+    changed = _changed(rng, rows)
+    for previous in (version_3, repeated):
+        native, reference = (
+            _run_bucket(storage, braze, sync, changed, previous, native=flag, known=known,
+                        suppressions=empty)
+            for flag in (True, False)
+        )  # fmt: skip
+        assert (native.received, native.counts, native.rejects, native.state) == (
+            reference.received,
+            reference.counts,
+            reference.rejects,
+            reference.state,
+        )

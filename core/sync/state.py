@@ -15,6 +15,7 @@ digests from another mapping are ignored (attribute hashes still hold).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -191,9 +192,9 @@ class SyncState:
 
     def use_reference(self) -> None:
         """Read the profiles in Python: this bucket runs on the reference after all."""
-        if self.native is not None:
+        if self._lines:
             self.profiles = _profiles(io.BytesIO(self._lines), self._same_mapping)
-            self.native, self._lines = None, b""
+        self.native, self._lines = None, b""
 
     def withheld_again(self, identity: str, digest: bytes) -> bool:
         """The same raw row as one held back for lack of consent last run."""
@@ -315,12 +316,13 @@ def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
     # Another mapping: the raw digests no longer say anything, so lines are rebuilt.
     same_mapping = header.get("fingerprint") == fingerprint
     lines = text[end + 1 :] if end >= 0 else b""
+    state = SyncState({}, None, fingerprint)
+    state._lines, state._same_mapping = lines, same_mapping
     if native:
-        state = SyncState({}, None, fingerprint)
-        state.native = SPEEDUPS.State(lines, same_mapping)
-        state._lines, state._same_mapping = lines, same_mapping
-    else:
-        state = SyncState(_profiles(io.BytesIO(lines), same_mapping), None, fingerprint)
+        with contextlib.suppress(ValueError):  # lines C does not read: none we write
+            state.native = SPEEDUPS.State(lines, same_mapping)
+    if state.native is None:
+        state.use_reference()
     state.last_run = header.get("run")
     state.last_result = header.get("result") or {}
     if same_mapping:  # else consent may be read differently now
