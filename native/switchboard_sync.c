@@ -691,6 +691,7 @@ typedef struct {
     Py_ssize_t changes, nchanges; /* in `changes` */
     uint64_t added, removed;
     uc digest[8];
+    int removal; /* mirror mode: a profile absent from the export loses our audiences */
 } Item;
 
 typedef struct {
@@ -1871,6 +1872,50 @@ static int put_audience_names(Buf *b, const Mapping *m, uint64_t set) {
     return OK;
 }
 
+/* engine.build_item, encoded as orjson encodes it: the identity, the changed attributes
+ * (typed in `row`), the membership moves. */
+static int put_item(State *st, const Mapping *m, Item *item, const char *id, Py_ssize_t id_len,
+                    const Row *row) {
+    Buf *b = &st->encoded;
+    uint64_t added = item->added, removed = item->removed;
+    item->off = b->len;
+    if (PUT(b, "{") < 0 || buf_put(b, m->key_token.data, m->key_token.len) < 0 || PUT(b, ":") < 0 ||
+        buf_put(b, id, id_len) < 0 ||
+        (m->update_only && PUT(b, ",\"_update_existing_only\":true") < 0))
+        return ERR;
+    for (Py_ssize_t c = item->changes; c < item->changes + item->nchanges; c++) {
+        const FieldSpec *f = &m->fields[st->changes[c].slot];
+        const Typed *t = &row->fields[st->changes[c].slot];
+        if (PUT(b, ",") < 0 || buf_put(b, f->token.data, f->token.len) < 0 || PUT(b, ":") < 0) return ERR;
+        if (t->present ? buf_put(b, row->typed.data + t->json, t->json_len) < 0 : PUT(b, "null") < 0)
+            return ERR;
+    }
+    if (!m->array_representation) {
+        for (int pass = 0; pass < 2; pass++) {
+            uint64_t set = pass ? removed : added;
+            for (Py_ssize_t k = 0; k < m->naudiences; k++) {
+                int i = m->audience_order[k];
+                if (!(set >> i & 1)) continue;
+                const Buf *attribute = &m->audiences[i].attribute;
+                if (PUT(b, ",") < 0 || buf_put(b, attribute->data, attribute->len) < 0) return ERR;
+                if (pass ? PUT(b, ":false") < 0 : PUT(b, ":true") < 0) return ERR;
+            }
+        }
+    } else if (added || removed) {
+        if (PUT(b, ",") < 0 || buf_put(b, m->array_token.data, m->array_token.len) < 0 || PUT(b, ":{") < 0)
+            return ERR;
+        if (added && (PUT(b, "\"add\":[") < 0 || put_audience_names(b, m, added) < 0 || PUT(b, "]") < 0))
+            return ERR;
+        if (removed && ((added && PUT(b, ",") < 0) || PUT(b, "\"remove\":[") < 0 ||
+                        put_audience_names(b, m, removed) < 0 || PUT(b, "]") < 0))
+            return ERR;
+        if (PUT(b, "}") < 0) return ERR;
+    }
+    if (PUT(b, "}") < 0) return ERR;
+    item->len = b->len - item->off;
+    return OK;
+}
+
 /* state.diff, then engine.build_item encoded as orjson encodes it; `*queued` says whether
  * anything changed. */
 static int diff_and_queue(State *st, Mapping *m, Row *row, Py_ssize_t index, const uc digest[8],
@@ -1909,43 +1954,8 @@ static int diff_and_queue(State *st, Mapping *m, Row *row, Py_ssize_t index, con
     item->added = added;
     item->removed = removed;
     memcpy(item->digest, digest, 8);
-    Buf *b = &st->encoded;
-    item->off = b->len;
-    if (PUT(b, "{") < 0 || buf_put(b, m->key_token.data, m->key_token.len) < 0 || PUT(b, ":") < 0 ||
-        buf_put(b, row->id.data, row->id.len) < 0 ||
-        (m->update_only && PUT(b, ",\"_update_existing_only\":true") < 0))
-        return ERR;
-    for (Py_ssize_t c = first_change; c < st->nchanges; c++) {
-        const FieldSpec *f = &m->fields[st->changes[c].slot];
-        const Typed *t = &row->fields[st->changes[c].slot];
-        if (PUT(b, ",") < 0 || buf_put(b, f->token.data, f->token.len) < 0 || PUT(b, ":") < 0) return ERR;
-        if (t->present ? buf_put(b, row->typed.data + t->json, t->json_len) < 0 : PUT(b, "null") < 0)
-            return ERR;
-    }
-    if (!m->array_representation) {
-        for (int pass = 0; pass < 2; pass++) {
-            uint64_t set = pass ? removed : added;
-            for (Py_ssize_t k = 0; k < m->naudiences; k++) {
-                int i = m->audience_order[k];
-                if (!(set >> i & 1)) continue;
-                const Buf *attribute = &m->audiences[i].attribute;
-                if (PUT(b, ",") < 0 || buf_put(b, attribute->data, attribute->len) < 0) return ERR;
-                if (pass ? PUT(b, ":false") < 0 : PUT(b, ":true") < 0) return ERR;
-            }
-        }
-    } else if (added || removed) {
-        if (PUT(b, ",") < 0 || buf_put(b, m->array_token.data, m->array_token.len) < 0 || PUT(b, ":{") < 0)
-            return ERR;
-        if (added && (PUT(b, "\"add\":[") < 0 || put_audience_names(b, m, added) < 0 || PUT(b, "]") < 0))
-            return ERR;
-        if (removed && ((added && PUT(b, ",") < 0) || PUT(b, "\"remove\":[") < 0 ||
-                        put_audience_names(b, m, removed) < 0 || PUT(b, "]") < 0))
-            return ERR;
-        if (PUT(b, "}") < 0) return ERR;
-    }
-    if (PUT(b, "}") < 0) return ERR;
-    item->len = b->len - item->off;
-    return OK;
+    item->removal = 0;
+    return put_item(st, m, item, row->id.data, row->id.len, row);
 }
 
 /* ---- State.process: every row of a work blob ---------------------------------------------- */
@@ -2236,8 +2246,11 @@ static int acknowledge(State *st, const Item *item) {
             return ERR;
     }
     profile->owned = (profile->owned | item->added) & ~item->removed;
-    memcpy(e->digest, item->digest, 8);
-    e->flags |= E_DIGEST | E_REWRITE;
+    if (!item->removal) { /* a removal keeps the digest of the row last acknowledged */
+        memcpy(e->digest, item->digest, 8);
+        e->flags |= E_DIGEST;
+    }
+    e->flags |= E_REWRITE;
     if (!(e->flags & E_PRESENT)) {
         e->flags |= E_PRESENT;
         if (grow((void **)&st->added_order, &st->added_cap, st->nadded + 1, sizeof(Py_ssize_t)) < 0)
@@ -2255,22 +2268,63 @@ static PyObject *state_settle(State *st, PyObject *args) {
     PyObject *failed;
     if (!PyArg_ParseTuple(args, "nnO", &start, &end, &failed) || range_of(st, start, end) < 0) return NULL;
     int none_failed = PyObject_Length(failed) == 0;
+    Py_ssize_t rows = 0, removals = 0;
+    PyObject *failed_removals = PyList_New(0);
+    if (failed_removals == NULL) return NULL;
     for (Py_ssize_t i = start; i < end; i++) {
         if (!none_failed) {
             PyObject *key = PyLong_FromSsize_t(i);
             int found = key ? PySequence_Contains(failed, key) : -1;
+            if (found > 0 && st->items[i].removal && PyList_Append(failed_removals, key) < 0) found = -1;
             Py_XDECREF(key);
-            if (found < 0) return NULL;
+            if (found < 0) {
+                Py_DECREF(failed_removals);
+                return NULL;
+            }
             if (found) continue;
         }
+        if (st->items[i].removal) removals++;
+        else rows++;
         int status = acknowledge(st, &st->items[i]);
-        if (status == PUNT) {
-            PyErr_SetString(PyExc_RuntimeError, "profile unreadable at acknowledgement");
+        if (status != OK) {
+            if (status == PUNT) PyErr_SetString(PyExc_RuntimeError, "profile unreadable at acknowledgement");
+            else if (!PyErr_Occurred()) PyErr_NoMemory();
+            Py_DECREF(failed_removals);
             return NULL;
         }
-        if (status != OK) return NULL;
     }
-    Py_RETURN_NONE;
+    return Py_BuildValue("(nnN)", rows, removals, failed_removals);
+}
+
+/* mirror() -> items, or None (a profile C does not read: the bucket goes to the
+ * reference): engine._mirror_absent, after `process`: a profile of the state that no row
+ * of this export named loses the audiences Switchboard gave it, lines -1, -2, ... */
+static PyObject *state_mirror(State *st, PyObject *unused) {
+    if (st->mapping == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "mirror() comes after process()");
+        return NULL;
+    }
+    long long line = 0;
+    for (Py_ssize_t i = 0; i < st->nentries; i++) {
+        Entry *e = &st->entries[i];
+        if (!(e->flags & E_STORED) || (e->flags & E_SEEN)) continue;
+        Profile *profile;
+        int status = entry_profile(st, e, &profile);
+        if (status == PUNT) Py_RETURN_NONE;
+        if (status != OK) return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+        if (!profile->owned) continue;
+        if (grow((void **)&st->items, &st->items_cap, st->nitems + 1, sizeof(Item)) < 0) return NULL;
+        Item *item = &st->items[st->nitems++];
+        memset(item, 0, sizeof *item);
+        item->line = --line;
+        item->entry = i;
+        item->changes = st->nchanges;
+        item->removed = profile->owned;
+        item->removal = 1;
+        if (put_item(st, st->mapping, item, (const char *)entry_id(st, e), e->id_len, NULL) != OK)
+            return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+    }
+    return PyLong_FromSsize_t(st->nitems);
 }
 
 /* ---- State.encode: the snapshot's profile lines ------------------------------------------- */
@@ -2353,7 +2407,9 @@ static PyMethodDef STATE_METHODS[] = {
      "take(start, objects, size, max_objects, max_bytes) -> (end, size)"},
     {"encoded", (PyCFunction)state_encoded, METH_VARARGS, "encoded(start, end) -> [bytes]"},
     {"keys", (PyCFunction)state_keys, METH_VARARGS, "keys(bucket, start, end) -> [checkpoint key]"},
-    {"settle", (PyCFunction)state_settle, METH_VARARGS, "settle(start, end, failed)"},
+    {"settle", (PyCFunction)state_settle, METH_VARARGS,
+     "settle(start, end, failed) -> (rows applied, removals applied, failed removals)"},
+    {"mirror", (PyCFunction)state_mirror, METH_NOARGS, "mirror() -> items, or None"},
     {"encode", (PyCFunction)state_encode, METH_O, "encode(header) -> the snapshot's text"},
     {NULL, NULL, 0, NULL},
 };

@@ -204,7 +204,11 @@ CONFIGURATIONS = {
         "identity": {"column": "email", "namespace": "email", "destination_key": "email"},
         "fields": [f for f in FIELDS if f["target"] != "email"], "audiences": SEGMENTS,
     },
-    "phone-identity": {
+    "mirror-array": {
+        "fields": FIELDS[:6], "audiences": {**SEGMENTS, "representation": "array"},
+        "mode": "mirror",
+    },
+        "phone-identity": {
         "identity": {"column": "phone", "namespace": "phone", "destination_key": "phone"},
         "fields": [f for f in FIELDS if f["target"] in ("email", "first_name", "points")],
     },
@@ -384,7 +388,7 @@ def test_a_bucket_in_c_gives_what_the_reference_gives(
     known = [f"CRM-{i}" for i in range(0, 330) if rng.random() < 0.8]
     suppressions = _suppressions(rows, rng) if seed == 2 else SuppressionSnapshot({})
     previous: bytes | None = None
-    for _ in range(3):  # a first run, then changed exports against the state it left
+    for run in range(3):  # a first run, then changed exports against the state it left
         native, reference = (
             _run_bucket(storage, braze, sync, rows, previous, native=flag, known=known,
                         suppressions=suppressions)
@@ -396,6 +400,8 @@ def test_a_bucket_in_c_gives_what_the_reference_gives(
         assert native.checkpoints == reference.checkpoints
         assert native.state == reference.state
         assert native.counts["sent"] or configuration.endswith("-identity")  # Braze: ids only
+        if configuration.startswith("mirror") and run:
+            assert native.counts.get("mirror.removed"), native.counts  # absent profiles
         previous = reference.state
         rows = _changed(rng, rows)
 
@@ -425,11 +431,10 @@ def test_the_mapping_falls_back_for_what_c_does_not_take() -> None:
     from core.sync.native import native_mapping
 
     colliding = {"fields": [{"source": "email", "target": "audience_vip"}], "audiences": SEGMENTS}
-    for overrides in ({"mode": "mirror"}, colliding):
-        document = {**_sync_document("fallback"), **overrides}
-        sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
-        mapper = RowMapper(sync, FULL_COLUMNS)
-        assert native_mapping(sync, mapper, SuppressionSnapshot({}), lambda v: None) is None
+    document = {**_sync_document("fallback"), **colliding}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    mapper = RowMapper(sync, FULL_COLUMNS)
+    assert native_mapping(sync, mapper, SuppressionSnapshot({}), lambda v: None) is None
 
 
 # -- single values -------------------------------------------------------------------------

@@ -227,7 +227,7 @@ class ChunkRunner:
 
     def run_bucket(self, work: BucketWork, lines: bytes) -> None:
         """Process a bucket's work lines (split.work_rows): in C if its state was decoded
-        for it and C takes them, else on the reference."""
+        for it and C takes them, else on the reference (mirror removals included)."""
         self._open.append(work)
         self._items[work.number] = _Items(work)
         native = self.native is not None and work.state.native is not None
@@ -244,6 +244,10 @@ class ChunkRunner:
         if outcome is None:
             return False  # input C does not take: the whole bucket runs on the reference
         unchanged, reasons, rejects, withheld_now, items = outcome
+        if self.sync.mode == SyncMode.MIRROR:
+            items = work.state.native.mirror()  # with removals for absent profiles
+            if items is None:
+                return False
         counts = work.counts
         counts.add(Outcome.UNCHANGED, times=unchanged)
         for key, times in reasons.items():
@@ -459,11 +463,16 @@ class ChunkRunner:
             for index in range(span.start, span.end):
                 self._settle(items.pending[index], failed.get(index, []))
             return
-        items.state.settle(span.start, span.end, failed)
+        rows, removals, failed_removals = items.state.settle(span.start, span.end, failed)
         counts = items.work.counts
-        counts.add(Outcome.SENT, times=span.end - span.start - len(failed))
-        for result in failed.values():
-            self._count_failure(counts, result)
+        counts.add(Outcome.SENT, times=rows)
+        if removals:
+            counts.reasons["mirror.removed"] += removals
+        for index, result in failed.items():
+            if index in failed_removals:
+                counts.reasons["mirror.failed"] += 1
+            else:
+                self._count_failure(counts, result)
 
     def _settle(self, pending: _Pending, result: list[Any]) -> None:
         counts = pending.bucket.counts

@@ -4,8 +4,8 @@
 column feeds which target through which kind of value, and, for every value C does not
 recognise, the reference's own coercer to call (so the answer is always the reference's).
 Configurations the module does not take return None, and those runs use the reference:
-dry runs (they write previews), mirror mode, runs resumed from checkpoints, and mappings
-where two attributes of one object would share a name.
+dry runs (they write previews), runs resumed from checkpoints, and mappings where two
+attributes of one object would share a name.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def native_mapping(
     """The mapping for C, or None when this sync's buckets run on the reference."""
     if SPEEDUPS is None:
         return None
-    if sync.mode == SyncMode.MIRROR or _names_collide(sync) or len(mapper.audiences) > 64:
+    if _names_collide(sync) or len(mapper.audiences) > 64:
         return None
     fields = []
     for target, position, convert, mapping in mapper.fields:
