@@ -87,13 +87,17 @@ class _Items:
 
     def __init__(self, work: BucketWork) -> None:
         self.work = work
-        self.pending: list[_Pending] = []
+        self.pending: list[_Pending | None] = []
+        """None once settled."""
+
+    def _unsettled(self, start: int, end: int) -> list[_Pending]:
+        return [pending for pending in self.pending[start:end] if pending is not None]
 
     def encoded(self, start: int, end: int) -> list[bytes]:
-        return [pending.encoded for pending in self.pending[start:end]]
+        return [pending.encoded for pending in self._unsettled(start, end)]
 
     def keys(self, start: int, end: int) -> list[str]:
-        return [_item_key(self.work.number, p.line) for p in self.pending[start:end]]
+        return [_item_key(self.work.number, p.line) for p in self._unsettled(start, end)]
 
 
 class _NativeItems:
@@ -461,7 +465,10 @@ class ChunkRunner:
         items = span.items
         if isinstance(items, _Items):
             for index in range(span.start, span.end):
-                self._settle(items.pending[index], failed.get(index, []))
+                pending = items.pending[index]
+                assert pending is not None
+                self._settle(pending, failed.get(index, []))
+                items.pending[index] = None  # settled: its objects may go
             return
         rows, removals, failed_removals = items.state.settle(span.start, span.end, failed)
         counts = items.work.counts
