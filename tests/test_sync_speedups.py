@@ -576,3 +576,26 @@ def test_version_3_state_and_unusual_state_lines_give_the_same_results(
             reference.rejects,
             reference.state,
         )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\n", b"\xef\xbb\xbf", b"id,id\n1,2\n", b"name\nx\n", b"id,name\n\xff\n", b'"id\n,x\n'],
+)
+def test_split_file_rejects_what_the_reference_rejects_alike(
+    storage: Any, unique: str, data: bytes
+) -> None:
+    from core.sync.readers import FileRejected
+
+    sync = parse_document({"version": 1, "syncs": [_sync_document(f"r{unique}")]}).syncs[0]
+    storage.blobs.create("segments", f"{sync.id}/f.csv", data, overwrite=True)
+    blob = storage.blobs.ref("segments", f"{sync.id}/f.csv")
+    outcomes = []
+    for native in (True, False):
+        try:
+            split = split_file(storage, sync, [blob], run_id=f"r{unique}{native}", buckets=4,
+                               in_memory_max_rows=10, native=native)  # fmt: skip
+            outcomes.append(("split", split.in_memory, split.malformed))
+        except FileRejected as exc:
+            outcomes.append((exc.code, str(exc)))
+    assert outcomes[0] == outcomes[1]

@@ -251,9 +251,10 @@ class BlobStore:
     ) -> Iterator[bytes]:
         """The blob's bytes in chunks, failing if it changed since `blob.etag`."""
         client = self.service.get_blob_client(blob.container, blob.name)
+        whole = not offset and length is None  # no range: the SDK then reads empty blobs too
         try:
             downloader = client.download_blob(
-                offset=offset,
+                offset=None if whole else offset,
                 length=length,
                 etag=blob.etag,
                 match_condition=MatchConditions.IfNotModified,

@@ -260,7 +260,7 @@ def _read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
         header = next(csv.reader([line.decode("utf-8")], delimiter=delimiter, strict=True), None)
     except csv.Error as exc:
         raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
-    if not header:
+    if header is None or not line:  # a blank first line is a header of no columns
         raise FileRejected("empty_file", "file has no header line")
     return header_columns(header), rest
 
