@@ -101,6 +101,7 @@ def test_first_file_sends_everything_and_an_identical_file_sends_nothing(scenari
     assert first["status"] == "succeeded"
     assert first["counts"]["sent"] == 120 and first["counts"]["rows"] == 120
     assert first["detail"]["batches_sent"] == 2  # 75 + 45
+    assert first["detail"]["buckets_in_c"] > 0  # the C path (tests/test_sync_speedups.py)
     stored = s.profiles(rows)["ID-00001"]
     assert stored == {
         "email": "id.1@example.com", "first_name": "Name1", "dob": "1951-02-11",

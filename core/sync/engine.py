@@ -132,9 +132,11 @@ class BatchStats:
     requests: int = 0
     rate_limited_waits: int = 0
     retries: int = 0
+    native: int = 0
+    """Buckets processed in C (the rest ran on the reference)."""
 
     def add(self, other: BatchStats) -> None:
-        for name in ("sent", "resumed", "requests", "rate_limited_waits", "retries"):
+        for name in ("sent", "resumed", "requests", "rate_limited_waits", "retries", "native"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -261,6 +263,7 @@ class ChunkRunner:
             work.rejects.add(line, code, message, values)
         work.state.withheld_now.update(withheld_now)
         self._report_progress(unchanged + sum(reasons.values()) + items)
+        work.stats.native = 1
         self._add_native(_NativeItems(work), items)
         return True
 

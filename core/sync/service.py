@@ -391,6 +391,7 @@ def finalize(
         "requests": stats.requests,
         "rate_limited_waits": stats.rate_limited_waits,
         "retries": stats.retries,
+        "buckets_in_c": stats.native,
         "rows_per_second": round(counts.rows / seconds) if seconds > 0 else None,
     }
     if plan.preview:

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import logging
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from core.sync.mapping import RowMapper
 from core.sync.readers import GZIP_MAGIC, FileRejected, RowReader, SourceRow, header_columns
 from core.sync.state import SPEEDUPS
 
+log = logging.getLogger(__name__)
 WORK_CONTAINER = "sync-work"
 # Every bucket holds a compressor, uncompressed rows and one unstaged block while the file
 # is split: these sizes keep the split's memory bounded however large the file (about
@@ -220,6 +222,7 @@ def split_file(
             result = read(storage, sync, blobs, buckets, partitioner)
         except _ReferenceNeeded:
             partitioner.abandon()
+            log.info("segment file split again by the reference", extra={"run_id": run_id})
             continue
         except BaseException:
             partitioner.abandon()
