@@ -212,25 +212,6 @@ static int utf8_sequence(const unsigned char *p, const unsigned char *end) {
     return n;
 }
 
-static char *put_utf8(char *out, unsigned cp) {
-    if (cp < 0x80) {
-        *out++ = (char)cp;
-    } else if (cp < 0x800) {
-        *out++ = (char)(0xc0 | cp >> 6);
-        *out++ = (char)(0x80 | (cp & 0x3f));
-    } else if (cp < 0x10000) {
-        *out++ = (char)(0xe0 | cp >> 12);
-        *out++ = (char)(0x80 | (cp >> 6 & 0x3f));
-        *out++ = (char)(0x80 | (cp & 0x3f));
-    } else {
-        *out++ = (char)(0xf0 | cp >> 18);
-        *out++ = (char)(0x80 | (cp >> 12 & 0x3f));
-        *out++ = (char)(0x80 | (cp >> 6 & 0x3f));
-        *out++ = (char)(0x80 | (cp & 0x3f));
-    }
-    return out;
-}
-
 /* A string (ps->p after its opening quote); its decoded text into `out` if not NULL. */
 static int parse_string(Parser *ps, Field *out) {
     const unsigned char *start = ps->p;

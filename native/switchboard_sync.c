@@ -1076,25 +1076,6 @@ static unsigned hex4(const uc *p) {
     return v;
 }
 
-static char *put_cp(char *out, unsigned cp) {
-    if (cp < 0x80) {
-        *out++ = (char)cp;
-    } else if (cp < 0x800) {
-        *out++ = (char)(0xC0 | cp >> 6);
-        *out++ = (char)(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-        *out++ = (char)(0xE0 | cp >> 12);
-        *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
-        *out++ = (char)(0x80 | (cp & 0x3F));
-    } else {
-        *out++ = (char)(0xF0 | cp >> 18);
-        *out++ = (char)(0x80 | ((cp >> 12) & 0x3F));
-        *out++ = (char)(0x80 | ((cp >> 6) & 0x3F));
-        *out++ = (char)(0x80 | (cp & 0x3F));
-    }
-    return out;
-}
-
 /* `[line,"value",...]` as orjson.dumps wrote it; PUNT for anything but text values. */
 static int parse_row(const Mapping *m, const uc *p, const uc *end, Row *row) {
     if (p >= end || *p != '[') return PUNT;
@@ -1155,7 +1136,7 @@ static int parse_row(const Mapping *m, const uc *p, const uc *end, Row *row) {
                     } else if (cp >= 0xD800 && cp <= 0xDFFF) {
                         return PUNT;
                     }
-                    out = put_cp(out, cp);
+                    out = put_utf8(out, cp);
                     break;
                 }
                 default:
