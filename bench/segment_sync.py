@@ -39,7 +39,7 @@ from core.sync.definitions import SyncDefinition, parse_document
 from core.sync.engine import CheckpointLog
 from core.sync.readers import RowReader
 from core.sync.service import RunPlan, finalize, plan_run, process_buckets
-from core.sync.split import split_file
+from core.sync.split import feed_splitter, read_header, split_file
 from core.sync.state import SPEEDUPS
 
 SIZES = (1_000_000, 5_000_000)
@@ -136,18 +136,13 @@ def _c_parse(path: Path, sync: SyncDefinition) -> int:
     """Rows of the file as the pipeline's C splitter reads them (work lines dropped)."""
     with path.open("rb") as file:
         text = igzip.IGzipFile(fileobj=file, mode="rb")
-        columns = next(csv.reader([text.readline().decode()]))
+        columns, rest = read_header(text, ",")
         splitter = SPEEDUPS.Splitter(
             len(columns), columns.index(sync.identity.column), ",", 256, 32 * 1024, str.lower
         )
-        data, line = b"", 2
-        while True:
-            chunk = text.read(1 << 20)
-            data += chunk
-            consumed, line, _, _, _ = splitter.feed(data, line, not chunk)
-            data = data[consumed:]
-            if not chunk:
-                return int(splitter.rows)
+        for _ in feed_splitter(splitter, text, rest, 2):
+            pass
+        return int(splitter.rows)
 
 
 def _upload(services: Services, sync: SyncDefinition, path: Path, name: str) -> BlobRef:

@@ -28,7 +28,14 @@ from core.sync.engine import BucketWork, CheckpointLog, ChunkRunner
 from core.sync.mapping import RowMapper
 from core.sync.readers import RowReader
 from core.sync.reports import RejectsPart
-from core.sync.split import bucket_of, identity_key, split_file
+from core.sync.split import (
+    ReferenceNeeded,
+    bucket_of,
+    feed_splitter,
+    identity_key,
+    read_header,
+    split_file,
+)
 from core.sync.state import SPEEDUPS, StateStore
 from devhost.fakes.braze import FakeBraze
 
@@ -70,28 +77,21 @@ Split = tuple[list[list[bytes]], list[Any]]
 
 
 def _native_split(data: bytes, buckets: int, chunk: int) -> Split | None:
-    body = data.removeprefix(b"\xef\xbb\xbf")
-    body = body[body.index(b"\n") + 1 :]
+    text = io.BytesIO(data)
+    _, rest = read_header(text, ",")
     splitter = SPEEDUPS.Splitter(len(COLUMNS), 0, ",", buckets, 64, identity_key)
     lines: list[list[bytes]] = [[] for _ in range(buckets)]
     malformed: list[Any] = []
-    pending, line, offset = b"", 2, 0
-    while True:
-        piece = body[offset : offset + chunk]
-        offset += chunk
-        final = not piece
-        pending += piece
-        fed = splitter.feed(pending, line, final)
-        if fed is None:
-            return None
-        consumed, line, bad_rows, ready, bad_utf8 = fed
-        assert bad_utf8 == -1
-        malformed += bad_rows
-        for bucket, block in [*ready, *(splitter.drain() if final else [])]:
-            lines[bucket] += io.BytesIO(block).readlines()
-        pending = pending[consumed:]
-        if final:
-            return lines, malformed
+    try:
+        for bad_rows, ready in feed_splitter(splitter, text, rest, 2, read_bytes=chunk):
+            malformed += bad_rows
+            for bucket, block in ready:
+                lines[bucket] += io.BytesIO(block).readlines()
+    except ReferenceNeeded:
+        return None
+    for bucket, block in splitter.drain():
+        lines[bucket] += io.BytesIO(block).readlines()
+    return lines, malformed
 
 
 _TEXT = ["Ana", "Müller", "漢字", "😀", "a,b", 'say "hi"', "line\nbreak", "crlf\r\nin", " ", "",

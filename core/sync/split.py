@@ -220,7 +220,7 @@ def split_file(
         partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
         try:
             result = read(storage, sync, blobs, buckets, partitioner)
-        except _ReferenceNeeded:
+        except ReferenceNeeded:
             partitioner.abandon()
             log.info("segment file split again by the reference", extra={"run_id": run_id})
             continue
@@ -235,8 +235,8 @@ def split_file(
     raise AssertionError("the reference takes every file")
 
 
-class _ReferenceNeeded(Exception):
-    """The C splitter met input it leaves to the reference."""
+class ReferenceNeeded(Exception):
+    """The C splitter met input it leaves to the reference (the file is split again)."""
 
 
 def _text_stream(storage: Storage, blob: BlobRef) -> IO[bytes]:
@@ -246,7 +246,7 @@ def _text_stream(storage: Storage, blob: BlobRef) -> IO[bytes]:
     return stream
 
 
-def _read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
+def read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
     """The header's columns and the bytes read after it."""
     buffer = b""
     while b"\n" not in buffer:
@@ -258,7 +258,7 @@ def _read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
     end = buffer.find(b"\n")
     line, rest = (buffer, b"") if end < 0 else (buffer[: end + 1], buffer[end + 1 :])
     if line.count(b'"') % 2 or b"\r" in line.rstrip(b"\r\n"):
-        raise _ReferenceNeeded  # a quoted line break in the header, or a lone CR
+        raise ReferenceNeeded  # a quoted line break in the header, or a lone CR
     try:
         header = next(csv.reader([line.decode("utf-8")], delimiter=delimiter, strict=True), None)
     except csv.Error as exc:
@@ -277,46 +277,74 @@ def _read_parts_native(
 ) -> SplitResult:
     result: SplitResult | None = None
     splitter: Any = None
-    try:
+    with _file_errors():
         for part, blob in enumerate(blobs):
             text = _text_stream(storage, blob)
-            columns, data = _read_header(text, sync.input.field_delimiter)
-            if result is None:
-                if sync.identity.column not in columns:
-                    raise FileRejected(
-                        "missing_column",
-                        f"identity column {sync.identity.column!r} is not in the file",
-                    )
-                result = SplitResult(columns, buckets, counts=[0] * buckets)
+            columns, data = read_header(text, sync.input.field_delimiter)
+            result = _part_result(result, sync, columns, buckets, blob)
+            if splitter is None:
                 splitter = SPEEDUPS.Splitter(
                     len(columns), columns.index(sync.identity.column),
                     sync.input.field_delimiter, buckets, _PENDING_BYTES, identity_key,
                 )  # fmt: skip
-            elif columns != result.columns:
-                raise FileRejected("parts_differ", f"{blob.name} has other columns than part 1")
-            line = part * LINE_STRIDE + 2
-            while True:
-                chunk = text.read(_READ_BYTES)
-                final = not chunk
-                data += chunk
-                fed = splitter.feed(data, line, final)
-                if fed is None:
-                    raise _ReferenceNeeded
-                consumed, line, malformed, ready, bad_utf8 = fed
+            for malformed, ready in feed_splitter(splitter, text, data, part * LINE_STRIDE + 2):
                 result.malformed += malformed
                 for bucket, lines in ready:
                     partitioner.add_lines(bucket, lines, splitter.rows)
-                if bad_utf8 >= 0:
-                    data[bad_utf8:].decode("utf-8")  # raises with the reference's reason
-                    raise _ReferenceNeeded  # it did not: the decoder knows best
-                data = data[consumed:]
-                if final:
-                    break
         assert result is not None and splitter is not None  # at least one part
         for bucket, lines in splitter.drain():
             partitioner.add_lines(bucket, lines, splitter.rows)
         result.counts = splitter.counts()
         partitioner.rows = splitter.rows
+    return result
+
+
+def feed_splitter(
+    splitter: Any, text: IO[bytes], data: bytes, line: int, read_bytes: int = _READ_BYTES
+) -> Iterator[tuple[list[tuple[int, str]], list[tuple[int, bytes]]]]:
+    """Feed the rest of a part (`data`, then `text`) to a switchboard_sync.Splitter, a
+    chunk at a time; yields each chunk's (malformed rows, work lines ready per bucket).
+    Raises ReferenceNeeded for input the splitter leaves to the reference, and
+    UnicodeDecodeError (the reference's) for text that is not UTF-8."""
+    while True:
+        chunk = text.read(read_bytes)
+        final = not chunk
+        data += chunk
+        fed = splitter.feed(data, line, final)
+        if fed is None:
+            raise ReferenceNeeded
+        consumed, line, malformed, ready, bad_utf8 = fed
+        yield malformed, ready
+        if bad_utf8 >= 0:
+            data[bad_utf8:].decode("utf-8")  # raises with the reference's reason
+            raise ReferenceNeeded  # it did not: the decoder knows best
+        data = data[consumed:]
+        if final:
+            return
+
+
+def _part_result(
+    result: SplitResult | None, sync: SyncDefinition, columns: list[str], buckets: int,
+    blob: BlobRef,
+) -> SplitResult:  # fmt: skip
+    """The split's result once a part's header is read: new at the first part, checked
+    against the first part's columns after it."""
+    if result is None:
+        if sync.identity.column not in columns:
+            raise FileRejected(
+                "missing_column", f"identity column {sync.identity.column!r} is not in the file"
+            )
+        return SplitResult(columns, buckets, counts=[0] * buckets)
+    if columns != result.columns:
+        raise FileRejected("parts_differ", f"{blob.name} has other columns than part 1")
+    return result
+
+
+@contextlib.contextmanager
+def _file_errors() -> Iterator[None]:
+    """A file that cannot be decoded or decompressed is rejected as a whole."""
+    try:
+        yield
     except UnicodeDecodeError as exc:
         raise FileRejected(
             "not_utf8",
@@ -324,7 +352,6 @@ def _read_parts_native(
         ) from None
     except (OSError, EOFError) as exc:
         raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
-    return result
 
 
 def _read_parts(
@@ -335,21 +362,13 @@ def _read_parts(
     partitioner: _Partitioner,
 ) -> SplitResult:
     result: SplitResult | None = None
-    try:
+    with _file_errors():
         for part, blob in enumerate(blobs):
             # The text decoder reads ahead, so even the header line can raise a decode error.
             reader = RowReader(
                 storage.blobs.open_reader(blob), sync.input, RowMapper.wanted_columns(sync)
             )
-            if result is None:
-                if sync.identity.column not in reader.columns:
-                    raise FileRejected(
-                        "missing_column",
-                        f"identity column {sync.identity.column!r} is not in the file",
-                    )
-                result = SplitResult(reader.columns, buckets, counts=[0] * buckets)
-            elif reader.columns != result.columns:
-                raise FileRejected("parts_differ", f"{blob.name} has other columns than part 1")
+            result = _part_result(result, sync, reader.columns, buckets, blob)
             identity_index = result.columns.index(sync.identity.column)
             offset = part * LINE_STRIDE
             for entry in reader:
@@ -361,13 +380,6 @@ def _read_parts(
                 bucket = bucket_of(identity_key(entry.values[identity_index]), buckets)
                 result.counts[bucket] += 1
                 partitioner.add(bucket, entry)
-    except UnicodeDecodeError as exc:
-        raise FileRejected(
-            "not_utf8",
-            f"file is not valid UTF-8 ({exc.reason}); export it as UTF-8, nothing was sent",
-        ) from None
-    except (OSError, EOFError) as exc:
-        raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
     assert result is not None  # at least one part
     return result
 
