@@ -366,6 +366,25 @@ def _run_bucket(
     return BucketOutcome(received, counts, rejects.added, done[0], checkpoints.records)
 
 
+def _both(
+    storage: Any, braze: FakeBraze, sync: SyncDefinition, rows: list[list[str]],
+    previous: bytes | None, *, known: list[str], suppressions: SuppressionSnapshot,
+) -> BucketOutcome:  # fmt: skip
+    """The bucket run in C and on the reference; they must agree in every respect (the
+    objects Braze received, counts, rejects, checkpoints, the state's bytes)."""
+    native, reference = (
+        _run_bucket(storage, braze, sync, rows, previous, native=flag, known=known,
+                    suppressions=suppressions)
+        for flag in (True, False)
+    )  # fmt: skip
+    assert native.received == reference.received
+    assert native.counts == reference.counts
+    assert native.rejects == reference.rejects
+    assert native.checkpoints == reference.checkpoints
+    assert native.state == reference.state
+    return native
+
+
 def _suppressions(rows: list[list[str]], rng: random.Random) -> SuppressionSnapshot:
     emails = {
         address_hash(row[1].strip().lower()): Reason.HARD_BOUNCE
@@ -389,20 +408,12 @@ def test_a_bucket_in_c_gives_what_the_reference_gives(
     suppressions = _suppressions(rows, rng) if seed == 2 else SuppressionSnapshot({})
     previous: bytes | None = None
     for run in range(3):  # a first run, then changed exports against the state it left
-        native, reference = (
-            _run_bucket(storage, braze, sync, rows, previous, native=flag, known=known,
-                        suppressions=suppressions)
-            for flag in (True, False)
-        )  # fmt: skip
-        assert native.received == reference.received
-        assert native.counts == reference.counts
-        assert native.rejects == reference.rejects
-        assert native.checkpoints == reference.checkpoints
-        assert native.state == reference.state
+        native = _both(storage, braze, sync, rows, previous, known=known,
+                       suppressions=suppressions)  # fmt: skip
         assert native.counts["sent"] or configuration.endswith("-identity")  # Braze: ids only
         if configuration.startswith("mirror") and run:
             assert native.counts.get("mirror.removed"), native.counts  # absent profiles
-        previous = reference.state
+        previous = native.state
         rows = _changed(rng, rows)
 
 
@@ -412,17 +423,8 @@ def test_a_large_bucket_gives_the_same_and_accounts_for_every_row(
     document = {**_sync_document("native-large"), **CONFIGURATIONS["boolean-audiences"]}
     sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
     rows = _random_rows(random.Random(9), 3000)
-    native, reference = (
-        _run_bucket(storage, braze, sync, rows, None, native=flag, known=[r[0] for r in rows],
-                    suppressions=SuppressionSnapshot({}))
-        for flag in (True, False)
-    )  # fmt: skip
-    assert (native.received, native.counts, native.rejects, native.state) == (
-        reference.received,
-        reference.counts,
-        reference.rejects,
-        reference.state,
-    )
+    native = _both(storage, braze, sync, rows, None, known=[r[0] for r in rows],
+                   suppressions=SuppressionSnapshot({}))  # fmt: skip
     assert native.counts["rows"] == len(rows)
     assert native.counts["sent"] == len(native.received) > 500
 
@@ -565,17 +567,7 @@ def test_version_3_state_and_unusual_state_lines_give_the_same_results(
     assert states.decode_text((repeated, "e"), native=True).native is None  # the reference's
     changed = _changed(rng, rows)
     for previous in (version_3, repeated):
-        native, reference = (
-            _run_bucket(storage, braze, sync, changed, previous, native=flag, known=known,
-                        suppressions=empty)
-            for flag in (True, False)
-        )  # fmt: skip
-        assert (native.received, native.counts, native.rejects, native.state) == (
-            reference.received,
-            reference.counts,
-            reference.rejects,
-            reference.state,
-        )
+        _both(storage, braze, sync, changed, previous, known=known, suppressions=empty)
 
 
 @pytest.mark.parametrize(
