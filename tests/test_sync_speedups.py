@@ -572,7 +572,16 @@ def test_version_3_state_and_unusual_state_lines_give_the_same_results(
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\n", b"\xef\xbb\xbf", b"id,id\n1,2\n", b"name\nx\n", b"id,name\n\xff\n", b'"id\n,x\n'],
+    [
+        b"",
+        b"\n",
+        b"\xef\xbb\xbf",
+        b"id,id\n1,2\n",
+        b"name\nx\n",
+        b"id,name\n\xff\n",
+        b'"id\n,x\n',
+        gzip.compress(b"id,name,note,status\n" + b"A,b,c,realized\n" * 500)[:-40],  # cut short
+    ],
 )
 def test_split_file_rejects_what_the_reference_rejects_alike(
     storage: Any, unique: str, data: bytes

@@ -10,13 +10,13 @@ is sent.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
 import orjson
+from isal import igzip
 
 from core.sync.definitions import FileFormat, InputSpec
 
@@ -41,10 +41,11 @@ class SourceRow:
 
 
 def decompressed(stream: IO[bytes]) -> IO[bytes]:
-    """The stream itself, or a gzip reader over it when it starts with gzip's magic."""
+    """The stream itself, or a gzip reader over it when it starts with gzip's magic (ISA-L's,
+    several times faster than zlib's, with the same interface and errors)."""
     buffered: Any = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)
     if buffered.peek(2)[:2] == GZIP_MAGIC:
-        return cast(IO[bytes], gzip.GzipFile(fileobj=buffered, mode="rb"))
+        return cast(IO[bytes], igzip.IGzipFile(fileobj=buffered, mode="rb"))  # type: ignore[no-untyped-call]
     return cast(IO[bytes], buffered)
 
 

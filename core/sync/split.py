@@ -22,17 +22,17 @@ import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
-from isal import igzip, isal_zlib
+from isal import isal_zlib
 
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockStager, BlockWriter
 from core.sync.definitions import FileFormat, SyncDefinition
 from core.sync.mapping import RowMapper
-from core.sync.readers import GZIP_MAGIC, FileRejected, RowReader, SourceRow, header_columns
+from core.sync.readers import FileRejected, RowReader, SourceRow, decompressed, header_columns
 from core.sync.state import SPEEDUPS
 
 log = logging.getLogger(__name__)
@@ -239,13 +239,6 @@ class ReferenceNeeded(Exception):
     """The C splitter met input it leaves to the reference (the file is split again)."""
 
 
-def _text_stream(storage: Storage, blob: BlobRef) -> IO[bytes]:
-    stream = storage.blobs.open_reader(blob)
-    if stream.peek(2)[:2] == GZIP_MAGIC:
-        return cast(IO[bytes], igzip.IGzipFile(fileobj=stream, mode="rb"))  # type: ignore[no-untyped-call]
-    return stream
-
-
 def read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
     """The header's columns and the bytes read after it."""
     buffer = b""
@@ -279,7 +272,7 @@ def _read_parts_native(
     splitter: Any = None
     with _file_errors():
         for part, blob in enumerate(blobs):
-            text = _text_stream(storage, blob)
+            text = decompressed(storage.blobs.open_reader(blob))
             columns, data = read_header(text, sync.input.field_delimiter)
             result = _part_result(result, sync, columns, buckets, blob)
             if splitter is None:
