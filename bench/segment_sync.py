@@ -38,7 +38,7 @@ from core.storage import BlobRef
 from core.sync.definitions import SyncDefinition, parse_document
 from core.sync.engine import CheckpointLog
 from core.sync.readers import RowReader
-from core.sync.service import RunPlan, finalize, plan_run, process_buckets
+from core.sync.service import RunPlan, finalize, plan_run, process_buckets, unchanged_index
 from core.sync.split import feed_splitter, read_header, split_file
 from core.sync.state import SPEEDUPS
 
@@ -159,6 +159,7 @@ def _pipeline(
     split = split_file(
         services.storage, sync, [blob], run_id=run_id, buckets=sync.processing.state_buckets,
         in_memory_max_rows=sync.processing.in_memory_max_rows,
+        unchanged=unchanged_index(services, sync, destination.name, run_id),
     )  # fmt: skip
     plan: RunPlan = plan_run(services, sync, blob, run_id, split, [blob.name])
     checkpoints = NoCheckpoints() if isinstance(destination, PayloadOnly) else None

@@ -834,6 +834,9 @@ static const uc *string_token(const uc *p, const uc *end) {
 }
 
 /* State(text, same_mapping): the profile lines of a snapshot (everything after its header). */
+/* State(lines, same_mapping): a snapshot's profile lines, as state._profiles reads them. A
+ * snapshot that runs have appended to holds sections, each a header line (a JSON object)
+ * and profile lines: a later line of an identity replaces its earlier one in its place. */
 static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *text;
     int same_mapping;
@@ -846,12 +849,19 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Py_ssize_t lines = 0;
     for (const uc *p = base; p < end; p++) lines += *p == '\n';
     if (grow((void **)&st->entries, &st->cap, lines + 1, sizeof(Entry)) < 0) goto fail;
+    st->table_size = 1024;
+    while (st->table_size < lines * 2 + 16) st->table_size *= 2;
+    st->table = PyMem_RawCalloc((size_t)st->table_size, sizeof(Py_ssize_t));
+    if (st->table == NULL) {
+        no_memory();
+        goto fail;
+    }
     for (const uc *p = base; p < end;) {
         const uc *newline = memchr(p, '\n', (size_t)(end - p));
         const uc *line_end = newline ? newline : end;
         const uc *line = p;
         p = newline ? newline + 1 : end;
-        if (line == line_end) continue;
+        if (line == line_end || *line == '{') continue; /* blank, or a section's header */
         const uc *tab = memchr(line, '\t', (size_t)(line_end - line));
         const uc *id_end = tab ? string_token(tab + 1, line_end) : NULL;
         if (id_end == NULL || id_end >= line_end || *id_end != '\t' ||
@@ -868,15 +878,14 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
             if (unhex8(line, e.digest) < 0) goto unreadable;
             e.flags |= E_DIGEST;
         }
-        st->entries[st->nentries++] = e;
-    }
-    if (table_rehash(st) < 0) goto fail;
-    /* Two lines of one identity: the reference keeps the last one's content in the first
-     * one's place; nothing writes that, so such a snapshot is left to the reference. */
-    for (Py_ssize_t i = 0; i < st->nentries; i++) {
         size_t slot;
-        if (table_find(st, entry_id(st, &st->entries[i]), st->entries[i].id_len, &slot) != i)
-            goto unreadable;
+        Py_ssize_t known = table_find(st, tab + 1, e.id_len, &slot);
+        if (known >= 0) {
+            st->entries[known] = e; /* a later section's line, in the first one's place */
+        } else {
+            st->entries[st->nentries++] = e;
+            st->table[slot] = st->nentries;
+        }
     }
     return (PyObject *)st;
 unreadable:
@@ -1656,26 +1665,28 @@ static int suppressed_mapped(const Mapping *m, const Row *row) {
     return reason >= 0 ? reason : table_reason(m->phone_table, phone, phone_len);
 }
 
-/* engine._suppressed_raw, for a row typed and acknowledged before, from its raw values:
- * the reason index or -1; SLOW when its address is not ASCII (the reference decides). */
-static int suppressed_raw(const Mapping *m, const Row *row, int *reason) {
+/* engine._suppressed_raw, for a row acknowledged before exactly as it is, from its raw
+ * `values` (and, for an e-mail or phone identity, the normalised identity): the reason
+ * index or -1; SLOW when its address is not ASCII (the reference decides). */
+static int suppressed_values(const Mapping *m, const Value *values, const char *id_text,
+                             Py_ssize_t id_len, int *reason) {
     *reason = -1;
     if (!m->suppressions) return OK;
     char email[256], phone[64];
     Py_ssize_t email_len = 0, phone_len = 0;
     if (m->identity_kind == ID_EMAIL) {
-        memcpy(email, row->id_text.data, (size_t)(email_len = row->id_text.len));
-    } else if (m->email_index >= 0 && !is_blank(&row->values[m->email_index])) {
-        const Value *v = &row->values[m->email_index];
+        memcpy(email, id_text, (size_t)(email_len = id_len));
+    } else if (m->email_index >= 0 && !is_blank(&values[m->email_index])) {
+        const Value *v = &values[m->email_index];
         Py_ssize_t a, b;
         strip(v->text, v->len, &a, &b);
         if (b - a > 254 || !is_ascii(v->text + a, b - a)) return SLOW;
         lower_ascii(email, v->text + a, email_len = b - a);
     }
     if (m->identity_kind == ID_PHONE) {
-        memcpy(phone, row->id_text.data, (size_t)(phone_len = row->id_text.len));
-    } else if (m->phone_index >= 0 && !is_blank(&row->values[m->phone_index])) {
-        const Value *v = &row->values[m->phone_index];
+        memcpy(phone, id_text, (size_t)(phone_len = id_len));
+    } else if (m->phone_index >= 0 && !is_blank(&values[m->phone_index])) {
+        const Value *v = &values[m->phone_index];
         Py_ssize_t a, b;
         strip(v->text, v->len, &a, &b);
         if (b - a > 60 || !is_ascii(v->text + a, b - a) ||
@@ -1685,6 +1696,10 @@ static int suppressed_raw(const Mapping *m, const Row *row, int *reason) {
     *reason = table_reason(m->email_table, email, email_len);
     if (*reason < 0) *reason = table_reason(m->phone_table, phone, phone_len);
     return OK;
+}
+
+static int suppressed_raw(const Mapping *m, const Row *row, int *reason) {
+    return suppressed_values(m, row->values, row->id_text.data, row->id_text.len, reason);
 }
 
 /* ---- outcomes ---------------------------------------------------------------------------- */
@@ -2349,19 +2364,21 @@ static int put_line(State *st, Buf *b, const Entry *e) {
 /* encode(header) -> bytes: the header, then "\n" and the line of every profile, stored ones
  * first, in their order, then new ones in the order they were acknowledged (as
  * state._encode writes the dict), then "\n": the snapshot's whole text, in one copy. */
-static PyObject *state_encode(State *st, PyObject *header) {
+static PyObject *encode_lines(State *st, PyObject *header, int changed_only) {
     Buf b = {0};
     PyObject *result = NULL;
     if (!PyBytes_Check(header)) {
         PyErr_SetString(PyExc_TypeError, "header must be bytes");
         return NULL;
     }
-    if (buf_reserve(&b, PyBytes_GET_SIZE(st->text) + PyBytes_GET_SIZE(header) + 1024) < 0 ||
+    Py_ssize_t size = changed_only ? 4096 : PyBytes_GET_SIZE(st->text);
+    if (buf_reserve(&b, size + PyBytes_GET_SIZE(header) + 1024) < 0 ||
         buf_put(&b, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header)) < 0)
         goto done;
     for (Py_ssize_t i = 0; i < st->nentries; i++) {
         const Entry *e = &st->entries[i];
-        if ((e->flags & E_STORED) && put_line(st, &b, e) != OK) goto done;
+        if (!(e->flags & E_STORED) || (changed_only && !(e->flags & E_REWRITE))) continue;
+        if (put_line(st, &b, e) != OK) goto done;
     }
     for (Py_ssize_t i = 0; i < st->nadded; i++)
         if (put_line(st, &b, &st->entries[st->added_order[i]]) != OK) goto done;
@@ -2370,6 +2387,75 @@ static PyObject *state_encode(State *st, PyObject *header) {
 done:
     PyMem_RawFree(b.data);
     return result;
+}
+
+static PyObject *state_encode(State *st, PyObject *header) { return encode_lines(st, header, 0); }
+
+/* encode_changed(header) -> bytes: a section to append to the snapshot: the header, then the
+ * lines of the profiles this run changed (stored ones in their order, then new ones). */
+static PyObject *state_encode_changed(State *st, PyObject *header) { return encode_lines(st, header, 1); }
+
+/* ---- the digest index: see split.UnchangedIndex -------------------------------------------- */
+
+static int digest_order(const void *a, const void *b) { return memcmp(a, b, 8); }
+
+/* Whether `digest` is among `n` sorted 8-byte digests. */
+static int has_digest(const uc *digests, Py_ssize_t n, const uc digest[8]) {
+    Py_ssize_t low = 0, high = n;
+    while (low < high) {
+        Py_ssize_t mid = low + (high - low) / 2;
+        int order = memcmp(digests + 8 * mid, digest, 8);
+        if (order == 0) return 1;
+        if (order < 0) low = mid + 1;
+        else high = mid;
+    }
+    return 0;
+}
+
+/* digests() -> bytes: the sorted raw digests of the profiles acknowledged, 8 bytes each; a
+ * digest two profiles share (never, short of a collision) is left out, as it says nothing. */
+static PyObject *state_digests(State *st, PyObject *unused) {
+    uc *all = PyMem_RawMalloc((size_t)st->nentries * 8 + 1);
+    if (all == NULL) return PyErr_NoMemory();
+    Py_ssize_t n = 0, kept = 0;
+    for (Py_ssize_t i = 0; i < st->nentries; i++) {
+        const Entry *e = &st->entries[i];
+        if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST)) memcpy(all + 8 * n++, e->digest, 8);
+    }
+    qsort(all, (size_t)n, 8, digest_order);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int shared = (i > 0 && memcmp(all + 8 * i, all + 8 * (i - 1), 8) == 0) ||
+                     (i + 1 < n && memcmp(all + 8 * i, all + 8 * (i + 1), 8) == 0);
+        if (!shared) memmove(all + 8 * kept++, all + 8 * i, 8);
+    }
+    PyObject *result = PyBytes_FromStringAndSize((const char *)all, kept * 8);
+    PyMem_RawFree(all);
+    return result;
+}
+
+/* mark_seen(digests) -> profiles marked: the profiles whose rows the split settled count as
+ * seen in this file (for duplicates after them, and for mirror mode). */
+static PyObject *state_mark_seen(State *st, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t n = view.len / 8, marked = 0;
+    uc *sorted = PyMem_RawMalloc((size_t)n * 8 + 1);
+    if (sorted == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    memcpy(sorted, view.buf, (size_t)n * 8);
+    PyBuffer_Release(&view);
+    qsort(sorted, (size_t)n, 8, digest_order);
+    for (Py_ssize_t i = 0; i < st->nentries; i++) {
+        Entry *e = &st->entries[i];
+        if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST) && has_digest(sorted, n, e->digest)) {
+            e->flags |= E_SEEN;
+            marked++;
+        }
+    }
+    PyMem_RawFree(sorted);
+    return PyLong_FromSsize_t(marked);
 }
 
 static PyObject *state_get_changed(State *st, void *closure) { return PyBool_FromLong(st->changed); }
@@ -2392,6 +2478,10 @@ static PyMethodDef STATE_METHODS[] = {
      "settle(start, end, failed) -> (rows applied, removals applied, failed removals)"},
     {"mirror", (PyCFunction)state_mirror, METH_NOARGS, "mirror() -> items, or None"},
     {"encode", (PyCFunction)state_encode, METH_O, "encode(header) -> the snapshot's text"},
+    {"encode_changed", (PyCFunction)state_encode_changed, METH_O,
+     "encode_changed(header) -> a section of the profiles changed, to append"},
+    {"digests", (PyCFunction)state_digests, METH_NOARGS, "digests() -> sorted raw digests acknowledged"},
+    {"mark_seen", (PyCFunction)state_mark_seen, METH_O, "mark_seen(digests) -> profiles marked seen"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2438,7 +2528,41 @@ typedef struct {
     Py_ssize_t *starts, *lens;
     Py_ssize_t fields_cap;
     Buf key;
+    /* Rows already acknowledged exactly as they are (use_index): settled here, unsent. */
+    Mapping *mapping;
+    struct BucketIndex *index; /* per bucket; NULL: every row becomes a work line */
+    uint64_t *seen;            /* a Bloom filter of the identity keys split so far */
+    uint64_t seen_mask;        /* its size in bits, minus one */
+    Buf digest_text;
+    Value *values;
+    Py_ssize_t settled;
 } Splitter;
+
+typedef struct BucketIndex {
+    uc *digests; /* sorted raw digests of the bucket's acknowledged profiles; NULL: none */
+    Py_ssize_t n;
+    Buf settled;           /* digests of the rows settled */
+    Py_ssize_t unchanged;
+    Py_ssize_t *suppressed; /* by the mapping's reason index */
+} BucketIndex;
+
+static void index_free(Splitter *sp) {
+    if (sp->index)
+        for (int i = 0; i < sp->buckets; i++) {
+            PyMem_RawFree(sp->index[i].digests);
+            PyMem_RawFree(sp->index[i].settled.data);
+            PyMem_RawFree(sp->index[i].suppressed);
+        }
+    PyMem_RawFree(sp->index);
+    PyMem_RawFree(sp->seen);
+    PyMem_RawFree(sp->digest_text.data);
+    PyMem_RawFree(sp->values);
+    Py_CLEAR(sp->mapping);
+    sp->index = NULL;
+    sp->seen = NULL;
+    sp->values = NULL;
+    sp->digest_text = (Buf){0};
+}
 
 static void splitter_dealloc(Splitter *sp) {
     if (sp->pending)
@@ -2449,6 +2573,7 @@ static void splitter_dealloc(Splitter *sp) {
     PyMem_RawFree(sp->starts);
     PyMem_RawFree(sp->lens);
     PyMem_RawFree(sp->key.data);
+    index_free(sp);
     Py_XDECREF(sp->identity_key);
     Py_TYPE(sp)->tp_free((PyObject *)sp);
 }
@@ -2600,25 +2725,165 @@ static int split_record(Splitter *sp, const uc *p, const uc *end, int final, con
     }
 }
 
-static int bucket_of_key(const uc *key, Py_ssize_t n, int buckets) {
+/* split.bucket_of's hash of an identity key; the bucket is this modulo the buckets. */
+static uint64_t key_hash(const uc *key, Py_ssize_t n) {
     uc digest[8];
     hash8("", 0, key, (size_t)n, digest);
     uint64_t value = 0;
     for (int i = 0; i < 8; i++) value = value << 8 | digest[i];
-    return (int)(value % (uint64_t)buckets);
+    return value;
 }
 
-/* The bucket of an identity that is not ASCII: split.identity_key (the GIL is held). */
-static int identity_bucket(Splitter *sp, const uc *s, Py_ssize_t n, int *bucket) {
+/* The key hash of an identity that is not ASCII: split.identity_key (the GIL is held). */
+static int identity_hash(Splitter *sp, const uc *s, Py_ssize_t n, uint64_t *hash) {
     PyObject *raw = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
     PyObject *key = raw ? PyObject_CallOneArg(sp->identity_key, raw) : NULL;
     Py_XDECREF(raw);
     if (key == NULL) return ERR;
     Py_ssize_t size;
     const char *text = PyUnicode_AsUTF8AndSize(key, &size);
-    if (text != NULL) *bucket = bucket_of_key((const uc *)text, size, sp->buckets);
+    if (text != NULL) *hash = key_hash((const uc *)text, size);
     Py_DECREF(key);
     return text ? OK : ERR;
+}
+
+/* ---- rows settled in the split: see split.UnchangedIndex ------------------------------------ */
+
+#define SEEN_PROBES 6
+
+/* Adds an identity key to the Bloom filter; whether it may have been there already. A false
+ * "maybe" only sends a row on to its bucket, which decides as it always does. */
+static int seen_before(Splitter *sp, uint64_t key) {
+    uint64_t step = (key >> 32) | 1;
+    int seen = 1;
+    for (int i = 0; i < SEEN_PROBES; i++) {
+        uint64_t bit = (key + (uint64_t)i * step) & sp->seen_mask, mask = 1ULL << (bit & 63);
+        if (!(sp->seen[bit >> 6] & mask)) {
+            seen = 0;
+            sp->seen[bit >> 6] |= mask;
+        }
+    }
+    return seen;
+}
+
+/*
+ * Settles a row here when its bucket would count it without sending anything: its
+ * identity key was not split before in this file (so it is no duplicate, and no earlier
+ * row of that identity is waiting in the bucket) and its raw digest is one the bucket's
+ * state acknowledged (engine: unchanged_raw), then counted unchanged or, when its address
+ * is suppressed now, suppressed. Anything less certain goes on to the bucket.
+ */
+static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *identity,
+                      Py_ssize_t identity_len, int *settled) {
+    *settled = 0;
+    const Mapping *m = sp->mapping;
+    if (seen_before(sp, key) || identity == NULL || (m->identity_kind == ID_EMAIL && identity_len > 254))
+        return OK;
+    Buf *t = &sp->digest_text;
+    t->len = 0;
+    if (PUT(t, "[") < 0) return ERR;
+    for (Py_ssize_t i = 0; i < m->ndigest; i++) {
+        int at = m->digest_positions[i];
+        if ((i && PUT(t, ",") < 0) || put_json_bytes(t, sp->fields.data + sp->starts[at], sp->lens[at]) < 0)
+            return ERR;
+    }
+    if (PUT(t, "]") < 0) return ERR;
+    uc digest[8];
+    hash8("", 0, (const uc *)t->data, (size_t)t->len, digest);
+    if (!has_digest(ix->digests, ix->n, digest)) return OK;
+    int reason = -1;
+    if (m->suppressions) {
+        int at[2] = {m->email_index, m->phone_index};
+        for (int i = 0; i < 2; i++)
+            if (at[i] >= 0) {
+                sp->values[at[i]].text = (const uc *)sp->fields.data + sp->starts[at[i]];
+                sp->values[at[i]].len = sp->lens[at[i]];
+            }
+        if (suppressed_values(m, sp->values, (const char *)identity, identity_len, &reason) == SLOW) return OK;
+    }
+    if (buf_put(&ix->settled, (const char *)digest, 8) < 0) return ERR;
+    if (reason >= 0) ix->suppressed[reason]++;
+    else ix->unchanged++;
+    *settled = 1;
+    return OK;
+}
+
+/* use_index(mapping, digests): `digests` has, per bucket, the sorted raw digests its state
+ * acknowledged (8 bytes each), or None; rows are then settled here where they can be. */
+static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
+    Mapping *m;
+    PyObject *digests;
+    if (!PyArg_ParseTuple(args, "O!O!", &MappingType, &m, &PyList_Type, &digests)) return NULL;
+    if (m->columns != sp->columns || m->identity_index != sp->identity_index ||
+        m->identity_kind == ID_PHONE || PyList_GET_SIZE(digests) != sp->buckets || sp->rows) {
+        PyErr_SetString(PyExc_ValueError, "the index is for another file, identity or split");
+        return NULL;
+    }
+    index_free(sp);
+    sp->mapping = (Mapping *)Py_NewRef(m);
+    sp->index = PyMem_RawCalloc((size_t)sp->buckets, sizeof(BucketIndex));
+    sp->values = PyMem_RawCalloc((size_t)sp->columns, sizeof(Value));
+    if (sp->index == NULL || sp->values == NULL) goto no_memory;
+    Py_ssize_t total = 0, reasons = PyList_GET_SIZE(m->reasons) + 1;
+    for (int i = 0; i < sp->buckets; i++) {
+        PyObject *item = PyList_GET_ITEM(digests, i);
+        if (item == Py_None) continue;
+        if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) % 8) {
+            PyErr_SetString(PyExc_ValueError, "digests: bytes of 8-byte digests, or None");
+            goto fail;
+        }
+        BucketIndex *ix = &sp->index[i];
+        ix->n = PyBytes_GET_SIZE(item) / 8;
+        ix->digests = PyMem_RawMalloc((size_t)ix->n * 8 + 1);
+        ix->suppressed = PyMem_RawCalloc((size_t)reasons, sizeof(Py_ssize_t));
+        if (ix->digests == NULL || ix->suppressed == NULL) goto no_memory;
+        memcpy(ix->digests, PyBytes_AS_STRING(item), (size_t)ix->n * 8);
+        for (Py_ssize_t k = 1; k < ix->n; k++)
+            if (memcmp(ix->digests + 8 * (k - 1), ix->digests + 8 * k, 8) >= 0) {
+                PyErr_SetString(PyExc_ValueError, "digests must be sorted and distinct");
+                goto fail;
+            }
+        total += ix->n;
+    }
+    /* 16 bits per expected row: under 0.1% of first rows sent on to their bucket needlessly. */
+    uint64_t bits = 1 << 23;
+    while (bits < (uint64_t)total * 16) bits <<= 1;
+    sp->seen = PyMem_RawCalloc((size_t)(bits / 64), sizeof(uint64_t));
+    if (sp->seen == NULL) goto no_memory;
+    sp->seen_mask = bits - 1;
+    Py_RETURN_NONE;
+no_memory:
+    PyErr_NoMemory();
+fail:
+    index_free(sp);
+    return NULL;
+}
+
+/* settled() -> per bucket None, or (digests, unchanged, {"suppressed.<reason>": rows}). */
+static PyObject *splitter_settled(Splitter *sp, PyObject *unused) {
+    PyObject *list = PyList_New(sp->buckets);
+    for (int i = 0; list && i < sp->buckets; i++) {
+        BucketIndex *ix = sp->index ? &sp->index[i] : NULL;
+        PyObject *entry = Py_None, *reasons = NULL;
+        if (ix && ix->digests && ix->settled.len) {
+            reasons = PyDict_New();
+            for (Py_ssize_t r = 0; reasons && r < PyList_GET_SIZE(sp->mapping->reasons); r++) {
+                if (!ix->suppressed[r]) continue;
+                PyObject *key = PyUnicode_FromFormat("suppressed.%U", PyList_GET_ITEM(sp->mapping->reasons, r));
+                PyObject *times = PyLong_FromSsize_t(ix->suppressed[r]);
+                if (key == NULL || times == NULL || PyDict_SetItem(reasons, key, times) < 0) Py_CLEAR(reasons);
+                Py_XDECREF(key);
+                Py_XDECREF(times);
+            }
+            entry = reasons ? Py_BuildValue("(y#nO)", ix->settled.data, ix->settled.len, ix->unchanged, reasons) : NULL;
+            Py_XDECREF(reasons);
+        } else {
+            Py_INCREF(entry);
+        }
+        if (entry == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, entry);
+    }
+    return list;
 }
 
 static int put_work_line(Splitter *sp, Buf *b, long long line, Py_ssize_t count) {
@@ -2691,9 +2956,10 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         }
         const uc *identity = (const uc *)sp->fields.data + sp->starts[sp->identity_index];
         Py_ssize_t identity_len = sp->lens[sp->identity_index];
-        int bucket;
+        uint64_t key;
         Py_ssize_t a, b;
         strip(identity, identity_len, &a, &b);
+        const uc *ascii_key = NULL;
         if (is_ascii(identity + a, b - a)) {
             sp->key.len = 0;
             if (buf_reserve(&sp->key, b - a + 1) < 0) {
@@ -2701,10 +2967,21 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
                 break;
             }
             lower_ascii(sp->key.data, identity + a, b - a);
-            bucket = bucket_of_key((const uc *)sp->key.data, b - a, sp->buckets);
+            ascii_key = (const uc *)sp->key.data;
+            key = key_hash(ascii_key, b - a);
         } else {
-            WITH_GIL(status = identity_bucket(sp, identity, identity_len, &bucket));
+            WITH_GIL(status = identity_hash(sp, identity, identity_len, &key));
             if (status != OK) break;
+        }
+        int bucket = (int)(key % (uint64_t)sp->buckets);
+        if (sp->index != NULL && sp->index[bucket].digests != NULL) {
+            int settled;
+            status = settle_row(sp, &sp->index[bucket], key, ascii_key, b - a, &settled);
+            if (status != OK) break;
+            if (settled) {
+                sp->settled++;
+                continue;
+            }
         }
         Buf *pending = &sp->pending[bucket];
         if ((pending->cap == 0 && small_reserve(pending, 0) < 0) ||
@@ -2766,13 +3043,19 @@ static PyMethodDef SPLITTER_METHODS[] = {
      "feed(data, line, final) -> None or (consumed, line, malformed, ready, bad_utf8)"},
     {"drain", (PyCFunction)splitter_drain, METH_NOARGS, "drain() -> [(bucket, work lines)]"},
     {"counts", (PyCFunction)splitter_counts, METH_NOARGS, "counts() -> rows per bucket"},
+    {"use_index", (PyCFunction)splitter_use_index, METH_VARARGS,
+     "use_index(mapping, digests): settle rows acknowledged before exactly as they are"},
+    {"settled", (PyCFunction)splitter_settled, METH_NOARGS,
+     "settled() -> per bucket None or (digests, unchanged, suppressed reasons)"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyObject *splitter_get_rows(Splitter *sp, void *closure) { return PyLong_FromSsize_t(sp->rows); }
+static PyObject *splitter_get_settled(Splitter *sp, void *closure) { return PyLong_FromSsize_t(sp->settled); }
 
 static PyGetSetDef SPLITTER_GETSET[] = {
     {"rows", (getter)splitter_get_rows, NULL, "rows split so far", NULL},
+    {"settled_rows", (getter)splitter_get_settled, NULL, "rows settled so far (use_index)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

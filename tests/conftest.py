@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from devhost.fakes.braze import FakeBraze
 from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
 
@@ -101,6 +102,14 @@ class PushFakes:
     apns: Any
     fcm: Any
     env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def braze() -> Iterator[FakeBraze]:
+    """A fake Braze of the module's own, which its tests reset at will."""
+    fake = FakeBraze().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="session")

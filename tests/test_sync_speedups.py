@@ -327,19 +327,15 @@ class _Rejects(RejectsPart):
         super().add(line, code, message, values)
 
 
-@pytest.fixture(scope="module")
-def braze() -> Iterator[FakeBraze]:
-    fake = FakeBraze().start()
-    yield fake
-    fake.stop()
-
-
 def _run_bucket(
-    storage: Any, braze: FakeBraze, sync: SyncDefinition, rows: list[list[str]],
+    storage: Any, braze: FakeBraze, sync: SyncDefinition, rows: list[list[str]] | bytes,
     previous: bytes | None, *, native: bool, known: list[str], suppressions: SuppressionSnapshot,
 ) -> BucketOutcome:  # fmt: skip
+    """`rows`: the rows, or the bucket's work lines as the split wrote them."""
     braze.reset(known)
-    lines = b"".join(orjson.dumps([n + 2, *row]) + b"\n" for n, row in enumerate(rows))
+    lines = rows if isinstance(rows, bytes) else b"".join(
+        orjson.dumps([n + 2, *row]) + b"\n" for n, row in enumerate(rows)
+    )  # fmt: skip
     states = StateStore(storage, sync.id, "braze", mapping_fingerprint(sync))
     stored = None if previous is None else (gzip.compress(previous), "etag")
     state = states.decode(stored, native=native)

@@ -33,6 +33,7 @@ from core.sync.readers import SourceRow
 from core.sync.reports import Outcome, OutcomeCounts, PreviewPart, RejectsPart
 from core.sync.split import work_rows
 from core.sync.state import Change, SyncState, raw_digest
+from core.sync.unchanged import SettledRows
 
 log = logging.getLogger(__name__)
 _PROGRESS_EVERY_SECONDS = 10.0
@@ -236,14 +237,29 @@ class ChunkRunner:
         for it and C takes them, else on the reference (mirror removals included)."""
         self._open.append(work)
         self._items[work.number] = _Items(work)
-        native = self.native is not None and work.state.native is not None
-        if not (native and self._process_native(work, lines)):
-            work.state.use_reference()
-            seen = self._process(work, work_rows(lines))
-            if self.sync.mode == SyncMode.MIRROR:
-                self._mirror_absent(work, seen)
+        lines, settled = SettledRows.take(lines)
+        if settled is not None:
+            self._count_settled(work, settled)
+        if lines or self.sync.mode == SyncMode.MIRROR:
+            self._run_rows(work, lines, settled)
         work.rows_done = True
         self._close_finished()
+
+    def _run_rows(self, work: BucketWork, lines: bytes, settled: SettledRows | None) -> None:
+        native = self.native is not None and work.state.native is not None
+        if native and settled is not None:
+            work.state.mark_seen(settled.digests, settled.state_etag)
+        if not (native and self._process_native(work, lines)):
+            work.state.use_reference()
+            seen = work.state.mark_seen(settled.digests, settled.state_etag) if settled else set()
+            self._process(work, work_rows(lines), seen)
+            if self.sync.mode == SyncMode.MIRROR:
+                self._mirror_absent(work, seen)
+
+    def _count_settled(self, work: BucketWork, settled: SettledRows) -> None:
+        """Rows the split settled: counted as `_process` counts them."""
+        _add_counts(work.counts, settled.unchanged, settled.reasons)
+        self._report_progress(settled.rows)
 
     def _process_native(self, work: BucketWork, data: bytes) -> bool:
         outcome = work.state.native.process(self.native, data, work.state.withheld)
@@ -254,11 +270,7 @@ class ChunkRunner:
             items = work.state.native.mirror()  # with removals for absent profiles
             if items is None:
                 return False
-        counts = work.counts
-        counts.add(Outcome.UNCHANGED, times=unchanged)
-        for key, times in reasons.items():
-            counts.outcomes[key.partition(".")[0]] += times
-            counts.reasons[key] += times
+        _add_counts(work.counts, unchanged, reasons)
         for line, code, message, values in rejects:
             work.rejects.add(line, code, message, values)
         work.state.withheld_now.update(withheld_now)
@@ -289,8 +301,8 @@ class ChunkRunner:
             del self._items[work.number]
             self.on_bucket_done(work)
 
-    def _process(self, work: BucketWork, rows: Iterable[SourceRow]) -> set[str]:
-        seen: set[str] = set()
+    def _process(self, work: BucketWork, rows: Iterable[SourceRow], seen: set[str]) -> None:
+        """`seen`: identities met before these rows (settled in the split); it grows."""
         consent = self.sync.consent
         mapper = self.mapper
         state = work.state
@@ -350,7 +362,6 @@ class ChunkRunner:
             self._queue(work, entry.line, identity, change, digest)
         counts.add(Outcome.UNCHANGED, times=unchanged_raw)
         self._report_progress(number % _PROGRESS_CHECK_ROWS)
-        return seen
 
     def _report_progress(self, new_rows: int) -> None:
         """Log rows and rows/s every _PROGRESS_EVERY_SECONDS (counts only: no identities)."""
@@ -534,6 +545,14 @@ class ChunkRunner:
                 "resuming from checkpoints",
                 extra={"run_id": self.run_id, "items": len(self._acknowledged)},
             )
+
+
+def _add_counts(counts: OutcomeCounts, unchanged: int, reasons: dict[str, int]) -> None:
+    """Counts kept elsewhere (C, the split): rows unchanged, and {"outcome.reason": rows}."""
+    counts.add(Outcome.UNCHANGED, times=unchanged)
+    for key, times in reasons.items():
+        counts.outcomes[key.partition(".")[0]] += times
+        counts.reasons[key] += times
 
 
 def _reason_code(reason: str) -> str:

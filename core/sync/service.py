@@ -52,6 +52,7 @@ from core.sync.split import (
     split_file,
 )
 from core.sync.state import StateStore, StoredState
+from core.sync.unchanged import UnchangedIndex
 
 log = logging.getLogger(__name__)
 CHUNK_QUEUE = "segment-chunks"
@@ -125,7 +126,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
         sync = services.syncs().get(sync_id)
         if sync is None:
             raise ConfigError(f"no sync is declared with id {sync_id!r}")
-        destination_for(sync, services.settings)  # fail early on missing credentials
+        destination = destination_for(sync, services.settings)  # fails on missing credentials
     except ConfigError as exc:
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
     services.runs.update(run.run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
@@ -139,6 +140,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             buckets=sync.processing.state_buckets,
             in_memory_max_rows=sync.processing.in_memory_max_rows,
             native=services.settings.sync_native_buckets,
+            unchanged=unchanged_index(services, sync, destination.name, run.run_id),
         )
     except FileRejected as rejected:
         error = f"{rejected.code}: {rejected}"
@@ -158,6 +160,17 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
     return services.runs.update(
         run.run_id, lambda r: r.detail.update({"chunks": len(groups), "rows": split.rows})
     )
+
+
+def unchanged_index(
+    services: Services, sync: SyncDefinition, destination: str, run_id: str
+) -> UnchangedIndex | None:
+    """What the split needs to settle unchanged rows (core/sync/unchanged.py), or None
+    when the sync runs on the reference throughout."""
+    if not services.settings.sync_native_buckets:
+        return None
+    states = StateStore(services.storage, sync.id, destination, mapping_fingerprint(sync))
+    return UnchangedIndex(states, sync, SuppressionList(services.storage).snapshot(), run_id)
 
 
 def process_chunk(services: Services, message: ChunkMessage) -> None:
@@ -330,12 +343,16 @@ def _run_buckets(
 
     def fetch(bucket: int) -> tuple[StoredState | None, bytes]:
         """A bucket's state and work lines, inflated; runs on a thread one bucket ahead, so
-        its I/O and inflating overlap with the bucket before it (memory: two buckets)."""
+        its I/O and inflating overlap with the bucket before it (memory: two buckets). A
+        bucket whose rows the split all settled needs no state (unless in mirror mode)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
-        state = states.inflate(states.fetch(bucket)) if bucket in existing else None
         if in_memory is not None:
-            return state, in_memory[bucket]
-        return state, inflate_work(fetch_work_blob(storage, name)) if name else b""
+            lines = in_memory[bucket]
+        else:
+            lines = inflate_work(fetch_work_blob(storage, name)) if name else b""
+        needed = sync.mode == SyncMode.MIRROR or lines.startswith(b"[")  # rows, not settled
+        state = states.inflate(states.fetch(bucket)) if needed and bucket in existing else None
+        return state, lines
 
     existing = states.stored_buckets()
     with ThreadPoolExecutor(1) as fetcher:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -34,6 +35,7 @@ from core.sync.definitions import FileFormat, SyncDefinition
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected, RowReader, SourceRow, decompressed, header_columns
 from core.sync.state import SPEEDUPS
+from core.sync.unchanged import UnchangedIndex
 
 log = logging.getLogger(__name__)
 WORK_CONTAINER = "sync-work"
@@ -73,6 +75,8 @@ class SplitResult:
     in_memory: list[bytes] | None = None
     """Each bucket's work lines, for a file small enough to keep (else work blobs)."""
     work_blobs: dict[int, str] = field(default_factory=dict)
+    settled: int = 0
+    """Rows settled during the split (core/sync/unchanged.py), in `counts` but not `rows`."""
 
 
 class _BucketFile:
@@ -206,16 +210,19 @@ def split_file(
     buckets: int,
     in_memory_max_rows: int,
     native: bool = True,
+    unchanged: UnchangedIndex | None = None,
 ) -> SplitResult:
     """Read every part once; raises FileRejected when the input is unusable as a whole.
 
     Rows of part n carry `n * LINE_STRIDE + line` as their line, so lines stay unique.
     CSV and TSV are split by C (native/switchboard_sync.c) when `native`; a file it does
     not take (malformed quoting, lone carriage returns) is split again by the reference.
+    With `unchanged`, the C splitter settles rows acknowledged before exactly as they are
+    (core/sync/unchanged.py).
     """
-    readers = [_read_parts]
+    readers: list[_Reader] = [_read_parts]
     if native and SPEEDUPS is not None and sync.input.format != FileFormat.JSONL:
-        readers.insert(0, _read_parts_native)
+        readers.insert(0, functools.partial(_read_parts_native, unchanged=unchanged))
     for read in readers:
         partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
         try:
@@ -233,6 +240,9 @@ def split_file(
         result.work_blobs = partitioner.names
         return result
     raise AssertionError("the reference takes every file")
+
+
+_Reader = Callable[[Storage, SyncDefinition, list[BlobRef], int, _Partitioner], SplitResult]
 
 
 class ReferenceNeeded(Exception):
@@ -267,9 +277,12 @@ def _read_parts_native(
     blobs: list[BlobRef],
     buckets: int,
     partitioner: _Partitioner,
+    *,
+    unchanged: UnchangedIndex | None = None,
 ) -> SplitResult:
     result: SplitResult | None = None
     splitter: Any = None
+    settling = False
     with _file_errors():
         for part, blob in enumerate(blobs):
             text = decompressed(storage.blobs.open_reader(blob))
@@ -280,6 +293,7 @@ def _read_parts_native(
                     len(columns), columns.index(sync.identity.column),
                     sync.input.field_delimiter, buckets, _PENDING_BYTES, identity_key,
                 )  # fmt: skip
+                settling = unchanged is not None and unchanged.attach(splitter, columns, buckets)
             for malformed, ready in feed_splitter(splitter, text, data, part * LINE_STRIDE + 2):
                 result.malformed += malformed
                 for bucket, lines in ready:
@@ -288,6 +302,12 @@ def _read_parts_native(
         for bucket, lines in splitter.drain():
             partitioner.add_lines(bucket, lines, splitter.rows)
         result.counts = splitter.counts()
+        if settling:
+            assert unchanged is not None
+            for bucket, settled in unchanged.settled(splitter).items():
+                partitioner.add_lines(bucket, settled.line(), splitter.rows)  # the last line
+                result.counts[bucket] += settled.rows
+            result.settled = splitter.settled_rows
         partitioner.rows = splitter.rows
     return result
 

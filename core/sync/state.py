@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import io
 from binascii import unhexlify
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ _FORMAT_VERSION = 4
 _READABLE_VERSIONS = (3, 4)
 """Version 3 hashed attribute values with BLAKE2b: its hashes never match version 4's, so
 a profile's attributes are each sent once more, the first time its row changes."""
+_INDEX_VERSION = 1
 _NULL_HASH = b"\x00" * 8
 _blake2b = hashlib.blake2b
 
@@ -86,7 +88,7 @@ class ProfileState:
     that is nearly all of them.
     """
 
-    __slots__ = ("_at", "_audiences", "_hashes", "_line", "_verbatim", "digest")
+    __slots__ = ("_at", "_audiences", "_hashes", "_line", "_verbatim", "changed", "digest")
 
     def __init__(
         self, digest: bytes | None = None, line: bytes = b"", at: int = 0, verbatim: bool = False
@@ -97,6 +99,8 @@ class ProfileState:
         self._at = at
         self._verbatim = verbatim
         """Whether the line can be written back as it is (nothing changed since loading)."""
+        self.changed = not line
+        """Whether this run changed it (it goes in the section a run appends)."""
         self._hashes: dict[str, bytes] | None = None if line else {}
         self._audiences: set[str] | None = None if line else set()
 
@@ -124,6 +128,7 @@ class ProfileState:
     def set_digest(self, digest: bytes) -> None:
         self.digest = digest
         self._verbatim = False
+        self.changed = True
 
     def line(self, identity: str) -> bytes:
         """digest TAB identity (JSON, so no tabs or newlines) TAB [hashes, audiences]"""
@@ -207,6 +212,31 @@ class SyncState:
         """This row is held back because it grants no consent."""
         self.withheld_now[identity] = digest
 
+    def digests(self) -> bytes:
+        """The raw digests acknowledged, sorted, 8 bytes each (UnchangedIndex's input); a
+        digest two profiles share (never, short of a collision) is left out."""
+        if self.native is not None:
+            return bytes(self.native.digests())
+        counted = Counter(p.digest for p in self.profiles.values() if p.digest is not None)
+        return b"".join(sorted(digest for digest, times in counted.items() if times == 1))
+
+    def mark_seen(self, digests: bytes, state_etag: str) -> set[str]:
+        """The profiles whose rows the split settled (their raw digests) against this state
+        at `state_etag`: marked seen in C, or returned for the reference's seen set.
+        Raises ConcurrencyConflict if the state changed since the split."""
+        if _plain_etag(self.etag or "") != state_etag:
+            raise ConcurrencyConflict("sync state changed since the file was split")
+        wanted = {digests[at : at + 8] for at in range(0, len(digests), 8)}
+        if self.native is not None:
+            marked = int(self.native.mark_seen(digests))
+            seen: set[str] = set()
+        else:
+            seen = {i for i, p in self.profiles.items() if p.digest in wanted}
+            marked = len(seen)
+        if marked != len(wanted):
+            raise ConcurrencyConflict("sync state changed since the file was split")
+        return seen
+
     def unchanged_raw(self, identity: str, digest: bytes) -> bool:
         known = self.profiles.get(identity)
         return known is not None and known.digest == digest
@@ -243,6 +273,7 @@ class SyncState:
         """Record what the destination applied; `digest` None keeps the raw digest."""
         self._changed = True
         profile = self.profiles.setdefault(identity, ProfileState())
+        profile.changed = True
         profile.hashes.update(change.hashes)
         profile.audiences.update(change.added)
         profile.audiences.difference_update(change.removed)
@@ -268,10 +299,25 @@ class Snapshot:
     """The encoded state, not yet compressed (the writer's thread compresses it)."""
     etag: str | None
     """The ETag the state was loaded at (None: there was none): the write's condition."""
+    digests: bytes = b""
+    """The raw digests acknowledged (SyncState.digests), for the bucket's index."""
+    run_id: str | None = None
+
+
+_SNAPSHOT_SUFFIX = ".jsonl.gz"
 
 
 def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
-    return f"{sync_id}/{destination}/bucket-{bucket:04d}.jsonl.gz"
+    return f"{sync_id}/{destination}/bucket-{bucket:04d}{_SNAPSHOT_SUFFIX}"
+
+
+def _index_blob(sync_id: str, destination: str, bucket: int) -> str:
+    return f"{sync_id}/{destination}/digests-{bucket:04d}.bin"
+
+
+def _plain_etag(etag: str) -> str:
+    """Listings and writes quote ETags differently."""
+    return etag.strip('"')
 
 
 def _encode(state: SyncState) -> bytes:
@@ -341,15 +387,33 @@ class StateStore:
     def load(self, bucket: int, *, native: bool = False) -> SyncState:
         return self.decode(self.fetch(bucket), native=native)
 
-    def stored_buckets(self) -> set[int]:
-        """The buckets that have a snapshot, in one listing (a first run then fetches
-        none; a bucket written after the listing still conflicts at the write)."""
+    def stored_buckets(self) -> dict[int, str]:
+        """The buckets that have a snapshot, with its ETag, in one listing (a first run
+        then fetches none; a bucket written after the listing still conflicts at the
+        write)."""
         self.storage.blobs.ensure_container(STATE_CONTAINER)
         prefix = f"{self.sync_id}/{self.destination}/bucket-"
         return {
-            int(ref.name[len(prefix) : len(prefix) + 4])
+            int(ref.name[len(prefix) : len(prefix) + 4]): _plain_etag(ref.etag)
             for ref in self.storage.blobs.list(STATE_CONTAINER, prefix)
         }
+
+    def fetch_index(self, bucket: int, state_etag: str, run_id: str) -> bytes | None:
+        """The raw digests the bucket's snapshot at `state_etag` acknowledged, or None if
+        its index is missing or was written for another snapshot or mapping, or by run
+        `run_id` itself (resumed: the bucket must find its result in its snapshot)."""
+        name = _index_blob(self.sync_id, self.destination, bucket)
+        stored = self.storage.blobs.read_versioned(STATE_CONTAINER, name)
+        if stored is None:
+            return None
+        header, _, digests = stored[0].partition(b"\n")
+        about = orjson.loads(header)
+        current = (
+            about.get("version") == _INDEX_VERSION and about.get("state_etag") == state_etag
+            and about.get("fingerprint") == self.fingerprint and len(digests) % 8 == 0
+            and about.get("run") != run_id
+        )  # fmt: skip
+        return digests if current else None
 
     def fetch(self, bucket: int) -> StoredState | None:
         """A bucket's snapshot as stored (gzip) and its ETag, or None if it has none yet.
@@ -385,7 +449,7 @@ class StateStore:
         """The bucket's state as it will be stored: bytes only, so the state's objects can
         go before the write is done (a writer thread then holds its text, not objects)."""
         state.last_run, state.last_result = run_id, result
-        return Snapshot(bucket, _encode(state), state.etag)
+        return Snapshot(bucket, _encode(state), state.etag, state.digests(), run_id)
 
     def write(self, snapshot: Snapshot) -> str:
         """Replace the bucket's snapshot only if nobody else did since it was loaded."""
@@ -404,7 +468,18 @@ class StateStore:
                 f"sync state {self.sync_id}/{self.destination} bucket {snapshot.bucket} "
                 "changed meanwhile"
             ) from None
-        return str(written["etag"])
+        etag = _plain_etag(str(written["etag"]))
+        # After the snapshot, naming it: an index left behind by a crash names the
+        # snapshot before, and is not used.
+        header = {
+            "version": _INDEX_VERSION, "state_etag": etag, "fingerprint": self.fingerprint,
+            "run": snapshot.run_id,
+        }  # fmt: skip
+        index = _index_blob(self.sync_id, self.destination, snapshot.bucket)
+        self.storage.blob_service.get_blob_client(STATE_CONTAINER, index).upload_blob(
+            orjson.dumps(header) + b"\n" + snapshot.digests, overwrite=True
+        )
+        return etag
 
 
 def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[str]:
@@ -413,6 +488,8 @@ def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[
     needle = orjson.dumps(audience)
     storage.blobs.ensure_container(STATE_CONTAINER)
     for ref in storage.blobs.list(STATE_CONTAINER, prefix=f"{sync_id}/"):
+        if not ref.name.endswith(_SNAPSHOT_SUFFIX):
+            continue  # a bucket's digest index
         with igzip.IGzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as lines:  # type: ignore[no-untyped-call]
             next(lines, None)  # the header
             for line in lines:

@@ -51,6 +51,17 @@ class FakeBrazeState:
     window_count: int = 0
 
 
+def _profile_key(item: dict[str, Any]) -> str | None:
+    """The profile an object is for: its `external_id`, else its `email` (which Braze
+    prefers to `phone` when both are given), else its `phone`; other identifiers are
+    keyed as `email:<address>` and `phone:<number>`."""
+    for name in ("external_id", "email", "phone"):
+        value = item.get(name)
+        if isinstance(value, str) and value:
+            return value if name == "external_id" else f"{name}:{value}"
+    return None
+
+
 def _apply(profile: dict[str, Any], attributes: dict[str, Any]) -> None:
     for name, value in attributes.items():
         if name in ("external_id", "braze_id", "user_alias") or name.startswith("_"):
@@ -164,18 +175,18 @@ class FakeBraze(JsonFake):
                 return 400, {"message": "Max Input Length Exceeded"}, {}
             errors = []
             for index, item in enumerate(attributes):
-                external_id = item.get("external_id")
-                if not isinstance(external_id, str) or not external_id:
+                key = _profile_key(item)
+                if key is None:
                     errors.append({"type": "missing identifier", "input_array": "attributes",
                                    "index": index})  # fmt: skip
                     continue
-                if external_id not in state.profiles:
+                if key not in state.profiles:
                     if item.get("_update_existing_only", False):
-                        errors.append({"type": f"user '{external_id[:8]}…' does not exist",
+                        errors.append({"type": f"user '{key[:8]}…' does not exist",
                                        "input_array": "attributes", "index": index})  # fmt: skip
                         continue
-                    state.profiles[external_id] = {}
-                _apply(state.profiles[external_id], item)
+                    state.profiles[key] = {}
+                _apply(state.profiles[key], item)
                 state.accepted_objects += 1
                 if state.record_objects:
                     state.received.append(item)

@@ -1,0 +1,130 @@
+"""Rows settled during the split: the common case of a mostly unchanged export.
+
+A row whose raw values are exactly those its profile's state acknowledged needs nothing
+(engine: `unchanged_raw`). Each bucket's snapshot has a small index beside it, the sorted
+raw digests it acknowledged (8 bytes per profile, `digests-{n:04d}.bin`, naming the
+snapshot's ETag). The C splitter checks every row against it and settles the rows it can
+be sure of, counted unchanged (or suppressed, by the suppression list as it is at the
+split), so they never become work lines and a bucket with nothing else left is not even
+loaded. It is sure of a row only when:
+
+- the row's identity key was not split before in this file (a Bloom filter; a false
+  "maybe" sends a row on to its bucket), so it is no duplicate and no earlier row of that
+  identity is waiting in its bucket;
+- its raw digest is one its bucket's snapshot acknowledged, and the snapshot has not
+  changed since (the bucket checks the ETag, and fails the run on a change, as a
+  conflicting write would);
+- its identity is ASCII and its addresses are ones C normalises (else the reference
+  decides, in the bucket).
+
+The bucket still marks those profiles seen, from the digests carried in the last line of
+its work (`SettledRows`), so a later row of the same identity is a duplicate and mirror
+mode does not take their audiences back. Phone identities are not settled: two spellings
+of one number have different identity keys. Without the C splitter nothing is settled,
+and the buckets count every row themselves, to the same totals.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from core.suppression import SuppressionSnapshot
+from core.sync.definitions import SyncDefinition
+from core.sync.mapping import RowMapper
+from core.sync.native import native_mapping
+from core.sync.readers import FileRejected
+from core.sync.state import StateStore
+
+log = logging.getLogger(__name__)
+_FETCHERS = 4
+
+
+@dataclass
+class SettledRows:
+    """The rows of one bucket settled during the split, carried in its work's last line."""
+
+    state_etag: str
+    digests: bytes
+    unchanged: int
+    reasons: dict[str, int]
+    """{"suppressed.<reason>": rows}"""
+
+    @property
+    def rows(self) -> int:
+        return self.unchanged + sum(self.reasons.values())
+
+    def line(self) -> bytes:
+        """A work line of its own: an object, where rows are arrays."""
+        return orjson.dumps({
+            "settled": base64.b64encode(self.digests).decode(), "state_etag": self.state_etag,
+            "unchanged": self.unchanged, "reasons": self.reasons,
+        }) + b"\n"  # fmt: skip
+
+    @classmethod
+    def take(cls, lines: bytes) -> tuple[bytes, SettledRows | None]:
+        """A bucket's work lines without their settled line, and what it says."""
+        if not lines.endswith(b"}\n"):
+            return lines, None
+        start = lines.rfind(b"\n", 0, len(lines) - 1) + 1
+        if lines[start : start + 1] != b"{":
+            return lines, None
+        about = orjson.loads(lines[start:])
+        settled = cls(
+            about["state_etag"], base64.b64decode(about["settled"]), about["unchanged"],
+            about["reasons"],
+        )  # fmt: skip
+        return lines[:start], settled
+
+
+class UnchangedIndex:
+    """The digest indexes of one sync's destination state, read before the split."""
+
+    def __init__(
+        self, states: StateStore, sync: SyncDefinition, suppressions: SuppressionSnapshot,
+        run_id: str,
+    ) -> None:  # fmt: skip
+        self.sync = sync
+        self.suppressions = suppressions
+        self.etags = states.stored_buckets()
+        with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-index") as pool:
+            found = pool.map(
+                lambda item: states.fetch_index(item[0], item[1], run_id), self.etags.items()
+            )
+            self.digests = {
+                bucket: digests
+                for bucket, digests in zip(self.etags, found, strict=True)
+                if digests
+            }
+
+    def attach(self, splitter: Any, columns: list[str], buckets: int) -> bool:
+        """Have a switchboard_sync.Splitter settle what it can; False if it cannot here."""
+        if not self.digests:
+            return False
+        try:
+            mapper = RowMapper(self.sync, columns)
+        except FileRejected:
+            return False  # the buckets report the file's missing columns
+        mapping = native_mapping(self.sync, mapper, self.suppressions, _never_called)
+        if mapping is None or mapper.identity_key == "phone":
+            return False
+        splitter.use_index(mapping, [self.digests.get(bucket) for bucket in range(buckets)])
+        return True
+
+    def settled(self, splitter: Any) -> dict[int, SettledRows]:
+        """Each bucket's settled rows, after the whole file was split."""
+        return {
+            bucket: SettledRows(self.etags[bucket], digests, unchanged, reasons)
+            for bucket, entry in enumerate(splitter.settled())
+            if entry is not None
+            for digests, unchanged, reasons in [entry]
+        }
+
+
+def _never_called(values: list[str]) -> str | None:
+    raise AssertionError("the splitter leaves addresses C does not read to the bucket")
