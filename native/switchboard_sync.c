@@ -2458,6 +2458,37 @@ static PyObject *state_mark_seen(State *st, PyObject *arg) {
     return PyLong_FromSsize_t(marked);
 }
 
+/* mark_seen_identities([identity]): these identities count as seen in this file (rows the
+ * split settled as held back for lack of consent: they need not be profiles). */
+static PyObject *state_mark_seen_identities(State *st, PyObject *identities) {
+    if (!PyList_Check(identities)) {
+        PyErr_SetString(PyExc_TypeError, "identities must be a list of str");
+        return NULL;
+    }
+    Buf id = {0};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(identities); i++) {
+        Py_ssize_t n;
+        const char *text = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(identities, i), &n);
+        id.len = 0;
+        if (text == NULL || put_json_bytes(&id, text, n) < 0) goto fail;
+        size_t slot;
+        Py_ssize_t index = table_find(st, (const uc *)id.data, id.len, &slot);
+        if (index < 0) {
+            Entry e = {0};
+            e.id = st->arena.len;
+            e.id_len = id.len;
+            if (buf_put(&st->arena, id.data, id.len) < 0 || (index = table_add(st, e, slot)) < 0) goto fail;
+        }
+        st->entries[index].flags |= E_SEEN;
+    }
+    PyMem_RawFree(id.data);
+    Py_RETURN_NONE;
+fail:
+    PyMem_RawFree(id.data);
+    if (!PyErr_Occurred()) PyErr_NoMemory();
+    return NULL;
+}
+
 static PyObject *state_get_changed(State *st, void *closure) { return PyBool_FromLong(st->changed); }
 
 static PyObject *state_get_profiles(State *st, void *closure) {
@@ -2482,6 +2513,8 @@ static PyMethodDef STATE_METHODS[] = {
      "encode_changed(header) -> a section of the profiles changed, to append"},
     {"digests", (PyCFunction)state_digests, METH_NOARGS, "digests() -> sorted raw digests acknowledged"},
     {"mark_seen", (PyCFunction)state_mark_seen, METH_O, "mark_seen(digests) -> profiles marked seen"},
+    {"mark_seen_identities", (PyCFunction)state_mark_seen_identities, METH_O,
+     "mark_seen_identities([identity]): identities seen in this file"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2538,20 +2571,29 @@ typedef struct {
     Py_ssize_t settled;
 } Splitter;
 
-typedef struct BucketIndex {
-    uc *digests; /* sorted raw digests of the bucket's acknowledged profiles; NULL: none */
+typedef struct {
+    uc *digests; /* sorted raw digests */
     Py_ssize_t n;
-    Buf settled;           /* digests of the rows settled */
+    Buf settled; /* digests of the rows settled */
+} DigestSet;
+
+typedef struct BucketIndex {
+    int present;       /* whether the bucket has an index */
+    DigestSet profiles; /* of the bucket's acknowledged profiles */
+    DigestSet withheld; /* of the rows its last run held back for lack of consent */
     Py_ssize_t unchanged;
-    Py_ssize_t *suppressed; /* by the mapping's reason index */
+    Py_ssize_t *suppressed; /* by the mapping's reason index; then for lack of consent */
 } BucketIndex;
 
 static void index_free(Splitter *sp) {
     if (sp->index)
         for (int i = 0; i < sp->buckets; i++) {
-            PyMem_RawFree(sp->index[i].digests);
-            PyMem_RawFree(sp->index[i].settled.data);
-            PyMem_RawFree(sp->index[i].suppressed);
+            BucketIndex *ix = &sp->index[i];
+            PyMem_RawFree(ix->profiles.digests);
+            PyMem_RawFree(ix->profiles.settled.data);
+            PyMem_RawFree(ix->withheld.digests);
+            PyMem_RawFree(ix->withheld.settled.data);
+            PyMem_RawFree(ix->suppressed);
         }
     PyMem_RawFree(sp->index);
     PyMem_RawFree(sp->seen);
@@ -2770,8 +2812,9 @@ static int seen_before(Splitter *sp, uint64_t key) {
  * Settles a row here when its bucket would count it without sending anything: its
  * identity key was not split before in this file (so it is no duplicate, and no earlier
  * row of that identity is waiting in the bucket) and its raw digest is one the bucket's
- * state acknowledged (engine: unchanged_raw), then counted unchanged or, when its address
- * is suppressed now, suppressed. Anything less certain goes on to the bucket.
+ * state acknowledged (engine: unchanged_raw; counted unchanged) or held back for lack of
+ * consent (withheld_again; counted suppressed), or, either way, suppressed if its address
+ * is now. Anything less certain goes on to the bucket.
  */
 static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *identity,
                       Py_ssize_t identity_len, int *settled) {
@@ -2790,7 +2833,10 @@ static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *ide
     if (PUT(t, "]") < 0) return ERR;
     uc digest[8];
     hash8("", 0, (const uc *)t->data, (size_t)t->len, digest);
-    if (!has_digest(ix->digests, ix->n, digest)) return OK;
+    DigestSet *set = has_digest(ix->profiles.digests, ix->profiles.n, digest) ? &ix->profiles
+                     : has_digest(ix->withheld.digests, ix->withheld.n, digest) ? &ix->withheld
+                                                                                : NULL;
+    if (set == NULL) return OK;
     int reason = -1;
     if (m->suppressions) {
         int at[2] = {m->email_index, m->phone_index};
@@ -2801,21 +2847,43 @@ static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *ide
             }
         if (suppressed_values(m, sp->values, (const char *)identity, identity_len, &reason) == SLOW) return OK;
     }
-    if (buf_put(&ix->settled, (const char *)digest, 8) < 0) return ERR;
+    if (buf_put(&set->settled, (const char *)digest, 8) < 0) return ERR;
     if (reason >= 0) ix->suppressed[reason]++;
+    else if (set == &ix->withheld) ix->suppressed[PyList_GET_SIZE(m->reasons)]++;
     else ix->unchanged++;
     *settled = 1;
     return OK;
 }
 
-/* use_index(mapping, digests): `digests` has, per bucket, the sorted raw digests its state
- * acknowledged (8 bytes each), or None; rows are then settled here where they can be. */
+static int take_digests(PyObject *item, DigestSet *set) {
+    if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) % 8) {
+        PyErr_SetString(PyExc_ValueError, "digests: bytes of 8-byte digests");
+        return ERR;
+    }
+    set->n = PyBytes_GET_SIZE(item) / 8;
+    set->digests = PyMem_RawMalloc((size_t)set->n * 8 + 1);
+    if (set->digests == NULL) {
+        PyErr_NoMemory();
+        return ERR;
+    }
+    memcpy(set->digests, PyBytes_AS_STRING(item), (size_t)set->n * 8);
+    for (Py_ssize_t k = 1; k < set->n; k++)
+        if (memcmp(set->digests + 8 * (k - 1), set->digests + 8 * k, 8) >= 0) {
+            PyErr_SetString(PyExc_ValueError, "digests must be sorted and distinct");
+            return ERR;
+        }
+    return OK;
+}
+
+/* use_index(mapping, index): `index` has, per bucket, None or (profiles, withheld): the
+ * sorted raw digests its state acknowledged and those it held back for lack of consent
+ * (8 bytes each); rows are then settled here where they can be. */
 static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
     Mapping *m;
-    PyObject *digests;
-    if (!PyArg_ParseTuple(args, "O!O!", &MappingType, &m, &PyList_Type, &digests)) return NULL;
+    PyObject *index;
+    if (!PyArg_ParseTuple(args, "O!O!", &MappingType, &m, &PyList_Type, &index)) return NULL;
     if (m->columns != sp->columns || m->identity_index != sp->identity_index ||
-        m->identity_kind == ID_PHONE || PyList_GET_SIZE(digests) != sp->buckets || sp->rows) {
+        m->identity_kind == ID_PHONE || PyList_GET_SIZE(index) != sp->buckets || sp->rows) {
         PyErr_SetString(PyExc_ValueError, "the index is for another file, identity or split");
         return NULL;
     }
@@ -2826,24 +2894,20 @@ static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
     if (sp->index == NULL || sp->values == NULL) goto no_memory;
     Py_ssize_t total = 0, reasons = PyList_GET_SIZE(m->reasons) + 1;
     for (int i = 0; i < sp->buckets; i++) {
-        PyObject *item = PyList_GET_ITEM(digests, i);
+        PyObject *item = PyList_GET_ITEM(index, i);
         if (item == Py_None) continue;
-        if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) % 8) {
-            PyErr_SetString(PyExc_ValueError, "digests: bytes of 8-byte digests, or None");
+        BucketIndex *ix = &sp->index[i];
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_ValueError, "index: per bucket None or (profiles, withheld)");
             goto fail;
         }
-        BucketIndex *ix = &sp->index[i];
-        ix->n = PyBytes_GET_SIZE(item) / 8;
-        ix->digests = PyMem_RawMalloc((size_t)ix->n * 8 + 1);
+        if (take_digests(PyTuple_GET_ITEM(item, 0), &ix->profiles) != OK ||
+            take_digests(PyTuple_GET_ITEM(item, 1), &ix->withheld) != OK)
+            goto fail;
         ix->suppressed = PyMem_RawCalloc((size_t)reasons, sizeof(Py_ssize_t));
-        if (ix->digests == NULL || ix->suppressed == NULL) goto no_memory;
-        memcpy(ix->digests, PyBytes_AS_STRING(item), (size_t)ix->n * 8);
-        for (Py_ssize_t k = 1; k < ix->n; k++)
-            if (memcmp(ix->digests + 8 * (k - 1), ix->digests + 8 * k, 8) >= 0) {
-                PyErr_SetString(PyExc_ValueError, "digests must be sorted and distinct");
-                goto fail;
-            }
-        total += ix->n;
+        if (ix->suppressed == NULL) goto no_memory;
+        ix->present = 1;
+        total += ix->profiles.n + ix->withheld.n;
     }
     /* 16 bits per expected row: under 0.1% of first rows sent on to their bucket needlessly. */
     uint64_t bits = 1 << 23;
@@ -2859,23 +2923,32 @@ fail:
     return NULL;
 }
 
-/* settled() -> per bucket None, or (digests, unchanged, {"suppressed.<reason>": rows}). */
+/* settled() -> per bucket None, or (profile digests, withheld digests, unchanged,
+ * {"suppressed.<reason>": rows}) of the rows settled. */
 static PyObject *splitter_settled(Splitter *sp, PyObject *unused) {
     PyObject *list = PyList_New(sp->buckets);
     for (int i = 0; list && i < sp->buckets; i++) {
         BucketIndex *ix = sp->index ? &sp->index[i] : NULL;
         PyObject *entry = Py_None, *reasons = NULL;
-        if (ix && ix->digests && ix->settled.len) {
+        if (ix && ix->present && (ix->profiles.settled.len || ix->withheld.settled.len)) {
+            Py_ssize_t nreasons = PyList_GET_SIZE(sp->mapping->reasons);
             reasons = PyDict_New();
-            for (Py_ssize_t r = 0; reasons && r < PyList_GET_SIZE(sp->mapping->reasons); r++) {
+            for (Py_ssize_t r = 0; reasons && r <= nreasons; r++) {
                 if (!ix->suppressed[r]) continue;
-                PyObject *key = PyUnicode_FromFormat("suppressed.%U", PyList_GET_ITEM(sp->mapping->reasons, r));
+                PyObject *key = r < nreasons
+                                    ? PyUnicode_FromFormat("suppressed.%U", PyList_GET_ITEM(sp->mapping->reasons, r))
+                                    : PyUnicode_FromString("suppressed.no_consent");
                 PyObject *times = PyLong_FromSsize_t(ix->suppressed[r]);
                 if (key == NULL || times == NULL || PyDict_SetItem(reasons, key, times) < 0) Py_CLEAR(reasons);
                 Py_XDECREF(key);
                 Py_XDECREF(times);
             }
-            entry = reasons ? Py_BuildValue("(y#nO)", ix->settled.data, ix->settled.len, ix->unchanged, reasons) : NULL;
+            /* (y# turns a NULL buffer into None) */
+            const char *profiles = ix->profiles.settled.data ? ix->profiles.settled.data : "";
+            const char *withheld = ix->withheld.settled.data ? ix->withheld.settled.data : "";
+            entry = reasons ? Py_BuildValue("(y#y#nO)", profiles, ix->profiles.settled.len, withheld,
+                                            ix->withheld.settled.len, ix->unchanged, reasons)
+                            : NULL;
             Py_XDECREF(reasons);
         } else {
             Py_INCREF(entry);
@@ -2974,7 +3047,7 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
             if (status != OK) break;
         }
         int bucket = (int)(key % (uint64_t)sp->buckets);
-        if (sp->index != NULL && sp->index[bucket].digests != NULL) {
+        if (sp->index != NULL && sp->index[bucket].present) {
             int settled;
             status = settle_row(sp, &sp->index[bucket], key, ascii_key, b - a, &settled);
             if (status != OK) break;
@@ -3046,7 +3119,7 @@ static PyMethodDef SPLITTER_METHODS[] = {
     {"use_index", (PyCFunction)splitter_use_index, METH_VARARGS,
      "use_index(mapping, digests): settle rows acknowledged before exactly as they are"},
     {"settled", (PyCFunction)splitter_settled, METH_NOARGS,
-     "settled() -> per bucket None or (digests, unchanged, suppressed reasons)"},
+     "settled() -> per bucket None or (digests, withheld digests, unchanged, suppressed reasons)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -327,10 +327,18 @@ class BlobStore:
 
     def read_versioned(self, container: str, name: str) -> tuple[bytes, str] | None:
         """A small blob's bytes and ETag, or None if it does not exist."""
+        found = self.read_with_metadata(container, name)
+        return None if found is None else (found[0], found[1])
+
+    def read_with_metadata(
+        self, container: str, name: str
+    ) -> tuple[bytes, str, dict[str, str]] | None:
+        """A small blob's bytes, ETag and metadata, or None if it does not exist."""
         client = self.service.get_blob_client(container, name)
         try:
             downloader = client.download_blob(max_concurrency=1)
-            return downloader.readall(), str(downloader.properties.etag)
+            properties = downloader.properties
+            return downloader.readall(), str(properties.etag), dict(properties.metadata or {})
         except ResourceNotFoundError:
             return None
 

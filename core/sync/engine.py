@@ -248,10 +248,10 @@ class ChunkRunner:
     def _run_rows(self, work: BucketWork, lines: bytes, settled: SettledRows | None) -> None:
         native = self.native is not None and work.state.native is not None
         if native and settled is not None:
-            work.state.mark_seen(settled.digests, settled.state_etag)
+            work.state.mark_seen(settled.index, settled.state_etag)
         if not (native and self._process_native(work, lines)):
             work.state.use_reference()
-            seen = work.state.mark_seen(settled.digests, settled.state_etag) if settled else set()
+            seen = work.state.mark_seen(settled.index, settled.state_etag) if settled else set()
             self._process(work, work_rows(lines), seen)
             if self.sync.mode == SyncMode.MIRROR:
                 self._mirror_absent(work, seen)

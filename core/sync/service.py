@@ -57,6 +57,7 @@ from core.sync.unchanged import UnchangedIndex
 log = logging.getLogger(__name__)
 CHUNK_QUEUE = "segment-chunks"
 _WRITERS = 4
+_FETCHERS = 2
 PREVIEW_FOLDER = "preview"
 """Files under `segments/{sync_id}/preview/` are dry runs: reported, never sent."""
 
@@ -277,6 +278,9 @@ def process_buckets(
             snapshot = states.snapshot(
                 work.number, work.state, run_id=run_id, result=result.model_dump()
             )
+        etag = work.state.etag
+        loaded = etag is not None and snapshot is None and not plan.preview
+        unchanged_index = work.state.index() if loaded else None
 
         def write() -> None:
             # In this order: the result marks the bucket finished, so it goes last.
@@ -284,7 +288,9 @@ def process_buckets(
             if stage_preview is not None:
                 stage_preview()
             if snapshot is not None:
-                states.write(snapshot)
+                indexes.add(work.number, states.write(snapshot), snapshot.index)
+            elif unchanged_index is not None and etag:
+                indexes.add(work.number, etag, unchanged_index)
             with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
                 results.insert(result)
 
@@ -297,8 +303,11 @@ def process_buckets(
         dry_run=plan.preview, checkpoints=checkpoints,
         native=services.settings.sync_native_buckets,
     )  # fmt: skip
+    indexes = states.index_writer(run_id)
     with _BucketWriter() as writer:
         _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
+    if not plan.preview:
+        indexes.close()  # after every write is done: it names the snapshots written
 
 
 class _BucketWriter:
@@ -342,9 +351,10 @@ def _run_buckets(
     todo = [bucket for bucket in buckets if f"{bucket:04d}" not in finished]
 
     def fetch(bucket: int) -> tuple[StoredState | None, bytes]:
-        """A bucket's state and work lines, inflated; runs on a thread one bucket ahead, so
-        its I/O and inflating overlap with the bucket before it (memory: two buckets). A
-        bucket whose rows the split all settled needs no state (unless in mirror mode)."""
+        """A bucket's state and work lines, inflated; runs on threads `_FETCHERS` buckets
+        ahead, so their I/O and inflating overlap with the bucket before them (memory:
+        that many buckets more). A bucket whose rows the split all settled needs no state
+        (unless in mirror mode)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
         if in_memory is not None:
             lines = in_memory[bucket]
@@ -355,13 +365,12 @@ def _run_buckets(
         return state, lines
 
     existing = states.stored_buckets()
-    with ThreadPoolExecutor(1) as fetcher:
-        upcoming = fetcher.submit(fetch, todo[0]) if todo else None
+    with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-bucket") as fetcher:
+        upcoming = deque(fetcher.submit(fetch, bucket) for bucket in todo[:_FETCHERS])
         for index, bucket in enumerate(todo):
-            assert upcoming is not None
-            stored, lines = upcoming.result()
-            if index + 1 < len(todo):
-                upcoming = fetcher.submit(fetch, todo[index + 1])
+            stored, lines = upcoming.popleft().result()
+            if index + _FETCHERS < len(todo):
+                upcoming.append(fetcher.submit(fetch, todo[index + _FETCHERS]))
             state = states.decode_text(stored, native=runner.native is not None)
             if state.last_run == run_id:  # committed before a crash, not yet recorded
                 with contextlib.suppress(EntityExists):

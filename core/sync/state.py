@@ -7,39 +7,57 @@ Switchboard itself added (only those are ever removed).
 
 State is split into the same identity-hash buckets as the input, one gzip'd JSON Lines
 snapshot per bucket: `sync-state/{sync_id}/{destination}/bucket-{n:04d}.jsonl.gz`. A
-bucket is loaded when its rows are processed and replaced once they are acknowledged,
+bucket is loaded when its rows are processed and written once they are acknowledged,
 under the ETag it was loaded with, so memory holds one bucket and two writers of the
 same bucket cannot both win. A file's header records the mapping's fingerprint; raw
 digests from another mapping are ignored (attribute hashes still hold).
+
+A run that changed few of a bucket's profiles does not rewrite its snapshot: it appends
+a section (a header line and the lines of the profiles it changed) as one more block of
+the block blob, committed with the blocks already there under the same ETag condition.
+A later line of an identity replaces its earlier one, and the last header is the one
+that counts. Once the appended sections outgrow half the base (or there are
+`_MAX_SECTIONS`), the next write rewrites the whole snapshot. The blob's metadata records
+its blocks and sizes (`Layout`).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import importlib
 import io
+import threading
+import uuid
 from binascii import unhexlify
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+from azure.storage.blob import BlobBlock
 from isal import igzip, isal_zlib
 from xxhash import xxh64_digest
 
 from core.errors import ConcurrencyConflict
 from core.storage import Storage
+from core.storage.blobs import BlobRef, BlockWriter
 
 STATE_CONTAINER = "sync-state"
 _FORMAT_VERSION = 4
 _READABLE_VERSIONS = (3, 4)
 """Version 3 hashed attribute values with BLAKE2b: its hashes never match version 4's, so
 a profile's attributes are each sent once more, the first time its row changes."""
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
+_INDEX_READERS = 4
+_MAX_SECTIONS = 32
+_BLOCK_BYTES = 64 << 20
 _NULL_HASH = b"\x00" * 8
 _blake2b = hashlib.blake2b
 
@@ -176,6 +194,8 @@ class SyncState:
         self._lines = b""
         self._same_mapping = True
         self.etag = etag
+        self.layout: Layout | None = None
+        """How the stored snapshot is built, when it says so (else it is rewritten)."""
         self.fingerprint = fingerprint
         self.last_run: str | None = None
         """The run that committed this snapshot, with its bucket result: a run resumed after
@@ -212,28 +232,37 @@ class SyncState:
         """This row is held back because it grants no consent."""
         self.withheld_now[identity] = digest
 
-    def digests(self) -> bytes:
-        """The raw digests acknowledged, sorted, 8 bytes each (UnchangedIndex's input); a
-        digest two profiles share (never, short of a collision) is left out."""
+    def index(self) -> DigestIndex:
+        """The raw digests acknowledged and those held back for lack of consent, each
+        sorted, 8 bytes apiece (core/sync/unchanged.py); a digest two profiles share
+        (never, short of a collision) is left out."""
         if self.native is not None:
-            return bytes(self.native.digests())
-        counted = Counter(p.digest for p in self.profiles.values() if p.digest is not None)
-        return b"".join(sorted(digest for digest, times in counted.items() if times == 1))
+            profiles = bytes(self.native.digests())
+        else:
+            counted = Counter(p.digest for p in self.profiles.values() if p.digest is not None)
+            profiles = b"".join(sorted(digest for digest, times in counted.items() if times == 1))
+        return profiles, b"".join(sorted(set(self.withheld_now.values())))
 
-    def mark_seen(self, digests: bytes, state_etag: str) -> set[str]:
-        """The profiles whose rows the split settled (their raw digests) against this state
-        at `state_etag`: marked seen in C, or returned for the reference's seen set.
-        Raises ConcurrencyConflict if the state changed since the split."""
+    def mark_seen(self, settled: DigestIndex, state_etag: str) -> set[str]:
+        """Rows the split settled (their raw digests: profiles acknowledged, rows held back)
+        against this state at `state_etag`: their identities are seen in this file
+        (marked in C, or returned for the reference's seen set) and rows held back are
+        held back again. Raises ConcurrencyConflict if the state changed since the split."""
         if _plain_etag(self.etag or "") != state_etag:
             raise ConcurrencyConflict("sync state changed since the file was split")
-        wanted = {digests[at : at + 8] for at in range(0, len(digests), 8)}
-        if self.native is not None:
-            marked = int(self.native.mark_seen(digests))
-            seen: set[str] = set()
+        withheld = {settled[1][at : at + 8] for at in range(0, len(settled[1]), 8)}
+        again = {i: d for i, d in self.withheld.items() if d in withheld}
+        self.withheld_now.update(again)
+        seen: set[str] = set(again)
+        if self.native is not None:  # the digests stay bytes, for C
+            marked = int(self.native.mark_seen(settled[0]))
+            self.native.mark_seen_identities(list(again))
         else:
-            seen = {i for i, p in self.profiles.items() if p.digest in wanted}
-            marked = len(seen)
-        if marked != len(wanted):
+            profiles = {settled[0][at : at + 8] for at in range(0, len(settled[0]), 8)}
+            seen.update(i for i, p in self.profiles.items() if p.digest in profiles)
+            marked = len(seen) - len(again)
+        # The split settled distinct identities, so distinct digests.
+        if marked != len(settled[0]) // 8 or len(again) != len(withheld):
             raise ConcurrencyConflict("sync state changed since the file was split")
         return seen
 
@@ -288,20 +317,54 @@ class SyncState:
             self._changed = True
 
 
-StoredState = tuple[bytes, str]
-"""A snapshot's bytes (gzip as stored, or inflated) and the ETag they were read at."""
+@dataclass(frozen=True)
+class Layout:
+    """A snapshot blob's blocks, and the text sizes of its base and of the sections
+    appended since (kept in the blob's metadata)."""
+
+    blocks: tuple[str, ...]
+    base_text: int
+    appended_text: int = 0
+    sections: int = 0
+
+    @classmethod
+    def of(cls, metadata: dict[str, str]) -> Layout | None:
+        try:
+            return cls(
+                tuple(metadata["blocks"].split(",")), int(metadata["base_text"]),
+                int(metadata["appended_text"]), int(metadata["sections"]),
+            )  # fmt: skip
+        except (KeyError, ValueError):
+            return None  # written before sections, or by hand: rewritten next time
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "blocks": ",".join(self.blocks), "base_text": str(self.base_text),
+            "appended_text": str(self.appended_text), "sections": str(self.sections),
+        }  # fmt: skip
+
+
+DigestIndex = tuple[bytes, bytes]
+"""Sorted 8-byte raw digests: of the profiles acknowledged, and of rows held back for lack
+of consent (core/sync/unchanged.py)."""
+StoredState = tuple[bytes, str, Layout | None]
+"""A snapshot's bytes (gzip as stored, or inflated), the ETag they were read at, and the
+blob's layout."""
 
 
 @dataclass(frozen=True)
 class Snapshot:
     bucket: int
     text: bytes
-    """The encoded state, not yet compressed (the writer's thread compresses it)."""
+    """The whole state, or the section to append; not yet compressed (the writer's
+    thread compresses it)."""
     etag: str | None
     """The ETag the state was loaded at (None: there was none): the write's condition."""
-    digests: bytes = b""
-    """The raw digests acknowledged (SyncState.digests), for the bucket's index."""
+    index: DigestIndex = (b"", b"")
+    """SyncState.index, for the bucket's digest index."""
     run_id: str | None = None
+    appended_to: Layout | None = None
+    """The stored snapshot `text` is appended to (None: `text` replaces it)."""
 
 
 _SNAPSHOT_SUFFIX = ".jsonl.gz"
@@ -311,28 +374,31 @@ def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
     return f"{sync_id}/{destination}/bucket-{bucket:04d}{_SNAPSHOT_SUFFIX}"
 
 
-def _index_blob(sync_id: str, destination: str, bucket: int) -> str:
-    return f"{sync_id}/{destination}/digests-{bucket:04d}.bin"
-
-
 def _plain_etag(etag: str) -> str:
     """Listings and writes quote ETags differently."""
     return etag.strip('"')
 
 
-def _encode(state: SyncState) -> bytes:
-    header = {
+def _encode(state: SyncState, *, changed_only: bool = False) -> bytes:
+    """The whole snapshot, or (`changed_only`) the section of the profiles this run
+    changed: the header, then a line per profile (stored ones in their order, then new
+    ones in the order they were acknowledged)."""
+    header = orjson.dumps({
         "version": _FORMAT_VERSION,
         "fingerprint": state.fingerprint,
         "run": state.last_run,
         "result": state.last_result,
-        "withheld": {identity: digest.hex() for identity, digest in state.withheld_now.items()},
-    }
+        # Sorted: rows the split settled are held back again before the bucket's own rows.
+        "withheld": {i: digest.hex() for i, digest in sorted(state.withheld_now.items())},
+    })  # fmt: skip
     if state.native is not None:
-        text: bytes = state.native.encode(orjson.dumps(header))
+        encode = state.native.encode_changed if changed_only else state.native.encode
+        text: bytes = encode(header)
         return text
-    lines = bytearray(orjson.dumps(header))
+    lines = bytearray(header)
     for identity, profile in state.profiles.items():
+        if changed_only and not profile.changed:
+            continue
         lines += b"\n"
         lines += profile.line(identity)
     lines += b"\n"
@@ -340,11 +406,13 @@ def _encode(state: SyncState) -> bytes:
 
 
 def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileState]:
+    """A snapshot's profiles: a later line of an identity (an appended section's) takes
+    the earlier one's place."""
     profiles: dict[str, ProfileState] = {}
     for line in lines:
         line = line.rstrip(b"\n")
-        if not line:
-            continue
+        if not line or line.startswith(b"{"):
+            continue  # blank, or a section's header
         first = line.find(b"\t")
         second = line.find(b"\t", first + 1)
         digest = unhexlify(line[:first]) if first and same_mapping else None
@@ -356,7 +424,9 @@ def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileSt
 
 def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
     end = text.find(b"\n")
-    header = orjson.loads(text[: end if end >= 0 else len(text)] or b"{}")
+    last = text.rfind(b"\n{") + 1  # the last section's header (0: the first line)
+    last_end = text.find(b"\n", last)
+    header = orjson.loads(text[last : last_end if last_end >= 0 else len(text)] or b"{}")
     if header.get("version") not in _READABLE_VERSIONS:
         raise ValueError(f"unsupported sync state version {header.get('version')}")
     # Another mapping: the raw digests no longer say anything, so lines are rebuilt.
@@ -375,6 +445,54 @@ def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
         withheld = header.get("withheld") or {}
         state.withheld = {identity: unhexlify(digest) for identity, digest in withheld.items()}
     return state
+
+
+class IndexWriter:
+    """One worker's digest index file: per bucket it loaded, the snapshot's ETag and its
+    SyncState.index, added as each bucket's write is done (from writer threads) and
+    committed once at the end, so a run writes one file, not one per bucket. A crash
+    leaves no file, and the next run settles nothing in those buckets."""
+
+    def __init__(self, writer: BlockWriter, header: dict[str, Any]) -> None:
+        self._writer = writer
+        self._lock = threading.Lock()
+        writer.write(orjson.dumps(header) + b"\n")
+
+    def add(self, bucket: int, state_etag: str, index: DigestIndex) -> None:
+        record = {"bucket": bucket, "state_etag": _plain_etag(state_etag)}
+        record |= {"profiles": len(index[0]) // 8, "withheld": len(index[1]) // 8}
+        with self._lock:
+            self._writer.write(orjson.dumps(record) + b"\n" + index[0] + index[1])
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()
+
+
+def _index_records(
+    text: bytes, fingerprint: str, run_id: str
+) -> Iterator[tuple[int, str, DigestIndex]] | None:
+    """An index file's (bucket, state ETag, index) records, or None if it is of another
+    version, mapping or of run `run_id`."""
+    end = text.find(b"\n")
+    about = orjson.loads(text[:end])
+    if (about.get("version"), about.get("fingerprint")) != (_INDEX_VERSION, fingerprint):
+        return None
+    if about.get("run") == run_id:
+        return None
+
+    def records() -> Iterator[tuple[int, str, DigestIndex]]:
+        at = end + 1
+        while at < len(text):
+            line_end = text.index(b"\n", at)
+            record = orjson.loads(text[at:line_end])
+            middle = line_end + 1 + 8 * record["profiles"]
+            after = middle + 8 * record["withheld"]
+            index = (text[line_end + 1 : middle], text[middle:after])
+            yield record["bucket"], record["state_etag"], index
+            at = after
+
+    return records()
 
 
 class StateStore:
@@ -398,36 +516,54 @@ class StateStore:
             for ref in self.storage.blobs.list(STATE_CONTAINER, prefix)
         }
 
-    def fetch_index(self, bucket: int, state_etag: str, run_id: str) -> bytes | None:
-        """The raw digests the bucket's snapshot at `state_etag` acknowledged, or None if
-        its index is missing or was written for another snapshot or mapping, or by run
-        `run_id` itself (resumed: the bucket must find its result in its snapshot)."""
-        name = _index_blob(self.sync_id, self.destination, bucket)
-        stored = self.storage.blobs.read_versioned(STATE_CONTAINER, name)
-        if stored is None:
-            return None
-        header, _, digests = stored[0].partition(b"\n")
-        about = orjson.loads(header)
-        current = (
-            about.get("version") == _INDEX_VERSION and about.get("state_etag") == state_etag
-            and about.get("fingerprint") == self.fingerprint and len(digests) % 8 == 0
-            and about.get("run") != run_id
-        )  # fmt: skip
-        return digests if current else None
+    def indexes(self, etags: dict[int, str], run_id: str) -> dict[int, DigestIndex]:
+        """The digest index of each bucket's snapshot as listed (`etags`), where an index
+        file has one (IndexWriter); files written by run `run_id` itself are not read (a
+        resumed run must find its bucket results in its snapshots). Files none of whose
+        buckets is current any more are deleted once an hour old."""
+        prefix = f"{self.sync_id}/{self.destination}/digests/"
+        files = list(self.storage.blobs.list(STATE_CONTAINER, prefix))
+        with ThreadPoolExecutor(_INDEX_READERS, thread_name_prefix="read-index") as pool:
+            texts = list(pool.map(self._read_index, files))
+        found: dict[int, DigestIndex] = {}
+        stale_before = datetime.now(UTC) - timedelta(hours=1)
+        for ref, text in zip(files, texts, strict=True):
+            records = _index_records(text, self.fingerprint, run_id) if text else None
+            current = {b: index for b, etag, index in records or () if etags.get(b) == etag}
+            found.update(current)
+            if (
+                records is not None
+                and not current
+                and (ref.last_modified or stale_before) < stale_before
+            ):
+                self.storage.blobs.delete(STATE_CONTAINER, ref.name)
+        return found
+
+    def _read_index(self, ref: BlobRef) -> bytes | None:
+        found = self.storage.blobs.read_versioned(STATE_CONTAINER, ref.name)
+        return found[0] if found else None
+
+    def index_writer(self, run_id: str) -> IndexWriter:
+        name = f"{self.sync_id}/{self.destination}/digests/{run_id}-{uuid.uuid4().hex[:12]}.bin"
+        header = {"version": _INDEX_VERSION, "fingerprint": self.fingerprint, "run": run_id}
+        return IndexWriter(self.storage.blobs.writer(STATE_CONTAINER, name), header)
 
     def fetch(self, bucket: int) -> StoredState | None:
-        """A bucket's snapshot as stored (gzip) and its ETag, or None if it has none yet.
-        Compressed bytes only: a worker fetches the next bucket's on a thread while it
-        runs this one, and holding it inflated would grow memory with bucket size."""
+        """A bucket's snapshot as stored (gzip), its ETag and layout, or None if it has
+        none yet. Compressed bytes only: a worker fetches the next bucket's on a thread
+        while it runs this one, and holding it inflated would grow memory with bucket
+        size."""
         self.storage.blobs.ensure_container(STATE_CONTAINER)
         name = _state_blob(self.sync_id, self.destination, bucket)
-        return self.storage.blobs.read_versioned(STATE_CONTAINER, name)
+        found = self.storage.blobs.read_with_metadata(STATE_CONTAINER, name)
+        return None if found is None else (found[0], found[1], Layout.of(found[2]))
 
     @staticmethod
     def inflate(stored: StoredState | None) -> StoredState | None:
         """A fetched snapshot's text, inflated in one call (gzip's line reader costs more
-        per profile than the rest); a worker does this on its fetching thread."""
-        return None if stored is None else (isal_zlib.decompress(stored[0], wbits=31), stored[1])
+        per profile than the rest); a worker does this on its fetching thread. Each
+        section is a gzip member of its own."""
+        return None if stored is None else (igzip.decompress(stored[0]), *stored[1:])  # type: ignore[no-untyped-call]
 
     def decode(self, stored: StoredState | None, *, native: bool = False) -> SyncState:
         """The bucket's state from its stored (gzip) form; `native`: see `decode_text`."""
@@ -440,7 +576,7 @@ class StateStore:
             text = orjson.dumps({"version": _FORMAT_VERSION, "fingerprint": self.fingerprint})
             return _decode(text, self.fingerprint, native)
         state = _decode(inflated[0], self.fingerprint, native)
-        state.etag = inflated[1]
+        state.etag, state.layout = inflated[1], inflated[2]
         return state
 
     def snapshot(
@@ -449,7 +585,14 @@ class StateStore:
         """The bucket's state as it will be stored: bytes only, so the state's objects can
         go before the write is done (a writer thread then holds its text, not objects)."""
         state.last_run, state.last_result = run_id, result
-        return Snapshot(bucket, _encode(state), state.etag, state.digests(), run_id)
+        layout = state.layout
+        if layout is not None and state._same_mapping and layout.sections < _MAX_SECTIONS:
+            section = _encode(state, changed_only=True)
+            if layout.appended_text + len(section) <= layout.base_text // 2:
+                return Snapshot(
+                    bucket, section, state.etag, state.index(), run_id, appended_to=layout
+                )
+        return Snapshot(bucket, _encode(state), state.etag, state.index(), run_id)
 
     def write(self, snapshot: Snapshot) -> str:
         """Replace the bucket's snapshot only if nobody else did since it was loaded."""
@@ -460,26 +603,30 @@ class StateStore:
             conditions = {"match_condition": MatchConditions.IfMissing}
         else:
             conditions = {"etag": snapshot.etag, "match_condition": MatchConditions.IfNotModified}
+        data = isal_zlib.compress(snapshot.text, 1, wbits=31)
+        staged = []
+        for start in range(0, len(data), _BLOCK_BYTES):
+            staged.append(base64.b64encode(uuid.uuid4().hex.encode()).decode())
+            client.stage_block(staged[-1], data[start : start + _BLOCK_BYTES])
+        before = snapshot.appended_to
+        if before is None:
+            layout = Layout(tuple(staged), len(snapshot.text))
+        else:
+            layout = Layout(
+                before.blocks + tuple(staged), before.base_text,
+                before.appended_text + len(snapshot.text), before.sections + 1,
+            )  # fmt: skip
         try:
-            data = isal_zlib.compress(snapshot.text, 1, wbits=31)
-            written = client.upload_blob(data, overwrite=True, **conditions)
+            written = client.commit_block_list(
+                [BlobBlock(block) for block in layout.blocks], metadata=layout.metadata(),
+                **conditions,
+            )  # fmt: skip
         except (ResourceModifiedError, ResourceExistsError):
             raise ConcurrencyConflict(
                 f"sync state {self.sync_id}/{self.destination} bucket {snapshot.bucket} "
                 "changed meanwhile"
             ) from None
-        etag = _plain_etag(str(written["etag"]))
-        # After the snapshot, naming it: an index left behind by a crash names the
-        # snapshot before, and is not used.
-        header = {
-            "version": _INDEX_VERSION, "state_etag": etag, "fingerprint": self.fingerprint,
-            "run": snapshot.run_id,
-        }  # fmt: skip
-        index = _index_blob(self.sync_id, self.destination, snapshot.bucket)
-        self.storage.blob_service.get_blob_client(STATE_CONTAINER, index).upload_blob(
-            orjson.dumps(header) + b"\n" + snapshot.digests, overwrite=True
-        )
-        return etag
+        return _plain_etag(str(written["etag"]))
 
 
 def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[str]:
@@ -490,12 +637,15 @@ def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[
     for ref in storage.blobs.list(STATE_CONTAINER, prefix=f"{sync_id}/"):
         if not ref.name.endswith(_SNAPSHOT_SUFFIX):
             continue  # a bucket's digest index
+        members: dict[bytes, bool] = {}  # a later section's line takes an identity's place
         with igzip.IGzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as lines:  # type: ignore[no-untyped-call]
-            next(lines, None)  # the header
             for line in lines:
+                if line.startswith(b"{"):
+                    continue  # a section's header
                 _, identity, stored = line.rstrip(b"\n").split(b"\t", 2)
-                if needle not in stored:
-                    continue  # cheap pre-check before parsing
-                _, audiences = orjson.loads(stored)
-                if audience in audiences:
-                    yield str(orjson.loads(identity))
+                # The needle is a cheap pre-check before parsing.
+                if needle in stored and audience in orjson.loads(stored)[1]:
+                    members[identity] = True
+                elif identity in members:
+                    members[identity] = False
+        yield from (str(orjson.loads(identity)) for identity, held in members.items() if held)

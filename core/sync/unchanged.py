@@ -1,12 +1,13 @@
 """Rows settled during the split: the common case of a mostly unchanged export.
 
 A row whose raw values are exactly those its profile's state acknowledged needs nothing
-(engine: `unchanged_raw`). Each bucket's snapshot has a small index beside it, the sorted
-raw digests it acknowledged (8 bytes per profile, `digests-{n:04d}.bin`, naming the
-snapshot's ETag). The C splitter checks every row against it and settles the rows it can
-be sure of, counted unchanged (or suppressed, by the suppression list as it is at the
-split), so they never become work lines and a bucket with nothing else left is not even
-loaded. It is sure of a row only when:
+(engine: `unchanged_raw`), and neither does one its bucket held back last time for lack
+of consent (`withheld_again`). Each bucket's snapshot has a small index: the sorted raw
+digests of both (8 bytes per profile), kept with the snapshot's ETag in the index file of
+the run that last loaded it (state.IndexWriter). The C splitter checks every row against
+it and settles the rows it can be sure of, counted unchanged or suppressed (by the
+suppression list as it is at the split), so they never become work lines and a bucket
+with nothing else left is not even loaded. It is sure of a row only when:
 
 - the row's identity key was not split before in this file (a Bloom filter; a false
   "maybe" sends a row on to its bucket), so it is no duplicate and no earlier row of that
@@ -17,18 +18,18 @@ loaded. It is sure of a row only when:
 - its identity is ASCII and its addresses are ones C normalises (else the reference
   decides, in the bucket).
 
-The bucket still marks those profiles seen, from the digests carried in the last line of
-its work (`SettledRows`), so a later row of the same identity is a duplicate and mirror
-mode does not take their audiences back. Phone identities are not settled: two spellings
-of one number have different identity keys. Without the C splitter nothing is settled,
-and the buckets count every row themselves, to the same totals.
+The bucket still marks those identities seen, from the digests carried in the last line
+of its work (`SettledRows`), so a later row of the same identity is a duplicate and mirror
+mode does not take their audiences back; rows held back are held back again. Phone
+identities are not settled: two spellings of one number have different identity keys.
+Without the C splitter nothing is settled, and the buckets count every row themselves,
+to the same totals.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +40,9 @@ from core.sync.definitions import SyncDefinition
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
-from core.sync.state import StateStore
+from core.sync.state import DigestIndex, StateStore
 
 log = logging.getLogger(__name__)
-_FETCHERS = 4
 
 
 @dataclass
@@ -51,9 +51,16 @@ class SettledRows:
 
     state_etag: str
     digests: bytes
+    """Raw digests of the rows settled as unchanged profiles (or suppressed now)."""
+    withheld: bytes
+    """Raw digests of the rows settled as held back again for lack of consent."""
     unchanged: int
     reasons: dict[str, int]
     """{"suppressed.<reason>": rows}"""
+
+    @property
+    def index(self) -> DigestIndex:
+        return self.digests, self.withheld
 
     @property
     def rows(self) -> int:
@@ -62,7 +69,8 @@ class SettledRows:
     def line(self) -> bytes:
         """A work line of its own: an object, where rows are arrays."""
         return orjson.dumps({
-            "settled": base64.b64encode(self.digests).decode(), "state_etag": self.state_etag,
+            "settled": base64.b64encode(self.digests).decode(),
+            "withheld": base64.b64encode(self.withheld).decode(), "state_etag": self.state_etag,
             "unchanged": self.unchanged, "reasons": self.reasons,
         }) + b"\n"  # fmt: skip
 
@@ -76,8 +84,8 @@ class SettledRows:
             return lines, None
         about = orjson.loads(lines[start:])
         settled = cls(
-            about["state_etag"], base64.b64decode(about["settled"]), about["unchanged"],
-            about["reasons"],
+            about["state_etag"], base64.b64decode(about["settled"]),
+            base64.b64decode(about["withheld"]), about["unchanged"], about["reasons"],
         )  # fmt: skip
         return lines[:start], settled
 
@@ -92,15 +100,7 @@ class UnchangedIndex:
         self.sync = sync
         self.suppressions = suppressions
         self.etags = states.stored_buckets()
-        with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-index") as pool:
-            found = pool.map(
-                lambda item: states.fetch_index(item[0], item[1], run_id), self.etags.items()
-            )
-            self.digests = {
-                bucket: digests
-                for bucket, digests in zip(self.etags, found, strict=True)
-                if digests
-            }
+        self.digests = states.indexes(self.etags, run_id)
 
     def attach(self, splitter: Any, columns: list[str], buckets: int) -> bool:
         """Have a switchboard_sync.Splitter settle what it can; False if it cannot here."""
@@ -119,10 +119,9 @@ class UnchangedIndex:
     def settled(self, splitter: Any) -> dict[int, SettledRows]:
         """Each bucket's settled rows, after the whole file was split."""
         return {
-            bucket: SettledRows(self.etags[bucket], digests, unchanged, reasons)
+            bucket: SettledRows(self.etags[bucket], *entry)
             for bucket, entry in enumerate(splitter.settled())
             if entry is not None
-            for digests, unchanged, reasons in [entry]
         }
 
 
