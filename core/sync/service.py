@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 CHUNK_QUEUE = "segment-chunks"
 _WRITERS = 4
 _FETCHERS = 2
+_RESULTS_PER_TRANSACTION = 100
 PREVIEW_FOLDER = "preview"
 """Files under `segments/{sync_id}/preview/` are dry runs: reported, never sent."""
 
@@ -291,8 +293,7 @@ def process_buckets(
                 indexes.add(work.number, states.write(snapshot), snapshot.index)
             elif unchanged_index is not None and etag:
                 indexes.add(work.number, etag, unchanged_index)
-            with contextlib.suppress(EntityExists):  # a concurrent redelivery finished it too
-                results.insert(result)
+            finished.add(result)
 
         writer.submit(write)
 
@@ -304,10 +305,36 @@ def process_buckets(
         native=services.settings.sync_native_buckets,
     )  # fmt: skip
     indexes = states.index_writer(run_id)
+    finished = _Results(results)
     with _BucketWriter() as writer:
         _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
+    finished.flush()
     if not plan.preview:
         indexes.close()  # after every write is done: it names the snapshots written
+
+
+class _Results:
+    """Bucket results, written a transaction of up to 100 at a time rather than one by one
+    (a request each). A bucket's result goes after its state: a crash before it leaves the
+    bucket to its retry, which finds the result in the snapshot it committed."""
+
+    def __init__(self, table: EntityTable[BucketResult]) -> None:
+        self._table = table
+        self._pending: list[BucketResult] = []
+        self._lock = threading.Lock()
+
+    def add(self, result: BucketResult) -> None:
+        with self._lock:
+            self._pending.append(result)
+            full = len(self._pending) >= _RESULTS_PER_TRANSACTION
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:  # upserts: a concurrent redelivery may have finished a bucket too
+            self._table.write_batch(pending)
 
 
 class _BucketWriter:
