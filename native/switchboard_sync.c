@@ -216,6 +216,12 @@ static uint64_t xxh64(const uc *p, size_t n) {
 }
 
 /* state.value_hash: XXH64 of `prefix` then `p`, big-endian (xxhash's canonical form). */
+/* state.raw_digest: XXH64 of the raw values' JSON list, big-endian. */
+static void raw_digest8(const uc *p, size_t n, uc out[8]) {
+    uint64_t h = xxh64(p, n);
+    for (int i = 0; i < 8; i++) out[i] = (uc)(h >> (56 - 8 * i));
+}
+
 static int value_hash8(const char *prefix, size_t prefix_len, const uc *p, size_t n, uc out[8]) {
     uc small[512];
     uc *text = prefix_len + n <= sizeof small ? small : PyMem_RawMalloc(prefix_len + n);
@@ -877,6 +883,8 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         if (tab - line == 16 && same_mapping) {
             if (unhex8(line, e.digest) < 0) goto unreadable;
             e.flags |= E_DIGEST;
+        } else if (!same_mapping) {
+            e.flags |= E_REWRITE; /* without the digest another mapping wrote */
         }
         size_t slot;
         Py_ssize_t known = table_find(st, tab + 1, e.id_len, &slot);
@@ -1988,7 +1996,7 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Py_s
     }
     if (PUT(scratch, "]") < 0) return ERR;
     uc digest[8];
-    hash8("", 0, (const uc *)scratch->data, (size_t)scratch->len, digest);
+    raw_digest8((const uc *)scratch->data, (size_t)scratch->len, digest);
 
     int status = identity_of(m, row);
     if (status == REJECTED) {
@@ -2832,7 +2840,7 @@ static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *ide
     }
     if (PUT(t, "]") < 0) return ERR;
     uc digest[8];
-    hash8("", 0, (const uc *)t->data, (size_t)t->len, digest);
+    raw_digest8((const uc *)t->data, (size_t)t->len, digest);
     DigestSet *set = has_digest(ix->profiles.digests, ix->profiles.n, digest) ? &ix->profiles
                      : has_digest(ix->withheld.digests, ix->withheld.n, digest) ? &ix->withheld
                                                                                 : NULL;
