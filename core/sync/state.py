@@ -255,14 +255,15 @@ class SyncState:
         withheld = {settled[1][at : at + 8] for at in range(0, len(settled[1]), 8)}
         again = {i: d for i, d in self.withheld.items() if d in withheld}
         self.withheld_now.update(again)
-        seen: set[str] = set(again)
+        seen: set[str] = set()
         if self.native is not None:  # the digests stay bytes, for C
             marked = int(self.native.mark_seen(settled[0]))
             self.native.mark_seen_identities(list(again))
         else:
             profiles = {settled[0][at : at + 8] for at in range(0, len(settled[0]), 8)}
-            seen.update(i for i, p in self.profiles.items() if p.digest in profiles)
-            marked = len(seen) - len(again)
+            seen = {i for i, p in self.profiles.items() if p.digest in profiles}
+            marked = len(seen)
+            seen.update(again)
         # The split settled distinct identities, so distinct digests.
         if marked != len(settled[0]) // 8 or len(again) != len(withheld):
             raise ConcurrencyConflict("sync state changed since the file was split")
@@ -363,8 +364,7 @@ class Snapshot:
     etag: str | None
     """The ETag the state was loaded at (None: there was none): the write's condition."""
     index: DigestIndex = (b"", b"")
-    """SyncState.index, for the bucket's digest index."""
-    run_id: str | None = None
+    """SyncState.index, for the run's digest index file."""
     appended_to: Layout | None = None
     """The stored snapshot `text` is appended to (None: `text` replaces it)."""
 
@@ -433,9 +433,7 @@ def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
         raise ValueError(f"unsupported sync state version {header.get('version')}")
     # Another mapping (or digest): the raw digests no longer say anything, so lines are
     # rebuilt.
-    same_mapping = (
-        header.get("fingerprint") == fingerprint and header["version"] >= _DIGESTS_SINCE
-    )
+    same_mapping = header.get("fingerprint") == fingerprint and header["version"] >= _DIGESTS_SINCE
     lines = text[end + 1 :] if end >= 0 else b""
     state = SyncState({}, None, fingerprint)
     state._lines, state._same_mapping = lines, same_mapping
@@ -594,10 +592,8 @@ class StateStore:
         if layout is not None and state._same_mapping and layout.sections < _MAX_SECTIONS:
             section = _encode(state, changed_only=True)
             if layout.appended_text + len(section) <= layout.base_text // 2:
-                return Snapshot(
-                    bucket, section, state.etag, state.index(), run_id, appended_to=layout
-                )
-        return Snapshot(bucket, _encode(state), state.etag, state.index(), run_id)
+                return Snapshot(bucket, section, state.etag, state.index(), appended_to=layout)
+        return Snapshot(bucket, _encode(state), state.etag, state.index())
 
     def write(self, snapshot: Snapshot) -> str:
         """Replace the bucket's snapshot only if nobody else did since it was loaded."""
