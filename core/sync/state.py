@@ -424,9 +424,11 @@ def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileSt
     return profiles
 
 
-def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
+def _decode(text: bytes, fingerprint: str, native: bool, *, sections: bool = True) -> SyncState:
+    """`sections`: whether sections may have been appended (else the first line is the
+    only header, and the text is not searched for the last one)."""
     end = text.find(b"\n")
-    last = text.rfind(b"\n{") + 1  # the last section's header (0: the first line)
+    last = text.rfind(b"\n{") + 1 if sections else 0  # the last header (0: the first line)
     last_end = text.find(b"\n", last)
     header = orjson.loads(text[last : last_end if last_end >= 0 else len(text)] or b"{}")
     if header.get("version") not in _READABLE_VERSIONS:
@@ -578,7 +580,9 @@ class StateStore:
         if inflated is None:
             text = orjson.dumps({"version": _FORMAT_VERSION, "fingerprint": self.fingerprint})
             return _decode(text, self.fingerprint, native)
-        state = _decode(inflated[0], self.fingerprint, native)
+        layout = inflated[2]
+        sections = layout is None or layout.sections > 0
+        state = _decode(inflated[0], self.fingerprint, native, sections=sections)
         state.etag, state.layout = inflated[1], inflated[2]
         return state
 
