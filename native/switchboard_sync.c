@@ -2405,7 +2405,6 @@ static PyObject *state_encode_changed(State *st, PyObject *header) { return enco
 
 /* ---- the digest index: see split.UnchangedIndex -------------------------------------------- */
 
-static int digest_order(const void *a, const void *b) { return memcmp(a, b, 8); }
 
 /* Whether `digest` is among `n` sorted 8-byte digests. */
 static int has_digest(const uc *digests, Py_ssize_t n, const uc digest[8]) {
@@ -2420,49 +2419,97 @@ static int has_digest(const uc *digests, Py_ssize_t n, const uc digest[8]) {
     return 0;
 }
 
+/* Sorts 8-byte big-endian digests as numbers (so in byte order): an LSD radix sort, as
+ * qsort's comparison calls were most of a bucket's index. */
+static int sort_digests(uint64_t *keys, Py_ssize_t n) {
+    uint64_t *spare = PyMem_RawMalloc((size_t)n * sizeof(uint64_t) + 1);
+    if (spare == NULL) return ERR;
+    for (int shift = 0; shift < 64; shift += 8) {
+        Py_ssize_t count[257] = {0};
+        for (Py_ssize_t i = 0; i < n; i++) count[((keys[i] >> shift) & 0xFF) + 1]++;
+        for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+        for (Py_ssize_t i = 0; i < n; i++) spare[count[(keys[i] >> shift) & 0xFF]++] = keys[i];
+        memcpy(keys, spare, (size_t)n * sizeof(uint64_t));
+    }
+    PyMem_RawFree(spare);
+    return OK;
+}
+
+static uint64_t digest_key(const uc d[8]) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = v << 8 | d[i];
+    return v;
+}
+
 /* digests() -> bytes: the sorted raw digests of the profiles acknowledged, 8 bytes each; a
  * digest two profiles share (never, short of a collision) is left out, as it says nothing. */
 static PyObject *state_digests(State *st, PyObject *unused) {
-    uc *all = PyMem_RawMalloc((size_t)st->nentries * 8 + 1);
-    if (all == NULL) return PyErr_NoMemory();
+    uint64_t *keys = PyMem_RawMalloc((size_t)st->nentries * sizeof(uint64_t) + 1);
+    uc *out = PyMem_RawMalloc((size_t)st->nentries * 8 + 1);
+    PyObject *result = NULL;
     Py_ssize_t n = 0, kept = 0;
+    if (keys == NULL || out == NULL) goto done;
     for (Py_ssize_t i = 0; i < st->nentries; i++) {
         const Entry *e = &st->entries[i];
-        if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST)) memcpy(all + 8 * n++, e->digest, 8);
+        if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST)) keys[n++] = digest_key(e->digest);
     }
-    qsort(all, (size_t)n, 8, digest_order);
+    if (sort_digests(keys, n) != OK) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        int shared = (i > 0 && memcmp(all + 8 * i, all + 8 * (i - 1), 8) == 0) ||
-                     (i + 1 < n && memcmp(all + 8 * i, all + 8 * (i + 1), 8) == 0);
-        if (!shared) memmove(all + 8 * kept++, all + 8 * i, 8);
+        if ((i > 0 && keys[i] == keys[i - 1]) || (i + 1 < n && keys[i] == keys[i + 1])) continue;
+        for (int k = 0; k < 8; k++) out[8 * kept + k] = (uc)(keys[i] >> (56 - 8 * k));
+        kept++;
     }
-    PyObject *result = PyBytes_FromStringAndSize((const char *)all, kept * 8);
-    PyMem_RawFree(all);
+    result = PyBytes_FromStringAndSize((const char *)out, kept * 8);
+done:
+    if (result == NULL && !PyErr_Occurred()) PyErr_NoMemory();
+    PyMem_RawFree(keys);
+    PyMem_RawFree(out);
     return result;
 }
 
 /* mark_seen(digests) -> profiles marked: the profiles whose rows the split settled count as
- * seen in this file (for duplicates after them, and for mirror mode). */
+ * seen in this file (for duplicates after them, and for mirror mode). The digests go in an
+ * open-addressing set (they are uniform already), looked up once per profile. */
 static PyObject *state_mark_seen(State *st, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     Py_ssize_t n = view.len / 8, marked = 0;
-    uc *sorted = PyMem_RawMalloc((size_t)n * 8 + 1);
-    if (sorted == NULL) {
+    size_t size = 16;
+    while (size < (size_t)n * 2) size *= 2;
+    uint64_t *set = PyMem_RawCalloc(size, sizeof(uint64_t));
+    if (set == NULL) {
         PyBuffer_Release(&view);
         return PyErr_NoMemory();
     }
-    memcpy(sorted, view.buf, (size_t)n * 8);
+    /* 0 marks an empty slot: a digest of 0 is looked for apart. */
+    int zero = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t key = digest_key((const uc *)view.buf + 8 * i);
+        if (key == 0) {
+            zero = 1;
+            continue;
+        }
+        size_t k = (size_t)key & (size - 1);
+        while (set[k] && set[k] != key) k = (k + 1) & (size - 1);
+        set[k] = key;
+    }
     PyBuffer_Release(&view);
-    qsort(sorted, (size_t)n, 8, digest_order);
     for (Py_ssize_t i = 0; i < st->nentries; i++) {
         Entry *e = &st->entries[i];
-        if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST) && has_digest(sorted, n, e->digest)) {
+        if (!(e->flags & E_PRESENT) || !(e->flags & E_DIGEST)) continue;
+        uint64_t key = digest_key(e->digest);
+        int found = key == 0 ? zero : 0;
+        for (size_t k = (size_t)key & (size - 1); key && set[k]; k = (k + 1) & (size - 1))
+            if (set[k] == key) {
+                found = 1;
+                break;
+            }
+        if (found) {
             e->flags |= E_SEEN;
             marked++;
         }
     }
-    PyMem_RawFree(sorted);
+    PyMem_RawFree(set);
     return PyLong_FromSsize_t(marked);
 }
 

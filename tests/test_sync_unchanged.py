@@ -246,3 +246,30 @@ def test_runs_that_change_few_profiles_append_sections_that_read_back_alike(
             for row in rows:
                 row[3] = "Everyone"
     assert layouts[:4] == [0, 1, 2, 3] and layouts[-1] == 0, layouts
+
+
+def test_the_index_and_seen_marks_agree_in_c_and_the_reference() -> None:
+    rng = random.Random(4)
+    digests = [rng.randbytes(8) for _ in range(3000)] + [b"\x00" * 8, b"\xff" * 8]
+    digests += digests[:3]  # shared by two profiles: left out of the index
+    lines = b"".join(
+        b"%s\t\"P-%d\"\t[{},[]]\n" % (digest.hex().encode(), number)
+        for number, digest in enumerate(digests)
+    )  # fmt: skip
+    header = b'{"version":5,"fingerprint":"f","withheld":{"W-1":"0102030405060708"}}\n'
+    states = StateStore(None, "s", "braze", "f")  # type: ignore[arg-type]
+    c, py = (
+        states.decode_text((header + lines, '"e"', None), native=flag) for flag in (True, False)
+    )
+    assert c.native is not None and py.native is None
+    assert c.index() == py.index()
+    assert len(c.index()[0]) == 8 * (len(set(digests)) - 3)
+    assert c.index()[0] == b"".join(
+        sorted(c.index()[0][at : at + 8] for at in range(0, len(c.index()[0]), 8))
+    )
+    chosen = rng.sample(sorted(set(digests) - set(digests[:3]) - {b"\x00" * 8}), 500)
+    settled = (b"".join(chosen) + b"\x00" * 8, bytes.fromhex("0102030405060708"))
+    assert c.mark_seen(settled, "e") == set()  # marked in C
+    assert len(py.mark_seen(settled, "e")) == 502
+    with pytest.raises(ConcurrencyConflict):  # a digest the state does not hold
+        c.mark_seen((rng.randbytes(8), b""), "e")
