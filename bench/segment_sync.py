@@ -156,16 +156,17 @@ def _upload(services: Services, sync: SyncDefinition, path: Path, name: str) -> 
 def _pipeline(
     services: Services, sync: SyncDefinition, blob: BlobRef, run_id: str, destination: Any
 ) -> RunRecord:
+    unchanged = unchanged_index(services, sync, destination.name, run_id)
     split = split_file(
         services.storage, sync, [blob], run_id=run_id, buckets=sync.processing.state_buckets,
-        in_memory_max_rows=sync.processing.in_memory_max_rows,
-        unchanged=unchanged_index(services, sync, destination.name, run_id),
+        in_memory_max_rows=sync.processing.in_memory_max_rows, unchanged=unchanged,
     )  # fmt: skip
     plan: RunPlan = plan_run(services, sync, blob, run_id, split, [blob.name])
     checkpoints = NoCheckpoints() if isinstance(destination, PayloadOnly) else None
     process_buckets(
         services, sync, plan, run_id, plan.buckets, split.in_memory,
         destination=destination, checkpoints=checkpoints,
+        prefetched=unchanged.prefetched if unchanged else None,
     )  # fmt: skip
     services.runs.start(RunKind.SEGMENT_SYNC, run_id=run_id)
     return finalize(services, sync, plan, run_id, blob)

@@ -843,6 +843,8 @@ static const uc *string_token(const uc *p, const uc *end) {
 /* State(lines, same_mapping): a snapshot's profile lines, as state._profiles reads them. A
  * snapshot that runs have appended to holds sections, each a header line (a JSON object)
  * and profile lines: a later line of an identity replaces its earlier one in its place. */
+static int index_lines(State *st, const uc *base, const uc *end);
+
 static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *text;
     int same_mapping;
@@ -852,16 +854,27 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     st->text = Py_NewRef(text);
     st->same_mapping = same_mapping;
     const uc *base = (const uc *)PyBytes_AS_STRING(text), *end = base + PyBytes_GET_SIZE(text);
+    int status;
+    /* Without the GIL: the threads fetching the next buckets decode them meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
+    status = index_lines(st, base, end);
+    Py_END_ALLOW_THREADS
+    if (status == OK) return (PyObject *)st;
+    if (status == PUNT) PyErr_SetString(PyExc_ValueError, "sync state line not in the expected form");
+    else if (!PyErr_Occurred()) PyErr_NoMemory();
+    Py_DECREF(st);
+    return NULL;
+}
+
+/* The entries of the text's profile lines: OK, PUNT (a line not in the form), ERR (memory). */
+static int index_lines(State *st, const uc *base, const uc *end) {
     Py_ssize_t lines = 0;
     for (const uc *p = base; p < end; p++) lines += *p == '\n';
-    if (grow((void **)&st->entries, &st->cap, lines + 1, sizeof(Entry)) < 0) goto fail;
+    if (grow((void **)&st->entries, &st->cap, lines + 1, sizeof(Entry)) < 0) return ERR;
     st->table_size = 1024;
     while (st->table_size < lines * 2 + 16) st->table_size *= 2;
     st->table = PyMem_RawCalloc((size_t)st->table_size, sizeof(Py_ssize_t));
-    if (st->table == NULL) {
-        no_memory();
-        goto fail;
-    }
+    if (st->table == NULL) return ERR;
     for (const uc *p = base; p < end;) {
         const uc *newline = memchr(p, '\n', (size_t)(end - p));
         const uc *line_end = newline ? newline : end;
@@ -872,7 +885,7 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         const uc *id_end = tab ? string_token(tab + 1, line_end) : NULL;
         if (id_end == NULL || id_end >= line_end || *id_end != '\t' ||
             (tab - line != 0 && tab - line != 16))
-            goto unreadable;
+            return PUNT;
         Entry e = {0};
         e.line = line - base;
         e.line_len = line_end - line;
@@ -880,10 +893,10 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         e.id_len = id_end - (tab + 1);
         e.stored = id_end + 1 - base;
         e.flags = E_STORED | E_PRESENT;
-        if (tab - line == 16 && same_mapping) {
-            if (unhex8(line, e.digest) < 0) goto unreadable;
+        if (tab - line == 16 && st->same_mapping) {
+            if (unhex8(line, e.digest) < 0) return PUNT;
             e.flags |= E_DIGEST;
-        } else if (!same_mapping) {
+        } else if (!st->same_mapping) {
             e.flags |= E_REWRITE; /* without the digest another mapping wrote */
         }
         size_t slot;
@@ -895,12 +908,7 @@ static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
             st->table[slot] = st->nentries;
         }
     }
-    return (PyObject *)st;
-unreadable:
-    PyErr_SetString(PyExc_ValueError, "sync state line not in the expected form");
-fail:
-    Py_DECREF(st);
-    return NULL;
+    return OK;
 }
 
 /* ---- a stored profile's `[{name: hash hex}, [audience, ...]]` ---------------------------- */

@@ -52,7 +52,7 @@ from core.sync.split import (
     line_label,
     split_file,
 )
-from core.sync.state import StateStore, StoredState
+from core.sync.state import StatePrefetch, StateStore, StoredState, SyncState
 from core.sync.unchanged import UnchangedIndex
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
     services.runs.update(run.run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
     try:
         inputs = listed_parts(services.storage, blob) if is_manifest(blob.name) else [blob]
+        unchanged = unchanged_index(services, sync, destination.name, run.run_id)
         split = split_file(
             services.storage,
             sync,
@@ -143,20 +144,27 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             buckets=sync.processing.state_buckets,
             in_memory_max_rows=sync.processing.in_memory_max_rows,
             native=services.settings.sync_native_buckets,
-            unchanged=unchanged_index(services, sync, destination.name, run.run_id),
+            unchanged=unchanged,
         )
     except FileRejected as rejected:
         error = f"{rejected.code}: {rejected}"
+        if unchanged is not None:
+            unchanged.prefetched.stop()
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
     plan = plan_run(services, sync, blob, run.run_id, split, [ref.name for ref in inputs])
     groups = _bucket_groups(plan.buckets, split, sync.processing.rows_per_worker)
+    prefetched = unchanged.prefetched if unchanged is not None else None
     if split.in_memory is not None or len(groups) <= 1:
         rows = split.in_memory
         try:
-            process_buckets(services, sync, plan, run.run_id, plan.buckets, rows)
+            process_buckets(
+                services, sync, plan, run.run_id, plan.buckets, rows, prefetched=prefetched
+            )
         except TerminalError as exc:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
         return finalize(services, sync, plan, run.run_id, blob)
+    if prefetched is not None:
+        prefetched.stop()  # the workers fetch their own
     for group in groups:
         services.storage.queues.send(CHUNK_QUEUE, ChunkMessage(run_id=run.run_id, buckets=group))
     log.info("segment file fanned out", extra={"run_id": run.run_id, "chunks": len(groups)})
@@ -254,8 +262,10 @@ def process_buckets(
     *,
     destination: Destination | None = None,
     checkpoints: CheckpointLog | None = None,
+    prefetched: StatePrefetch | None = None,
 ) -> None:
-    """Run a group of buckets (one worker's share) to completion; skips finished ones."""
+    """Run a group of buckets (one worker's share) to completion; skips finished ones.
+    `prefetched`: snapshots fetched while the file was split (stopped when done)."""
     storage = services.storage
     destination = destination or destination_for(sync, services.settings)
     states = StateStore(storage, sync.id, destination.name, mapping_fingerprint(sync))
@@ -306,8 +316,15 @@ def process_buckets(
     )  # fmt: skip
     indexes = states.index_writer(run_id)
     finished = _Results(results)
-    with _BucketWriter() as writer:
-        _run_buckets(storage, sync, plan, run_id, buckets, in_memory, states, results, runner)
+    try:
+        with _BucketWriter() as writer:
+            _run_buckets(
+                storage, sync, plan, run_id, buckets, in_memory, states, results, runner,
+                prefetched,
+            )  # fmt: skip
+    finally:
+        if prefetched is not None:
+            prefetched.stop()
     finished.flush()
     if not plan.preview:
         indexes.close()  # after every write is done: it names the snapshots written
@@ -371,34 +388,36 @@ class _BucketWriter:
 def _run_buckets(
     storage: Storage, sync: SyncDefinition, plan: RunPlan, run_id: str, buckets: list[int],
     in_memory: list[bytes] | None, states: StateStore,
-    results: EntityTable[BucketResult], runner: ChunkRunner,
+    results: EntityTable[BucketResult], runner: ChunkRunner, prefetched: StatePrefetch | None,
 ) -> None:  # fmt: skip
     run_key = safe_key(run_id)
     finished = {row.row_key for row in results.query_partition(run_key)}  # one request
     todo = [bucket for bucket in buckets if f"{bucket:04d}" not in finished]
 
-    def fetch(bucket: int) -> tuple[StoredState | None, bytes]:
-        """A bucket's state and work lines, inflated; runs on threads `_FETCHERS` buckets
-        ahead, so their I/O and inflating overlap with the bucket before them (memory:
-        that many buckets more). A bucket whose rows the split all settled needs no state
-        (unless in mirror mode)."""
+    def fetch(bucket: int) -> tuple[SyncState, bytes]:
+        """A bucket's state, decoded, and its work lines, inflated; runs on threads
+        `_FETCHERS` buckets ahead, so their I/O, inflating and decoding overlap with the
+        bucket before them (memory: that many buckets more). A bucket whose rows the split
+        all settled needs no state (unless in mirror mode)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
         if in_memory is not None:
             lines = in_memory[bucket]
         else:
             lines = inflate_work(fetch_work_blob(storage, name)) if name else b""
         needed = sync.mode == SyncMode.MIRROR or lines.startswith(b"[")  # rows, not settled
-        state = states.inflate(states.fetch(bucket)) if needed and bucket in existing else None
-        return state, lines
+        stored: StoredState | None = None
+        if needed and bucket in existing:
+            found, stored = prefetched.take(bucket) if prefetched else (False, None)
+            stored = states.inflate(stored if found else states.fetch(bucket))
+        return states.decode_text(stored, native=runner.native is not None), lines
 
     existing = states.stored_buckets()
     with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-bucket") as fetcher:
         upcoming = deque(fetcher.submit(fetch, bucket) for bucket in todo[:_FETCHERS])
         for index, bucket in enumerate(todo):
-            stored, lines = upcoming.popleft().result()
+            state, lines = upcoming.popleft().result()
             if index + _FETCHERS < len(todo):
                 upcoming.append(fetcher.submit(fetch, todo[index + _FETCHERS]))
-            state = states.decode_text(stored, native=runner.native is not None)
             if state.last_run == run_id:  # committed before a crash, not yet recorded
                 with contextlib.suppress(EntityExists):
                     results.insert(BucketResult.model_validate(state.last_result))

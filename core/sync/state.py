@@ -27,6 +27,7 @@ import base64
 import contextlib
 import importlib
 import io
+import logging
 import threading
 import uuid
 from binascii import unhexlify
@@ -48,6 +49,7 @@ from core.errors import ConcurrencyConflict
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockWriter
 
+log = logging.getLogger(__name__)
 STATE_CONTAINER = "sync-state"
 _FORMAT_VERSION = 5
 _READABLE_VERSIONS = (3, 4, 5)
@@ -450,6 +452,50 @@ def _decode(text: bytes, fingerprint: str, native: bool, *, sections: bool = Tru
         withheld = header.get("withheld") or {}
         state.withheld = {identity: unhexlify(digest) for identity, digest in withheld.items()}
     return state
+
+
+class StatePrefetch:
+    """Snapshots fetched as stored (compressed) on a thread while the file is split, in
+    bucket order, up to `budget` bytes: the split keeps one core busy, and the buckets
+    that follow need every snapshot a change touches. The bucket phase takes what is
+    there and fetches the rest itself."""
+
+    def __init__(self, states: StateStore, buckets: list[int], budget: int) -> None:
+        self._stored: dict[int, StoredState | None] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(states, buckets, budget), name="prefetch-state", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, states: StateStore, buckets: list[int], budget: int) -> None:
+        held = 0
+        for bucket in buckets:
+            if self._stop.is_set() or held >= budget:
+                return
+            try:
+                stored = states.fetch(bucket)
+            except Exception:  # the bucket phase fetches it again, and reports what fails
+                log.warning("prefetching sync state stopped", exc_info=True)
+                return
+            with self._lock:
+                self._stored[bucket] = stored
+            held += len(stored[0]) if stored else 0
+
+    def take(self, bucket: int) -> tuple[bool, StoredState | None]:
+        """(True, the snapshot or None) if it was fetched, else (False, None)."""
+        with self._lock:
+            if bucket in self._stored:
+                return True, self._stored.pop(bucket)
+        return False, None
+
+    def stop(self) -> None:
+        """Fetch no more, and let go of what was not taken."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._stored.clear()
 
 
 class IndexWriter:

@@ -40,9 +40,11 @@ from core.sync.definitions import SyncDefinition
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
-from core.sync.state import DigestIndex, StateStore
+from core.sync.state import DigestIndex, StatePrefetch, StateStore
 
 log = logging.getLogger(__name__)
+_PREFETCH_BYTES = 64 << 20
+"""Compressed snapshots held at most while a file is split (about 650,000 profiles')."""
 
 
 @dataclass
@@ -101,6 +103,8 @@ class UnchangedIndex:
         self.suppressions = suppressions
         self.etags = states.stored_buckets()
         self.digests = states.indexes(self.etags, run_id)
+        self.prefetched = StatePrefetch(states, sorted(self.etags), _PREFETCH_BYTES)
+        """Snapshots fetched while the file is split, for the buckets after it."""
 
     def attach(self, splitter: Any, columns: list[str], buckets: int) -> bool:
         """Have a switchboard_sync.Splitter settle what it can; False if it cannot here."""
