@@ -133,6 +133,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
     except ConfigError as exc:
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
     services.runs.update(run.run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
+    unchanged: UnchangedIndex | None = None
     try:
         inputs = listed_parts(services.storage, blob) if is_manifest(blob.name) else [blob]
         unchanged = unchanged_index(services, sync, destination.name, run.run_id)
@@ -292,7 +293,7 @@ def process_buckets(
             )
         etag = work.state.etag
         loaded = etag is not None and snapshot is None and not plan.preview
-        unchanged_index = work.state.index() if loaded else None
+        loaded_index = work.state.index() if loaded else None
 
         def write() -> None:
             # In this order: the result marks the bucket finished, so it goes last.
@@ -301,9 +302,9 @@ def process_buckets(
                 stage_preview()
             if snapshot is not None:
                 indexes.add(work.number, states.write(snapshot), snapshot.index)
-            elif unchanged_index is not None and etag:
-                indexes.add(work.number, etag, unchanged_index)
-            finished.add(result)
+            elif loaded_index is not None and etag:
+                indexes.add(work.number, etag, loaded_index)
+            recorded.add(result)
 
         writer.submit(write)
 
@@ -315,7 +316,7 @@ def process_buckets(
         native=services.settings.sync_native_buckets,
     )  # fmt: skip
     indexes = states.index_writer(run_id)
-    finished = _Results(results)
+    recorded = _Results(results)
     try:
         with _BucketWriter() as writer:
             _run_buckets(
@@ -325,7 +326,7 @@ def process_buckets(
     finally:
         if prefetched is not None:
             prefetched.stop()
-    finished.flush()
+    recorded.flush()
     if not plan.preview:
         indexes.close()  # after every write is done: it names the snapshots written
 
