@@ -60,6 +60,8 @@ typed and diffed once; attribute hashes still hold, so nothing is sent for that)
 _DIGESTS_SINCE = 5
 _INDEX_VERSION = 3
 _INDEX_READERS = 4
+_INDEX_BLOCK_BYTES = 1 << 20
+"""Staged as it fills: a worker holds about this much of its index file at a time."""
 _MAX_SECTIONS = 32
 _BLOCK_BYTES = 64 << 20
 _NULL_HASH = b"\x00" * 8
@@ -597,7 +599,8 @@ class StateStore:
     def index_writer(self, run_id: str) -> IndexWriter:
         name = f"{self.sync_id}/{self.destination}/digests/{run_id}-{uuid.uuid4().hex[:12]}.bin"
         header = {"version": _INDEX_VERSION, "fingerprint": self.fingerprint, "run": run_id}
-        return IndexWriter(self.storage.blobs.writer(STATE_CONTAINER, name), header)
+        writer = self.storage.blobs.writer(STATE_CONTAINER, name, block_bytes=_INDEX_BLOCK_BYTES)
+        return IndexWriter(writer, header)
 
     def fetch(self, bucket: int) -> StoredState | None:
         """A bucket's snapshot as stored (gzip), its ETag and layout, or None if it has
@@ -658,7 +661,8 @@ class StateStore:
         staged = []
         for start in range(0, len(data), _BLOCK_BYTES):
             staged.append(base64.b64encode(uuid.uuid4().hex.encode()).decode())
-            client.stage_block(staged[-1], data[start : start + _BLOCK_BYTES])
+            block = data if len(data) <= _BLOCK_BYTES else data[start : start + _BLOCK_BYTES]
+            client.stage_block(staged[-1], block)
         before = snapshot.appended_to
         if before is None:
             layout = Layout(tuple(staged), len(snapshot.text))
