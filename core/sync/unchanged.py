@@ -29,7 +29,6 @@ to the same totals.
 from __future__ import annotations
 
 import base64
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,6 @@ from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
 from core.sync.state import DigestIndex, StatePrefetch, StateStore
 
-log = logging.getLogger(__name__)
 _PREFETCH_BYTES = 64 << 20
 """Compressed snapshots held at most while a file is split (about 650,000 profiles')."""
 
