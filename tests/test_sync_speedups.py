@@ -391,17 +391,36 @@ def _suppressions(rows: list[list[str]], rng: random.Random) -> SuppressionSnaps
     return SuppressionSnapshot({Channel.EMAIL: emails, Channel.PHONE: phones})
 
 
+@dataclass
+class Scenario:
+    """A sync of one configuration, its first export, the profiles Braze knows and the
+    suppression list (with suppressions when `suppressed`)."""
+
+    sync: SyncDefinition
+    rows: list[list[str]]
+    known: list[str]
+    suppressions: SuppressionSnapshot
+
+
+def _scenario(
+    sync_id: str, configuration: str, rng: random.Random, *, suppressed: bool, **overrides: Any
+) -> Scenario:
+    document = {**_sync_document(sync_id), **CONFIGURATIONS[configuration], **overrides}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rows = _random_rows(rng, 300)
+    known = [f"CRM-{i}" for i in range(0, 330) if rng.random() < 0.8]
+    suppressions = _suppressions(rows, rng) if suppressed else SuppressionSnapshot({})
+    return Scenario(sync, rows, known, suppressions)
+
+
 @pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
 @pytest.mark.parametrize("seed", [1, 2])
 def test_a_bucket_in_c_gives_what_the_reference_gives(
     storage: Any, braze: FakeBraze, configuration: str, seed: int
 ) -> None:
     rng = random.Random(seed * 100 + len(configuration))
-    document = {**_sync_document(f"native-{configuration}"), **CONFIGURATIONS[configuration]}
-    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
-    rows = _random_rows(rng, 300)
-    known = [f"CRM-{i}" for i in range(0, 330) if rng.random() < 0.8]
-    suppressions = _suppressions(rows, rng) if seed == 2 else SuppressionSnapshot({})
+    given = _scenario(f"native-{configuration}", configuration, rng, suppressed=seed == 2)
+    sync, rows, known, suppressions = given.sync, given.rows, given.known, given.suppressions
     previous: bytes | None = None
     for run in range(3):  # a first run, then changed exports against the state it left
         native = _both(storage, braze, sync, rows, previous, known=known,
