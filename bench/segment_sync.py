@@ -166,7 +166,7 @@ def _pipeline(
     process_buckets(
         services, sync, plan, run_id, plan.buckets, split.in_memory,
         destination=destination, checkpoints=checkpoints,
-        prefetched=unchanged.prefetched if unchanged else None,
+        unchanged=unchanged,
     )  # fmt: skip
     services.runs.start(RunKind.SEGMENT_SYNC, run_id=run_id)
     return finalize(services, sync, plan, run_id, blob)

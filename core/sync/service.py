@@ -52,7 +52,7 @@ from core.sync.split import (
     line_label,
     split_file,
 )
-from core.sync.state import StatePrefetch, StateStore, StoredState, SyncState
+from core.sync.state import StateStore, StoredState, SyncState
 from core.sync.unchanged import UnchangedIndex
 
 log = logging.getLogger(__name__)
@@ -154,18 +154,17 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
     plan = plan_run(services, sync, blob, run.run_id, split, [ref.name for ref in inputs])
     groups = _bucket_groups(plan.buckets, split, sync.processing.rows_per_worker)
-    prefetched = unchanged.prefetched if unchanged is not None else None
     if split.in_memory is not None or len(groups) <= 1:
         rows = split.in_memory
         try:
             process_buckets(
-                services, sync, plan, run.run_id, plan.buckets, rows, prefetched=prefetched
+                services, sync, plan, run.run_id, plan.buckets, rows, unchanged=unchanged
             )
         except TerminalError as exc:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
         return finalize(services, sync, plan, run.run_id, blob)
-    if prefetched is not None:
-        prefetched.stop()  # the workers fetch their own
+    if unchanged is not None:
+        unchanged.prefetched.stop()  # the workers fetch their own
     for group in groups:
         services.storage.queues.send(CHUNK_QUEUE, ChunkMessage(run_id=run.run_id, buckets=group))
     log.info("segment file fanned out", extra={"run_id": run.run_id, "chunks": len(groups)})
@@ -263,10 +262,12 @@ def process_buckets(
     *,
     destination: Destination | None = None,
     checkpoints: CheckpointLog | None = None,
-    prefetched: StatePrefetch | None = None,
+    unchanged: UnchangedIndex | None = None,
 ) -> None:
     """Run a group of buckets (one worker's share) to completion; skips finished ones.
-    `prefetched`: snapshots fetched while the file was split (stopped when done)."""
+    `unchanged`: what this process read for the split (its state listing, suppression
+    list and the snapshots fetched meanwhile, stopped when done), rather than reading it
+    again."""
     storage = services.storage
     destination = destination or destination_for(sync, services.settings)
     states = StateStore(storage, sync.id, destination.name, mapping_fingerprint(sync))
@@ -310,7 +311,7 @@ def process_buckets(
 
     runner = ChunkRunner(
         storage, sync, RowMapper(sync, plan.columns), destination,
-        SuppressionList(storage).snapshot(),
+        unchanged.suppressions if unchanged else SuppressionList(storage).snapshot(),
         run_id=run_id, worker=f"w{buckets[0]:04d}", on_bucket_done=bucket_done,
         dry_run=plan.preview, checkpoints=checkpoints,
         native=services.settings.sync_native_buckets,
@@ -321,11 +322,11 @@ def process_buckets(
         with _BucketWriter() as writer:
             _run_buckets(
                 storage, sync, plan, run_id, buckets, in_memory, states, results, runner,
-                prefetched,
+                unchanged,
             )  # fmt: skip
     finally:
-        if prefetched is not None:
-            prefetched.stop()
+        if unchanged is not None:
+            unchanged.prefetched.stop()
     recorded.flush()
     if not plan.preview:
         indexes.close()  # after every write is done: it names the snapshots written
@@ -389,7 +390,7 @@ class _BucketWriter:
 def _run_buckets(
     storage: Storage, sync: SyncDefinition, plan: RunPlan, run_id: str, buckets: list[int],
     in_memory: list[bytes] | None, states: StateStore,
-    results: EntityTable[BucketResult], runner: ChunkRunner, prefetched: StatePrefetch | None,
+    results: EntityTable[BucketResult], runner: ChunkRunner, unchanged: UnchangedIndex | None,
 ) -> None:  # fmt: skip
     run_key = safe_key(run_id)
     finished = {row.row_key for row in results.query_partition(run_key)}  # one request
@@ -409,11 +410,11 @@ def _run_buckets(
         needed = sync.mode == SyncMode.MIRROR or lines.startswith(b"[")  # rows, not settled
         stored: StoredState | None = None
         if needed and bucket in existing:
-            found, stored = prefetched.take(bucket) if prefetched else (False, None)
+            found, stored = unchanged.prefetched.take(bucket) if unchanged else (False, None)
             stored = states.inflate(stored if found else states.fetch(bucket))
         return states.decode_text(stored, native=runner.native is not None), lines
 
-    existing = states.stored_buckets()
+    existing = unchanged.etags if unchanged is not None else states.stored_buckets()
     with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-bucket") as fetcher:
         upcoming = deque(fetcher.submit(fetch, bucket) for bucket in todo[:_FETCHERS])
         for index, bucket in enumerate(todo):
