@@ -159,7 +159,8 @@ def _pipeline(
     unchanged = unchanged_index(services, sync, destination.name, run_id)
     split = split_file(
         services.storage, sync, [blob], run_id=run_id, buckets=sync.processing.state_buckets,
-        in_memory_max_rows=sync.processing.in_memory_max_rows, unchanged=unchanged,
+        in_memory_max_rows=sync.processing.in_memory_max_rows,
+        held_max_bytes=sync.processing.in_memory_max_mb << 20, unchanged=unchanged,
     )  # fmt: skip
     plan: RunPlan = plan_run(services, sync, blob, run_id, split, [blob.name])
     checkpoints = NoCheckpoints() if isinstance(destination, PayloadOnly) else None

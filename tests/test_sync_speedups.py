@@ -30,11 +30,15 @@ from core.sync.readers import RowReader
 from core.sync.reports import RejectsPart
 from core.sync.split import (
     ReferenceNeeded,
+    SplitResult,
     bucket_of,
     feed_splitter,
+    fetch_work_blob,
     identity_key,
+    inflate_work,
     read_header,
     split_file,
+    upload_held_work,
 )
 from core.sync.state import SPEEDUPS, StateStore
 from devhost.fakes.braze import FakeBraze
@@ -147,12 +151,54 @@ def test_split_file_falls_back_to_the_reference_for_such_input(storage: Any, uni
     blob = storage.blobs.ref("segments", f"{sync.id}/f.csv")
     results = [
         split_file(storage, sync, [blob], run_id=f"r{unique}{native}", buckets=4,
-                   in_memory_max_rows=10, native=native)
+                   in_memory_max_rows=10, held_max_bytes=0, native=native)
         for native in (True, False)
     ]  # fmt: skip
     assert results[0].malformed == results[1].malformed != []
-    assert results[0].in_memory == results[1].in_memory
+    assert _held_lines(results[0]) == _held_lines(results[1])
     assert results[0].counts == results[1].counts
+
+
+def _held_lines(split: SplitResult, storage: Any = None) -> list[bytes]:
+    """Each bucket's work lines, wherever the split left them (taken from memory)."""
+    if split.in_memory is not None:
+        return [split.in_memory.take(bucket) for bucket in range(len(split.in_memory))]
+    return [
+        inflate_work(fetch_work_blob(storage, split.work_blobs[b])) if b in split.work_blobs
+        else b""
+        for b in range(split.buckets)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_work_is_the_same_kept_as_it_is_compressed_in_memory_or_spilled(
+    storage: Any, unique: str, native: bool
+) -> None:
+    """Small files keep their lines as they are; larger ones compressed in memory up to a
+    budget; past it (here at once, or halfway through) every bucket spills to a work blob.
+    The workers get the same lines every way, and held work uploaded for a fan-out too."""
+    sync = parse_document({"version": 1, "syncs": [_sync_document(f"h{unique}")]}).syncs[0]
+    data = _random_csv(random.Random(3), 40_000)
+    storage.blobs.create("segments", f"{sync.id}/f.csv", data, overwrite=True)
+    blob = storage.blobs.ref("segments", f"{sync.id}/f.csv")
+    ways = {"as is": (10**6, 0), "held": (10, 1 << 30), "spilled": (10, 0), "half": (10, 200_000)}
+    splits = {
+        way: split_file(storage, sync, [blob], run_id=f"r{unique}{native}{i}", buckets=2,
+                        in_memory_max_rows=rows, held_max_bytes=held, native=native)
+        for i, (way, (rows, held)) in enumerate(ways.items())
+    }  # fmt: skip
+    assert splits["as is"].in_memory is not None and not splits["as is"].in_memory.compressed
+    assert splits["held"].in_memory is not None and splits["held"].in_memory.compressed
+    assert splits["spilled"].in_memory is None and splits["half"].in_memory is None
+    expected = _held_lines(splits["as is"])
+    assert sum(map(len, expected)) > 20_000 and len([b for b in expected if b]) == 2
+    held = splits["held"].in_memory
+    uploaded = SplitResult(splits["held"].columns, 2)
+    uploaded.work_blobs = upload_held_work(storage, f"r{unique}{native}up", held)
+    assert _held_lines(uploaded, storage) == expected
+    for way in ("held", "spilled", "half"):
+        assert _held_lines(splits[way], storage) == expected, way
+    assert splits["held"].counts == splits["half"].counts == splits["as is"].counts
 
 
 # -- a bucket ----------------------------------------------------------------------------
@@ -611,8 +657,8 @@ def test_split_file_rejects_what_the_reference_rejects_alike(
     for native in (True, False):
         try:
             split = split_file(storage, sync, [blob], run_id=f"r{unique}{native}", buckets=4,
-                               in_memory_max_rows=10, native=native)  # fmt: skip
-            outcomes.append(("split", split.in_memory, split.malformed))
+                               in_memory_max_rows=10, held_max_bytes=0, native=native)  # fmt: skip
+            outcomes.append(("split", _held_lines(split), split.malformed))
         except FileRejected as exc:
             outcomes.append((exc.code, str(exc)))
     assert outcomes[0] == outcomes[1]

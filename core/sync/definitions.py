@@ -173,6 +173,14 @@ class Processing(Strict):
         ge=0,
         description="files up to this many rows are partitioned in memory and never fan out",
     )
+    in_memory_max_mb: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "compressed work a larger file's split holds in memory before it spills to work "
+            "blobs (about 55 MB per million rows of 20 columns)"
+        ),
+    )
 
 
 class SyncDefinition(Strict):

@@ -45,12 +45,14 @@ from core.sync.reports import (
     commit_rejects,
 )
 from core.sync.split import (
+    HeldWork,
     SplitResult,
     delete_work,
     fetch_work_blob,
     inflate_work,
     line_label,
     split_file,
+    upload_held_work,
 )
 from core.sync.state import StateStore, StoredState, SyncState
 from core.sync.unchanged import UnchangedIndex
@@ -144,6 +146,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             run_id=run.run_id,
             buckets=sync.processing.state_buckets,
             in_memory_max_rows=sync.processing.in_memory_max_rows,
+            held_max_bytes=sync.processing.in_memory_max_mb << 20,
             native=services.settings.sync_native_buckets,
             unchanged=unchanged,
         )
@@ -152,14 +155,18 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
         if unchanged is not None:
             unchanged.prefetched.stop()
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
+    groups = _bucket_groups(planned_buckets(sync, split), split, sync.processing.rows_per_worker)
+    held = split.in_memory
+    if held is not None and held.compressed and len(groups) > 1:  # workers read blobs
+        split.work_blobs = upload_held_work(services.storage, run.run_id, held)
+        split.in_memory = None
     plan = plan_run(services, sync, blob, run.run_id, split, [ref.name for ref in inputs])
-    groups = _bucket_groups(plan.buckets, split, sync.processing.rows_per_worker)
     if split.in_memory is not None or len(groups) <= 1:
-        rows = split.in_memory
         try:
             process_buckets(
-                services, sync, plan, run.run_id, plan.buckets, rows, unchanged=unchanged
-            )
+                services, sync, plan, run.run_id, plan.buckets, split.in_memory,
+                unchanged=unchanged,
+            )  # fmt: skip
         except TerminalError as exc:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
         return finalize(services, sync, plan, run.run_id, blob)
@@ -234,10 +241,7 @@ def plan_run(
         blob_etag=blob.etag,
         columns=split.columns,
         inputs=inputs,
-        # Mirror mode must visit every bucket: absent profiles live in empty ones too.
-        buckets=[
-            b for b, count in enumerate(split.counts) if count or sync.mode == SyncMode.MIRROR
-        ],
+        buckets=planned_buckets(sync, split),
         work_blobs={str(b): name for b, name in split.work_blobs.items()},
         split_reject_blocks=split_rejects.close(),
         split_counts={"rejected.malformed_row": len(split.malformed)} if split.malformed else {},
@@ -245,6 +249,12 @@ def plan_run(
     )
     services.storage.tables.get(RunPlan).upsert(plan)
     return plan
+
+
+def planned_buckets(sync: SyncDefinition, split: SplitResult) -> list[int]:
+    """The buckets a run processes: those with rows, or in mirror mode every one (absent
+    profiles live in empty buckets too)."""
+    return [b for b, count in enumerate(split.counts) if count or sync.mode == SyncMode.MIRROR]
 
 
 def _bucket_groups(buckets: list[int], split: SplitResult, rows_per_worker: int) -> list[list[int]]:
@@ -258,7 +268,7 @@ def process_buckets(
     plan: RunPlan,
     run_id: str,
     buckets: list[int],
-    in_memory: list[bytes] | None,
+    in_memory: HeldWork | None,
     *,
     destination: Destination | None = None,
     checkpoints: CheckpointLog | None = None,
@@ -389,7 +399,7 @@ class _BucketWriter:
 
 def _run_buckets(
     storage: Storage, sync: SyncDefinition, plan: RunPlan, run_id: str, buckets: list[int],
-    in_memory: list[bytes] | None, states: StateStore,
+    in_memory: HeldWork | None, states: StateStore,
     results: EntityTable[BucketResult], runner: ChunkRunner, unchanged: UnchangedIndex | None,
 ) -> None:  # fmt: skip
     run_key = safe_key(run_id)
@@ -404,7 +414,7 @@ def _run_buckets(
         no state (unless in mirror mode)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
         if in_memory is not None:
-            lines = in_memory[bucket]
+            lines = in_memory.take(bucket)
         else:
             lines = inflate_work(fetch_work_blob(storage, name)) if name else b""
         needed = sync.mode == SyncMode.MIRROR or lines.startswith(b"[")  # rows, not settled

@@ -5,10 +5,13 @@ person's delta state, meet in one bucket. A bucket is the unit of work and of st
 processed on its own with only its state in memory, so memory stays flat however large
 the file, and buckets can be processed by parallel workers.
 
-Files of up to `in_memory_max_rows` rows keep their buckets in memory. Larger ones spill
-each bucket to a gzip'd JSON Lines work blob, `sync-work/{run_id}/bucket-{n:04d}.jsonl.gz`,
-which the workers read back. Nothing is sent during this pass, so a file that turns out not to be
-UTF-8 halfway is still rejected as a whole.
+Files of up to `in_memory_max_rows` rows keep their buckets in memory as they are. Larger
+ones are compressed (gzip'd JSON Lines), still in memory, up to `held_max_bytes`; past
+that, each bucket spills to a work blob, `sync-work/{run_id}/bucket-{n:04d}.jsonl.gz`,
+which the workers read back. A run that fans out writes the work it held as work blobs
+(`upload_held_work`); one that runs in this process never stores it (a work blob's three
+requests per bucket were a quarter of a 1M-row run). Nothing is sent during this pass, so
+a file that turns out not to be UTF-8 halfway is still rejected as a whole.
 """
 
 from __future__ import annotations
@@ -73,22 +76,25 @@ class SplitResult:
     rows: int = 0
     counts: list[int] = field(default_factory=list)
     malformed: list[tuple[int, str]] = field(default_factory=list)
-    in_memory: list[bytes] | None = None
-    """Each bucket's work lines, for a file small enough to keep (else work blobs)."""
+    in_memory: HeldWork | None = None
+    """Each bucket's work, when it all fit in memory (else it is in work blobs)."""
     work_blobs: dict[int, str] = field(default_factory=dict)
     settled: int = 0
     """Rows settled during the split (core/sync/unchanged.py), in `counts` but not `rows`."""
 
 
 class _BucketFile:
-    """Gzip'd JSON Lines into a block blob; rows are compressed in groups, not one by one."""
+    """One bucket's work as gzip'd JSON Lines, compressed in groups rather than row by row:
+    held in memory until the partitioner spills it, then streamed into a block blob."""
 
-    def __init__(self, writer: BlockWriter) -> None:
-        self.writer = writer
+    def __init__(self, on_held: Callable[[int], None]) -> None:
         # One growing buffer, not a list of small bytes objects: orjson's results carry
         # their whole initial allocation, which would cost kilobytes per row.
         self.pending = bytearray()
         self.compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+        self.held = bytearray()
+        self._on_held = on_held
+        self.writer: BlockWriter | None = None
 
     def add(self, row: SourceRow) -> None:
         self.pending += orjson.dumps([row.line, *row.values])
@@ -103,25 +109,66 @@ class _BucketFile:
             self._compress()
 
     def _compress(self) -> None:
-        self.writer.write(self.compressor.compress(self.pending))
+        self._emit(self.compressor.compress(self.pending))
         self.pending.clear()
 
-    def finish(self) -> BlockWriter:
-        """Everything compressed and handed to the writer, which is left to commit."""
+    def _emit(self, data: bytes) -> None:
+        if self.writer is not None:
+            self.writer.write(data)
+        else:
+            self.held += data
+            self._on_held(len(data))
+
+    def spill(self, writer: BlockWriter) -> None:
+        """From now on into `writer`, starting with what was held."""
+        self.writer = writer
+        writer.write(bytes(self.held))
+        self.held = bytearray()
+
+    def finish(self) -> None:
+        """Everything compressed: held, or handed to the writer, which is left to commit."""
         self._compress()
-        self.writer.write(self.compressor.flush())
-        return self.writer
+        self._emit(self.compressor.flush())
+
+
+class HeldWork:
+    """Each bucket's work lines, kept in this process: as they are for a small file, else
+    gzip'd (inflated when the bucket is taken)."""
+
+    def __init__(self, buckets: list[bytes], compressed: bool) -> None:
+        self._buckets = buckets
+        self.compressed = compressed
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def stored(self, bucket: int) -> bytes:
+        """A bucket's work as it is held (gzip when `compressed`)."""
+        return self._buckets[bucket]
+
+    def take(self, bucket: int) -> bytes:
+        """A bucket's work lines; memory holds them no longer (a bucket is taken once)."""
+        data, self._buckets[bucket] = self._buckets[bucket], b""
+        return inflate_work(data) if self.compressed and data else data
 
 
 class _Partitioner:
-    """Rows into buckets: in memory until `in_memory_max_rows`, then spilled to work blobs."""
+    """Rows into buckets: as they are until `in_memory_max_rows`, then compressed, still in
+    memory, until they take `held_max_bytes`; only then spilled to work blobs."""
 
-    def __init__(self, storage: Storage, run_id: str, buckets: int, in_memory_max_rows: int):
+    def __init__(
+        self, storage: Storage, run_id: str, buckets: int, in_memory_max_rows: int,
+        held_max_bytes: int,
+    ) -> None:  # fmt: skip
         self.storage = storage
         # Work blobs' blocks upload on threads while the file is still being read.
         self.stager = BlockStager()
         self.run_id = run_id
+        self.buckets = buckets
         self.limit = in_memory_max_rows
+        self.held_max_bytes = held_max_bytes
+        self.held_bytes = 0
+        self.spilled = False
         self.memory: list[list[SourceRow]] | None = [[] for _ in range(buckets)]
         self.memory_lines: list[bytearray] = [bytearray() for _ in range(buckets)]
         """Work lines from the C splitter, while the file still fits in memory."""
@@ -133,22 +180,24 @@ class _Partitioner:
         self.rows += 1
         if self.memory is None:
             (self.files.get(bucket) or self._file(bucket)).add(row)
+            self._spill_if_full()
             return
         self.memory[bucket].append(row)
         if self.rows > self.limit:
-            self._spill()
+            self._compress_all()
 
     def add_lines(self, bucket: int, lines: bytes, rows: int) -> None:
         """Work lines of one bucket; `rows`: how many rows the file has given so far."""
         self.rows = rows
         if self.memory is None:
             (self.files.get(bucket) or self._file(bucket)).add_lines(lines)
+            self._spill_if_full()
             return
         self.memory_lines[bucket] += lines
         if self.rows > self.limit:
-            self._spill()
+            self._compress_all()
 
-    def _spill(self) -> None:
+    def _compress_all(self) -> None:
         assert self.memory is not None
         held, self.memory = self.memory, None
         for bucket, rows in enumerate(held):
@@ -158,36 +207,55 @@ class _Partitioner:
         for bucket, lines in enumerate(held_lines):
             if lines:
                 self._file(bucket).add_lines(bytes(lines))
+        self._spill_if_full()
 
-    def in_memory(self) -> list[bytes] | None:
-        """Each bucket's work lines if the file was never spilled (else None)."""
-        if self.memory is None:
-            return None
-        for bucket, rows in enumerate(self.memory):
-            for row in rows:
-                self.memory_lines[bucket] += orjson.dumps([row.line, *row.values]) + b"\n"
-        return [bytes(lines) for lines in self.memory_lines]
+    def _held(self, size: int) -> None:
+        self.held_bytes += size
+
+    def _spill_if_full(self) -> None:
+        if self.spilled or self.held_bytes <= self.held_max_bytes:
+            return
+        self.spilled = True
+        for bucket, bucket_file in self.files.items():
+            bucket_file.spill(self._writer(bucket))
 
     def _file(self, bucket: int) -> _BucketFile:
         if bucket not in self.files:
-            name = f"{self.run_id}/bucket-{bucket:04d}.jsonl.gz"
-            writer = self.storage.blobs.writer(
-                WORK_CONTAINER, name, overwrite=True, block_bytes=_WORK_BLOCK_BYTES,
-                stager=self.stager,
-            )  # fmt: skip
-            self.files[bucket] = _BucketFile(writer)
-            self.names[bucket] = name
+            self.files[bucket] = _BucketFile(self._held)
+            if self.spilled:
+                self.files[bucket].spill(self._writer(bucket))
         return self.files[bucket]
 
-    def close(self) -> None:
-        """Commit every work blob, several at a time: each is a round trip or two."""
+    def _writer(self, bucket: int) -> BlockWriter:
+        name = f"{self.run_id}/bucket-{bucket:04d}.jsonl.gz"
+        self.names[bucket] = name
+        return self.storage.blobs.writer(
+            WORK_CONTAINER, name, overwrite=True, block_bytes=_WORK_BLOCK_BYTES,
+            stager=self.stager,
+        )  # fmt: skip
+
+    def close(self) -> HeldWork | None:
+        """Commit every work blob, several at a time (each is a round trip or two); or,
+        if nothing was spilled, each bucket's work as it is held."""
         try:
-            writers = [bucket_file.finish() for bucket_file in self.files.values()]
+            for bucket_file in self.files.values():
+                bucket_file.finish()
+            self._spill_if_full()
+            writers = [f.writer for f in self.files.values() if f.writer is not None]
             with ThreadPoolExecutor(_COMMITTERS, thread_name_prefix="commit-work") as pool:
                 for _ in pool.map(BlockWriter.close, writers):
                     pass
         finally:
             self.stager.close()
+        if self.spilled:
+            return None
+        if self.memory is not None:
+            for bucket, rows in enumerate(self.memory):
+                for row in rows:
+                    self.memory_lines[bucket] += orjson.dumps([row.line, *row.values]) + b"\n"
+            return HeldWork([bytes(lines) for lines in self.memory_lines], compressed=False)
+        held = [bytes(self.files[b].held) if b in self.files else b"" for b in range(self.buckets)]
+        return HeldWork(held, compressed=True)
 
     def abandon(self) -> None:
         """The file was rejected: wait for blocks in flight, commit nothing."""
@@ -210,6 +278,7 @@ def split_file(
     run_id: str,
     buckets: int,
     in_memory_max_rows: int,
+    held_max_bytes: int,
     native: bool = True,
     unchanged: UnchangedIndex | None = None,
 ) -> SplitResult:
@@ -225,7 +294,7 @@ def split_file(
     if native and SPEEDUPS is not None and sync.input.format != FileFormat.JSONL:
         readers.insert(0, functools.partial(_read_parts_native, unchanged=unchanged))
     for read in readers:
-        partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows)
+        partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows, held_max_bytes)
         try:
             result = read(storage, sync, blobs, buckets, partitioner)
         except ReferenceNeeded:
@@ -235,9 +304,8 @@ def split_file(
         except BaseException:
             partitioner.abandon()
             raise
-        partitioner.close()
+        result.in_memory = partitioner.close()
         result.rows = partitioner.rows
-        result.in_memory = partitioner.in_memory()
         result.work_blobs = partitioner.names
         return result
     raise AssertionError("the reference takes every file")
@@ -396,6 +464,24 @@ def _read_parts(
                 partitioner.add(bucket, entry)
     assert result is not None  # at least one part
     return result
+
+
+def upload_held_work(storage: Storage, run_id: str, held: HeldWork) -> dict[int, str]:
+    """Work held in memory, as work blobs for the workers of a run that fans out: one
+    request per bucket, a few at a time. Returns bucket -> blob name."""
+    assert held.compressed, "files small enough to keep as they are never fan out"
+    names = {
+        bucket: f"{run_id}/bucket-{bucket:04d}.jsonl.gz"
+        for bucket in range(len(held)) if held.stored(bucket)
+    }  # fmt: skip
+
+    def upload(bucket: int) -> None:
+        storage.blobs.create(WORK_CONTAINER, names[bucket], held.stored(bucket), overwrite=True)
+
+    with ThreadPoolExecutor(_COMMITTERS, thread_name_prefix="upload-work") as pool:
+        for _ in pool.map(upload, names):
+            pass
+    return names
 
 
 def fetch_work_blob(storage: Storage, name: str) -> bytes:
