@@ -418,10 +418,14 @@ enum IdentityKind { ID_PLAIN, ID_EMAIL, ID_PHONE };
 #define MEMO_SLOTS 1024
 #define MEMO_MAX_VALUE 64
 
+/* A value the reference typed before, kept in C so that a row repeating it is typed
+ * without the GIL (taking the GIL back for every row cost more than the typing itself). */
 typedef struct {
-    PyObject *key;    /* raw text, bytes */
-    PyObject *result; /* (json, hash, text) or (code, message) */
-    int rejected;
+    uc *data;             /* the raw text, then the JSON, then the text (NULL: slot free) */
+    Py_ssize_t key_len, json_len, text_len;
+    uc hash[8];
+    int nulled;
+    PyObject *rejection;  /* (code, message) when the value is rejected */
 } Memo;
 
 typedef struct {
@@ -431,7 +435,6 @@ typedef struct {
     PyObject *source, *coerce;
     int memoize;
     Memo *memo;
-    Py_ssize_t memo_used;
 } FieldSpec;
 
 typedef struct {
@@ -471,8 +474,8 @@ static void mapping_dealloc(Mapping *m) {
         Py_XDECREF(f->coerce);
         if (f->memo) {
             for (Py_ssize_t j = 0; j < MEMO_SLOTS; j++) {
-                Py_XDECREF(f->memo[j].key);
-                Py_XDECREF(f->memo[j].result);
+                PyMem_RawFree(f->memo[j].data);
+                Py_XDECREF(f->memo[j].rejection);
             }
             PyMem_RawFree(f->memo);
         }
@@ -1561,28 +1564,70 @@ static int take_coerced(PyObject *result, Buf *typed, Typed *t) {
     return OK;
 }
 
+/* The slot of a raw value: its own, a free one, or NULL (the neighbourhood is full). */
 static Memo *memo_slot(FieldSpec *f, const uc *s, Py_ssize_t n) {
     size_t k = (size_t)bytes_hash(s, n) & (MEMO_SLOTS - 1);
     for (int probe = 0; probe < 8; probe++, k = (k + 1) & (MEMO_SLOTS - 1)) {
         Memo *slot = &f->memo[k];
-        if (slot->key == NULL) return slot;
-        if (PyBytes_GET_SIZE(slot->key) == n && memcmp(PyBytes_AS_STRING(slot->key), s, (size_t)n) == 0)
-            return slot;
+        if (slot->data == NULL) return slot;
+        if (slot->key_len == n && memcmp(slot->data, s, (size_t)n) == 0) return slot;
     }
     return NULL;
+}
+
+/* A value typed before, without the GIL: OK or NULLED; SLOW when it is not remembered or
+ * was rejected (the caller asks the reference, with the GIL). */
+static int memo_value(FieldSpec *f, const Value *v, Buf *typed, Typed *t) {
+    if (f->memo == NULL || v->len > MEMO_MAX_VALUE) return SLOW;
+    Memo *memo = memo_slot(f, v->text, v->len);
+    if (memo == NULL || memo->data == NULL || memo->rejection != NULL) return SLOW;
+    if (memo->nulled) return NULLED;
+    const uc *json = memo->data + memo->key_len;
+    t->json = typed->len;
+    t->json_len = memo->json_len;
+    if (buf_put(typed, (const char *)json, memo->json_len) < 0) return ERR;
+    memcpy(t->hash, memo->hash, 8);
+    t->text = typed->len;
+    t->text_len = 0;
+    if (memo->text_len > 0) {
+        if (buf_put(typed, (const char *)json + memo->json_len, memo->text_len) < 0) return ERR;
+        t->text_len = memo->text_len;
+    }
+    return OK;
+}
+
+/* Remember what the reference made of a raw value (its JSON, hash and text from `t`). */
+static int memo_keep(Memo *memo, const Value *v, int status, const Buf *typed, const Typed *t) {
+    Py_ssize_t json_len = status == OK ? t->json_len : 0, text_len = status == OK ? t->text_len : 0;
+    memo->data = PyMem_RawMalloc((size_t)(v->len + json_len + text_len) + 1);
+    if (memo->data == NULL) {
+        PyErr_NoMemory();
+        return ERR;
+    }
+    memcpy(memo->data, v->text, (size_t)v->len);
+    memo->key_len = v->len;
+    memo->nulled = status == NULLED;
+    memo->json_len = json_len;
+    memo->text_len = text_len;
+    if (status == OK) {
+        memcpy(memo->data + v->len, typed->data + t->json, (size_t)json_len);
+        memcpy(memo->data + v->len + json_len, typed->data + t->text, (size_t)text_len);
+        memcpy(memo->hash, t->hash, 8);
+    }
+    return OK;
 }
 
 static int slow_value(const Mapping *m, FieldSpec *f, const Value *v, Row *row, Typed *t) {
     Memo *memo = NULL;
     if (f->memo && v->len <= MEMO_MAX_VALUE) {
         memo = memo_slot(f, v->text, v->len);
-        if (memo && memo->key) {
-            if (memo->rejected) {
-                row->code = Py_NewRef(PyTuple_GET_ITEM(memo->result, 0));
-                row->message = Py_NewRef(PyTuple_GET_ITEM(memo->result, 1));
+        if (memo && memo->data) {
+            if (memo->rejection != NULL) {
+                row->code = Py_NewRef(PyTuple_GET_ITEM(memo->rejection, 0));
+                row->message = Py_NewRef(PyTuple_GET_ITEM(memo->rejection, 1));
                 return REJECTED;
             }
-            return take_coerced(memo->result, &row->typed, t);
+            return memo_value(f, v, &row->typed, t);
         }
     }
     PyObject *raw = value_str(v);
@@ -1592,20 +1637,20 @@ static int slow_value(const Mapping *m, FieldSpec *f, const Value *v, Row *row, 
     if (result == NULL) {
         int status = take_rejection(m, row);
         if (status == REJECTED && memo) {
-            memo->key = PyBytes_FromStringAndSize((const char *)v->text, v->len);
-            memo->result = PyTuple_Pack(2, row->code, row->message);
-            memo->rejected = 1;
-            if (memo->key == NULL || memo->result == NULL) return ERR;
+            PyObject *rejection = PyTuple_Pack(2, row->code, row->message);
+            if (rejection == NULL) return ERR;
+            if (memo_keep(memo, v, status, &row->typed, t) < 0) {
+                Py_DECREF(rejection);
+                return ERR;
+            }
+            memo->rejection = rejection;
         }
         return status;
     }
     int status = take_coerced(result, &row->typed, t);
-    if ((status == OK || status == NULLED) && memo) {
-        memo->key = PyBytes_FromStringAndSize((const char *)v->text, v->len);
-        memo->result = Py_NewRef(result);
-        if (memo->key == NULL) status = ERR;
-    }
     Py_DECREF(result);
+    if ((status == OK || status == NULLED) && memo && memo_keep(memo, v, status, &row->typed, t) < 0)
+        status = ERR;
     return status;
 }
 
@@ -1799,6 +1844,7 @@ static int type_row(Mapping *m, Row *row, uint64_t *members, uint64_t *stated) {
             continue;
         }
         int status = fast_value(f, v->text, v->len, &row->typed, t);
+        if (status == SLOW) status = memo_value(f, v, &row->typed, t);
         if (status == SLOW) {
             gil_take(row);
             status = slow_value(m, f, v, row, t);

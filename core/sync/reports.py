@@ -77,6 +77,8 @@ def _block_id(part: int, sequence: int) -> str:
 
 
 HEADER_BLOCK = base64.b64encode(b"header000000").decode()
+_KEPT_PART = 99_999
+"""Blocks staged at the end from the texts parts kept (`commit_rejects`)."""
 _STAGE_BYTES = 1 << 20
 
 
@@ -101,9 +103,10 @@ class StagedPart:
         self._buffer += data
         self.count += 1
         if len(self._buffer) >= _STAGE_BYTES:
-            self._stage()
+            self.flush()
 
-    def _stage(self) -> None:
+    def flush(self) -> None:
+        """Stage what is buffered now."""
         if self._buffer:
             self._put(self._next_block_id(), bytes(self._buffer))
             self._buffer.clear()
@@ -122,6 +125,15 @@ class StagedPart:
         block_ids, stage_rest = self.finish()
         stage_rest()
         return block_ids
+
+    def finish_small(self, up_to: int) -> tuple[list[str], Callable[[], None], str]:
+        """As `finish`, except that a part of at most `up_to` bytes in all is returned as
+        text to keep elsewhere (a bucket's result) rather than staged: a request saved."""
+        if not self.block_ids and len(self._buffer) <= up_to:
+            text = self._buffer.decode("utf-8")
+            self._buffer.clear()
+            return [], lambda: None, text
+        return (*self.finish(), "")
 
     def finish(self) -> tuple[list[str], Callable[[], None]]:
         """Every block id, and a call that stages what is still buffered: the caller may
@@ -202,9 +214,25 @@ def rejects_name(sync_id: str, run_id: str) -> str:
     return f"{sync_id}/{run_id}.csv"
 
 
-def commit_rejects(blobs: BlobStore, sync_id: str, run_id: str, block_ids: list[str]) -> str | None:
+def commit_rejects(
+    blobs: BlobStore, sync_id: str, run_id: str, parts: Sequence[list[str] | str]
+) -> str | None:
+    """The rejects file, from its parts in order: each the blocks it staged, or the text it
+    kept instead (`finish_small`). Consecutive texts are staged together, up to
+    `_STAGE_BYTES` a block, under ids of their own (the same again on a re-run)."""
+    name = rejects_name(sync_id, run_id)
+    kept = StagedPart(blobs, REJECTS, name, part=_KEPT_PART)
+    block_ids: list[str] = []
+    taken = 0  # of kept's block ids
+    for part in [*parts, []]:
+        if isinstance(part, str):
+            kept.write(part.encode("utf-8"))
+            continue
+        kept.flush()
+        block_ids += kept.block_ids[taken:] + part
+        taken = len(kept.block_ids)
     return commit_parts(
-        blobs, REJECTS, rejects_name(sync_id, run_id), block_ids,
+        blobs, REJECTS, name, block_ids,
         header=b"line,reason_code,message,raw_row\n", content_type="text/csv; charset=utf-8",
     )  # fmt: skip
 

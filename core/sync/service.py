@@ -62,6 +62,9 @@ CHUNK_QUEUE = "segment-chunks"
 _WRITERS = 4
 _FETCHERS = 1
 _RESULTS_PER_TRANSACTION = 100
+_REJECTS_KEPT_BYTES = 16_000
+"""A bucket's rejects up to this size go in its result (a table property holds 32,000
+UTF-16 code units) instead of a block staged for them: a request per bucket saved."""
 PREVIEW_FOLDER = "preview"
 """Files under `segments/{sync_id}/preview/` are dry runs: reported, never sent."""
 
@@ -94,6 +97,9 @@ class BucketResult(TableEntity):
     reasons: dict[str, int]
     stats: dict[str, int]
     reject_blocks: list[str] = Field(default_factory=list)
+    rejects_kept: str = ""
+    """A bucket's few rejects (CSV lines), kept here rather than staged as a block of
+    their own; the run's end stages them together (`commit_rejects`)."""
     diff: dict[str, int] = Field(default_factory=dict)
     preview_blocks: list[str] = Field(default_factory=list)
 
@@ -285,7 +291,7 @@ def process_buckets(
     run_key = safe_key(run_id)
 
     def bucket_done(work: BucketWork) -> None:
-        reject_blocks, stage_rejects = work.rejects.finish()
+        reject_blocks, stage_rejects, rejects_kept = work.rejects.finish_small(_REJECTS_KEPT_BYTES)
         preview_blocks, stage_preview = work.preview.finish() if work.preview else ([], None)
         result = BucketResult(
             partition_key=run_key,
@@ -294,6 +300,7 @@ def process_buckets(
             reasons=dict(work.counts.reasons),
             stats=vars(work.stats),
             reject_blocks=reject_blocks,
+            rejects_kept=rejects_kept,
             diff=dict(work.diff),
             preview_blocks=preview_blocks,
         )
@@ -453,7 +460,7 @@ def finalize(
     stats = BatchStats()
     diff: Counter[str] = Counter()
     preview_blocks: list[str] = []
-    blocks = list(plan.split_reject_blocks)
+    reject_parts: list[list[str] | str] = [list(plan.split_reject_blocks)]
     counts.reasons.update(plan.split_counts)
     if plan.split_counts:
         counts.outcomes["rejected"] += sum(plan.split_counts.values())
@@ -462,10 +469,10 @@ def finalize(
         counts.outcomes.update(result.outcomes)
         counts.reasons.update(result.reasons)
         stats.add(BatchStats(**result.stats))
-        blocks += result.reject_blocks
+        reject_parts.append(result.rejects_kept or result.reject_blocks)
         diff.update(result.diff)
         preview_blocks += result.preview_blocks
-    rejects = commit_rejects(services.storage.blobs, sync.id, run_id, blocks)
+    rejects = commit_rejects(services.storage.blobs, sync.id, run_id, reject_parts)
     delete_work(services.storage, run_id)
     started = services.runs.get(run_id)
     seconds = (datetime.now(UTC) - started.started_at).total_seconds() if started else 0.0
