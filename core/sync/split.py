@@ -135,8 +135,8 @@ class HeldWork:
     """Each bucket's work lines, kept in this process: as they are for a small file, else
     gzip'd (inflated when the bucket is taken)."""
 
-    def __init__(self, buckets: list[bytes], compressed: bool) -> None:
-        self._buckets = buckets
+    def __init__(self, buckets: list[bytes] | list[bytearray], compressed: bool) -> None:
+        self._buckets: list[bytes | bytearray] = list(buckets)
         self.compressed = compressed
 
     def __len__(self) -> int:
@@ -144,12 +144,14 @@ class HeldWork:
 
     def stored(self, bucket: int) -> bytes:
         """A bucket's work as it is held (gzip when `compressed`)."""
-        return self._buckets[bucket]
+        return bytes(self._buckets[bucket])
 
     def take(self, bucket: int) -> bytes:
         """A bucket's work lines; memory holds them no longer (a bucket is taken once)."""
         data, self._buckets[bucket] = self._buckets[bucket], b""
-        return inflate_work(data) if self.compressed and data else data
+        if self.compressed and data:
+            return inflate_work(data)
+        return bytes(data)
 
 
 class _Partitioner:
@@ -199,12 +201,12 @@ class _Partitioner:
 
     def _compress_all(self) -> None:
         assert self.memory is not None
-        held, self.memory = self.memory, None
-        for bucket, rows in enumerate(held):
+        kept_rows, self.memory = self.memory, None
+        for bucket, rows in enumerate(kept_rows):
             for row in rows:
                 self._file(bucket).add(row)
-        held_lines, self.memory_lines = self.memory_lines, []
-        for bucket, lines in enumerate(held_lines):
+        kept_lines, self.memory_lines = self.memory_lines, []
+        for bucket, lines in enumerate(kept_lines):
             if lines:
                 self._file(bucket).add_lines(bytes(lines))
         self._spill_if_full()
@@ -253,8 +255,10 @@ class _Partitioner:
             for bucket, rows in enumerate(self.memory):
                 for row in rows:
                     self.memory_lines[bucket] += orjson.dumps([row.line, *row.values]) + b"\n"
-            return HeldWork([bytes(lines) for lines in self.memory_lines], compressed=False)
-        held = [bytes(self.files[b].held) if b in self.files else b"" for b in range(self.buckets)]
+            return HeldWork(self.memory_lines, compressed=False)
+        # Handed over as they are: a copy would double the memory they take.
+        empty = bytearray()
+        held = [self.files[b].held if b in self.files else empty for b in range(self.buckets)]
         return HeldWork(held, compressed=True)
 
     def abandon(self) -> None:
@@ -493,7 +497,7 @@ def fetch_work_blob(storage: Storage, name: str) -> bytes:
     return found[0]
 
 
-def inflate_work(data: bytes) -> bytes:
+def inflate_work(data: bytes | bytearray) -> bytes:
     """A fetched work blob's lines: inflated in one call (a bucket is a few MB at most, and
     gzip's line reader costs more per row than the rest)."""
     return isal_zlib.decompress(data, wbits=31)
