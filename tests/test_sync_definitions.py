@@ -47,6 +47,13 @@ def test_defaults_are_safe() -> None:
         ({"fields": [{"source": "d", "target": "dob", "type": "string"}]}, "must have type date"),
         ({"fields": [{"source": "x", "target": "a b"}]}, "cannot contain spaces"),
         ({"unknown_key": 1}, "sync 'vip': unknown_key: Extra inputs are not permitted"),
+        (
+            {
+                "identity": {"column": "p", "namespace": "phone", "destination_key": "phone"},
+                "fields": [{"source": "e", "target": "email"}],
+            },
+            "sync 'vip': document: fields[0].target 'email' with identity.destination_key 'phone'",
+        ),
     ],
 )
 def test_errors_name_sync_field_and_problem(overrides: dict, message: str) -> None:

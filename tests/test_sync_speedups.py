@@ -256,7 +256,11 @@ CONFIGURATIONS = {
     },
         "phone-identity": {
         "identity": {"column": "phone", "namespace": "phone", "destination_key": "phone"},
-        "fields": [f for f in FIELDS if f["target"] in ("email", "first_name", "points")],
+        # The address as a custom attribute: Braze would identify by a mapped `email`.
+        "fields": [
+            {"source": "email", "target": "contact_email"},
+            *(f for f in FIELDS if f["target"] in ("first_name", "points")),
+        ],
     },
 }  # fmt: skip
 

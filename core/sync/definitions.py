@@ -219,6 +219,14 @@ class SyncDefinition(Strict):
         audience_names = [s.name for s in self.audiences.segments]
         if len(set(audience_names)) != len(audience_names):
             raise ValueError("audience names must be unique")
+        targets = [mapping.target for mapping in self.fields]
+        if self.identity.destination_key == "phone" and "email" in targets:
+            # /users/track identifies an object by its email when it has both.
+            raise ValueError(
+                f"fields[{targets.index('email')}].target 'email' with identity.destination_key "
+                "'phone': Braze would identify these profiles by the e-mail address; key the "
+                "sync by email or external_id, or map the address to a custom attribute"
+            )
         return self
 
 
