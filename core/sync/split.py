@@ -55,7 +55,7 @@ _DELETES_PER_BATCH = 256
 _PENDING_BYTES = 32 * 1024
 LINE_STRIDE = 10**10
 """Lines of the n-th part of a multi-part export are offset by n * LINE_STRIDE."""
-_READ_BYTES = 4 << 20
+_READ_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 
 
