@@ -181,7 +181,8 @@ def test_work_is_the_same_kept_as_it_is_compressed_in_memory_or_spilled(
     data = _random_csv(random.Random(3), 40_000)
     storage.blobs.create("segments", f"{sync.id}/f.csv", data, overwrite=True)
     blob = storage.blobs.ref("segments", f"{sync.id}/f.csv")
-    ways = {"as is": (10**6, 0), "held": (10, 1 << 30), "spilled": (10, 0), "half": (10, 200_000)}
+    ways = {"as is": (10**6, 0), "held": (10, 1 << 30), "spilled": (10, 0), "half": (10, 200_000),
+            "uploaded": (10, 1 << 30)}  # fmt: skip
     splits = {
         way: split_file(storage, sync, [blob], run_id=f"r{unique}{native}{i}", buckets=2,
                         in_memory_max_rows=rows, held_max_bytes=held, native=native)
@@ -192,10 +193,12 @@ def test_work_is_the_same_kept_as_it_is_compressed_in_memory_or_spilled(
     assert splits["spilled"].in_memory is None and splits["half"].in_memory is None
     expected = _held_lines(splits["as is"])
     assert sum(map(len, expected)) > 20_000 and len([b for b in expected if b]) == 2
-    held = splits["held"].in_memory
+    held = splits["uploaded"].in_memory
+    assert held is not None
     uploaded = SplitResult(splits["held"].columns, 2)
     uploaded.work_blobs = upload_held_work(storage, f"r{unique}{native}up", held)
     assert _held_lines(uploaded, storage) == expected
+    assert held.stored(0) == held.stored(1) == b""  # released once in work blobs
     for way in ("held", "spilled", "half"):
         assert _held_lines(splits[way], storage) == expected, way
     assert splits["held"].counts == splits["half"].counts == splits["as is"].counts
@@ -666,3 +669,20 @@ def test_split_file_rejects_what_the_reference_rejects_alike(
         except FileRejected as exc:
             outcomes.append((exc.code, str(exc)))
     assert outcomes[0] == outcomes[1]
+
+
+def test_held_pieces_span_segments_and_segments_go_once_nothing_in_them_is_held(
+    monkeypatch: Any,
+) -> None:
+    import core.sync.split as split
+
+    monkeypatch.setattr(split, "_SEGMENT_BYTES", 10)
+    arena = split._Arena()
+    first, second = arena.append(b"0123456789abcdef"), arena.append(b"ghijklmnopqrstu")
+    assert [size for _, _, size in first] == [10, 6] and len(second) == 3
+    assert arena.read(first) == b"0123456789abcdef" and arena.read(second) == b"ghijklmnopqrstu"
+    arena.release(first)  # the first segment held only `first`; the second is shared
+    assert arena._segments[0] is None and arena._segments[1] is not None
+    assert arena.read(second) == b"ghijklmnopqrstu"
+    arena.release(second)
+    assert not any(arena._segments)

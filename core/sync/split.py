@@ -22,6 +22,7 @@ import functools
 import hashlib
 import io
 import logging
+import mmap
 import posixpath
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,7 @@ _WORK_BLOCK_BYTES = 128 * 1024
 _COMMITTERS = 4
 _DELETES_PER_BATCH = 256
 _PENDING_BYTES = 32 * 1024
+_SEGMENT_BYTES = 4 << 20
 LINE_STRIDE = 10**10
 """Lines of the n-th part of a multi-part export are offset by n * LINE_STRIDE."""
 _READ_BYTES = 1 << 20
@@ -83,16 +85,76 @@ class SplitResult:
     """Rows settled during the split (core/sync/unchanged.py), in `counts` but not `rows`."""
 
 
+Piece = tuple[int, int, int]
+"""Where held bytes are: (segment, offset, size)."""
+
+
+class _Arena:
+    """Held work in anonymous memory maps of `_SEGMENT_BYTES`, outside the allocator: a
+    segment is unmapped, its memory back with the system, once nothing in it is held.
+    (Freed through the allocator, the tens of MB a file held before it spilled stayed with
+    the process, and its buckets then ran on top of them: peak memory at 5M rows went
+    from 280 to 320 MB.)"""
+
+    def __init__(self) -> None:
+        self._segments: list[mmap.mmap | None] = []
+        self._held: list[int] = []  # pieces still held, per segment
+        self._used = _SEGMENT_BYTES  # of the last segment: a first append maps one
+
+    def append(self, data: bytes) -> list[Piece]:
+        pieces: list[Piece] = []
+        view = memoryview(data)
+        while view:
+            if self._used == _SEGMENT_BYTES:
+                self._segments.append(mmap.mmap(-1, _SEGMENT_BYTES))
+                self._held.append(0)
+                self._used = 0
+            index, size = len(self._segments) - 1, min(len(view), _SEGMENT_BYTES - self._used)
+            segment = self._segments[index]
+            assert segment is not None
+            segment[self._used : self._used + size] = view[:size]
+            pieces.append((index, self._used, size))
+            self._held[index] += 1
+            self._used += size
+            view = view[size:]
+        return pieces
+
+    def read(self, pieces: list[Piece]) -> bytes:
+        parts = []
+        for index, offset, size in pieces:
+            segment = self._segments[index]
+            assert segment is not None, "held work read after its release"
+            parts.append(segment[offset : offset + size])
+        return b"".join(parts)
+
+    def release(self, pieces: list[Piece]) -> None:
+        for index, _, _ in pieces:
+            self._held[index] -= 1
+            segment = self._segments[index]
+            if not self._held[index] and segment is not None:
+                segment.close()
+                self._segments[index] = None
+        if not any(self._segments):
+            self._used = _SEGMENT_BYTES
+
+    def close(self) -> None:
+        for segment in self._segments:
+            if segment is not None:
+                segment.close()
+        self._segments, self._held, self._used = [], [], _SEGMENT_BYTES
+
+
 class _BucketFile:
     """One bucket's work as gzip'd JSON Lines, compressed in groups rather than row by row:
     held in memory until the partitioner spills it, then streamed into a block blob."""
 
-    def __init__(self, on_held: Callable[[int], None]) -> None:
+    def __init__(self, arena: _Arena, on_held: Callable[[int], None]) -> None:
         # One growing buffer, not a list of small bytes objects: orjson's results carry
         # their whole initial allocation, which would cost kilobytes per row.
         self.pending = bytearray()
         self.compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
-        self.held = bytearray()
+        self.arena = arena
+        self.held: list[Piece] = []
         self._on_held = on_held
         self.writer: BlockWriter | None = None
 
@@ -115,15 +177,16 @@ class _BucketFile:
     def _emit(self, data: bytes) -> None:
         if self.writer is not None:
             self.writer.write(data)
-        else:
-            self.held += data
+        elif data:
+            self.held += self.arena.append(data)
             self._on_held(len(data))
 
     def spill(self, writer: BlockWriter) -> None:
         """From now on into `writer`, starting with what was held."""
         self.writer = writer
-        writer.write(bytes(self.held))
-        self.held = bytearray()
+        writer.write(self.arena.read(self.held))
+        self.arena.release(self.held)
+        self.held = []
 
     def finish(self) -> None:
         """Everything compressed: held, or handed to the writer, which is left to commit."""
@@ -133,25 +196,38 @@ class _BucketFile:
 
 class HeldWork:
     """Each bucket's work lines, kept in this process: as they are for a small file, else
-    gzip'd (inflated when the bucket is taken)."""
+    gzip'd in an arena (inflated when the bucket is taken)."""
 
-    def __init__(self, buckets: list[bytes] | list[bytearray], compressed: bool) -> None:
-        self._buckets: list[bytes | bytearray] = list(buckets)
-        self.compressed = compressed
+    def __init__(self, lines: list[bytes], held: tuple[_Arena, list[list[Piece]]] | None = None):
+        self._lines = lines
+        self._arena: _Arena | None = held[0] if held else None
+        self._pieces: list[list[Piece]] = held[1] if held else []
+        self.compressed = held is not None
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return len(self._pieces) if self.compressed else len(self._lines)
 
     def stored(self, bucket: int) -> bytes:
         """A bucket's work as it is held (gzip when `compressed`)."""
-        return bytes(self._buckets[bucket])
+        if self._arena is None:
+            return self._lines[bucket]
+        return self._arena.read(self._pieces[bucket])
 
     def take(self, bucket: int) -> bytes:
         """A bucket's work lines; memory holds them no longer (a bucket is taken once)."""
-        data, self._buckets[bucket] = self._buckets[bucket], b""
-        if self.compressed and data:
-            return inflate_work(data)
-        return bytes(data)
+        data = self.stored(bucket)
+        if self._arena is None:
+            self._lines[bucket] = b""
+            return data
+        self._arena.release(self._pieces[bucket])
+        self._pieces[bucket] = []
+        return inflate_work(data) if data else data
+
+    def release(self) -> None:
+        """Nothing is needed any more (the work is in work blobs now)."""
+        if self._arena is not None:
+            self._arena.close()
+        self._lines, self._pieces = [b""] * len(self), [[] for _ in range(len(self))]
 
 
 class _Partitioner:
@@ -177,6 +253,7 @@ class _Partitioner:
         self.rows = 0
         self.files: dict[int, _BucketFile] = {}
         self.names: dict[int, str] = {}
+        self.arena = _Arena()
 
     def add(self, bucket: int, row: SourceRow) -> None:
         self.rows += 1
@@ -220,10 +297,11 @@ class _Partitioner:
         self.spilled = True
         for bucket, bucket_file in self.files.items():
             bucket_file.spill(self._writer(bucket))
+        self.arena.close()
 
     def _file(self, bucket: int) -> _BucketFile:
         if bucket not in self.files:
-            self.files[bucket] = _BucketFile(self._held)
+            self.files[bucket] = _BucketFile(self.arena, self._held)
             if self.spilled:
                 self.files[bucket].spill(self._writer(bucket))
         return self.files[bucket]
@@ -255,15 +333,14 @@ class _Partitioner:
             for bucket, rows in enumerate(self.memory):
                 for row in rows:
                     self.memory_lines[bucket] += orjson.dumps([row.line, *row.values]) + b"\n"
-            return HeldWork(self.memory_lines, compressed=False)
-        # Handed over as they are: a copy would double the memory they take.
-        empty = bytearray()
-        held = [self.files[b].held if b in self.files else empty for b in range(self.buckets)]
-        return HeldWork(held, compressed=True)
+            return HeldWork([bytes(lines) for lines in self.memory_lines])
+        held = [self.files[b].held if b in self.files else [] for b in range(self.buckets)]
+        return HeldWork([], (self.arena, held))
 
     def abandon(self) -> None:
         """The file was rejected: wait for blocks in flight, commit nothing."""
         self.stager.close()
+        self.arena.close()
 
 
 def line_label(line: int, parts: list[str]) -> str:
@@ -485,6 +562,7 @@ def upload_held_work(storage: Storage, run_id: str, held: HeldWork) -> dict[int,
     with ThreadPoolExecutor(_COMMITTERS, thread_name_prefix="upload-work") as pool:
         for _ in pool.map(upload, names):
             pass
+    held.release()
     return names
 
 
@@ -497,7 +575,7 @@ def fetch_work_blob(storage: Storage, name: str) -> bytes:
     return found[0]
 
 
-def inflate_work(data: bytes | bytearray) -> bytes:
+def inflate_work(data: bytes) -> bytes:
     """A fetched work blob's lines: inflated in one call (a bucket is a few MB at most, and
     gzip's line reader costs more per row than the rest)."""
     return isal_zlib.decompress(data, wbits=31)
