@@ -152,7 +152,7 @@ def test_the_index_is_read_only_for_the_snapshot_it_names(storage: Any, unique: 
     empty = SyncState({}, None, states.fingerprint)
     text = states.snapshot(0, empty, run_id="r1", result={}).text
     index = (b"\x01" * 8, b"\x02" * 8)
-    etag = states.write(Snapshot(0, text, None, index))
+    etag = states.write(Snapshot.of(0, text, None, index))
     writer = states.index_writer("r1")
     writer.add(0, etag, index)
     writer.add(1, "of a bucket not stored", (b"", b"\x03" * 8))

@@ -174,11 +174,11 @@ class Processing(Strict):
         description="files up to this many rows are partitioned in memory and never fan out",
     )
     in_memory_max_mb: int = Field(
-        default=32,
+        default=48,
         ge=0,
         description=(
             "compressed work a larger file's split holds in memory before it spills to work "
-            "blobs (about 29 MB per million rows of 20 columns)"
+            "blobs (about 40 MB per million rows of 20 columns)"
         ),
     )
 

@@ -63,6 +63,7 @@ _INDEX_READERS = 4
 _INDEX_BLOCK_BYTES = 1 << 20
 """Staged as it fills: a worker holds about this much of its index file at a time."""
 _MAX_SECTIONS = 32
+_QUEUED_TEXT_BYTES = 4 << 20
 _BLOCK_BYTES = 64 << 20
 _NULL_HASH = b"\x00" * 8
 
@@ -362,15 +363,37 @@ blob's layout."""
 @dataclass(frozen=True)
 class Snapshot:
     bucket: int
-    text: bytes
-    """The whole state, or the section to append; not yet compressed (the writer's
-    thread compresses it)."""
+    body: bytes
+    """The whole state, or the section to append: its text, or (`compressed`) a gzip member."""
+    compressed: bool
+    text_size: int
     etag: str | None
     """The ETag the state was loaded at (None: there was none): the write's condition."""
     index: DigestIndex = (b"", b"")
     """SyncState.index, for the run's digest index file."""
     appended_to: Layout | None = None
-    """The stored snapshot `text` is appended to (None: `text` replaces it)."""
+    """The stored snapshot the text is appended to (None: it replaces it)."""
+
+    @classmethod
+    def of(
+        cls, bucket: int, text: bytes, etag: str | None, index: DigestIndex = (b"", b""),
+        appended_to: Layout | None = None,
+    ) -> Snapshot:  # fmt: skip
+        """A writer thread compresses a small text, while the next bucket runs; a larger one
+        is compressed before it is queued, so a queued write holds at most
+        `_QUEUED_TEXT_BYTES` of text (at 5M rows, four queued snapshots' text was 40 MB)."""
+        compressed = len(text) > _QUEUED_TEXT_BYTES
+        body = isal_zlib.compress(text, 1, wbits=31) if compressed else text
+        return cls(bucket, body, compressed, len(text), etag, index, appended_to)
+
+    @property
+    def text(self) -> bytes:
+        return isal_zlib.decompress(self.body, wbits=31) if self.compressed else self.body
+
+    @property
+    def data(self) -> bytes:
+        """As stored: one gzip member."""
+        return self.body if self.compressed else isal_zlib.compress(self.body, 1, wbits=31)
 
 
 _SNAPSHOT_SUFFIX = ".jsonl.gz"
@@ -645,8 +668,8 @@ class StateStore:
         if layout is not None and state._same_mapping and layout.sections < _MAX_SECTIONS:
             section = _encode(state, changed_only=True)
             if layout.appended_text + len(section) <= layout.base_text // 2:
-                return Snapshot(bucket, section, state.etag, state.index(), appended_to=layout)
-        return Snapshot(bucket, _encode(state), state.etag, state.index())
+                return Snapshot.of(bucket, section, state.etag, state.index(), layout)
+        return Snapshot.of(bucket, _encode(state), state.etag, state.index())
 
     def write(self, snapshot: Snapshot) -> str:
         """Replace the bucket's snapshot only if nobody else did since it was loaded."""
@@ -657,7 +680,7 @@ class StateStore:
             conditions = {"match_condition": MatchConditions.IfMissing}
         else:
             conditions = {"etag": snapshot.etag, "match_condition": MatchConditions.IfNotModified}
-        data = isal_zlib.compress(snapshot.text, 1, wbits=31)
+        data = snapshot.data
         staged = []
         for start in range(0, len(data), _BLOCK_BYTES):
             staged.append(base64.b64encode(uuid.uuid4().hex.encode()).decode())
@@ -665,11 +688,11 @@ class StateStore:
             client.stage_block(staged[-1], block)
         before = snapshot.appended_to
         if before is None:
-            layout = Layout(tuple(staged), len(snapshot.text))
+            layout = Layout(tuple(staged), snapshot.text_size)
         else:
             layout = Layout(
                 before.blocks + tuple(staged), before.base_text,
-                before.appended_text + len(snapshot.text), before.sections + 1,
+                before.appended_text + snapshot.text_size, before.sections + 1,
             )  # fmt: skip
         try:
             written = client.commit_block_list(
