@@ -23,7 +23,7 @@ from core.sync.definitions import SyncDefinition, mapping_fingerprint, parse_doc
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
 from core.sync.split import feed_splitter, identity_key, read_header
-from core.sync.state import SPEEDUPS, StateStore
+from core.sync.state import SPEEDUPS, Snapshot, StateStore
 from core.sync.unchanged import SettledRows, UnchangedIndex
 from devhost.fakes.braze import FakeBraze
 from tests.test_sync_speedups import (
@@ -143,7 +143,7 @@ def test_a_state_changed_since_the_split_fails_the_bucket(
 
 
 def test_the_index_is_read_only_for_the_snapshot_it_names(storage: Any, unique: str) -> None:
-    from core.sync.state import Snapshot, SyncState
+    from core.sync.state import SyncState
 
     document = {**_sync_document(f"idx{unique}"), **CONFIGURATIONS["boolean-audiences"]}
     sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
@@ -270,3 +270,14 @@ def test_the_index_and_seen_marks_agree_in_c_and_the_reference() -> None:
     assert len(py.mark_seen(settled, "e")) == 502
     with pytest.raises(ConcurrencyConflict):  # a digest the state does not hold
         c.mark_seen((rng.randbytes(8), b""), "e")
+
+
+def test_a_large_snapshot_is_compressed_before_its_write_is_queued() -> None:
+    from isal import isal_zlib
+
+    small = b'{"version":5}\n' + b'0011\t"a"\t[{},[]]\n' * 10
+    large = small + b'0123456789abcdef\t"b"\t[{},[]]\n' * 160_000  # over 4 MB of text
+    for text, compressed in ((small, False), (large, True)):
+        snapshot = Snapshot.of(3, text, "etag")
+        assert snapshot.compressed is compressed and snapshot.text_size == len(text)
+        assert snapshot.text == text == isal_zlib.decompress(snapshot.data, wbits=31)
