@@ -94,15 +94,19 @@ class _Arena:
     segment is unmapped, its memory back with the system, once nothing in it is held.
     (Freed through the allocator, the tens of MB a file held before it spilled stayed with
     the process, and its buckets then ran on top of them: peak memory at 5M rows went
-    from 280 to 320 MB.)"""
+    from 280 to 320 MB.) Appends end before the first release: work is released when it
+    is spilled or taken, once the split is done with it."""
 
     def __init__(self) -> None:
         self._segments: list[mmap.mmap | None] = []
         self._held: list[int] = []  # pieces still held, per segment
         self._used = _SEGMENT_BYTES  # of the last segment: a first append maps one
+        self.bytes = 0
+        """Appended in all (what is held, until the first release)."""
 
     def append(self, data: bytes) -> list[Piece]:
         pieces: list[Piece] = []
+        self.bytes += len(data)
         view = memoryview(data)
         while view:
             if self._used == _SEGMENT_BYTES:
@@ -134,8 +138,6 @@ class _Arena:
             if not self._held[index] and segment is not None:
                 segment.close()
                 self._segments[index] = None
-        if not any(self._segments):
-            self._used = _SEGMENT_BYTES
 
     def close(self) -> None:
         for segment in self._segments:
@@ -148,14 +150,13 @@ class _BucketFile:
     """One bucket's work as gzip'd JSON Lines, compressed in groups rather than row by row:
     held in memory until the partitioner spills it, then streamed into a block blob."""
 
-    def __init__(self, arena: _Arena, on_held: Callable[[int], None]) -> None:
+    def __init__(self, arena: _Arena) -> None:
         # One growing buffer, not a list of small bytes objects: orjson's results carry
         # their whole initial allocation, which would cost kilobytes per row.
         self.pending = bytearray()
         self.compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
         self.arena = arena
         self.held: list[Piece] = []
-        self._on_held = on_held
         self.writer: BlockWriter | None = None
 
     def add(self, row: SourceRow) -> None:
@@ -179,7 +180,6 @@ class _BucketFile:
             self.writer.write(data)
         elif data:
             self.held += self.arena.append(data)
-            self._on_held(len(data))
 
     def spill(self, writer: BlockWriter) -> None:
         """From now on into `writer`, starting with what was held."""
@@ -245,7 +245,6 @@ class _Partitioner:
         self.buckets = buckets
         self.limit = in_memory_max_rows
         self.held_max_bytes = held_max_bytes
-        self.held_bytes = 0
         self.spilled = False
         self.memory: list[list[SourceRow]] | None = [[] for _ in range(buckets)]
         self.memory_lines: list[bytearray] = [bytearray() for _ in range(buckets)]
@@ -288,11 +287,8 @@ class _Partitioner:
                 self._file(bucket).add_lines(bytes(lines))
         self._spill_if_full()
 
-    def _held(self, size: int) -> None:
-        self.held_bytes += size
-
     def _spill_if_full(self) -> None:
-        if self.spilled or self.held_bytes <= self.held_max_bytes:
+        if self.spilled or self.arena.bytes <= self.held_max_bytes:
             return
         self.spilled = True
         for bucket, bucket_file in self.files.items():
@@ -301,7 +297,7 @@ class _Partitioner:
 
     def _file(self, bucket: int) -> _BucketFile:
         if bucket not in self.files:
-            self.files[bucket] = _BucketFile(self.arena, self._held)
+            self.files[bucket] = _BucketFile(self.arena)
             if self.spilled:
                 self.files[bucket].spill(self._writer(bucket))
         return self.files[bucket]
