@@ -2184,6 +2184,11 @@ static PyObject *withheld_list(const Outcomes *o) {
 
 /* process(mapping, data, withheld) -> None when the bucket is for the reference, else
  * (unchanged, reasons, rejects, withheld_now, items). */
+/* Below this much work a bucket keeps the GIL: its rows take less time than taking the
+ * GIL back (up to the switch interval, 5 ms, per row that needs Python) while the
+ * fetching and writing threads run Python. */
+#define WITHOUT_GIL_BYTES (64 * 1024)
+
 static PyObject *state_process(State *st, PyObject *args) {
     Mapping *m;
     Py_buffer data;
@@ -2204,7 +2209,7 @@ static PyObject *state_process(State *st, PyObject *args) {
     const uc *p = data.buf, *end = p + data.len;
     int status = OK;
     Py_ssize_t withheld_size = PyDict_GET_SIZE(withheld);
-    row.without_gil = 1;
+    row.without_gil = data.len >= WITHOUT_GIL_BYTES;
     gil_give(&row);
     while (p < end && status == OK) {
         const uc *newline = memchr(p, '\n', (size_t)(end - p));
