@@ -273,8 +273,8 @@ class EntityTable(Generic[E]):
         with ThreadPoolExecutor(parallel) as pool:
             return sum(pool.map(submit, chunks))
 
-    def transact(self, operations: list[tuple[str, E, str | None]]) -> None:
-        """One atomic transaction on one partition.
+    def transact(self, operations: list[tuple[str, E, str | None]]) -> list[str]:
+        """One atomic transaction on one partition; the entities' new ETags, in order.
 
         Operations are `("create", entity, None)`, `("upsert", entity, None)` or
         `("replace", entity, etag)`. Nothing is written unless every operation succeeds:
@@ -302,7 +302,7 @@ class EntityTable(Generic[E]):
             else:
                 raise ValueError(f"unknown transaction operation {action!r}")
         try:
-            self._client.submit_transaction(ops)
+            written = self._client.submit_transaction(ops)
         except ResourceExistsError:
             raise EntityExists(f"table {self.name}: a transaction entity exists") from None
         except (ResourceModifiedError, ResourceNotFoundError):
@@ -318,6 +318,7 @@ class EntityTable(Generic[E]):
                     f"table {self.name}: a transaction entity changed concurrently"
                 ) from None
             raise _wrap(exc, "transaction", self.name) from exc
+        return [str(meta["etag"]) for meta in written]
 
     # -- queries ---------------------------------------------------------------------
 
@@ -360,18 +361,32 @@ class EntityTable(Generic[E]):
     ) -> Iterator[E]:
         """Rows of one partition in RowKey order, optionally from `row_from` and before
         `row_before` or up to and including `row_to`."""
-        clauses = ["PartitionKey eq @pk"]
-        parameters: dict[str, Any] = {"pk": partition_key}
-        if row_from is not None:
-            clauses.append("RowKey ge @lo")
-            parameters["lo"] = row_from
-        if row_before is not None:
-            clauses.append("RowKey lt @hi")
-            parameters["hi"] = row_before
-        if row_to is not None:
-            clauses.append("RowKey le @last")
-            parameters["last"] = row_to
-        return self.query(" and ".join(clauses), parameters, page_size=page_size)
+        filter_text, parameters = _partition_filter(partition_key, row_from, row_before, row_to)
+        return self.query(filter_text, parameters, page_size=page_size)
+
+    def query_partition_versioned(
+        self, partition_key: str, *, row_from: str | None = None, row_before: str | None = None
+    ) -> Iterator[Versioned[E]]:
+        """Like `query_partition`, each row with its ETag (for a later conditional write)."""
+        filter_text, parameters = _partition_filter(partition_key, row_from, row_before, None)
+        for row in self._client.query_entities(filter_text, parameters=parameters):
+            yield Versioned(from_table_entity(self.model, row), str(row.metadata["etag"]))
+
+
+def _partition_filter(
+    partition_key: str, row_from: str | None, row_before: str | None, row_to: str | None
+) -> tuple[str, dict[str, Any]]:
+    clauses = ["PartitionKey eq @pk"]
+    parameters: dict[str, Any] = {"pk": partition_key}
+    for clause, name, value in (
+        ("RowKey ge @lo", "lo", row_from),
+        ("RowKey lt @hi", "hi", row_before),
+        ("RowKey le @last", "last", row_to),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            parameters[name] = value
+    return " and ".join(clauses), parameters
 
 
 def _transaction_chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:

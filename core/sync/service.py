@@ -54,7 +54,7 @@ from core.sync.split import (
     split_file,
     upload_held_work,
 )
-from core.sync.state import StateStore, StoredState, SyncState
+from core.sync.state import StateStore, SyncState
 from core.sync.unchanged import UnchangedIndex
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,12 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
     except FileRejected as rejected:
         error = f"{rejected.code}: {rejected}"
         if unchanged is not None:
-            unchanged.prefetched.stop()
+            unchanged.reader.stop()
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
-    groups = _bucket_groups(planned_buckets(sync, split), split, sync.processing.rows_per_worker)
+    planned = planned_buckets(sync, split)
+    if unchanged is not None:  # no state is read for a bucket whose rows were all settled
+        unchanged.reader.narrow(b for b in planned if _needs_state(sync, split.work_rows(b)))
+    groups = _bucket_groups(planned, split, sync.processing.rows_per_worker)
     held = split.in_memory
     if held is not None and held.compressed and len(groups) > 1:  # workers read blobs
         split.work_blobs = upload_held_work(services.storage, run.run_id, held)
@@ -177,7 +180,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
         return finalize(services, sync, plan, run.run_id, blob)
     if unchanged is not None:
-        unchanged.prefetched.stop()  # the workers fetch their own
+        unchanged.reader.stop()  # the workers read their own
     for group in groups:
         services.storage.queues.send(CHUNK_QUEUE, ChunkMessage(run_id=run.run_id, buckets=group))
     log.info("segment file fanned out", extra={"run_id": run.run_id, "chunks": len(groups)})
@@ -263,9 +266,18 @@ def planned_buckets(sync: SyncDefinition, split: SplitResult) -> list[int]:
     return [b for b, count in enumerate(split.counts) if count or sync.mode == SyncMode.MIRROR]
 
 
+def _needs_state(sync: SyncDefinition, work_rows: int) -> bool:
+    """Mirror mode takes memberships back from profiles absent from the file, so it needs
+    every bucket's state; otherwise only buckets with rows the split did not settle."""
+    return work_rows > 0 or sync.mode == SyncMode.MIRROR
+
+
 def _bucket_groups(buckets: list[int], split: SplitResult, rows_per_worker: int) -> list[list[int]]:
+    """Consecutive buckets per worker: their state lies together in the packs the last
+    run wrote, so a worker reads it in few ranges."""
     workers = max(1, min(len(buckets), math.ceil(split.rows / rows_per_worker)))
-    return [group for group in (buckets[i::workers] for i in range(workers)) if group]
+    size = math.ceil(len(buckets) / workers)
+    return [buckets[at : at + size] for at in range(0, len(buckets), size)]
 
 
 def process_buckets(
@@ -313,14 +325,21 @@ def process_buckets(
         loaded = etag is not None and snapshot is None and not plan.preview
         loaded_index = work.state.index() if loaded else None
 
+        def committed(state_etag: str) -> None:
+            assert snapshot is not None
+            indexes.add(work.number, state_etag, snapshot.index)
+            recorded.add(result)
+
         def write() -> None:
-            # In this order: the result marks the bucket finished, so it goes last.
+            # In this order: the result marks the bucket finished, so it goes last, once
+            # the bucket's state is committed.
             stage_rejects()
             if stage_preview is not None:
                 stage_preview()
             if snapshot is not None:
-                indexes.add(work.number, states.write(snapshot), snapshot.index)
-            elif loaded_index is not None and etag:
+                pack.add(snapshot, committed)
+                return
+            if loaded_index is not None and etag:
                 indexes.add(work.number, etag, loaded_index)
             recorded.add(result)
 
@@ -335,6 +354,7 @@ def process_buckets(
     )  # fmt: skip
     indexes = states.index_writer(run_id)
     recorded = _Results(results)
+    pack = states.pack_writer(run_id)
     try:
         with _BucketWriter() as writer:
             _run_buckets(
@@ -343,10 +363,12 @@ def process_buckets(
             )  # fmt: skip
     finally:
         if unchanged is not None:
-            unchanged.prefetched.stop()
+            unchanged.reader.stop()
+        pack.close()  # the buckets finished before an error count too
     recorded.flush()
     if not plan.preview:
         indexes.close()  # after every write is done: it names the snapshots written
+        states.collect_garbage()
 
 
 class _Results:
@@ -424,14 +446,14 @@ def _run_buckets(
             lines = in_memory.take(bucket)
         else:
             lines = inflate_work(fetch_work_blob(storage, name)) if name else b""
-        needed = sync.mode == SyncMode.MIRROR or lines.startswith(b"[")  # rows, not settled
-        stored: StoredState | None = None
-        if needed and bucket in existing:
-            found, stored = unchanged.prefetched.take(bucket) if unchanged else (False, None)
-            stored = states.inflate(stored if found else states.fetch(bucket))
+        stored = None
+        if sync.mode == SyncMode.MIRROR or lines.startswith(b"["):  # rows, not settled
+            stored = states.inflate(reader.take(bucket))
+        else:
+            reader.skip(bucket)
         return states.decode_text(stored, native=runner.native is not None), lines
 
-    existing = unchanged.etags if unchanged is not None else states.stored_buckets()
+    reader = unchanged.reader if unchanged else states.reader(states.stored_buckets(), todo)
     with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-bucket") as fetcher:
         upcoming = deque(fetcher.submit(fetch, bucket) for bucket in todo[:_FETCHERS])
         for index, bucket in enumerate(todo):

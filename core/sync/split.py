@@ -81,8 +81,13 @@ class SplitResult:
     in_memory: HeldWork | None = None
     """Each bucket's work, when it all fit in memory (else it is in work blobs)."""
     work_blobs: dict[int, str] = field(default_factory=dict)
-    settled: int = 0
-    """Rows settled during the split (core/sync/unchanged.py), in `counts` but not `rows`."""
+    settled: list[int] = field(default_factory=list)
+    """Rows per bucket settled during the split (core/sync/unchanged.py), in `counts` but
+    not `rows` (empty: none)."""
+
+    def work_rows(self, bucket: int) -> int:
+        """Rows left to the bucket itself."""
+        return self.counts[bucket] - (self.settled[bucket] if self.settled else 0)
 
 
 Piece = tuple[int, int, int]
@@ -450,10 +455,11 @@ def _read_parts_native(
         result.counts = splitter.counts()
         if settling:
             assert unchanged is not None
+            result.settled = [0] * buckets
             for bucket, settled in unchanged.settled(splitter).items():
                 partitioner.add_lines(bucket, settled.line(), splitter.rows)  # the last line
                 result.counts[bucket] += settled.rows
-            result.settled = splitter.settled_rows
+                result.settled[bucket] = settled.rows
         partitioner.rows = splitter.rows
     return result
 

@@ -5,20 +5,24 @@ values are unchanged needs no typing or diffing at all), an 8-byte hash of every
 attribute value acknowledged (so only changed attributes are sent), and the audiences
 Switchboard itself added (only those are ever removed).
 
-State is split into the same identity-hash buckets as the input, one gzip'd JSON Lines
-snapshot per bucket: `sync-state/{sync_id}/{destination}/bucket-{n:04d}.jsonl.gz`. A
-bucket is loaded when its rows are processed and written once they are acknowledged,
-under the ETag it was loaded with, so memory holds one bucket and two writers of the
-same bucket cannot both win. A file's header records the mapping's fingerprint; raw
-digests from another mapping are ignored (attribute hashes still hold).
+State is split into the same identity-hash buckets as the input. A bucket's state is
+gzip'd JSON Lines: a base, then the sections later runs appended (a header line and the
+lines of the profiles that run changed; a later line of an identity replaces its earlier
+one, and the last header is the one that counts). Once the sections outgrow half the
+base (or there are `_MAX_SECTIONS`), the next write rewrites the whole. A header records
+the mapping's fingerprint; raw digests from another mapping are ignored (attribute
+hashes still hold).
 
-A run that changed few of a bucket's profiles does not rewrite its snapshot: it appends
-a section (a header line and the lines of the profiles it changed) as one more block of
-the block blob, committed with the blocks already there under the same ETag condition.
-A later line of an identity replaces its earlier one, and the last header is the one
-that counts. Once the appended sections outgrow half the base (or there are
-`_MAX_SECTIONS`), the next write rewrites the whole snapshot. The blob's metadata records
-its blocks and sizes (`Layout`).
+Where it is stored: each worker of a run writes the state of the buckets it changed into
+one pack blob, `sync-state/{sync_id}/{destination}/packs/{run}-{id}.gz`, a gzip member
+per bucket in bucket order; the table `syncstate` has a pointer per bucket naming its
+parts (blob, offset, length). Reading many buckets then takes a ranged read per few
+megabytes (`StateReader`), and writing them a few requests per hundred buckets
+(`PackWriter`), where a blob per bucket took three requests per bucket. The pointer's
+ETag is the bucket's version: a write names the one its state was loaded at, so two
+writers of the same bucket cannot both win. Packs no pointer names are deleted later
+(`collect_garbage`). A bucket blob from before packs (`bucket-{n:04d}.jsonl.gz`) is still
+read, and its bucket's next write moves it into a pack.
 """
 
 from __future__ import annotations
@@ -32,22 +36,21 @@ import threading
 import uuid
 from binascii import unhexlify
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import orjson
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 from azure.storage.blob import BlobBlock
 from isal import igzip, isal_zlib
 from xxhash import xxh64_digest
 
-from core.errors import ConcurrencyConflict
+from core.errors import ConcurrencyConflict, EntityExists
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockWriter
+from core.storage.tables import EntityTable, TableEntity, safe_key
 
 log = logging.getLogger(__name__)
 STATE_CONTAINER = "sync-state"
@@ -65,6 +68,15 @@ _INDEX_BLOCK_BYTES = 1 << 20
 _MAX_SECTIONS = 32
 _QUEUED_TEXT_BYTES = 4 << 20
 _BLOCK_BYTES = 64 << 20
+_PACKS = "packs/"
+_LEGACY_PREFIX = "bucket-"
+_SPAN_BYTES = 8 << 20
+"""A ranged read of state: 20 buckets' at 1M profiles, 4 at 5M."""
+_SPAN_GAP_BYTES = 256 << 10
+_POINTERS_PER_TRANSACTION = 100
+"""A table transaction's limit: a pack is committed at least this often."""
+_FLUSH_BYTES = 16 << 20
+"""Compressed state a pack writer holds before it commits what it has."""
 _NULL_HASH = b"\x00" * 8
 
 
@@ -255,7 +267,7 @@ class SyncState:
         against this state at `state_etag`: their identities are seen in this file
         (marked in C, or returned for the reference's seen set) and rows held back are
         held back again. Raises ConcurrencyConflict if the state changed since the split."""
-        if _plain_etag(self.etag or "") != state_etag:
+        if _plain_etag(self.etag or "") != _plain_etag(state_etag):
             raise ConcurrencyConflict("sync state changed since the file was split")
         withheld = {settled[1][at : at + 8] for at in range(0, len(settled[1]), 8)}
         again = {i: d for i, d in self.withheld.items() if d in withheld}
@@ -325,39 +337,66 @@ class SyncState:
             self._changed = True
 
 
+class Part(NamedTuple):
+    """One gzip member of a bucket's stored state: a byte range of a blob in the sync's
+    state folder (a pack, or the bucket's own blob from before packs) and its text size."""
+
+    blob: str
+    offset: int
+    length: int
+    text: int
+
+
 @dataclass(frozen=True)
 class Layout:
-    """A snapshot blob's blocks, and the text sizes of its base and of the sections
-    appended since (kept in the blob's metadata)."""
+    """Where a bucket's state is: its base, then the sections appended since (their text
+    sizes decide when a write rewrites the whole)."""
 
-    blocks: tuple[str, ...]
-    base_text: int
-    appended_text: int = 0
-    sections: int = 0
+    parts: tuple[Part, ...]
 
-    @classmethod
-    def of(cls, metadata: dict[str, str]) -> Layout | None:
-        try:
-            return cls(
-                tuple(metadata["blocks"].split(",")), int(metadata["base_text"]),
-                int(metadata["appended_text"]), int(metadata["sections"]),
-            )  # fmt: skip
-        except (KeyError, ValueError):
-            return None  # written before sections, or by hand: rewritten next time
+    @property
+    def base_text(self) -> int:
+        return self.parts[0].text
 
-    def metadata(self) -> dict[str, str]:
-        return {
-            "blocks": ",".join(self.blocks), "base_text": str(self.base_text),
-            "appended_text": str(self.appended_text), "sections": str(self.sections),
-        }  # fmt: skip
+    @property
+    def appended_text(self) -> int:
+        return sum(part.text for part in self.parts[1:])
+
+    @property
+    def sections(self) -> int:
+        return len(self.parts) - 1
+
+    @property
+    def legacy(self) -> bool:
+        """A bucket blob from before packs: read whole (its sections are in its own text),
+        rewritten into a pack by the bucket's next write."""
+        return not self.parts[0].blob.startswith(_PACKS)
+
+
+@dataclass(frozen=True)
+class StoredBucket:
+    etag: str
+    """The bucket's version: its pointer's ETag (or its legacy blob's)."""
+    layout: Layout
+
+
+class BucketPointer(TableEntity):
+    """Table `syncstate`: where one bucket's state is (PartitionKey the sync, RowKey
+    `destination|bucket`). Its ETag guards the bucket: a write names the ETag its state
+    was loaded at, so two runs that loaded the same state cannot both commit."""
+
+    table_name: ClassVar[str] = "syncstate"
+
+    parts: list[list[Any]]
+    """Part fields, base first."""
 
 
 DigestIndex = tuple[bytes, bytes]
 """Sorted 8-byte raw digests: of the profiles acknowledged, and of rows held back for lack
 of consent (core/sync/unchanged.py)."""
 StoredState = tuple[bytes, str, Layout | None]
-"""A snapshot's bytes (gzip as stored, or inflated), the ETag they were read at, and the
-blob's layout."""
+"""A bucket's state (gzip members as stored, or inflated), the version it was read at,
+and its layout."""
 
 
 @dataclass(frozen=True)
@@ -368,11 +407,12 @@ class Snapshot:
     compressed: bool
     text_size: int
     etag: str | None
-    """The ETag the state was loaded at (None: there was none): the write's condition."""
+    """The pointer ETag the state was loaded at (None: there was no pointer): the write's
+    condition."""
     index: DigestIndex = (b"", b"")
     """SyncState.index, for the run's digest index file."""
     appended_to: Layout | None = None
-    """The stored snapshot the text is appended to (None: it replaces it)."""
+    """The stored state the text is appended to as a section (None: it replaces it)."""
 
     @classmethod
     def of(
@@ -396,15 +436,8 @@ class Snapshot:
         return self.body if self.compressed else isal_zlib.compress(self.body, 1, wbits=31)
 
 
-_SNAPSHOT_SUFFIX = ".jsonl.gz"
-
-
-def _state_blob(sync_id: str, destination: str, bucket: int) -> str:
-    return f"{sync_id}/{destination}/bucket-{bucket:04d}{_SNAPSHOT_SUFFIX}"
-
-
 def _plain_etag(etag: str) -> str:
-    """Listings and writes quote ETags differently."""
+    """Listings and writes quote ETags differently: compared without the quotes."""
     return etag.strip('"')
 
 
@@ -479,50 +512,6 @@ def _decode(text: bytes, fingerprint: str, native: bool, *, sections: bool = Tru
     return state
 
 
-class StatePrefetch:
-    """Snapshots fetched as stored (compressed) on a thread while the file is split, in
-    bucket order, up to `budget` bytes: the split keeps one core busy, and the buckets
-    that follow need every snapshot a change touches. The bucket phase takes what is
-    there and fetches the rest itself."""
-
-    def __init__(self, states: StateStore, buckets: list[int], budget: int) -> None:
-        self._stored: dict[int, StoredState | None] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(states, buckets, budget), name="prefetch-state", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, states: StateStore, buckets: list[int], budget: int) -> None:
-        held = 0
-        for bucket in buckets:
-            if self._stop.is_set() or held >= budget:
-                return
-            try:
-                stored = states.fetch(bucket)
-            except Exception:  # the bucket phase fetches it again, and reports what fails
-                log.warning("prefetching sync state stopped", exc_info=True)
-                return
-            with self._lock:
-                self._stored[bucket] = stored
-            held += len(stored[0]) if stored else 0
-
-    def take(self, bucket: int) -> tuple[bool, StoredState | None]:
-        """(True, the snapshot or None) if it was fetched, else (False, None)."""
-        with self._lock:
-            if bucket in self._stored:
-                return True, self._stored.pop(bucket)
-        return False, None
-
-    def stop(self) -> None:
-        """Fetch no more, and let go of what was not taken."""
-        self._stop.set()
-        self._thread.join()
-        with self._lock:
-            self._stored.clear()
-
-
 class IndexWriter:
     """One worker's digest index file: per bucket it loaded, the snapshot's ETag and its
     SyncState.index, added as each bucket's write is done (from writer threads) and
@@ -571,41 +560,282 @@ def _index_records(
     return records()
 
 
+@dataclass
+class _Span:
+    """A byte range of one blob, fetched once for the parts of several buckets."""
+
+    blob: str
+    start: int
+    end: int
+    users: int = 0
+    """Parts assigned to it and not yet taken."""
+    data: Future[bytes] = field(default_factory=Future)
+
+
+class StateReader:
+    """The stored state of many buckets in few requests.
+
+    A run writes its buckets into one pack in bucket order, so the parts of consecutive
+    buckets lie next to each other: they are fetched as one range of up to `_SPAN_BYTES`
+    (a gap of up to `_SPAN_GAP_BYTES` is read through). A span is fetched when a bucket
+    first needs it, or ahead by `prefetch` while the file is split, and let go once every
+    part in it was taken or its bucket is no longer wanted (`narrow`).
+    """
+
+    def __init__(
+        self, store: StateStore, stored: dict[int, StoredBucket], order: list[int]
+    ) -> None:
+        self._store = store
+        self._stored = stored
+        self._order = [bucket for bucket in order if bucket in stored]
+        self._position = {bucket: at for at, bucket in enumerate(self._order)}
+        self._wanted = set(self._order)
+        self._assigned: dict[tuple[int, int], _Span] = {}
+        """(bucket, part index) -> the span holding that part."""
+        self._lock = threading.Lock()
+        self.held = 0
+        """Bytes of the spans fetched or in flight that still have users."""
+        self._stop = threading.Event()
+        self._prefetching: threading.Thread | None = None
+
+    def take(self, bucket: int) -> StoredState | None:
+        """The bucket's state as stored (its gzip members, in order), or None if it has none."""
+        stored = self._stored.get(bucket)
+        if stored is None:
+            return None
+        parts = stored.layout.parts
+        spans = [self._span(bucket, at) for at in range(len(parts))]
+        try:
+            data = b"".join(
+                _slice(span.data.result(), part.offset - span.start, part.length)
+                for part, span in zip(parts, spans, strict=True)
+            )
+        finally:
+            self.skip(bucket)
+        return data, stored.etag, stored.layout
+
+    def skip(self, bucket: int) -> None:
+        """The bucket will not be taken (again): what was read for it can go."""
+        stored = self._stored.get(bucket)
+        with self._lock:
+            self._wanted.discard(bucket)
+            if stored is not None:
+                self._release(bucket, len(stored.layout.parts))
+
+    def narrow(self, buckets: Iterable[int]) -> None:
+        """Only these buckets will be taken (the others' rows were all settled)."""
+        wanted = set(buckets)
+        for bucket in self._wanted - wanted:
+            self.skip(bucket)
+
+    def prefetch(self, budget: int) -> None:
+        """Fetch spans in bucket order on a thread, up to `budget` bytes held."""
+        self._prefetching = threading.Thread(
+            target=self._prefetch, args=(budget,), name="prefetch-state", daemon=True
+        )
+        self._prefetching.start()
+
+    def _prefetch(self, budget: int) -> None:
+        for bucket in self._order:
+            for at in range(len(self._stored[bucket].layout.parts)):
+                if self._stop.is_set() or self.held >= budget:
+                    return
+                with self._lock:
+                    if bucket not in self._wanted:
+                        break
+                span = self._span(bucket, at)
+                try:
+                    span.data.result()
+                except Exception:  # the bucket's own take fetches again, and reports it
+                    log.warning("prefetching sync state stopped", exc_info=True)
+                    return
+
+    def stop(self) -> None:
+        """Fetch no more ahead, and let go of what was not taken."""
+        self._stop.set()
+        if self._prefetching is not None:
+            self._prefetching.join()
+        with self._lock:
+            self._assigned.clear()
+            self._wanted.clear()
+            self.held = 0
+
+    def _release(self, bucket: int, parts: int) -> None:
+        for at in range(parts):
+            span = self._assigned.pop((bucket, at), None)
+            if span is not None:
+                span.users -= 1
+                if span.users == 0:
+                    self.held -= span.end - span.start
+
+    def _span(self, bucket: int, at: int) -> _Span:
+        """The span holding part `at` of `bucket`: assigned already, or planned from that
+        part over the next wanted buckets' parts in the same blob, and fetched here."""
+        with self._lock:
+            span = self._assigned.get((bucket, at))
+            if span is not None:
+                return span
+            part = self._stored[bucket].layout.parts[at]
+            span = _Span(part.blob, part.offset, part.offset + part.length)
+            self._assign(span, bucket, at)
+            for later in self._order[self._position.get(bucket, len(self._order)) + 1 :]:
+                found = self._part_in(span.blob, later) if later in self._wanted else None
+                if found is None:
+                    continue  # its parts are elsewhere
+                part = self._stored[later].layout.parts[found]
+                gap = part.offset - span.end
+                if (
+                    not 0 <= gap <= _SPAN_GAP_BYTES
+                    or part.offset + part.length - span.start > _SPAN_BYTES
+                ):
+                    break
+                self._assign(span, later, found)
+            self.held += span.end - span.start
+        try:
+            span.data.set_result(self._store.read_range(span.blob, span.start, span.end))
+        except BaseException as exc:
+            with self._lock:  # a later take plans it afresh
+                for key in [key for key, held in self._assigned.items() if held is span]:
+                    del self._assigned[key]
+                self.held -= span.end - span.start
+            span.data.set_exception(exc)
+            raise
+        return span
+
+    def _part_in(self, blob: str, bucket: int) -> int | None:
+        """The index of the bucket's part in `blob` not yet assigned to a span, if any."""
+        for at, part in enumerate(self._stored[bucket].layout.parts):
+            if part.blob == blob and (bucket, at) not in self._assigned:
+                return at
+        return None
+
+    def _assign(self, span: _Span, bucket: int, at: int) -> None:
+        part = self._stored[bucket].layout.parts[at]
+        span.end = max(span.end, part.offset + part.length)
+        span.users += 1
+        self._assigned[(bucket, at)] = span
+
+
+def _slice(data: bytes, start: int, length: int) -> bytes:
+    return data if start == 0 and length == len(data) else data[start : start + length]
+
+
+@dataclass
+class _Queued:
+    snapshot: Snapshot
+    part: Part
+    done: Callable[[str], None]
+
+
+class PackWriter:
+    """A worker's new snapshots, in one pack blob: each bucket's gzip member is appended
+    as it comes, and every `_FLUSH_POINTERS` buckets or `_FLUSH_BYTES` the members are
+    staged and committed, then the buckets' pointers are replaced in one table transaction
+    under the ETags their state was loaded at. A bucket's `done` runs once its pointer is
+    committed: its result may be recorded then. A crash before that leaves the pack's
+    members unreferenced (collected later) and the bucket to its retry."""
+
+    def __init__(self, store: StateStore, run_id: str) -> None:
+        self._store = store
+        self.blob = f"{_PACKS}{run_id}-{uuid.uuid4().hex[:12]}.gz"
+        store.storage.blobs.ensure_container(STATE_CONTAINER)
+        self._client = store.storage.blob_service.get_blob_client(
+            STATE_CONTAINER, store.folder + self.blob
+        )
+        self._lock = threading.Lock()
+        self._blocks: list[str] = []
+        self._staged = 0
+        self._pending = bytearray()
+        self._queued: list[_Queued] = []
+
+    def add(self, snapshot: Snapshot, done: Callable[[str], None]) -> None:
+        data = snapshot.data  # compressed before the lock is taken
+        with self._lock:
+            offset = self._staged + len(self._pending)
+            part = Part(self.blob, offset, len(data), snapshot.text_size)
+            self._pending += data
+            self._queued.append(_Queued(snapshot, part, done))
+            if len(self._queued) >= _POINTERS_PER_TRANSACTION or len(self._pending) >= _FLUSH_BYTES:
+                self._flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._queued:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._commit_blob()
+        queued, self._queued = self._queued, []
+        self._store.commit_pointers(queued)
+
+    def _commit_blob(self) -> None:
+        for start in range(0, len(self._pending), _BLOCK_BYTES):
+            block_id = base64.b64encode(f"{len(self._blocks):08d}".encode()).decode()
+            self._client.stage_block(block_id, bytes(self._pending[start : start + _BLOCK_BYTES]))
+            self._blocks.append(block_id)
+        self._client.commit_block_list([BlobBlock(block) for block in self._blocks])
+        self._staged += len(self._pending)
+        self._pending.clear()
+
+
 class StateStore:
     def __init__(self, storage: Storage, sync_id: str, destination: str, fingerprint: str) -> None:
         self.storage = storage
         self.sync_id = sync_id
         self.destination = destination
         self.fingerprint = fingerprint
+        self.folder = f"{sync_id}/{destination}/"
 
     def load(self, bucket: int, *, native: bool = False) -> SyncState:
         return self.decode(self.fetch(bucket), native=native)
 
-    def stored_buckets(self) -> dict[int, str]:
-        """The buckets that have a snapshot, with its ETag, in one listing (a first run
-        then fetches none; a bucket written after the listing still conflicts at the
-        write)."""
+    def _pointers(self) -> EntityTable[BucketPointer]:
+        return self.storage.tables.get(BucketPointer)
+
+    def _row_key(self, bucket: int) -> str:
+        return safe_key(f"{self.destination}|{bucket:04d}")
+
+    def stored_buckets(self) -> dict[int, StoredBucket]:
+        """Every bucket that has state, with its version and layout, in two listings: the
+        pointers, and bucket blobs from before packs (a first run then fetches nothing; a
+        bucket written after the listing still conflicts at its write)."""
         self.storage.blobs.ensure_container(STATE_CONTAINER)
-        prefix = f"{self.sync_id}/{self.destination}/bucket-"
-        return {
-            int(ref.name[len(prefix) : len(prefix) + 4]): _plain_etag(ref.etag)
-            for ref in self.storage.blobs.list(STATE_CONTAINER, prefix)
-        }
+        prefix = self._row_key(0)[:-4]
+        stored: dict[int, StoredBucket] = {}
+        for row in self._pointers().query_partition_versioned(
+            safe_key(self.sync_id), row_from=prefix, row_before=prefix[:-1] + "}"
+        ):
+            layout = Layout(tuple(Part(*part) for part in row.entity.parts))
+            stored[int(row.entity.row_key[len(prefix) :])] = StoredBucket(row.etag, layout)
+        for ref in self.storage.blobs.list(STATE_CONTAINER, self.folder + _LEGACY_PREFIX):
+            name = ref.name[len(self.folder) :]
+            bucket = int(name[len(_LEGACY_PREFIX) : len(_LEGACY_PREFIX) + 4])
+            legacy = StoredBucket(_plain_etag(ref.etag), Layout((Part(name, 0, ref.size, 0),)))
+            stored.setdefault(bucket, legacy)
+        return stored
+
+    def reader(self, stored: dict[int, StoredBucket], order: list[int]) -> StateReader:
+        return StateReader(self, stored, order)
+
+    def read_range(self, blob: str, start: int, end: int) -> bytes:
+        client = self.storage.blob_service.get_blob_client(STATE_CONTAINER, self.folder + blob)
+        return bytes(client.download_blob(offset=start, length=end - start).readall())
 
     def indexes(self, etags: dict[int, str], run_id: str) -> dict[int, DigestIndex]:
-        """The digest index of each bucket's snapshot as listed (`etags`), where an index
+        """The digest index of each bucket's state as listed (`etags`), where an index
         file has one (IndexWriter); files written by run `run_id` itself are not read (a
         resumed run must find its bucket results in its snapshots). Files none of whose
         buckets is current any more are deleted once an hour old."""
-        prefix = f"{self.sync_id}/{self.destination}/digests/"
+        prefix = f"{self.folder}digests/"
         files = list(self.storage.blobs.list(STATE_CONTAINER, prefix))
         with ThreadPoolExecutor(_INDEX_READERS, thread_name_prefix="read-index") as pool:
             texts = list(pool.map(self._read_index, files))
         found: dict[int, DigestIndex] = {}
         stale_before = datetime.now(UTC) - timedelta(hours=1)
+        listed = {bucket: _plain_etag(etag) for bucket, etag in etags.items()}
         for ref, text in zip(files, texts, strict=True):
             records = _index_records(text, self.fingerprint, run_id) if text else None
-            current = {b: index for b, etag, index in records or () if etags.get(b) == etag}
+            current = {b: index for b, etag, index in records or () if listed.get(b) == etag}
             found.update(current)
             if (
                 records is not None
@@ -620,20 +850,16 @@ class StateStore:
         return found[0] if found else None
 
     def index_writer(self, run_id: str) -> IndexWriter:
-        name = f"{self.sync_id}/{self.destination}/digests/{run_id}-{uuid.uuid4().hex[:12]}.bin"
+        name = f"{self.folder}digests/{run_id}-{uuid.uuid4().hex[:12]}.bin"
         header = {"version": _INDEX_VERSION, "fingerprint": self.fingerprint, "run": run_id}
         writer = self.storage.blobs.writer(STATE_CONTAINER, name, block_bytes=_INDEX_BLOCK_BYTES)
         return IndexWriter(writer, header)
 
     def fetch(self, bucket: int) -> StoredState | None:
-        """A bucket's snapshot as stored (gzip), its ETag and layout, or None if it has
-        none yet. Compressed bytes only: a worker fetches the next bucket's on a thread
-        while it runs this one, and holding it inflated would grow memory with bucket
-        size."""
-        self.storage.blobs.ensure_container(STATE_CONTAINER)
-        name = _state_blob(self.sync_id, self.destination, bucket)
-        found = self.storage.blobs.read_with_metadata(STATE_CONTAINER, name)
-        return None if found is None else (found[0], found[1], Layout.of(found[2]))
+        """One bucket's state as stored (gzip members), its version and layout, or None if
+        it has none yet (a run reads many buckets through a `reader`)."""
+        stored = self.stored_buckets()
+        return self.reader(stored, [bucket]).take(bucket)
 
     @staticmethod
     def inflate(stored: StoredState | None) -> StoredState | None:
@@ -653,7 +879,7 @@ class StateStore:
             text = orjson.dumps({"version": _FORMAT_VERSION, "fingerprint": self.fingerprint})
             return _decode(text, self.fingerprint, native)
         layout = inflated[2]
-        sections = layout is None or layout.sections > 0
+        sections = layout is None or layout.sections > 0 or layout.legacy
         state = _decode(inflated[0], self.fingerprint, native, sections=sections)
         state.etag, state.layout = inflated[1], inflated[2]
         return state
@@ -665,65 +891,111 @@ class StateStore:
         go before the write is done (a writer thread then holds its text, not objects)."""
         state.last_run, state.last_result = run_id, result
         layout = state.layout
+        pointer = None if layout is None or layout.legacy else state.etag
         if layout is not None and state._same_mapping and layout.sections < _MAX_SECTIONS:
             section = _encode(state, changed_only=True)
             if layout.appended_text + len(section) <= layout.base_text // 2:
-                return Snapshot.of(bucket, section, state.etag, state.index(), layout)
-        return Snapshot.of(bucket, _encode(state), state.etag, state.index())
+                return Snapshot.of(bucket, section, pointer, state.index(), layout)
+        return Snapshot.of(bucket, _encode(state), pointer, state.index())
 
-    def write(self, snapshot: Snapshot) -> str:
-        """Replace the bucket's snapshot only if nobody else did since it was loaded."""
-        name = _state_blob(self.sync_id, self.destination, snapshot.bucket)
-        client = self.storage.blob_service.get_blob_client(STATE_CONTAINER, name)
-        conditions: dict[str, Any]
-        if snapshot.etag is None:
-            conditions = {"match_condition": MatchConditions.IfMissing}
-        else:
-            conditions = {"etag": snapshot.etag, "match_condition": MatchConditions.IfNotModified}
-        data = snapshot.data
-        staged = []
-        for start in range(0, len(data), _BLOCK_BYTES):
-            staged.append(base64.b64encode(uuid.uuid4().hex.encode()).decode())
-            block = data if len(data) <= _BLOCK_BYTES else data[start : start + _BLOCK_BYTES]
-            client.stage_block(staged[-1], block)
-        before = snapshot.appended_to
-        if before is None:
-            layout = Layout(tuple(staged), snapshot.text_size)
-        else:
-            layout = Layout(
-                before.blocks + tuple(staged), before.base_text,
-                before.appended_text + snapshot.text_size, before.sections + 1,
-            )  # fmt: skip
-        try:
-            written = client.commit_block_list(
-                [BlobBlock(block) for block in layout.blocks], metadata=layout.metadata(),
-                **conditions,
-            )  # fmt: skip
-        except (ResourceModifiedError, ResourceExistsError):
+    def pack_writer(self, run_id: str) -> PackWriter:
+        return PackWriter(self, run_id)
+
+    def write(self, snapshot: Snapshot, run_id: str = "write") -> str:
+        """One snapshot in a pack of its own; its bucket's new version."""
+        written: list[str] = []
+        writer = self.pack_writer(run_id)
+        writer.add(snapshot, written.append)
+        writer.close()
+        return written[0]
+
+    def commit_pointers(self, queued: list[_Queued]) -> None:
+        """Point each queued bucket at its new part, `_POINTERS_PER_TRANSACTION` at a time,
+        each only if its pointer is still the one its state was loaded at. A conflict
+        fails a whole transaction, so its buckets are then committed one by one: the
+        others still count, and the conflict is raised once they are done."""
+        table = self._pointers()
+        conflicts: list[int] = []
+        for start in range(0, len(queued), _POINTERS_PER_TRANSACTION):
+            chunk = queued[start : start + _POINTERS_PER_TRANSACTION]
+            try:
+                etags: list[str | None] = list(table.transact([self._pointer_op(q) for q in chunk]))
+            except (ConcurrencyConflict, EntityExists):
+                etags = [self._commit_one(table, q) for q in chunk]
+            for entry, etag in zip(chunk, etags, strict=True):
+                if etag is None:
+                    conflicts.append(entry.snapshot.bucket)
+                else:
+                    entry.done(etag)
+        if conflicts:
             raise ConcurrencyConflict(
-                f"sync state {self.sync_id}/{self.destination} bucket {snapshot.bucket} "
+                f"sync state {self.sync_id}/{self.destination} bucket {conflicts[0]} "
                 "changed meanwhile"
-            ) from None
-        return _plain_etag(str(written["etag"]))
+            )
+
+    def _pointer_op(self, queued: _Queued) -> tuple[str, BucketPointer, str | None]:
+        snapshot = queued.snapshot
+        before = snapshot.appended_to.parts if snapshot.appended_to is not None else ()
+        pointer = BucketPointer(
+            partition_key=safe_key(self.sync_id), row_key=self._row_key(snapshot.bucket),
+            parts=[list(part) for part in (*before, queued.part)],
+        )  # fmt: skip
+        if snapshot.etag is None:
+            return "create", pointer, None
+        return "replace", pointer, snapshot.etag
+
+    def _commit_one(self, table: EntityTable[BucketPointer], queued: _Queued) -> str | None:
+        try:
+            return table.transact([self._pointer_op(queued)])[0]
+        except (ConcurrencyConflict, EntityExists):
+            return None
+
+    def collect_garbage(self, keep_for: timedelta = timedelta(hours=1)) -> None:
+        """Delete packs no pointer names and bucket blobs from before packs whose bucket has
+        a pointer now. A pack is kept for `keep_for` after its last commit: a concurrent
+        run may not have committed the pointers to it yet."""
+        stored = self.stored_buckets()
+        named = {part.blob for bucket in stored.values() for part in bucket.layout.parts}
+        stale_before = datetime.now(UTC) - keep_for
+        for ref in self.storage.blobs.list(STATE_CONTAINER, self.folder):
+            name = ref.name[len(self.folder) :]
+            if name.startswith(_PACKS):
+                unused = name not in named and (ref.last_modified or stale_before) < stale_before
+            else:
+                unused = name.startswith(_LEGACY_PREFIX) and name not in named
+            if unused:
+                self.storage.blobs.delete(STATE_CONTAINER, ref.name)
 
 
 def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[str]:
     """Identities a sync's destination holds in `audience` because Switchboard added them
-    (every destination of the sync, so an identity may repeat), read as a stream."""
+    (every destination of the sync, so an identity may repeat), a bucket at a time."""
     needle = orjson.dumps(audience)
     storage.blobs.ensure_container(STATE_CONTAINER)
+    destinations = {
+        row.row_key.split("|", 1)[0]
+        for row in storage.tables.get(BucketPointer).query_partition(safe_key(sync_id))
+    }
     for ref in storage.blobs.list(STATE_CONTAINER, prefix=f"{sync_id}/"):
-        if not ref.name.endswith(_SNAPSHOT_SUFFIX):
-            continue  # a bucket's digest index
-        members: dict[bytes, bool] = {}  # a later section's line takes an identity's place
-        with igzip.IGzipFile(fileobj=storage.blobs.open_reader(ref), mode="rb") as lines:  # type: ignore[no-untyped-call]
-            for line in lines:
-                if line.startswith(b"{"):
+        folder, _, name = ref.name[len(sync_id) + 1 :].partition("/")
+        if name.startswith(_LEGACY_PREFIX):
+            destinations.add(folder)
+    for destination in sorted(destinations):
+        store = StateStore(storage, sync_id, destination, "")
+        stored = store.stored_buckets()
+        reader = store.reader(stored, sorted(stored))
+        for bucket in sorted(stored):
+            found = store.inflate(reader.take(bucket))
+            assert found is not None
+            # A later section's line takes an identity's place.
+            members: dict[bytes, bool] = {}
+            for line in found[0].splitlines():
+                if not line or line.startswith(b"{"):
                     continue  # a section's header
-                _, identity, stored = line.rstrip(b"\n").split(b"\t", 2)
+                _, identity, held = line.split(b"\t", 2)
                 # The needle is a cheap pre-check before parsing.
-                if needle in stored and audience in orjson.loads(stored)[1]:
+                if needle in held and audience in orjson.loads(held)[1]:
                     members[identity] = True
                 elif identity in members:
                     members[identity] = False
-        yield from (str(orjson.loads(identity)) for identity, held in members.items() if held)
+            yield from (str(orjson.loads(i)) for i, member in members.items() if member)

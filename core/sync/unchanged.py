@@ -39,10 +39,10 @@ from core.sync.definitions import SyncDefinition
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
-from core.sync.state import DigestIndex, StatePrefetch, StateStore
+from core.sync.state import DigestIndex, StateReader, StateStore
 
 _PREFETCH_BYTES = 64 << 20
-"""Compressed snapshots held at most while a file is split (about 650,000 profiles')."""
+"""Compressed state read ahead at most while a file is split (about 650,000 profiles')."""
 
 
 @dataclass
@@ -99,10 +99,12 @@ class UnchangedIndex:
     ) -> None:  # fmt: skip
         self.sync = sync
         self.suppressions = suppressions
-        self.etags = states.stored_buckets()
+        self.stored = states.stored_buckets()
+        self.etags = {bucket: stored.etag for bucket, stored in self.stored.items()}
         self.digests = states.indexes(self.etags, run_id)
-        self.prefetched = StatePrefetch(states, sorted(self.etags), _PREFETCH_BYTES)
-        """Snapshots fetched while the file is split, for the buckets after it."""
+        self.reader: StateReader = states.reader(self.stored, sorted(self.stored))
+        """The buckets' state, read ahead while the file is split."""
+        self.reader.prefetch(_PREFETCH_BYTES)
 
     def attach(self, splitter: Any, columns: list[str], buckets: int) -> bool:
         """Have a switchboard_sync.Splitter settle what it can; False if it cannot here."""

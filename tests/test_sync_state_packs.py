@@ -1,0 +1,195 @@
+"""Sync state in packs (core/sync/state.py): many buckets read and written in few requests,
+with the per-bucket version guard of a blob per bucket, against Azurite."""
+
+from __future__ import annotations
+
+import gzip
+import random
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from core.errors import ConcurrencyConflict
+from core.sync.state import STATE_CONTAINER, Snapshot, StateStore
+
+pytestmark = pytest.mark.integration
+
+
+def _text(bucket: int, profiles: int, rng: random.Random, run: str = "r1") -> bytes:
+    """A snapshot text: a header and `profiles` lines of random hashes (incompressible,
+    like real ones)."""
+    header = orjson.dumps({"version": 5, "fingerprint": "f", "run": run, "result": {}})
+    lines = [
+        b"%s\t%s\t%s" % (
+            rng.randbytes(8).hex().encode(), orjson.dumps(f"B{bucket}-{i}"),
+            orjson.dumps([{"email": rng.randbytes(8).hex()}, []]),
+        )
+        for i in range(profiles)
+    ]  # fmt: skip
+    return header + b"\n" + b"\n".join(lines) + b"\n"
+
+
+def _write_all(states: StateStore, texts: dict[int, bytes], run_id: str) -> dict[int, str]:
+    """Every bucket's text through one pack writer; the new versions."""
+    versions: dict[int, str] = {}
+    writer = states.pack_writer(run_id)
+    for bucket, text in texts.items():
+        writer.add(
+            Snapshot.of(bucket, text, None), lambda etag, b=bucket: versions.update({b: etag})
+        )
+    writer.close()
+    return versions
+
+
+def _counting_reads(states: StateStore) -> list[tuple[str, int, int]]:
+    reads: list[tuple[str, int, int]] = []
+    read_range = states.read_range
+
+    def counted(blob: str, start: int, end: int) -> bytes:
+        reads.append((blob, start, end))
+        return read_range(blob, start, end)
+
+    states.read_range = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_a_run_reads_its_buckets_in_a_few_ranges_and_lets_them_go(
+    storage: Any, unique: str
+) -> None:
+    rng = random.Random(5)
+    states = StateStore(storage, unique, "braze", "f")
+    texts = {bucket: _text(bucket, 2000, rng) for bucket in range(64)}
+    versions = _write_all(states, texts, "r1")
+    stored = states.stored_buckets()
+    assert {b: s.etag for b, s in stored.items()} == versions
+    packs = {part.blob for s in stored.values() for part in s.layout.parts}
+    assert len(packs) == 1  # one pack for the run
+    total = sum(s.layout.parts[0].length for s in stored.values())
+    reads = _counting_reads(states)
+    reader = states.reader(stored, sorted(stored))
+    for bucket in sorted(stored):
+        taken = reader.take(bucket)
+        assert taken is not None and gzip.decompress(taken[0]) == texts[bucket]
+        assert taken[1] == versions[bucket]
+        assert reader.held <= 8 << 20  # at most the span being read
+    assert reader.held == 0
+    assert sum(end - start for _, start, end in reads) == total  # each byte read once
+    assert len(reads) <= total // (8 << 20) + 1 < 64
+
+
+def test_sections_and_skipped_buckets_read_what_is_needed(storage: Any, unique: str) -> None:
+    rng = random.Random(6)
+    states = StateStore(storage, unique, "braze", "f")
+    texts = {bucket: _text(bucket, 300, rng) for bucket in range(16)}
+    _write_all(states, texts, "r1")
+    stored = states.stored_buckets()
+    writer = states.pack_writer("r2")  # a section for every other bucket
+    sections = {b: _text(b, 3, rng, "r2") for b in range(0, 16, 2)}
+    for bucket, text in sections.items():
+        snapshot = Snapshot.of(bucket, text, stored[bucket].etag, appended_to=stored[bucket].layout)
+        writer.add(snapshot, lambda etag: None)
+    writer.close()
+    stored = states.stored_buckets()
+    assert [stored[b].layout.sections for b in range(4)] == [1, 0, 1, 0]
+    reads = _counting_reads(states)
+    reader = states.reader(stored, sorted(stored))
+    reader.narrow(range(8))
+    for bucket in range(8):
+        if bucket == 5:
+            reader.skip(bucket)
+            continue
+        taken = reader.take(bucket)
+        assert taken is not None
+        assert gzip.decompress(taken[0]) == texts[bucket] + sections.get(bucket, b"")
+    assert reader.held == 0
+    assert len(reads) == 2  # the bases, the sections: one range each
+    base_end = max(
+        s.layout.parts[0].offset + s.layout.parts[0].length for b, s in stored.items() if b < 8
+    )
+    assert max(end for blob, _, end in reads if blob == stored[0].layout.parts[0].blob) == base_end
+
+
+def test_a_failed_read_is_read_again_by_the_next_take(storage: Any, unique: str) -> None:
+    rng = random.Random(7)
+    states = StateStore(storage, unique, "braze", "f")
+    texts = {bucket: _text(bucket, 50, rng) for bucket in range(4)}
+    _write_all(states, texts, "r1")
+    stored = states.stored_buckets()
+    read_range = states.read_range
+    failures = [OSError("connection reset")]
+
+    def flaky(blob: str, start: int, end: int) -> bytes:
+        if failures:
+            raise failures.pop()
+        return read_range(blob, start, end)
+
+    states.read_range = flaky  # type: ignore[method-assign]
+    reader = states.reader(stored, sorted(stored))
+    with pytest.raises(OSError, match="connection reset"):
+        reader.take(0)
+    taken = reader.take(0)
+    assert taken is not None and gzip.decompress(taken[0]) == texts[0]
+
+
+def test_a_bucket_changed_meanwhile_conflicts_alone(storage: Any, unique: str) -> None:
+    rng = random.Random(8)
+    states = StateStore(storage, unique, "braze", "f")
+    _write_all(states, {bucket: _text(bucket, 10, rng) for bucket in range(3)}, "r1")
+    loaded = states.stored_buckets()
+    # Another run commits bucket 1 after this one loaded it, and creates bucket 3.
+    other = {1: _text(1, 10, rng, "other"), 3: _text(3, 10, rng, "other")}
+    writer = states.pack_writer("other")
+    writer.add(Snapshot.of(1, other[1], loaded[1].etag), lambda etag: None)
+    writer.add(Snapshot.of(3, other[3], None), lambda etag: None)
+    writer.close()
+    committed: list[int] = []
+    writer = states.pack_writer("late")
+    for bucket in range(4):
+        etag = loaded[bucket].etag if bucket in loaded else None
+        snapshot = Snapshot.of(bucket, _text(bucket, 10, rng, "late"), etag)
+        writer.add(snapshot, lambda _, b=bucket: committed.append(b))
+    with pytest.raises(ConcurrencyConflict, match="bucket 1"):
+        writer.close()
+    assert committed == [0, 2]  # the others in the same transaction still count
+    stored = states.stored_buckets()
+    for bucket, expected_run in ((0, "late"), (1, "other"), (2, "late"), (3, "other")):
+        text = gzip.decompress(states.reader(stored, [bucket]).take(bucket)[0])  # type: ignore[index]
+        assert orjson.loads(text.split(b"\n", 1)[0])["run"] == expected_run
+
+
+def test_bucket_blobs_from_before_packs_are_read_then_moved_and_collected(
+    storage: Any, unique: str
+) -> None:
+    rng = random.Random(9)
+    states = StateStore(storage, unique, "braze", "f")
+    storage.blobs.ensure_container(STATE_CONTAINER)
+    old = _text(2, 20, rng, "old")
+    legacy = f"{unique}/braze/bucket-0002.jsonl.gz"
+    storage.blob_service.get_blob_client(STATE_CONTAINER, legacy).upload_blob(gzip.compress(old))
+    stored = states.stored_buckets()
+    assert list(stored) == [2] and stored[2].layout.legacy
+    state = states.decode(states.reader(stored, [2]).take(2), native=False)
+    assert state.last_run == "old" and len(state.profiles) == 20
+    snapshot = states.snapshot(2, state, run_id="new", result={})
+    assert snapshot.etag is None and snapshot.appended_to is None  # rewritten, into a pack
+    states.write(snapshot)
+    assert not states.stored_buckets()[2].layout.legacy
+    _write_all(states, {5: _text(5, 5, rng)}, "r1")
+    abandoned = states.pack_writer("crashed")  # staged and committed, never pointed at
+    abandoned.add(Snapshot.of(7, _text(7, 5, rng), None), lambda etag: None)
+    abandoned._commit_blob()  # then the process died
+
+    def names() -> list[str]:
+        return [ref.name for ref in storage.blobs.list(STATE_CONTAINER, unique + "/")]
+
+    assert len(names()) == 4  # the legacy blob, three packs
+    states.collect_garbage()
+    assert len(names()) == 3  # the legacy blob: its bucket is in a pack now
+    states.collect_garbage(keep_for=timedelta(0))
+    assert len(names()) == 2  # the abandoned pack
+    stored = states.stored_buckets()
+    assert sorted(stored) == [2, 5]
+    reader = states.reader(stored, [2, 5])
+    assert all(reader.take(b) is not None for b in (2, 5))
