@@ -193,3 +193,24 @@ def test_bucket_blobs_from_before_packs_are_read_then_moved_and_collected(
     assert sorted(stored) == [2, 5]
     reader = states.reader(stored, [2, 5])
     assert all(reader.take(b) is not None for b in (2, 5))
+
+
+def test_blocks_cut_across_members_read_back_whole(
+    storage: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.sync import state
+
+    monkeypatch.setattr(state, "_BLOCK_BYTES", 1000)  # a member spans several blocks
+    rng = random.Random(10)
+    states = StateStore(storage, unique, "braze", "f")
+    texts = {bucket: _text(bucket, 100, rng) for bucket in range(5)}
+    _write_all(states, texts, "r1")
+    stored = states.stored_buckets()
+    assert min(s.layout.parts[0].length for s in stored.values()) > 1000
+    pack = stored[0].layout.parts[0].blob
+    blob = storage.blob_service.get_blob_client(STATE_CONTAINER, f"{unique}/braze/{pack}")
+    total = sum(s.layout.parts[0].length for s in stored.values())
+    assert [block["size"] for block in blob.get_block_list()[0]][:-1] == [1000] * (total // 1000)
+    reader = states.reader(stored, sorted(stored))
+    for bucket, text in texts.items():
+        assert gzip.decompress(reader.take(bucket)[0]) == text  # type: ignore[index]

@@ -324,10 +324,13 @@ def process_buckets(
         etag = work.state.etag
         loaded = etag is not None and snapshot is None and not plan.preview
         loaded_index = work.state.index() if loaded else None
+        # `committed` waits for the pack's next commit, with the buckets before it: it
+        # holds the bucket's number and index, not its state or text.
+        number = work.number
+        index = snapshot.index if snapshot is not None else (b"", b"")
 
         def committed(state_etag: str) -> None:
-            assert snapshot is not None
-            indexes.add(work.number, state_etag, snapshot.index)
+            indexes.add(number, state_etag, index)
             recorded.add(result)
 
         def write() -> None:
@@ -340,7 +343,7 @@ def process_buckets(
                 pack.add(snapshot, committed)
                 return
             if loaded_index is not None and etag:
-                indexes.add(work.number, etag, loaded_index)
+                indexes.add(number, etag, loaded_index)
             recorded.add(result)
 
         writer.submit(write)
