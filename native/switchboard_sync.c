@@ -19,6 +19,8 @@
  */
 #include "shared.h"
 
+#include <sys/mman.h>
+
 #define OK 0
 #define ERR -1    /* a Python exception is set */
 #define PUNT 1    /* not for this module: the bucket goes to the reference */
@@ -2465,19 +2467,6 @@ static PyObject *state_encode_changed(State *st, PyObject *header) { return enco
 /* ---- the digest index: see split.UnchangedIndex -------------------------------------------- */
 
 
-/* Whether `digest` is among `n` sorted 8-byte digests. */
-static int has_digest(const uc *digests, Py_ssize_t n, const uc digest[8]) {
-    Py_ssize_t low = 0, high = n;
-    while (low < high) {
-        Py_ssize_t mid = low + (high - low) / 2;
-        int order = memcmp(digests + 8 * mid, digest, 8);
-        if (order == 0) return 1;
-        if (order < 0) low = mid + 1;
-        else high = mid;
-    }
-    return 0;
-}
-
 /* Sorts 8-byte big-endian digests as numbers (so in byte order): an LSD radix sort, as
  * qsort's comparison calls were most of a bucket's index. */
 static int sort_digests(uint64_t *keys, Py_ssize_t n) {
@@ -2660,6 +2649,33 @@ static PyTypeObject StateType = {
  * inside quotes) makes `feed` return None, and the file is split by the reference from its
  * start.
  */
+/* Tables read at random once per row (the directory, the Bloom filter): in memory maps
+ * asked for huge pages where the system has them, so a look-up misses the cache but not
+ * also the TLB. Zeroed. */
+typedef struct {
+    void *data;
+    size_t size;
+} Table;
+
+static int table_map(Table *t, size_t size) {
+    t->size = size ? size : 1;
+    void *data = mmap(NULL, t->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data == MAP_FAILED) {
+        t->data = NULL;
+        return ERR;
+    }
+#ifdef MADV_HUGEPAGE
+    if (t->size >= (2u << 20)) madvise(data, t->size, MADV_HUGEPAGE);
+#endif
+    t->data = data;
+    return OK;
+}
+
+static void table_unmap(Table *t) {
+    if (t->data != NULL) munmap(t->data, t->size);
+    t->data = NULL;
+}
+
 typedef struct {
     PyObject_HEAD
     Py_ssize_t columns;
@@ -2678,16 +2694,16 @@ typedef struct {
     /* Rows already acknowledged exactly as they are (use_index): settled here, unsent. */
     Mapping *mapping;
     struct BucketIndex *index; /* per bucket; NULL: every row becomes a work line */
+    struct Directory *directory;
     uint64_t *seen;            /* a Bloom filter of the identity keys split so far */
-    uint64_t seen_mask;        /* its size in bits, minus one */
+    Table seen_table;
+    uint64_t seen_mask;        /* its size in 512-bit blocks, minus one */
     Buf digest_text;
     Value *values;
     Py_ssize_t settled;
 } Splitter;
 
 typedef struct {
-    uc *digests; /* sorted raw digests */
-    Py_ssize_t n;
     Buf settled; /* digests of the rows settled */
 } DigestSet;
 
@@ -2699,18 +2715,41 @@ typedef struct BucketIndex {
     Py_ssize_t *suppressed; /* by the mapping's reason index; then for lack of consent */
 } BucketIndex;
 
+/* Every bucket's digests in one table, so a row's digest finds its bucket before the
+ * bucket is hashed from its identity: the digest covers the identity's raw value, so a
+ * match is a profile of the bucket that identity hashes to. BLAKE2b of the identity (the
+ * bucket) and the binary search of a bucket's digests were a third of a split of a file
+ * mostly unchanged. Counting-sorted on the top `shift`-complement bits: `start[slot]`
+ * to `start[slot + 1]` hold the digests whose top bits are `slot` (about four). */
+#define WITHHELD_FLAG 0x8000u
+typedef struct Directory {
+    uint64_t *keys;
+    uint16_t *refs; /* bucket, | WITHHELD_FLAG for a row held back for lack of consent */
+    uint32_t *start;
+    int shift;
+    Table key_table, ref_table, start_table;
+} Directory;
+
+static void directory_free(Directory *d) {
+    if (d == NULL) return;
+    table_unmap(&d->key_table);
+    table_unmap(&d->ref_table);
+    table_unmap(&d->start_table);
+    PyMem_RawFree(d);
+}
+
 static void index_free(Splitter *sp) {
     if (sp->index)
         for (int i = 0; i < sp->buckets; i++) {
             BucketIndex *ix = &sp->index[i];
-            PyMem_RawFree(ix->profiles.digests);
             PyMem_RawFree(ix->profiles.settled.data);
-            PyMem_RawFree(ix->withheld.digests);
             PyMem_RawFree(ix->withheld.settled.data);
             PyMem_RawFree(ix->suppressed);
         }
     PyMem_RawFree(sp->index);
-    PyMem_RawFree(sp->seen);
+    directory_free(sp->directory);
+    sp->directory = NULL;
+    table_unmap(&sp->seen_table);
     PyMem_RawFree(sp->digest_text.data);
     PyMem_RawFree(sp->values);
     Py_CLEAR(sp->mapping);
@@ -2890,15 +2929,19 @@ static uint64_t key_hash(const uc *key, Py_ssize_t n) {
     return value;
 }
 
-/* The key hash of an identity that is not ASCII: split.identity_key (the GIL is held). */
-static int identity_hash(Splitter *sp, const uc *s, Py_ssize_t n, uint64_t *hash) {
+/* The key hash of an identity that is not ASCII: split.identity_key (the GIL is held);
+ * `seen` is the Bloom filter's hash of the same key. */
+static int identity_hash(Splitter *sp, const uc *s, Py_ssize_t n, uint64_t *hash, uint64_t *seen) {
     PyObject *raw = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
     PyObject *key = raw ? PyObject_CallOneArg(sp->identity_key, raw) : NULL;
     Py_XDECREF(raw);
     if (key == NULL) return ERR;
     Py_ssize_t size;
     const char *text = PyUnicode_AsUTF8AndSize(key, &size);
-    if (text != NULL) *hash = key_hash((const uc *)text, size);
+    if (text != NULL) {
+        *hash = key_hash((const uc *)text, size);
+        *seen = xxh64((const uc *)text, (size_t)size);
+    }
     Py_DECREF(key);
     return text ? OK : ERR;
 }
@@ -2908,34 +2951,69 @@ static int identity_hash(Splitter *sp, const uc *s, Py_ssize_t n, uint64_t *hash
 #define SEEN_PROBES 6
 
 /* Adds an identity key to the Bloom filter; whether it may have been there already. A false
- * "maybe" only sends a row on to its bucket, which decides as it always does. */
+ * "maybe" only sends a row on to its bucket, which decides as it always does. Blocked: a
+ * key's probes are all in one 64-byte block, so a row costs one cache miss, not six. */
 static int seen_before(Splitter *sp, uint64_t key) {
-    uint64_t step = (key >> 32) | 1;
+    uint64_t *block = sp->seen + 8 * (key & sp->seen_mask);
     int seen = 1;
     for (int i = 0; i < SEEN_PROBES; i++) {
-        uint64_t bit = (key + (uint64_t)i * step) & sp->seen_mask, mask = 1ULL << (bit & 63);
-        if (!(sp->seen[bit >> 6] & mask)) {
+        unsigned bit = (unsigned)(key >> (16 + 9 * i)) & 511;
+        uint64_t mask = 1ULL << (bit & 63);
+        if (!(block[bit >> 6] & mask)) {
             seen = 0;
-            sp->seen[bit >> 6] |= mask;
+            block[bit >> 6] |= mask;
         }
     }
     return seen;
 }
 
+/* The digest's entry: its bucket and whether it was held back, or -1 if it is in no
+ * bucket's index. A digest in two entries (one bucket's profiles and rows held back, or,
+ * short of a collision never, two buckets) is resolved by hashing the identity's bucket
+ * after all: `bucket` is called for it. */
+static int directory_find(const Directory *d, uint64_t key, int (*bucket)(void *), void *context) {
+    uint64_t slot = key >> d->shift;
+    int found = -1, twice = 0;
+    for (uint32_t i = d->start[slot]; i < d->start[slot + 1]; i++) {
+        if (d->keys[i] != key) continue;
+        if (found >= 0) twice = 1;
+        else found = d->refs[i];
+    }
+    if (!twice) return found;
+    int wanted = bucket(context), best = -1;
+    for (uint32_t i = d->start[slot]; i < d->start[slot + 1]; i++)
+        if (d->keys[i] == key && (d->refs[i] & ~WITHHELD_FLAG) == (unsigned)wanted &&
+            (best < 0 || !(d->refs[i] & WITHHELD_FLAG)))
+            best = d->refs[i];
+    return best;
+}
+
+typedef struct {
+    const uc *key;
+    Py_ssize_t len;
+    int buckets;
+} KeyBucket;
+
+static int bucket_of_key(void *context) {
+    const KeyBucket *k = context;
+    return (int)(key_hash(k->key, k->len) % (uint64_t)k->buckets);
+}
+
 /*
  * Settles a row here when its bucket would count it without sending anything: its
- * identity key was not split before in this file (so it is no duplicate, and no earlier
- * row of that identity is waiting in the bucket) and its raw digest is one the bucket's
- * state acknowledged (engine: unchanged_raw; counted unchanged) or held back for lack of
- * consent (withheld_again; counted suppressed), or, either way, suppressed if its address
- * is now. Anything less certain goes on to the bucket.
+ * identity key was not split before in this file (the caller checked the Bloom filter:
+ * it is no duplicate, and no earlier row of that identity is waiting in the bucket) and
+ * its raw digest is one a bucket's state acknowledged (engine: unchanged_raw; counted
+ * unchanged) or held back for lack of consent (withheld_again; counted suppressed), or,
+ * either way, suppressed if its address is now. Anything less certain goes on to the
+ * bucket. `*bucket` is the digest's bucket when it has one (-1: hash the identity).
  */
-static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *identity,
-                      Py_ssize_t identity_len, int *settled) {
+static int settle_row(Splitter *sp, const uc *identity, Py_ssize_t identity_len, int *bucket,
+                      int *settled) {
     *settled = 0;
+    *bucket = -1;
     const Mapping *m = sp->mapping;
-    if (seen_before(sp, key) || identity == NULL || (m->identity_kind == ID_EMAIL && identity_len > 254))
-        return OK;
+    if (m->identity_kind == ID_EMAIL && identity_len > 254) return OK;
     Buf *t = &sp->digest_text;
     t->len = 0;
     if (PUT(t, "[") < 0) return ERR;
@@ -2947,10 +3025,12 @@ static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *ide
     if (PUT(t, "]") < 0) return ERR;
     uc digest[8];
     raw_digest8((const uc *)t->data, (size_t)t->len, digest);
-    DigestSet *set = has_digest(ix->profiles.digests, ix->profiles.n, digest) ? &ix->profiles
-                     : has_digest(ix->withheld.digests, ix->withheld.n, digest) ? &ix->withheld
-                                                                                : NULL;
-    if (set == NULL) return OK;
+    KeyBucket key = {identity, identity_len, sp->buckets};
+    int ref = directory_find(sp->directory, digest_key(digest), bucket_of_key, &key);
+    if (ref < 0) return OK;
+    *bucket = ref & ~WITHHELD_FLAG;
+    BucketIndex *ix = &sp->index[*bucket];
+    DigestSet *set = ref & WITHHELD_FLAG ? &ix->withheld : &ix->profiles;
     int reason = -1;
     if (m->suppressions) {
         int at[2] = {m->email_index, m->phone_index};
@@ -2969,24 +3049,68 @@ static int settle_row(Splitter *sp, BucketIndex *ix, uint64_t key, const uc *ide
     return OK;
 }
 
-static int take_digests(PyObject *item, DigestSet *set) {
+/* A bucket's sorted, distinct 8-byte digests: their number, or -1 (an error is set). */
+static Py_ssize_t checked_digests(PyObject *item) {
     if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) % 8) {
         PyErr_SetString(PyExc_ValueError, "digests: bytes of 8-byte digests");
-        return ERR;
+        return -1;
     }
-    set->n = PyBytes_GET_SIZE(item) / 8;
-    set->digests = PyMem_RawMalloc((size_t)set->n * 8 + 1);
-    if (set->digests == NULL) {
-        PyErr_NoMemory();
-        return ERR;
-    }
-    memcpy(set->digests, PyBytes_AS_STRING(item), (size_t)set->n * 8);
-    for (Py_ssize_t k = 1; k < set->n; k++)
-        if (memcmp(set->digests + 8 * (k - 1), set->digests + 8 * k, 8) >= 0) {
+    const uc *d = (const uc *)PyBytes_AS_STRING(item);
+    Py_ssize_t n = PyBytes_GET_SIZE(item) / 8;
+    for (Py_ssize_t k = 1; k < n; k++)
+        if (memcmp(d + 8 * (k - 1), d + 8 * k, 8) >= 0) {
             PyErr_SetString(PyExc_ValueError, "digests must be sorted and distinct");
-            return ERR;
+            return -1;
         }
-    return OK;
+    return n;
+}
+
+/* Places a bucket's digests in the directory (`start` counts, then positions). */
+static void directory_put(Directory *d, PyObject *item, uint16_t ref, int place) {
+    const uc *digests = (const uc *)PyBytes_AS_STRING(item);
+    for (Py_ssize_t k = 0; k < PyBytes_GET_SIZE(item) / 8; k++) {
+        uint64_t key = digest_key(digests + 8 * k), slot = key >> d->shift;
+        if (!place) {
+            d->start[slot + 1]++;
+            continue;
+        }
+        uint32_t at = d->start[slot]++;
+        d->keys[at] = key;
+        d->refs[at] = ref;
+    }
+}
+
+/* The directory of every present bucket's (profiles, withheld) digests; NULL on no memory. */
+static Directory *directory_of(PyObject *index, Py_ssize_t total) {
+    Directory *d = PyMem_RawCalloc(1, sizeof(Directory));
+    if (d == NULL) return NULL;
+    int bits = 1; /* about four digests a slot: `start` stays mostly in cache */
+    while (bits < 40 && ((Py_ssize_t)1 << bits) < total / 4) bits++;
+    d->shift = 64 - bits;
+    size_t slots = (size_t)1 << bits;
+    if (table_map(&d->key_table, (size_t)total * sizeof(uint64_t)) != OK ||
+        table_map(&d->ref_table, (size_t)total * sizeof(uint16_t)) != OK ||
+        table_map(&d->start_table, (slots + 1) * sizeof(uint32_t)) != OK) {
+        directory_free(d);
+        return NULL;
+    }
+    d->keys = d->key_table.data;
+    d->refs = d->ref_table.data;
+    d->start = d->start_table.data;
+    for (int place = 0; place < 2; place++) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(index); i++) {
+            PyObject *item = PyList_GET_ITEM(index, i);
+            if (item == Py_None) continue;
+            directory_put(d, PyTuple_GET_ITEM(item, 0), (uint16_t)i, place);
+            directory_put(d, PyTuple_GET_ITEM(item, 1), (uint16_t)(i | WITHHELD_FLAG), place);
+        }
+        if (place == 0) /* counts to starts; placing moves each start to the next slot's */
+            for (size_t slot = 0; slot < slots; slot++) d->start[slot + 1] += d->start[slot];
+        else
+            for (size_t slot = slots; slot > 0; slot--) d->start[slot] = d->start[slot - 1];
+    }
+    d->start[0] = 0;
+    return d;
 }
 
 /* use_index(mapping, index): `index` has, per bucket, None or (profiles, withheld): the
@@ -3015,20 +3139,26 @@ static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "index: per bucket None or (profiles, withheld)");
             goto fail;
         }
-        if (take_digests(PyTuple_GET_ITEM(item, 0), &ix->profiles) != OK ||
-            take_digests(PyTuple_GET_ITEM(item, 1), &ix->withheld) != OK)
-            goto fail;
+        Py_ssize_t profiles = checked_digests(PyTuple_GET_ITEM(item, 0));
+        Py_ssize_t withheld = profiles < 0 ? -1 : checked_digests(PyTuple_GET_ITEM(item, 1));
+        if (withheld < 0) goto fail;
         ix->suppressed = PyMem_RawCalloc((size_t)reasons, sizeof(Py_ssize_t));
         if (ix->suppressed == NULL) goto no_memory;
         ix->present = 1;
-        total += ix->profiles.n + ix->withheld.n;
+        total += profiles + withheld;
     }
+    if (total >= (Py_ssize_t)UINT32_MAX || sp->buckets > (int)(WITHHELD_FLAG - 1)) {
+        PyErr_SetString(PyExc_ValueError, "index too large");
+        goto fail;
+    }
+    sp->directory = directory_of(index, total);
+    if (sp->directory == NULL) goto no_memory;
     /* 16 bits per expected row: under 0.1% of first rows sent on to their bucket needlessly. */
     uint64_t bits = 1 << 23;
     while (bits < (uint64_t)total * 16) bits <<= 1;
-    sp->seen = PyMem_RawCalloc((size_t)(bits / 64), sizeof(uint64_t));
-    if (sp->seen == NULL) goto no_memory;
-    sp->seen_mask = bits - 1;
+    if (table_map(&sp->seen_table, (size_t)(bits / 8)) != OK) goto no_memory;
+    sp->seen = sp->seen_table.data;
+    sp->seen_mask = bits / 512 - 1;
     Py_RETURN_NONE;
 no_memory:
     PyErr_NoMemory();
@@ -3143,10 +3273,11 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         }
         const uc *identity = (const uc *)sp->fields.data + sp->starts[sp->identity_index];
         Py_ssize_t identity_len = sp->lens[sp->identity_index];
-        uint64_t key;
         Py_ssize_t a, b;
         strip(identity, identity_len, &a, &b);
         const uc *ascii_key = NULL;
+        uint64_t seen_key = 0; /* the Bloom filter's hash of the identity key */
+        int bucket = -1;
         if (is_ascii(identity + a, b - a)) {
             sp->key.len = 0;
             if (buf_reserve(&sp->key, b - a + 1) < 0) {
@@ -3155,21 +3286,24 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
             }
             lower_ascii(sp->key.data, identity + a, b - a);
             ascii_key = (const uc *)sp->key.data;
-            key = key_hash(ascii_key, b - a);
+            seen_key = xxh64(ascii_key, (size_t)(b - a));
         } else {
-            WITH_GIL(status = identity_hash(sp, identity, identity_len, &key));
+            uint64_t key;
+            WITH_GIL(status = identity_hash(sp, identity, identity_len, &key, &seen_key));
             if (status != OK) break;
+            bucket = (int)(key % (uint64_t)sp->buckets);
         }
-        int bucket = (int)(key % (uint64_t)sp->buckets);
-        if (sp->index != NULL && sp->index[bucket].present) {
+        /* A settled row's bucket comes with its digest; others hash their identity. */
+        if (sp->index != NULL && !seen_before(sp, seen_key) && ascii_key != NULL) {
             int settled;
-            status = settle_row(sp, &sp->index[bucket], key, ascii_key, b - a, &settled);
+            status = settle_row(sp, ascii_key, b - a, &bucket, &settled);
             if (status != OK) break;
             if (settled) {
                 sp->settled++;
                 continue;
             }
         }
+        if (bucket < 0) bucket = (int)(key_hash(ascii_key, b - a) % (uint64_t)sp->buckets);
         Buf *pending = &sp->pending[bucket];
         if ((pending->cap == 0 && small_reserve(pending, 0) < 0) ||
             put_work_line(sp, pending, first, count) != OK) {

@@ -15,6 +15,7 @@ import io
 import random
 from typing import Any
 
+import orjson
 import pytest
 
 from core.errors import ConcurrencyConflict
@@ -282,3 +283,50 @@ def test_a_large_snapshot_is_compressed_before_its_write_is_queued() -> None:
         snapshot = Snapshot.of(3, text, "etag")
         assert snapshot.compressed is compressed and snapshot.text_size == len(text)
         assert snapshot.text == text == isal_zlib.decompress(snapshot.data, wbits=31)
+
+
+def test_a_digest_finds_its_bucket_among_many_before_the_identity_is_hashed() -> None:
+    """The splitter looks a row's raw digest up in one directory of every bucket's index;
+    the digest covers the identity, so it names the bucket the identity hashes to. A
+    digest in two entries is resolved by hashing the identity after all."""
+    from core.sync.split import bucket_of
+    from core.sync.state import raw_digest
+
+    buckets = 8
+    document = {**_sync_document("directory"), **CONFIGURATIONS["boolean-audiences"]}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rows = [[f"CRM-{i}", *row[1:]] for i, row in enumerate(_random_rows(random.Random(12), 400))]
+    mapper = RowMapper(sync, FULL_COLUMNS)
+    bucket = {row[0]: bucket_of(identity_key(row[0]), buckets) for row in rows}
+    digest = {row[0]: raw_digest(mapper.digest_values(row)) for row in rows}
+    profiles: list[set[bytes]] = [set() for _ in range(buckets)]
+    withheld: list[set[bytes]] = [set() for _ in range(buckets)]
+    for row in rows[:300]:  # the rest are not in any index: they go to their buckets
+        profiles[bucket[row[0]]].add(digest[row[0]])
+    twice, collided = rows[0][0], rows[1][0]
+    withheld[bucket[twice]].add(digest[twice])  # profiles win over rows held back
+    other = (bucket[collided] + 1) % buckets
+    profiles[other].add(digest[collided])  # as if another bucket's profile collided
+    mapping = native_mapping(sync, mapper, SuppressionSnapshot({}), lambda v: None)
+    splitter = SPEEDUPS.Splitter(len(FULL_COLUMNS), 0, ",", buckets, 1 << 30, identity_key)
+    index = [
+        (b"".join(sorted(p)), b"".join(sorted(w))) for p, w in zip(profiles, withheld, strict=True)
+    ]
+    splitter.use_index(mapping, index)
+    text = io.BytesIO(_csv(rows))
+    _, rest = read_header(text, ",")
+    work: dict[int, bytes] = {}
+    for _, ready in feed_splitter(splitter, text, rest, 2):
+        for b, block in ready:
+            work[b] = work.get(b, b"") + block
+    for b, block in splitter.drain():
+        work[b] = work.get(b, b"") + block
+    assert splitter.settled_rows == 300
+    settled = splitter.settled()
+    for b in range(buckets):
+        expected = sorted(digest[row[0]] for row in rows[:300] if bucket[row[0]] == b)
+        found = settled[b][0] if settled[b] is not None else b""
+        assert sorted(found[at : at + 8] for at in range(0, len(found), 8)) == expected
+        assert settled[b] is None or (settled[b][1] == b"" and settled[b][2] == len(expected))
+        sent_on = [orjson.loads(line)[1] for line in work.get(b, b"").splitlines()]
+        assert sent_on == [row[0] for row in rows[300:] if bucket[row[0]] == b]
