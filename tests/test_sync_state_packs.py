@@ -179,7 +179,7 @@ def test_bucket_blobs_from_before_packs_are_read_then_moved_and_collected(
     _write_all(states, {5: _text(5, 5, rng)}, "r1")
     abandoned = states.pack_writer("crashed")  # staged and committed, never pointed at
     abandoned.add(Snapshot.of(7, _text(7, 5, rng), None), lambda etag: None)
-    abandoned._commit_blob()  # then the process died
+    abandoned._commit_blob(abandoned._pending)  # then the process died
 
     def names() -> list[str]:
         return [ref.name for ref in storage.blobs.list(STATE_CONTAINER, unique + "/")]
@@ -214,3 +214,54 @@ def test_blocks_cut_across_members_read_back_whole(
     reader = states.reader(stored, sorted(stored))
     for bucket, text in texts.items():
         assert gzip.decompress(reader.take(bucket)[0]) == text  # type: ignore[index]
+
+
+def test_writers_add_while_batches_are_written_in_order(
+    storage: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.sync import state
+
+    monkeypatch.setattr(state, "_POINTERS_PER_TRANSACTION", 3)  # many batches
+    rng = random.Random(13)
+    states = StateStore(storage, unique, "braze", "f")
+    texts = {bucket: _text(bucket, rng.randrange(1, 60), rng) for bucket in range(40)}
+    writer = states.pack_writer("r1")
+    done: list[int] = []
+
+    def add(bucket: int) -> None:
+        writer.add(Snapshot.of(bucket, texts[bucket], None), lambda _: done.append(bucket))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(add, texts))
+    writer.close()
+    assert sorted(done) == sorted(texts)
+    stored = states.stored_buckets()
+    reader = states.reader(stored, sorted(stored))
+    for bucket, text in texts.items():
+        assert gzip.decompress(reader.take(bucket)[0]) == text  # type: ignore[index]
+
+
+def test_a_batch_whose_blocks_failed_stops_the_pack(storage: Any, unique: str) -> None:
+    from core.errors import StorageError
+
+    rng = random.Random(14)
+    states = StateStore(storage, unique, "braze", "f")
+    writer = states.pack_writer("r1")
+    stage = writer._client.stage_block
+    failures = [OSError("connection reset")]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return stage(*args, **kwargs)
+
+    writer._client.stage_block = flaky  # type: ignore[method-assign]
+    writer.add(Snapshot.of(0, _text(0, 5, rng), None), lambda _: None)
+    with pytest.raises(OSError, match="connection reset"):
+        writer.close()
+    writer.add(Snapshot.of(1, _text(1, 5, rng), None), lambda _: None)
+    with pytest.raises(StorageError, match="an earlier batch was not written"):
+        writer.close()  # its offsets count the bytes that never made it
+    assert states.stored_buckets() == {}

@@ -48,7 +48,7 @@ from azure.storage.blob import BlobBlock
 from isal import igzip, isal_zlib
 from xxhash import xxh64_digest
 
-from core.errors import ConcurrencyConflict, EntityExists
+from core.errors import ConcurrencyConflict, EntityExists, StorageError
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockWriter
 from core.storage.tables import EntityTable, TableEntity, safe_key
@@ -734,11 +734,13 @@ class _Queued:
 
 class PackWriter:
     """A worker's new snapshots, in one pack blob: each bucket's gzip member is appended
-    as it comes, and every `_FLUSH_POINTERS` buckets or `_FLUSH_BYTES` the members are
-    staged and committed, then the buckets' pointers are replaced in one table transaction
-    under the ETags their state was loaded at. A bucket's `done` runs once its pointer is
-    committed: its result may be recorded then. A crash before that leaves the pack's
-    members unreferenced (collected later) and the bucket to its retry."""
+    as it comes, and every `_POINTERS_PER_TRANSACTION` buckets or `_FLUSH_BYTES` the
+    members are staged and committed, then the buckets' pointers are replaced in one
+    table transaction under the ETags their state was loaded at. A bucket's `done` runs
+    once its pointer is committed: its result may be recorded then. A crash before that
+    leaves the pack's members unreferenced (collected later) and the bucket to its retry.
+    Adding goes on while a batch is written; batches are written in the order they filled
+    (a commit names every block before it)."""
 
     def __init__(self, store: StateStore, run_id: str) -> None:
         self._store = store
@@ -748,59 +750,81 @@ class PackWriter:
             STATE_CONTAINER, store.folder + self.blob
         )
         self._lock = threading.Lock()
-        self._blocks: list[str] = []
-        self._staged = 0
+        self._size = 0
+        """Bytes added: the next member's offset."""
         self._pending: list[bytes] = []
-        """Members not yet staged."""
+        """Members not yet taken into a batch."""
         self._pending_bytes = 0
         self._queued: list[_Queued] = []
+        self._batches = 0
+        self._written = threading.Condition()
+        self._turn = 0
+        """The batch to be written next; batches are numbered as they are taken."""
+        self._blocks: list[str] = []
+        self._broken = False
+        """A batch's blocks failed: the offsets of the batches after it would be wrong."""
 
     def add(self, snapshot: Snapshot, done: Callable[[str], None]) -> None:
         data = snapshot.data  # compressed before the lock is taken
         with self._lock:
-            offset = self._staged + self._pending_bytes
-            part = Part(self.blob, offset, len(data), snapshot.text_size)
+            part = Part(self.blob, self._size, len(data), snapshot.text_size)
             before = snapshot.appended_to.parts if snapshot.appended_to is not None else ()
+            self._size += len(data)
             self._pending.append(data)
             self._pending_bytes += len(data)
             self._queued.append(_Queued(snapshot.bucket, snapshot.etag, (*before, part), done))
             full = len(self._queued) >= _POINTERS_PER_TRANSACTION
-            if full or self._pending_bytes >= _FLUSH_BYTES:
-                self._flush()
+            batch = self._take() if full or self._pending_bytes >= _FLUSH_BYTES else None
+        if batch is not None:
+            self._write(*batch)
 
     def close(self) -> None:
         with self._lock:
-            if self._queued:
-                self._flush()
+            batch = self._take() if self._queued else None
+        if batch is not None:
+            self._write(*batch)
 
-    def _flush(self) -> None:
-        self._commit_blob()
-        queued, self._queued = self._queued, []
-        self._store.commit_pointers(queued)
+    def _take(self) -> tuple[int, list[bytes], list[_Queued]]:
+        batch = (self._batches, self._pending, self._queued)
+        self._batches += 1
+        self._pending, self._pending_bytes, self._queued = [], 0, []
+        return batch
 
-    def _commit_blob(self) -> None:
-        """Stage the pending members, then commit every block staged so far. A block is
-        put together in an anonymous memory map: an 8 MB buffer freed through glibc raised
-        its mmap threshold, and the buffers after it stayed with the process (+40 MB at
-        3M rows)."""
-        members = [memoryview(member) for member in self._pending]
-        while members:
-            size = min(_BLOCK_BYTES, sum(len(member) for member in members))
+    def _write(self, number: int, members: list[bytes], queued: list[_Queued]) -> None:
+        with self._written:
+            self._written.wait_for(lambda: self._turn == number)
+            try:
+                if self._broken:
+                    raise StorageError(f"pack {self.blob}: an earlier batch was not written")
+                self._broken = True
+                self._commit_blob(members)
+                self._broken = False
+                self._store.commit_pointers(queued)  # a conflict fails its own buckets only
+            finally:
+                self._turn += 1
+                self._written.notify_all()
+
+    def _commit_blob(self, members: list[bytes]) -> None:
+        """Stage the members, then commit every block staged so far. A block is put
+        together in an anonymous memory map: an 8 MB buffer freed through glibc raised its
+        mmap threshold, and the buffers after it stayed with the process (+40 MB at 3M
+        rows)."""
+        views = [memoryview(member) for member in members]
+        while views:
+            size = min(_BLOCK_BYTES, sum(len(view) for view in views))
             with mmap.mmap(-1, size) as block:
                 while block.tell() < size:
-                    taken = members[0][: size - block.tell()]
+                    taken = views[0][: size - block.tell()]
                     block.write(taken)
-                    members[0] = members[0][len(taken) :]
-                    if not members[0]:
-                        members.pop(0)
+                    views[0] = views[0][len(taken) :]
+                    if not views[0]:
+                        views.pop(0)
                 block.seek(0)
                 block_id = base64.b64encode(f"{len(self._blocks):08d}".encode()).decode()
                 # Sent as a stream: an mmap reads like a file and has a length.
                 self._client.stage_block(block_id, cast(IO[bytes], block), length=size)
             self._blocks.append(block_id)
         self._client.commit_block_list([BlobBlock(block) for block in self._blocks])
-        self._staged += self._pending_bytes
-        self._pending, self._pending_bytes = [], 0
 
 
 class StateStore:
