@@ -265,3 +265,16 @@ def test_a_batch_whose_blocks_failed_stops_the_pack(storage: Any, unique: str) -
     with pytest.raises(StorageError, match="an earlier batch was not written"):
         writer.close()  # its offsets count the bytes that never made it
     assert states.stored_buckets() == {}
+
+
+def test_state_split_into_another_bucket_count_is_refused_by_name(
+    storage: Any, unique: str
+) -> None:
+    from core.errors import ConfigError
+
+    rng = random.Random(15)
+    _write_all(StateStore(storage, unique, "braze", "f", 8), {3: _text(3, 5, rng)}, "r1")
+    assert list(StateStore(storage, unique, "braze", "f", 8).stored_buckets()) == [3]
+    with pytest.raises(ConfigError, match=r"split into 8 buckets.*state_buckets is 16"):
+        StateStore(storage, unique, "braze", "f", 16).stored_buckets()
+    assert list(StateStore(storage, unique, "braze", "").stored_buckets()) == [3]  # a reader

@@ -156,8 +156,8 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             native=services.settings.sync_native_buckets,
             unchanged=unchanged,
         )
-    except FileRejected as rejected:
-        error = f"{rejected.code}: {rejected}"
+    except (FileRejected, ConfigError) as exc:
+        error = f"{exc.code}: {exc}" if isinstance(exc, FileRejected) else str(exc)
         if unchanged is not None:
             unchanged.reader.stop()
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
@@ -176,7 +176,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
                 services, sync, plan, run.run_id, plan.buckets, split.in_memory,
                 unchanged=unchanged,
             )  # fmt: skip
-        except TerminalError as exc:
+        except (TerminalError, ConfigError) as exc:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
         return finalize(services, sync, plan, run.run_id, blob)
     if unchanged is not None:
@@ -196,7 +196,10 @@ def unchanged_index(
     when the sync runs on the reference throughout."""
     if not services.settings.sync_native_buckets:
         return None
-    states = StateStore(services.storage, sync.id, destination, mapping_fingerprint(sync))
+    states = StateStore(
+        services.storage, sync.id, destination, mapping_fingerprint(sync),
+        sync.processing.state_buckets,
+    )  # fmt: skip
     return UnchangedIndex(states, sync, SuppressionList(services.storage).snapshot(), run_id)
 
 
@@ -217,7 +220,7 @@ def process_chunk(services: Services, message: ChunkMessage) -> None:
         return
     try:
         process_buckets(services, sync, plan, message.run_id, message.buckets, None)
-    except TerminalError as exc:
+    except (TerminalError, ConfigError) as exc:
         _close(services, blob, message.run_id, RunStatus.FAILED, error=str(exc))
         return
     results: EntityTable[BucketResult] = services.storage.tables.get(BucketResult)
@@ -298,7 +301,9 @@ def process_buckets(
     again."""
     storage = services.storage
     destination = destination or destination_for(sync, services.settings)
-    states = StateStore(storage, sync.id, destination.name, mapping_fingerprint(sync))
+    states = StateStore(
+        storage, sync.id, destination.name, mapping_fingerprint(sync), sync.processing.state_buckets
+    )
     results: EntityTable[BucketResult] = storage.tables.get(BucketResult)
     run_key = safe_key(run_id)
 

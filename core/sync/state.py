@@ -48,7 +48,7 @@ from azure.storage.blob import BlobBlock
 from isal import igzip, isal_zlib
 from xxhash import xxh64_digest
 
-from core.errors import ConcurrencyConflict, EntityExists, StorageError
+from core.errors import ConcurrencyConflict, ConfigError, EntityExists, StorageError
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockWriter
 from core.storage.tables import EntityTable, TableEntity, safe_key
@@ -390,6 +390,8 @@ class BucketPointer(TableEntity):
 
     parts: list[list[Any]]
     """Part fields, base first."""
+    buckets: int = 0
+    """How many buckets the sync's state is split into (0: not known to the writer)."""
 
 
 DigestIndex = tuple[bytes, bytes]
@@ -828,11 +830,15 @@ class PackWriter:
 
 
 class StateStore:
-    def __init__(self, storage: Storage, sync_id: str, destination: str, fingerprint: str) -> None:
+    def __init__(
+        self, storage: Storage, sync_id: str, destination: str, fingerprint: str, buckets: int = 0
+    ) -> None:
         self.storage = storage
         self.sync_id = sync_id
         self.destination = destination
         self.fingerprint = fingerprint
+        self.buckets = buckets
+        """The sync's `processing.state_buckets` (0: not checked, for readers of any)."""
         self.folder = f"{sync_id}/{destination}/"
 
     def load(self, bucket: int, *, native: bool = False) -> SyncState:
@@ -854,6 +860,14 @@ class StateStore:
         for row in self._pointers().query_partition_versioned(
             safe_key(self.sync_id), row_from=prefix, row_before=prefix[:-1] + "}"
         ):
+            written_with = row.entity.buckets
+            if self.buckets and written_with and written_with != self.buckets:
+                raise ConfigError(
+                    f"sync {self.sync_id!r}: its state for {self.destination} is split into "
+                    f"{written_with} buckets, and processing.state_buckets is {self.buckets}; "
+                    "the count is fixed for a sync's life: set it back, or declare the sync "
+                    "under a new id (its delta then starts from scratch)"
+                )
             layout = Layout(tuple(Part(*part) for part in row.entity.parts))
             stored[int(row.entity.row_key[len(prefix) :])] = StoredBucket(row.etag, layout)
         for ref in self.storage.blobs.list(STATE_CONTAINER, self.folder + _LEGACY_PREFIX):
@@ -985,7 +999,7 @@ class StateStore:
     def _pointer_op(self, queued: _Queued) -> tuple[str, BucketPointer, str | None]:
         pointer = BucketPointer(
             partition_key=safe_key(self.sync_id), row_key=self._row_key(queued.bucket),
-            parts=[list(part) for part in queued.parts],
+            parts=[list(part) for part in queued.parts], buckets=self.buckets,
         )  # fmt: skip
         if queued.etag is None:
             return "create", pointer, None
