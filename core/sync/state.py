@@ -76,7 +76,7 @@ _SPAN_BYTES = 8 << 20
 _SPAN_GAP_BYTES = 256 << 10
 _POINTERS_PER_TRANSACTION = 100
 """A table transaction's limit: a pack is committed at least this often."""
-_FLUSH_BYTES = 8 << 20
+_FLUSH_BYTES = 4 << 20
 """Compressed state a pack writer holds before it commits what it has."""
 _NULL_HASH = b"\x00" * 8
 
@@ -799,7 +799,7 @@ class PackWriter:
                 if self._broken:
                     raise StorageError(f"pack {self.blob}: an earlier batch was not written")
                 self._broken = True
-                self._commit_blob(members)
+                self._commit_blob(members)  # empties `members`
                 self._broken = False
                 self._store.commit_pointers(queued)  # a conflict fails its own buckets only
             finally:
@@ -810,17 +810,17 @@ class PackWriter:
         """Stage the members, then commit every block staged so far. A block is put
         together in an anonymous memory map: an 8 MB buffer freed through glibc raised its
         mmap threshold, and the buffers after it stayed with the process (+40 MB at 3M
-        rows)."""
-        views = [memoryview(member) for member in members]
-        while views:
-            size = min(_BLOCK_BYTES, sum(len(view) for view in views))
+        rows). Members are let go as they are copied, so a batch is held about once."""
+        members.reverse()  # taken from the end
+        while members:
+            size = min(_BLOCK_BYTES, sum(len(member) for member in members))
             with mmap.mmap(-1, size) as block:
                 while block.tell() < size:
-                    taken = views[0][: size - block.tell()]
-                    block.write(taken)
-                    views[0] = views[0][len(taken) :]
-                    if not views[0]:
-                        views.pop(0)
+                    member = members.pop()
+                    room = size - block.tell()
+                    block.write(memoryview(member)[:room])
+                    if len(member) > room:
+                        members.append(member[room:])  # the rest opens the next block
                 block.seek(0)
                 block_id = base64.b64encode(f"{len(self._blocks):08d}".encode()).decode()
                 # Sent as a stream: an mmap reads like a file and has a length.
