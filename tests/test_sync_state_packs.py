@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from core.errors import ConcurrencyConflict
-from core.sync.state import STATE_CONTAINER, Snapshot, StateStore
+from core.sync.state import STATE_CONTAINER, Snapshot, StateStore, StoredBucket
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,18 @@ def _write_all(states: StateStore, texts: dict[int, bytes], run_id: str) -> dict
         )
     writer.close()
     return versions
+
+
+def _stored(
+    storage: Any, unique: str, seed: int, buckets: int, profiles: int
+) -> tuple[StateStore, random.Random, dict[int, bytes], dict[int, StoredBucket]]:
+    """A store with `buckets` buckets of random state in one pack: the store, the random
+    source (for more), the texts written and the buckets as stored."""
+    rng = random.Random(seed)
+    states = StateStore(storage, unique, "braze", "f")
+    texts = {bucket: _text(bucket, profiles, rng) for bucket in range(buckets)}
+    _write_all(states, texts, "r1")
+    return states, rng, texts, states.stored_buckets()
 
 
 def _counting_reads(states: StateStore) -> list[tuple[str, int, int]]:
@@ -80,11 +92,7 @@ def test_a_run_reads_its_buckets_in_a_few_ranges_and_lets_them_go(
 
 
 def test_sections_and_skipped_buckets_read_what_is_needed(storage: Any, unique: str) -> None:
-    rng = random.Random(6)
-    states = StateStore(storage, unique, "braze", "f")
-    texts = {bucket: _text(bucket, 300, rng) for bucket in range(16)}
-    _write_all(states, texts, "r1")
-    stored = states.stored_buckets()
+    states, rng, texts, stored = _stored(storage, unique, 6, 16, 300)
     writer = states.pack_writer("r2")  # a section for every other bucket
     sections = {b: _text(b, 3, rng, "r2") for b in range(0, 16, 2)}
     for bucket, text in sections.items():
@@ -112,11 +120,7 @@ def test_sections_and_skipped_buckets_read_what_is_needed(storage: Any, unique: 
 
 
 def test_a_failed_read_is_read_again_by_the_next_take(storage: Any, unique: str) -> None:
-    rng = random.Random(7)
-    states = StateStore(storage, unique, "braze", "f")
-    texts = {bucket: _text(bucket, 50, rng) for bucket in range(4)}
-    _write_all(states, texts, "r1")
-    stored = states.stored_buckets()
+    states, _, texts, stored = _stored(storage, unique, 7, 4, 50)
     read_range = states.read_range
     failures = [OSError("connection reset")]
 
@@ -201,11 +205,7 @@ def test_blocks_cut_across_members_read_back_whole(
     from core.sync import state
 
     monkeypatch.setattr(state, "_BLOCK_BYTES", 1000)  # a member spans several blocks
-    rng = random.Random(10)
-    states = StateStore(storage, unique, "braze", "f")
-    texts = {bucket: _text(bucket, 100, rng) for bucket in range(5)}
-    _write_all(states, texts, "r1")
-    stored = states.stored_buckets()
+    states, _, texts, stored = _stored(storage, unique, 10, 5, 100)
     assert min(s.layout.parts[0].length for s in stored.values()) > 1000
     pack = stored[0].layout.parts[0].blob
     blob = storage.blob_service.get_blob_client(STATE_CONTAINER, f"{unique}/braze/{pack}")
