@@ -174,6 +174,8 @@ def test_bucket_blobs_from_before_packs_are_read_then_moved_and_collected(
     storage.blob_service.get_blob_client(STATE_CONTAINER, legacy).upload_blob(gzip.compress(old))
     stored = states.stored_buckets()
     assert list(stored) == [2] and stored[2].layout.legacy
+    assert gzip.decompress(states.fetch(2)[0]) == old  # type: ignore[index]
+    assert states.fetch(3) is None
     state = states.decode(states.reader(stored, [2]).take(2), native=False)
     assert state.last_run == "old" and len(state.profiles) == 20
     snapshot = states.snapshot(2, state, run_id="new", result={})

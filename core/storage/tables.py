@@ -365,10 +365,15 @@ class EntityTable(Generic[E]):
         return self.query(filter_text, parameters, page_size=page_size)
 
     def query_partition_versioned(
-        self, partition_key: str, *, row_from: str | None = None, row_before: str | None = None
+        self,
+        partition_key: str,
+        *,
+        row_from: str | None = None,
+        row_before: str | None = None,
+        row_to: str | None = None,
     ) -> Iterator[Versioned[E]]:
         """Like `query_partition`, each row with its ETag (for a later conditional write)."""
-        filter_text, parameters = _partition_filter(partition_key, row_from, row_before, None)
+        filter_text, parameters = _partition_filter(partition_key, row_from, row_before, row_to)
         for row in self._client.query_entities(filter_text, parameters=parameters):
             yield Versioned(from_table_entity(self.model, row), str(row.metadata["etag"]))
 

@@ -850,16 +850,20 @@ class StateStore:
     def _row_key(self, bucket: int) -> str:
         return safe_key(f"{self.destination}|{bucket:04d}")
 
-    def stored_buckets(self) -> dict[int, StoredBucket]:
-        """Every bucket that has state, with its version and layout, in two listings: the
-        pointers, and bucket blobs from before packs (a first run then fetches nothing; a
-        bucket written after the listing still conflicts at its write)."""
+    def stored_buckets(self, only: int | None = None) -> dict[int, StoredBucket]:
+        """Every bucket that has state (or bucket `only`, if it has), with its version and
+        layout, in two listings: the pointers, and bucket blobs from before packs (a first
+        run then fetches nothing; a bucket written after the listing still conflicts at
+        its write)."""
         self.storage.blobs.ensure_container(STATE_CONTAINER)
         prefix = self._row_key(0)[:-4]
+        rows = (
+            {"row_from": prefix, "row_before": prefix[:-1] + "}"} if only is None
+            else {"row_from": self._row_key(only), "row_to": self._row_key(only)}
+        )  # fmt: skip
+        legacy_prefix = self.folder + _LEGACY_PREFIX + ("" if only is None else f"{only:04d}")
         stored: dict[int, StoredBucket] = {}
-        for row in self._pointers().query_partition_versioned(
-            safe_key(self.sync_id), row_from=prefix, row_before=prefix[:-1] + "}"
-        ):
+        for row in self._pointers().query_partition_versioned(safe_key(self.sync_id), **rows):
             written_with = row.entity.buckets
             if self.buckets and written_with and written_with != self.buckets:
                 raise ConfigError(
@@ -870,7 +874,7 @@ class StateStore:
                 )
             layout = Layout(tuple(Part(*part) for part in row.entity.parts))
             stored[int(row.entity.row_key[len(prefix) :])] = StoredBucket(row.etag, layout)
-        for ref in self.storage.blobs.list(STATE_CONTAINER, self.folder + _LEGACY_PREFIX):
+        for ref in self.storage.blobs.list(STATE_CONTAINER, legacy_prefix):
             name = ref.name[len(self.folder) :]
             bucket = int(name[len(_LEGACY_PREFIX) : len(_LEGACY_PREFIX) + 4])
             legacy = StoredBucket(_plain_etag(ref.etag), Layout((Part(name, 0, ref.size, 0),)))
@@ -921,8 +925,7 @@ class StateStore:
     def fetch(self, bucket: int) -> StoredState | None:
         """One bucket's state as stored (gzip members), its version and layout, or None if
         it has none yet (a run reads many buckets through a `reader`)."""
-        stored = self.stored_buckets()
-        return self.reader(stored, [bucket]).take(bucket)
+        return self.reader(self.stored_buckets(only=bucket), [bucket]).take(bucket)
 
     @staticmethod
     def inflate(stored: StoredState | None) -> StoredState | None:
