@@ -136,7 +136,7 @@ def _c_parse(path: Path, sync: SyncDefinition) -> int:
     """Rows of the file as the pipeline's C splitter reads them (work lines dropped)."""
     with path.open("rb") as file:
         text = igzip.IGzipFile(fileobj=file, mode="rb")
-        columns, rest = read_header(text, ",")
+        columns, rest, _ = read_header(text, ",")
         splitter = SPEEDUPS.Splitter(
             len(columns), columns.index(sync.identity.column), ",", 256, 32 * 1024, str.lower
         )

@@ -50,8 +50,17 @@ static int buf_put(Buf *b, const char *s, Py_ssize_t n) {
 
 static const char HEX[] = "0123456789abcdef";
 
+/* Whether a word of 8 bytes holds one JSON escapes: a control character, '"' or '\\'. */
+static int json_special8(uint64_t w) {
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    uint64_t quote = w ^ (ones * '"'), backslash = w ^ (ones * '\\');
+    uint64_t control = (w - ones * 0x20) & ~w;
+    return (((quote - ones) & ~quote) | ((backslash - ones) & ~backslash) | control) & highs ? 1 : 0;
+}
+
 static int put_json_bytes(Buf *b, const char *s, Py_ssize_t n) {
     Py_ssize_t plain = 0;
+    for (uint64_t w; plain + 8 <= n && (memcpy(&w, s + plain, 8), !json_special8(w));) plain += 8;
     while (plain < n) {
         unsigned char c = (unsigned char)s[plain];
         if (c < 0x20 || c == '"' || c == '\\') break;

@@ -173,11 +173,11 @@ static uint64_t xxh_merge(uint64_t acc, uint64_t value) {
     return acc * XP1 + XP4;
 }
 
-static uint64_t xxh64(const uc *p, size_t n) {
+static uint64_t xxh64_seeded(const uc *p, size_t n, uint64_t seed) {
     const uc *end = p + n;
     uint64_t h;
     if (n >= 32) {
-        uint64_t v1 = XP1 + XP2, v2 = XP2, v3 = 0, v4 = 0 - XP1;
+        uint64_t v1 = seed + XP1 + XP2, v2 = seed + XP2, v3 = seed, v4 = seed - XP1;
         const uc *limit = end - 32;
         do {
             v1 = xxh_round(v1, read64(p));
@@ -192,7 +192,7 @@ static uint64_t xxh64(const uc *p, size_t n) {
         h = xxh_merge(h, v3);
         h = xxh_merge(h, v4);
     } else {
-        h = XP5;
+        h = seed + XP5;
     }
     h += (uint64_t)n;
     while (p + 8 <= end) {
@@ -216,6 +216,8 @@ static uint64_t xxh64(const uc *p, size_t n) {
     h ^= h >> 32;
     return h;
 }
+
+static uint64_t xxh64(const uc *p, size_t n) { return xxh64_seeded(p, n, 0); }
 
 /* state.value_hash: XXH64 of `prefix` then `p`, big-endian (xxhash's canonical form). */
 /* state.raw_digest: XXH64 of the raw values' JSON list, big-endian. */
@@ -670,30 +672,47 @@ static PyTypeObject MappingType = {
 
 /* ---- a bucket's state ------------------------------------------------------------------- */
 
+/*
+ * Stored as sections of binary records (core/sync/state_codec.py says how): a header line,
+ * an 8-byte body length, the name tables, the records. Records name attributes and
+ * audiences by their index in the tables, and the tables of later sections only extend
+ * earlier ones, so every record is read with the last section's tables and written back
+ * unchanged under those a write uses (the last ones, plus the mapping's names they lack,
+ * sorted by their JSON: what state._tables_out adds).
+ */
 typedef struct {
-    Py_ssize_t name; /* offset of the name's JSON in the profile's names buffer */
-    Py_ssize_t name_len;
+    int attr; /* index in the state's attribute table */
     uc hash[8];
 } Slot;
 
 typedef struct {
     Slot *slots;
     Py_ssize_t nslots, cap;
-    Buf names;       /* JSON names of the slots */
-    uint64_t owned;  /* audiences Switchboard added, by audience index */
-    Buf others;      /* owned audiences this mapping does not know, as JSON, comma-joined */
+    uint64_t owned; /* audiences Switchboard added, by audience index of the mapping */
 } Profile;
 
 enum { E_STORED = 1, E_SEEN = 2, E_DIGEST = 4, E_REWRITE = 8, E_PRESENT = 16 };
+enum { R_DIGEST = 1 }; /* a record's flags */
 
 typedef struct {
-    Py_ssize_t line, line_len; /* stored line in the text (E_STORED) */
+    Py_ssize_t record, record_len; /* the stored record in the text (E_STORED) */
     Py_ssize_t id, id_len;     /* identity JSON: in the text, or in the state's arena */
-    Py_ssize_t stored;         /* offset of `[hashes, audiences]` in the text */
+    Py_ssize_t tail;           /* offset of its attributes and audiences in the text */
     uc digest[8];
     int flags;
     Profile *profile; /* parsed (NULL: untouched, the stored part still holds) */
 } Entry;
+
+/* A name of the tables: its JSON in the text (a stored table) or in `names` (added). */
+typedef struct {
+    Py_ssize_t off, len;
+    int added;
+} Name;
+
+typedef struct {
+    Name *names;
+    Py_ssize_t n, cap;
+} NameTable;
 
 typedef struct {
     Py_ssize_t line;
@@ -728,6 +747,11 @@ typedef struct {
     Py_ssize_t nadded, added_cap;
     int changed;
     Mapping *mapping;
+    NameTable attrs, auds; /* the last section's tables, then the mapping's names added */
+    Buf names;             /* the JSON of names added */
+    int *field_attr;       /* per mapping field: its attribute index */
+    int *aud_table;        /* per mapping audience: its audience index */
+    int *aud_mapping;      /* per audience index: the mapping's audience, or -1 */
 } State;
 
 static const uc *entry_id(const State *st, const Entry *e) {
@@ -735,11 +759,13 @@ static const uc *entry_id(const State *st, const Entry *e) {
                                  : (const uc *)st->arena.data + e->id;
 }
 
+static const char *name_at(const State *st, const Name *n) {
+    return n->added ? st->names.data + n->off : PyBytes_AS_STRING(st->text) + n->off;
+}
+
 static void profile_free(Profile *p) {
     if (p == NULL) return;
     PyMem_RawFree(p->slots);
-    PyMem_RawFree(p->names.data);
-    PyMem_RawFree(p->others.data);
     PyMem_RawFree(p);
 }
 
@@ -754,6 +780,12 @@ static void state_dealloc(State *st) {
     PyMem_RawFree(st->added_order);
     Py_XDECREF(st->text);
     Py_XDECREF(st->mapping);
+    PyMem_RawFree(st->attrs.names);
+    PyMem_RawFree(st->auds.names);
+    PyMem_RawFree(st->names.data);
+    PyMem_RawFree(st->field_attr);
+    PyMem_RawFree(st->aud_table);
+    PyMem_RawFree(st->aud_mapping);
     Py_TYPE(st)->tp_free((PyObject *)st);
 }
 
@@ -816,21 +848,6 @@ static Py_ssize_t table_add(State *st, Entry entry, size_t slot) {
     return st->nentries - 1;
 }
 
-static int hex_nibble(uc c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    return -1;
-}
-
-static int unhex8(const uc *p, uc out[8]) {
-    for (int i = 0; i < 8; i++) {
-        int hi = hex_nibble(p[2 * i]), lo = hex_nibble(p[2 * i + 1]);
-        if (hi < 0 || lo < 0) return -1;
-        out[i] = (uc)(hi << 4 | lo);
-    }
-    return 0;
-}
-
 /* A JSON string token as orjson writes it: `"` ... `"`, escapes allowed; returns its end. */
 static const uc *string_token(const uc *p, const uc *end) {
     if (p >= end || *p != '"') return NULL;
@@ -842,87 +859,6 @@ static const uc *string_token(const uc *p, const uc *end) {
         if (*p == '"') return p + 1;
     }
     return NULL;
-}
-
-/* State(text, same_mapping): the profile lines of a snapshot (everything after its header). */
-/* State(lines, same_mapping): a snapshot's profile lines, as state._profiles reads them. A
- * snapshot that runs have appended to holds sections, each a header line (a JSON object)
- * and profile lines: a later line of an identity replaces its earlier one in its place. */
-static int index_lines(State *st, const uc *base, const uc *end);
-
-static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *text;
-    int same_mapping;
-    if (!PyArg_ParseTuple(args, "O!p", &PyBytes_Type, &text, &same_mapping)) return NULL;
-    State *st = (State *)type->tp_alloc(type, 0);
-    if (st == NULL) return NULL;
-    st->text = Py_NewRef(text);
-    st->same_mapping = same_mapping;
-    const uc *base = (const uc *)PyBytes_AS_STRING(text), *end = base + PyBytes_GET_SIZE(text);
-    int status;
-    /* Without the GIL: the threads fetching the next buckets decode them meanwhile. */
-    Py_BEGIN_ALLOW_THREADS
-    status = index_lines(st, base, end);
-    Py_END_ALLOW_THREADS
-    if (status == OK) return (PyObject *)st;
-    if (status == PUNT) PyErr_SetString(PyExc_ValueError, "sync state line not in the expected form");
-    else if (!PyErr_Occurred()) PyErr_NoMemory();
-    Py_DECREF(st);
-    return NULL;
-}
-
-/* The entries of the text's profile lines: OK, PUNT (a line not in the form), ERR (memory). */
-static int index_lines(State *st, const uc *base, const uc *end) {
-    Py_ssize_t lines = 0;
-    for (const uc *p = base; p < end; p++) lines += *p == '\n';
-    if (grow((void **)&st->entries, &st->cap, lines + 1, sizeof(Entry)) < 0) return ERR;
-    st->table_size = 1024;
-    while (st->table_size < lines * 2 + 16) st->table_size *= 2;
-    st->table = PyMem_RawCalloc((size_t)st->table_size, sizeof(Py_ssize_t));
-    if (st->table == NULL) return ERR;
-    for (const uc *p = base; p < end;) {
-        const uc *newline = memchr(p, '\n', (size_t)(end - p));
-        const uc *line_end = newline ? newline : end;
-        const uc *line = p;
-        p = newline ? newline + 1 : end;
-        if (line == line_end || *line == '{') continue; /* blank, or a section's header */
-        const uc *tab = memchr(line, '\t', (size_t)(line_end - line));
-        const uc *id_end = tab ? string_token(tab + 1, line_end) : NULL;
-        if (id_end == NULL || id_end >= line_end || *id_end != '\t' ||
-            (tab - line != 0 && tab - line != 16))
-            return PUNT;
-        Entry e = {0};
-        e.line = line - base;
-        e.line_len = line_end - line;
-        e.id = tab + 1 - base;
-        e.id_len = id_end - (tab + 1);
-        e.stored = id_end + 1 - base;
-        e.flags = E_STORED | E_PRESENT;
-        if (tab - line == 16 && st->same_mapping) {
-            if (unhex8(line, e.digest) < 0) return PUNT;
-            e.flags |= E_DIGEST;
-        } else if (!st->same_mapping) {
-            e.flags |= E_REWRITE; /* without the digest another mapping wrote */
-        }
-        size_t slot;
-        Py_ssize_t known = table_find(st, tab + 1, e.id_len, &slot);
-        if (known >= 0) {
-            st->entries[known] = e; /* a later section's line, in the first one's place */
-        } else {
-            st->entries[st->nentries++] = e;
-            st->table[slot] = st->nentries;
-        }
-    }
-    return OK;
-}
-
-/* ---- a stored profile's `[{name: hash hex}, [audience, ...]]` ---------------------------- */
-
-static int profile_slot(Profile *p, const uc *name, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < p->nslots; i++)
-        if (p->slots[i].name_len == n && memcmp(p->names.data + p->slots[i].name, name, (size_t)n) == 0)
-            return (int)i;
-    return -1;
 }
 
 /* A profile's buffers start small: a bucket holds thousands of profiles. */
@@ -938,7 +874,176 @@ static int small_reserve(Buf *b, Py_ssize_t extra) {
     return buf_reserve(b, extra);
 }
 
-static int profile_append(Profile *p, const uc *name, Py_ssize_t n, const uc hash[8]) {
+/* A varint as state_codec writes it; NULL past `end`. */
+static const uc *read_varint(const uc *p, const uc *end, Py_ssize_t *value) {
+    uint64_t v = 0;
+    for (int shift = 0; p < end && shift < 63; shift += 7) {
+        uc byte = *p++;
+        v |= (uint64_t)(byte & 0x7F) << shift;
+        if (byte < 0x80) {
+            if (v > (uint64_t)PY_SSIZE_T_MAX) return NULL;
+            *value = (Py_ssize_t)v;
+            return p;
+        }
+    }
+    return NULL;
+}
+
+static int put_varint(Buf *b, Py_ssize_t value) {
+    uc out[10];
+    int n = 0;
+    uint64_t v = (uint64_t)value;
+    while (v >= 0x80) {
+        out[n++] = (uc)(v & 0x7F) | 0x80;
+        v >>= 7;
+    }
+    out[n++] = (uc)v;
+    return buf_put(b, (const char *)out, n);
+}
+
+static int popcount8(uc byte) {
+    int n = 0;
+    for (; byte; byte &= (uc)(byte - 1)) n++;
+    return n;
+}
+
+/* Where a record's tail (attributes, audiences) ends; NULL if it runs past `end`. */
+static const uc *skip_tail(const uc *p, const uc *end) {
+    Py_ssize_t size, count, index;
+    if ((p = read_varint(p, end, &size)) == NULL || size > end - p) return NULL;
+    Py_ssize_t present = 0;
+    for (Py_ssize_t i = 0; i < size; i++) present += popcount8(p[i]);
+    p += size;
+    if (present > (end - p) / 8) return NULL;
+    p += 8 * present;
+    if ((p = read_varint(p, end, &count)) == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++)
+        if ((p = read_varint(p, end, &index)) == NULL) return NULL;
+    return p;
+}
+
+static int name_add(NameTable *t, Name name) {
+    if (grow((void **)&t->names, &t->cap, t->n + 1, sizeof(Name)) < 0) return ERR;
+    t->names[t->n++] = name;
+    return OK;
+}
+
+/* A section's table: checked against the state's, of which it must be a prefix (tables
+ * only ever grow); the last section's becomes the state's. OK, PUNT or ERR. */
+static int read_table(State *st, NameTable *table, const uc *base, const uc **p, const uc *end) {
+    Py_ssize_t count;
+    if ((*p = read_varint(*p, end, &count)) == NULL) return PUNT;
+    NameTable found = {0};
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t len;
+        if ((*p = read_varint(*p, end, &len)) == NULL || len > end - *p) {
+            PyMem_RawFree(found.names);
+            return PUNT;
+        }
+        if (name_add(&found, (Name){*p - base, len, 0}) < 0) {
+            PyMem_RawFree(found.names);
+            return ERR;
+        }
+        *p += len;
+    }
+    Py_ssize_t shared = found.n < table->n ? found.n : table->n;
+    for (Py_ssize_t i = 0; i < shared; i++) {
+        const Name *a = &found.names[i], *b = &table->names[i];
+        if (a->len != b->len || memcmp(base + a->off, base + b->off, (size_t)a->len) != 0) {
+            PyMem_RawFree(found.names);
+            return PUNT; /* not an extension: the reference reads each section apart */
+        }
+    }
+    if (found.n >= table->n) {
+        PyMem_RawFree(table->names);
+        *table = found;
+    } else {
+        PyMem_RawFree(found.names);
+    }
+    return OK;
+}
+
+static int index_records(State *st, const uc *base, const uc *end);
+
+/* State(text, same_mapping): a stored state (every section), as state._profiles reads it. */
+static PyObject *state_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *text;
+    int same_mapping;
+    if (!PyArg_ParseTuple(args, "O!p", &PyBytes_Type, &text, &same_mapping)) return NULL;
+    State *st = (State *)type->tp_alloc(type, 0);
+    if (st == NULL) return NULL;
+    st->text = Py_NewRef(text);
+    st->same_mapping = same_mapping;
+    const uc *base = (const uc *)PyBytes_AS_STRING(text), *end = base + PyBytes_GET_SIZE(text);
+    int status;
+    /* Without the GIL: the threads fetching the next buckets decode them meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
+    status = index_records(st, base, end);
+    Py_END_ALLOW_THREADS
+    if (status == OK) return (PyObject *)st;
+    if (status == PUNT) PyErr_SetString(PyExc_ValueError, "sync state record not in the expected form");
+    else if (!PyErr_Occurred()) PyErr_NoMemory();
+    Py_DECREF(st);
+    return NULL;
+}
+
+/* The entries of every section's records: OK, PUNT (not in the form), ERR (memory). A
+ * later section's record of an identity takes the earlier one's place. */
+static int index_records(State *st, const uc *base, const uc *end) {
+    st->table_size = 1024;
+    while (st->table_size < (end - base) / 64 + 16) st->table_size *= 2; /* records are larger */
+    st->table = PyMem_RawCalloc((size_t)st->table_size, sizeof(Py_ssize_t));
+    if (st->table == NULL) return ERR;
+    for (const uc *p = base; p < end;) {
+        const uc *newline = memchr(p, '\n', (size_t)(end - p));
+        if (newline == NULL || *p != '{' || end - newline - 1 < 8) return PUNT;
+        uint64_t length = read64(newline + 1);
+        const uc *body = newline + 9;
+        if (length > (uint64_t)(end - body)) return PUNT;
+        const uc *body_end = body + length;
+        p = body;
+        TRY(read_table(st, &st->attrs, base, &p, body_end));
+        TRY(read_table(st, &st->auds, base, &p, body_end));
+        while (p < body_end) {
+            Entry e = {0};
+            e.record = p - base;
+            int flags = *p++;
+            if (flags & ~R_DIGEST) return PUNT;
+            if (flags & R_DIGEST) {
+                if (body_end - p < 8) return PUNT;
+                memcpy(e.digest, p, 8);
+                p += 8;
+            }
+            Py_ssize_t id_len;
+            if ((p = read_varint(p, body_end, &id_len)) == NULL || id_len > body_end - p) return PUNT;
+            e.id = p - base;
+            e.id_len = id_len;
+            p += id_len;
+            e.tail = p - base;
+            if ((p = skip_tail(p, body_end)) == NULL) return PUNT;
+            e.record_len = (p - base) - e.record;
+            e.flags = E_STORED | E_PRESENT;
+            if (!st->same_mapping) {
+                e.flags |= E_REWRITE; /* without the digests another mapping wrote */
+            } else if (flags & R_DIGEST) {
+                e.flags |= E_DIGEST;
+            }
+            size_t slot;
+            Py_ssize_t known = table_find(st, base + e.id, e.id_len, &slot);
+            if (known >= 0) {
+                st->entries[known] = e; /* a later section's record, in the first one's place */
+            } else if (table_add(st, e, slot) < 0) {
+                return ERR;
+            }
+        }
+        p = body_end;
+    }
+    return OK;
+}
+
+/* ---- a stored profile's attributes and audiences ------------------------------------------ */
+
+static int profile_append(Profile *p, int attr, const uc hash[8]) {
     if (p->cap == 0) {
         p->slots = PyMem_RawMalloc(24 * sizeof(Slot));
         if (p->slots == NULL) {
@@ -948,82 +1053,36 @@ static int profile_append(Profile *p, const uc *name, Py_ssize_t n, const uc has
         p->cap = 24;
     }
     if (grow((void **)&p->slots, &p->cap, p->nslots + 1, sizeof(Slot)) < 0) return -1;
-    if (small_reserve(&p->names, n) < 0) return -1;
     Slot *s = &p->slots[p->nslots++];
-    s->name = p->names.len;
-    s->name_len = n;
+    s->attr = attr;
     memcpy(s->hash, hash, 8);
-    return buf_put(&p->names, (const char *)name, n);
+    return 0;
 }
 
-static int audience_of(const Mapping *m, const uc *token, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < m->naudiences; i++)
-        if (m->audiences[i].name.len == n && memcmp(m->audiences[i].name.data, token, (size_t)n) == 0)
-            return (int)i;
-    return -1;
-}
-
-/* OK, PUNT (not in the form this module writes), or ERR. */
-static int profile_parse(const Mapping *m, const uc *p, const uc *end, Profile **out) {
+/* OK, PUNT (an audience the mapping does not know: the reference keeps its name), or ERR. */
+static int profile_parse(const State *st, const uc *p, const uc *end, Profile **out) {
     Profile *pr = PyMem_RawCalloc(1, sizeof(Profile));
     if (pr == NULL) {
         no_memory();
         return ERR;
     }
     *out = pr;
-    if (end - p < 2 || p[0] != '[' || p[1] != '{') return PUNT;
-    p += 2;
-    if (p < end && *p == '}') {
-        p++;
-    } else {
-        for (;;) {
-            const uc *name_end = string_token(p, end);
-            if (name_end == NULL || memchr(p, '\\', (size_t)(name_end - p)) || end - name_end < 20 ||
-                name_end[0] != ':' || name_end[1] != '"' || name_end[18] != '"')
-                return PUNT;
-            uc hash[8];
-            if (unhex8(name_end + 2, hash) < 0 || profile_slot(pr, p, name_end - p) >= 0) return PUNT;
-            if (profile_append(pr, p, name_end - p, hash) < 0) return ERR;
-            p = name_end + 19;
-            if (p < end && *p == ',') {
-                p++;
-                continue;
-            }
-            if (p < end && *p == '}') {
-                p++;
-                break;
-            }
-            return PUNT;
-        }
+    Py_ssize_t size = 0, count = 0, index = 0; /* read in full when the state was loaded */
+    p = read_varint(p, end, &size);
+    const uc *bitmap = p;
+    p += size;
+    for (Py_ssize_t i = 0; i < 8 * size; i++) {
+        if (!(bitmap[i >> 3] >> (i & 7) & 1)) continue;
+        if (i >= st->attrs.n) return PUNT;
+        if (profile_append(pr, (int)i, p) < 0) return ERR;
+        p += 8;
     }
-    if (end - p < 2 || p[0] != ',' || p[1] != '[') return PUNT;
-    p += 2;
-    if (p < end && *p == ']') {
-        p++;
-    } else {
-        for (;;) {
-            const uc *token_end = string_token(p, end);
-            if (token_end == NULL || memchr(p, '\\', (size_t)(token_end - p))) return PUNT;
-            int index = audience_of(m, p, token_end - p);
-            if (index >= 0) {
-                pr->owned |= (uint64_t)1 << index;
-            } else {
-                if (pr->others.len && PUT(&pr->others, ",") < 0) return ERR;
-                if (buf_put(&pr->others, (const char *)p, token_end - p) < 0) return ERR;
-            }
-            p = token_end;
-            if (p < end && *p == ',') {
-                p++;
-                continue;
-            }
-            if (p < end && *p == ']') {
-                p++;
-                break;
-            }
-            return PUNT;
-        }
+    p = read_varint(p, end, &count);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        p = read_varint(p, end, &index);
+        if (index >= st->auds.n || st->aud_mapping == NULL || st->aud_mapping[index] < 0) return PUNT;
+        pr->owned |= (uint64_t)1 << st->aud_mapping[index];
     }
-    if (p + 1 != end || *p != ']') return PUNT;
     return OK;
 }
 
@@ -1043,16 +1102,93 @@ static int entry_profile(State *st, Entry *e, Profile **out) {
     }
     const uc *base = (const uc *)PyBytes_AS_STRING(st->text);
     Profile *parsed = NULL;
-    int status = profile_parse(st->mapping, base + e->stored, base + e->line + e->line_len, &parsed);
+    int status = profile_parse(st, base + e->tail, base + e->record + e->record_len, &parsed);
     if (status != OK) {
         profile_free(parsed);
         return status;
     }
-    if (parsed->others.len) { /* audiences from another mapping: kept, but sorted with ours */
-        profile_free(parsed);
-        return PUNT;
-    }
     e->profile = *out = parsed;
+    return OK;
+}
+
+/* The index of a name in a table, or -1. */
+static int name_index(const State *st, const NameTable *t, const Buf *token) {
+    for (Py_ssize_t i = 0; i < t->n; i++)
+        if (t->names[i].len == token->len &&
+            memcmp(name_at(st, &t->names[i]), token->data, (size_t)token->len) == 0)
+            return (int)i;
+    return -1;
+}
+
+static const Buf *sort_tokens_base; /* qsort has no context argument */
+static int compare_tokens(const void *a, const void *b) {
+    const Buf *x = &sort_tokens_base[*(const int *)a], *y = &sort_tokens_base[*(const int *)b];
+    Py_ssize_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->data, y->data, (size_t)n);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+/* Adds the tokens the table lacks, sorted by their bytes (state._tables_out); `index[i]`
+ * is then each token's index. Called with the GIL held (qsort's context is global). */
+static int names_extend(State *st, NameTable *t, const Buf *tokens, Py_ssize_t stride,
+                        Py_ssize_t n, int *index) {
+    int *missing = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(int));
+    Buf *sorted = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(Buf));
+    if (missing == NULL || sorted == NULL) {
+        PyMem_RawFree(missing);
+        PyMem_RawFree(sorted);
+        PyErr_NoMemory();
+        return ERR;
+    }
+    Py_ssize_t nmissing = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        sorted[i] = *(const Buf *)((const char *)tokens + i * stride);
+        index[i] = name_index(st, t, &sorted[i]);
+        if (index[i] < 0) missing[nmissing++] = (int)i;
+    }
+    sort_tokens_base = sorted;
+    qsort(missing, (size_t)nmissing, sizeof(int), compare_tokens);
+    int status = OK;
+    for (Py_ssize_t k = 0; k < nmissing && status == OK; k++) {
+        int i = missing[k];
+        if (k && compare_tokens(&missing[k - 1], &missing[k]) == 0) { /* one name twice */
+            index[i] = index[missing[k - 1]];
+            continue;
+        }
+        index[i] = (int)t->n;
+        Name name = {st->names.len, sorted[i].len, 1};
+        if (buf_put(&st->names, sorted[i].data, sorted[i].len) < 0 || name_add(t, name) < 0) status = ERR;
+    }
+    PyMem_RawFree(missing);
+    PyMem_RawFree(sorted);
+    if (status != OK && !PyErr_Occurred()) PyErr_NoMemory();
+    return status;
+}
+
+/* The mapping a bucket is processed with: its names join the tables (once). */
+static int attach_mapping(State *st, Mapping *m) {
+    if (st->mapping == m) return OK;
+    Py_XSETREF(st->mapping, (Mapping *)Py_NewRef(m));
+    PyMem_RawFree(st->field_attr);
+    PyMem_RawFree(st->aud_table);
+    PyMem_RawFree(st->aud_mapping);
+    st->aud_mapping = NULL;
+    st->field_attr = PyMem_RawMalloc((size_t)(m->nfields + 1) * sizeof(int));
+    st->aud_table = PyMem_RawMalloc((size_t)(m->naudiences + 1) * sizeof(int));
+    if (st->field_attr == NULL || st->aud_table == NULL) {
+        PyErr_NoMemory();
+        return ERR;
+    }
+    if (names_extend(st, &st->attrs, &m->fields[0].token, sizeof(FieldSpec), m->nfields, st->field_attr) < 0 ||
+        names_extend(st, &st->auds, &m->audiences[0].name, sizeof(AudienceSpec), m->naudiences, st->aud_table) < 0)
+        return ERR;
+    st->aud_mapping = PyMem_RawMalloc((size_t)(st->auds.n + 1) * sizeof(int));
+    if (st->aud_mapping == NULL) {
+        PyErr_NoMemory();
+        return ERR;
+    }
+    for (Py_ssize_t i = 0; i < st->auds.n; i++) st->aud_mapping[i] = -1;
+    for (Py_ssize_t i = 0; i < m->naudiences; i++) st->aud_mapping[st->aud_table[i]] = (int)i;
     return OK;
 }
 
@@ -1913,11 +2049,13 @@ static int consent_granted(const Mapping *m, Row *row) {
 
 static const uc NULL_HASH[8] = {0};
 
-static int slot_of(const Profile *p, const Buf *token, int hint) {
-    if (hint < p->nslots && p->slots[hint].name_len == token->len &&
-        memcmp(p->names.data + p->slots[hint].name, token->data, (size_t)token->len) == 0)
+/* The profile's slot of attribute `attr`, or -1. */
+static int slot_of(const Profile *p, int attr, int hint) {
+    if (hint < p->nslots && p->slots[hint].attr == attr)
         return hint; /* profiles keep the mapping's order, so this is the usual hit */
-    return profile_slot((Profile *)p, (const uc *)token->data, token->len);
+    for (Py_ssize_t i = 0; i < p->nslots; i++)
+        if (p->slots[i].attr == attr) return (int)i;
+    return -1;
 }
 
 static int put_audience_names(Buf *b, const Mapping *m, uint64_t set) {
@@ -1986,7 +2124,7 @@ static int diff_and_queue(State *st, Mapping *m, Row *row, Py_ssize_t index, con
     Py_ssize_t first_change = st->nchanges;
     for (Py_ssize_t i = 0; i < m->nfields; i++) {
         const Typed *t = &row->fields[i];
-        int slot = profile ? slot_of(profile, &m->fields[i].token, (int)i) : -1;
+        int slot = profile ? slot_of(profile, st->field_attr[i], (int)i) : -1;
         const uc *stored = slot >= 0 ? profile->slots[slot].hash : NULL;
         const uc *hash;
         if (!t->present) {
@@ -2196,7 +2334,10 @@ static PyObject *state_process(State *st, PyObject *args) {
     Py_buffer data;
     PyObject *withheld;
     if (!PyArg_ParseTuple(args, "O!y*O!", &MappingType, &m, &data, &PyDict_Type, &withheld)) return NULL;
-    Py_XSETREF(st->mapping, (Mapping *)Py_NewRef(m));
+    if (attach_mapping(st, m) != OK) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
     Row row = {0};
     Outcomes o = {0};
     PyObject *result = NULL, *withheld_now = NULL;
@@ -2304,10 +2445,10 @@ static int acknowledge(State *st, const Item *item) {
     Profile *profile;
     TRY(entry_profile(st, e, &profile));
     for (Py_ssize_t c = item->changes; c < item->changes + item->nchanges; c++) {
-        const Buf *token = &st->mapping->fields[st->changes[c].slot].token;
-        int slot = slot_of(profile, token, st->changes[c].slot);
+        int attr = st->field_attr[st->changes[c].slot];
+        int slot = slot_of(profile, attr, st->changes[c].slot);
         if (slot >= 0) memcpy(profile->slots[slot].hash, st->changes[c].hash, 8);
-        else if (profile_append(profile, (const uc *)token->data, token->len, st->changes[c].hash) < 0)
+        else if (profile_append(profile, attr, st->changes[c].hash) < 0)
             return ERR;
     }
     profile->owned = (profile->owned | item->added) & ~item->removed;
@@ -2392,77 +2533,95 @@ static PyObject *state_mirror(State *st, PyObject *unused) {
     return PyLong_FromSsize_t(st->nitems);
 }
 
-/* ---- State.encode: the snapshot's profile lines ------------------------------------------- */
+/* ---- State.encode: the snapshot's records ------------------------------------------------- */
 
-static int put_line(State *st, Buf *b, const Entry *e) {
+static int compare_slots(const void *a, const void *b) {
+    return ((const Slot *)a)->attr - ((const Slot *)b)->attr;
+}
+
+/* A profile's record (state_codec.record): as stored when nothing changed; its stored tail
+ * when only the digest did. */
+static int put_record(State *st, Buf *b, const Entry *e) {
     const char *text = PyBytes_AS_STRING(st->text);
-    if (PUT(b, "\n") < 0) return ERR;
-    if (!(e->flags & E_REWRITE)) return buf_put(b, text + e->line, e->line_len) < 0 ? ERR : OK;
-    if (e->flags & E_DIGEST) {
-        char hex[16];
-        for (int i = 0; i < 8; i++) {
-            hex[2 * i] = HEX[e->digest[i] >> 4];
-            hex[2 * i + 1] = HEX[e->digest[i] & 15];
-        }
-        if (buf_put(b, hex, 16) < 0) return ERR;
-    }
-    if (PUT(b, "\t") < 0 || buf_put(b, (const char *)entry_id(st, e), e->id_len) < 0 || PUT(b, "\t") < 0)
+    if (!(e->flags & E_REWRITE)) return buf_put(b, text + e->record, e->record_len) < 0 ? ERR : OK;
+    char flags = (char)((e->flags & E_DIGEST) ? R_DIGEST : 0);
+    if (buf_put(b, &flags, 1) < 0 || ((e->flags & E_DIGEST) && buf_put(b, (const char *)e->digest, 8) < 0) ||
+        put_varint(b, e->id_len) < 0 || buf_put(b, (const char *)entry_id(st, e), e->id_len) < 0)
         return ERR;
-    const Profile *p = e->profile;
+    Profile *p = e->profile;
     if (p == NULL) /* only the digest changed */
-        return buf_put(b, text + e->stored, e->line + e->line_len - e->stored) < 0 ? ERR : OK;
-    if (PUT(b, "[{") < 0) return ERR;
-    for (Py_ssize_t i = 0; i < p->nslots; i++) {
-        char hex[19];
-        hex[0] = ':';
-        hex[1] = '"';
-        for (int k = 0; k < 8; k++) {
-            hex[2 + 2 * k] = HEX[p->slots[i].hash[k] >> 4];
-            hex[3 + 2 * k] = HEX[p->slots[i].hash[k] & 15];
+        return buf_put(b, text + e->tail, e->record + e->record_len - e->tail) < 0 ? ERR : OK;
+    qsort(p->slots, (size_t)p->nslots, sizeof(Slot), compare_slots); /* the table's order */
+    Py_ssize_t size = p->nslots ? p->slots[p->nslots - 1].attr / 8 + 1 : 0;
+    uc bitmap[256] = {0};
+    if (size > (Py_ssize_t)sizeof bitmap) return PUNT;
+    for (Py_ssize_t i = 0; i < p->nslots; i++) bitmap[p->slots[i].attr >> 3] |= (uc)(1 << (p->slots[i].attr & 7));
+    if (put_varint(b, size) < 0 || buf_put(b, (const char *)bitmap, size) < 0) return ERR;
+    for (Py_ssize_t i = 0; i < p->nslots; i++)
+        if (buf_put(b, (const char *)p->slots[i].hash, 8) < 0) return ERR;
+    int owned[64], n = 0;
+    for (Py_ssize_t i = 0; st->mapping != NULL && i < st->mapping->naudiences; i++)
+        if (p->owned >> i & 1) {
+            int index = st->aud_table[i], k = n++;
+            for (; k > 0 && owned[k - 1] > index; k--) owned[k] = owned[k - 1];
+            owned[k] = index;
         }
-        hex[18] = '"';
-        if ((i && PUT(b, ",") < 0) || buf_put(b, p->names.data + p->slots[i].name, p->slots[i].name_len) < 0 ||
-            buf_put(b, hex, 19) < 0)
-            return ERR;
-    }
-    if (PUT(b, "},[") < 0 || put_audience_names(b, st->mapping, p->owned) < 0 || PUT(b, "]]") < 0)
-        return ERR;
+    if (put_varint(b, n) < 0) return ERR;
+    for (int i = 0; i < n; i++)
+        if (put_varint(b, owned[i]) < 0) return ERR;
     return OK;
 }
 
-/* encode(header) -> bytes: the header, then "\n" and the line of every profile, stored ones
+static int put_table(State *st, Buf *b, const NameTable *t) {
+    if (put_varint(b, t->n) < 0) return ERR;
+    for (Py_ssize_t i = 0; i < t->n; i++)
+        if (put_varint(b, t->names[i].len) < 0 || buf_put(b, name_at(st, &t->names[i]), t->names[i].len) < 0)
+            return ERR;
+    return OK;
+}
+
+/* encode(header) -> bytes: a section (state_codec.section) of every profile, stored ones
  * first, in their order, then new ones in the order they were acknowledged (as
- * state._encode writes the dict), then "\n": the snapshot's whole text, in one copy. */
-static PyObject *encode_lines(State *st, PyObject *header, int changed_only) {
+ * state._encode writes the dict): the snapshot's whole text, in one copy. */
+static PyObject *encode_records(State *st, PyObject *header, int changed_only) {
     Buf b = {0};
     PyObject *result = NULL;
+    int status = ERR;
     if (!PyBytes_Check(header)) {
         PyErr_SetString(PyExc_TypeError, "header must be bytes");
         return NULL;
     }
     Py_ssize_t size = changed_only ? 4096 : PyBytes_GET_SIZE(st->text);
-    if (buf_reserve(&b, size + PyBytes_GET_SIZE(header) + 1024) < 0 ||
-        buf_put(&b, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header)) < 0)
+    Py_ssize_t header_len = PyBytes_GET_SIZE(header);
+    if (header_len < 0 || buf_reserve(&b, size + header_len + 1024) < 0 ||
+        buf_put(&b, PyBytes_AS_STRING(header), header_len) < 0 ||
+        PUT(&b, "\n\0\0\0\0\0\0\0\0") < 0) /* the body's length, set below */
         goto done;
+    Py_ssize_t body = b.len;
+    if (put_table(st, &b, &st->attrs) < 0 || put_table(st, &b, &st->auds) < 0) goto done;
     for (Py_ssize_t i = 0; i < st->nentries; i++) {
         const Entry *e = &st->entries[i];
         if (!(e->flags & E_STORED) || (changed_only && !(e->flags & E_REWRITE))) continue;
-        if (put_line(st, &b, e) != OK) goto done;
+        if ((status = put_record(st, &b, e)) != OK) goto done;
     }
     for (Py_ssize_t i = 0; i < st->nadded; i++)
-        if (put_line(st, &b, &st->entries[st->added_order[i]]) != OK) goto done;
-    if (PUT(&b, "\n") < 0) goto done;
+        if ((status = put_record(st, &b, &st->entries[st->added_order[i]])) != OK) goto done;
+    uint64_t length = (uint64_t)(b.len - body);
+    for (int k = 0; k < 8; k++) b.data[body - 8 + k] = (char)(length >> (8 * k) & 0xFF);
+    status = OK;
     result = PyBytes_FromStringAndSize(b.data, b.len);
 done:
+    if (status == PUNT) PyErr_SetString(PyExc_ValueError, "a profile has more attributes than a record holds");
+    else if (result == NULL && !PyErr_Occurred()) PyErr_NoMemory();
     PyMem_RawFree(b.data);
     return result;
 }
 
-static PyObject *state_encode(State *st, PyObject *header) { return encode_lines(st, header, 0); }
+static PyObject *state_encode(State *st, PyObject *header) { return encode_records(st, header, 0); }
 
-/* encode_changed(header) -> bytes: a section to append to the snapshot: the header, then the
- * lines of the profiles this run changed (stored ones in their order, then new ones). */
-static PyObject *state_encode_changed(State *st, PyObject *header) { return encode_lines(st, header, 1); }
+/* encode_changed(header) -> bytes: a section to append to the snapshot: the records of the
+ * profiles this run changed (stored ones in their order, then new ones). */
+static PyObject *state_encode_changed(State *st, PyObject *header) { return encode_records(st, header, 1); }
 
 /* ---- the digest index: see split.UnchangedIndex -------------------------------------------- */
 
@@ -2487,6 +2646,10 @@ static uint64_t digest_key(const uc d[8]) {
     uint64_t v = 0;
     for (int i = 0; i < 8; i++) v = v << 8 | d[i];
     return v;
+}
+
+static void put_be64(uc *out, uint64_t v) {
+    for (int k = 0; k < 8; k++) out[k] = (uc)(v >> (56 - 8 * k));
 }
 
 /* digests() -> bytes: the sorted raw digests of the profiles acknowledged, 8 bytes each; a
@@ -2690,11 +2853,20 @@ typedef struct {
     Buf fields; /* the current record's values, unquoted */
     Py_ssize_t *starts, *lens;
     Py_ssize_t fields_cap;
+    Buf tokens; /* the current record's values as JSON strings (encode_fields) */
+    Py_ssize_t *token_at, *token_len;
+    Py_ssize_t tokens_cap;
     Buf key;
     /* Rows already acknowledged exactly as they are (use_index): settled here, unsent. */
     Mapping *mapping;
     struct BucketIndex *index; /* per bucket; NULL: every row becomes a work line */
     struct Directory *directory;
+    struct LineDirectory *lines; /* the last run's lines whose digests are current (or NULL) */
+    uint64_t line_seed;        /* this part's: the hash of its header line */
+    int line_seed_set;
+    int recording;             /* whether this file's lines are kept for the next run */
+    Py_ssize_t settled_by_line; /* rows settled from their line's hash alone */
+    Buf line_out;              /* its line index entries, until taken */
     uint64_t *seen;            /* a Bloom filter of the identity keys split so far */
     Table seen_table;
     uint64_t seen_mask;        /* its size in 512-bit blocks, minus one */
@@ -2730,6 +2902,32 @@ typedef struct Directory {
     Table key_table, ref_table, start_table;
 } Directory;
 
+/* The last run's line index (unchanged.LineIndex), the entries whose digest a bucket's
+ * index holds, counting-sorted on the top bits of the line hash as the directory is on the
+ * digest's: a row whose line is byte for byte one whose raw digest a bucket acknowledged
+ * (or held back) is settled from the line's hash, not parsed. */
+typedef struct {
+    uint64_t seen_key; /* the identity's key in the Bloom filter */
+    uc digest[8];
+    uint16_t ref;      /* bucket, | WITHHELD_FLAG */
+} LineSlot;
+
+typedef struct LineDirectory {
+    uint64_t *keys;
+    LineSlot *slots;
+    uint32_t *start;
+    int shift;
+    Table key_table, slot_table, start_table;
+} LineDirectory;
+
+static void line_directory_free(LineDirectory *d) {
+    if (d == NULL) return;
+    table_unmap(&d->key_table);
+    table_unmap(&d->slot_table);
+    table_unmap(&d->start_table);
+    PyMem_RawFree(d);
+}
+
 static void directory_free(Directory *d) {
     if (d == NULL) return;
     table_unmap(&d->key_table);
@@ -2749,6 +2947,8 @@ static void index_free(Splitter *sp) {
     PyMem_RawFree(sp->index);
     directory_free(sp->directory);
     sp->directory = NULL;
+    line_directory_free(sp->lines);
+    sp->lines = NULL;
     table_unmap(&sp->seen_table);
     PyMem_RawFree(sp->digest_text.data);
     PyMem_RawFree(sp->values);
@@ -2768,6 +2968,10 @@ static void splitter_dealloc(Splitter *sp) {
     PyMem_RawFree(sp->starts);
     PyMem_RawFree(sp->lens);
     PyMem_RawFree(sp->key.data);
+    PyMem_RawFree(sp->line_out.data);
+    PyMem_RawFree(sp->tokens.data);
+    PyMem_RawFree(sp->token_at);
+    PyMem_RawFree(sp->token_len);
     index_free(sp);
     Py_XDECREF(sp->identity_key);
     Py_TYPE(sp)->tp_free((PyObject *)sp);
@@ -2812,6 +3016,11 @@ static PyObject *splitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds
 static Py_ssize_t utf8_valid(const uc *p, Py_ssize_t n) {
     Py_ssize_t i = 0;
     while (i < n) {
+        uint64_t word;
+        if (i + 8 <= n && (memcpy(&word, p + i, 8), (word & 0x8080808080808080ULL) == 0)) {
+            i += 8; /* ASCII, most text */
+            continue;
+        }
         uc c = p[i];
         if (c < 0x80) {
             i++;
@@ -2980,6 +3189,7 @@ static int directory_find(const Directory *d, uint64_t key, int (*bucket)(void *
         else found = d->refs[i];
     }
     if (!twice) return found;
+    if (bucket == NULL) return -1; /* no identity to tell them apart: neither */
     int wanted = bucket(context), best = -1;
     for (uint32_t i = d->start[slot]; i < d->start[slot + 1]; i++)
         if (d->keys[i] == key && (d->refs[i] & ~WITHHELD_FLAG) == (unsigned)wanted &&
@@ -2999,6 +3209,18 @@ static int bucket_of_key(void *context) {
     return (int)(key_hash(k->key, k->len) % (uint64_t)k->buckets);
 }
 
+/* The row settled in its bucket's tally: a profile acknowledged as it is (unchanged), or a
+ * row held back for lack of consent again, or, either way, suppressed for `reason`. */
+static int settle_counted(Splitter *sp, int bucket, int withheld, const uc digest[8], int reason) {
+    BucketIndex *ix = &sp->index[bucket];
+    DigestSet *set = withheld ? &ix->withheld : &ix->profiles;
+    if (buf_put(&set->settled, (const char *)digest, 8) < 0) return ERR;
+    if (reason >= 0) ix->suppressed[reason]++;
+    else if (withheld) ix->suppressed[PyList_GET_SIZE(sp->mapping->reasons)]++;
+    else ix->unchanged++;
+    return OK;
+}
+
 /*
  * Settles a row here when its bucket would count it without sending anything: its
  * identity key was not split before in this file (the caller checked the Bloom filter:
@@ -3008,29 +3230,15 @@ static int bucket_of_key(void *context) {
  * either way, suppressed if its address is now. Anything less certain goes on to the
  * bucket. `*bucket` is the digest's bucket when it has one (-1: hash the identity).
  */
-static int settle_row(Splitter *sp, const uc *identity, Py_ssize_t identity_len, int *bucket,
-                      int *settled) {
+static int settle_row(Splitter *sp, const uc *identity, Py_ssize_t identity_len, const uc digest[8],
+                      int *bucket, int *settled) {
     *settled = 0;
     *bucket = -1;
     const Mapping *m = sp->mapping;
-    if (m->identity_kind == ID_EMAIL && identity_len > 254) return OK;
-    Buf *t = &sp->digest_text;
-    t->len = 0;
-    if (PUT(t, "[") < 0) return ERR;
-    for (Py_ssize_t i = 0; i < m->ndigest; i++) {
-        int at = m->digest_positions[i];
-        if ((i && PUT(t, ",") < 0) || put_json_bytes(t, sp->fields.data + sp->starts[at], sp->lens[at]) < 0)
-            return ERR;
-    }
-    if (PUT(t, "]") < 0) return ERR;
-    uc digest[8];
-    raw_digest8((const uc *)t->data, (size_t)t->len, digest);
     KeyBucket key = {identity, identity_len, sp->buckets};
     int ref = directory_find(sp->directory, digest_key(digest), bucket_of_key, &key);
     if (ref < 0) return OK;
     *bucket = ref & ~WITHHELD_FLAG;
-    BucketIndex *ix = &sp->index[*bucket];
-    DigestSet *set = ref & WITHHELD_FLAG ? &ix->withheld : &ix->profiles;
     int reason = -1;
     if (m->suppressions) {
         int at[2] = {m->email_index, m->phone_index};
@@ -3041,12 +3249,209 @@ static int settle_row(Splitter *sp, const uc *identity, Py_ssize_t identity_len,
             }
         if (suppressed_values(m, sp->values, (const char *)identity, identity_len, &reason) == SLOW) return OK;
     }
-    if (buf_put(&set->settled, (const char *)digest, 8) < 0) return ERR;
-    if (reason >= 0) ix->suppressed[reason]++;
-    else if (set == &ix->withheld) ix->suppressed[PyList_GET_SIZE(m->reasons)]++;
-    else ix->unchanged++;
     *settled = 1;
+    return settle_counted(sp, *bucket, ref & WITHHELD_FLAG, digest, reason);
+}
+
+/* The record's values as JSON strings, comma-separated as the work line has them: each
+ * escaped once for both the work line and the raw digest. */
+static int encode_fields(Splitter *sp, Py_ssize_t count) {
+    if (count > sp->tokens_cap) {
+        Py_ssize_t *at = PyMem_RawRealloc(sp->token_at, (size_t)count * sizeof(Py_ssize_t));
+        if (at == NULL) return ERR;
+        sp->token_at = at;
+        Py_ssize_t *len = PyMem_RawRealloc(sp->token_len, (size_t)count * sizeof(Py_ssize_t));
+        if (len == NULL) return ERR;
+        sp->token_len = len;
+        sp->tokens_cap = count;
+    }
+    Buf *t = &sp->tokens;
+    t->len = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (i && PUT(t, ",") < 0) return ERR;
+        sp->token_at[i] = t->len;
+        if (put_json_bytes(t, sp->fields.data + sp->starts[i], sp->lens[i]) < 0) return ERR;
+        sp->token_len[i] = t->len - sp->token_at[i];
+    }
     return OK;
+}
+
+/* The raw digest of the record encoded last (state.raw_digest of the mapping's values). */
+static int row_digest(Splitter *sp, uc digest[8]) {
+    const Mapping *m = sp->mapping;
+    Buf *t = &sp->digest_text;
+    t->len = 0;
+    if (PUT(t, "[") < 0) return ERR;
+    for (Py_ssize_t i = 0; i < m->ndigest; i++) {
+        int at = m->digest_positions[i];
+        if ((i && PUT(t, ",") < 0) || buf_put(t, sp->tokens.data + sp->token_at[at], sp->token_len[at]) < 0)
+            return ERR;
+    }
+    if (PUT(t, "]") < 0) return ERR;
+    raw_digest8((const uc *)t->data, (size_t)t->len, digest);
+    return OK;
+}
+
+/* A line of this file for the next run's line index: its hash, its raw digest and its
+ * identity's key (unchanged.LineIndex). */
+static int record_line(Splitter *sp, uint64_t line_hash, const uc digest[8], uint64_t seen_key) {
+    uc entry[24];
+    put_be64(entry, line_hash);
+    memcpy(entry + 8, digest, 8);
+    put_be64(entry + 16, seen_key);
+    return buf_put(&sp->line_out, (const char *)entry, 24) < 0 ? ERR : OK;
+}
+
+/* The entry of a line hash, or NULL (none, or two: a collision settles nothing). */
+static const LineSlot *line_find(const LineDirectory *d, uint64_t key) {
+    uint64_t slot = key >> d->shift;
+    const LineSlot *found = NULL;
+    for (uint32_t i = d->start[slot]; i < d->start[slot + 1]; i++) {
+        if (d->keys[i] != key) continue;
+        if (found != NULL) return NULL;
+        found = &d->slots[i];
+    }
+    return found;
+}
+
+/* Where the record from p ends, by its quotes (a line break inside quotes has an odd
+ * number of quotes before it): the byte after its line break, with `*text_end` the end of
+ * its text (before "\r\n" or "\n") and `*lines` the lines it spans; NULL when the data ends
+ * first. Only for records of well-formed files: a line that hashes as one acknowledged
+ * before is such a record, and any other goes on to split_record. */
+static const uc *record_end(const uc *p, const uc *end, const uc **text_end, long long *lines) {
+    int quoted = 0;
+    *lines = 0;
+    for (const uc *q = p;;) {
+        const uc *newline = memchr(q, '\n', (size_t)(end - q));
+        if (newline == NULL) return NULL;
+        for (const uc *x = memchr(q, '"', (size_t)(newline - q)); x != NULL;
+             x = memchr(x + 1, '"', (size_t)(newline - x - 1)))
+            quoted ^= 1;
+        (*lines)++;
+        if (!quoted) {
+            *text_end = newline > p && newline[-1] == '\r' ? newline - 1 : newline;
+            return newline + 1;
+        }
+        q = newline + 1;
+    }
+}
+
+/*
+ * Settles a row from its line alone when the line is, byte for byte (under the same
+ * header), one a profile of a bucket was acknowledged from: its raw values are then that
+ * profile's (settle_row's condition, without parsing), its identity is that profile's (so
+ * the Bloom filter is asked with the profile's key), and, when addresses are suppressed,
+ * the row is parsed after all to look its addresses up. Anything less certain goes on.
+ */
+static int settle_line(Splitter *sp, const uc *p, uint64_t line_hash, const LineSlot *slot,
+                       const uc *end, int final, int *settled) {
+    *settled = 0;
+    if (slot == NULL || seen_before(sp, slot->seen_key)) return OK;
+    const Mapping *m = sp->mapping;
+    int reason = -1;
+    if (m->suppressions) {
+        const uc *next;
+        Py_ssize_t count;
+        long long lines;
+        int status = split_record(sp, p, end, final, &next, &count, &lines);
+        if (status == ERR) return ERR;
+        if (status != OK || count != sp->columns) return OK;
+        const uc *identity = (const uc *)sp->fields.data + sp->starts[sp->identity_index];
+        Py_ssize_t a, b;
+        strip(identity, sp->lens[sp->identity_index], &a, &b);
+        if (m->identity_kind == ID_EMAIL && b - a > 254) return OK;
+        if (buf_reserve(&sp->key, b - a + 1) < 0) return ERR;
+        lower_ascii(sp->key.data, identity + a, b - a);
+        int at[2] = {m->email_index, m->phone_index};
+        for (int i = 0; i < 2; i++)
+            if (at[i] >= 0) {
+                sp->values[at[i]].text = (const uc *)sp->fields.data + sp->starts[at[i]];
+                sp->values[at[i]].len = sp->lens[at[i]];
+            }
+        if (suppressed_values(m, sp->values, sp->key.data, b - a, &reason) == SLOW) return OK;
+    }
+    *settled = 1;
+    TRY(settle_counted(sp, slot->ref & ~WITHHELD_FLAG, slot->ref & WITHHELD_FLAG, slot->digest, reason));
+    return sp->recording ? record_line(sp, line_hash, slot->digest, slot->seen_key) : OK;
+}
+
+/*
+ * Rows ahead of the one split now, for the line path: a record's look-ups (the directory's
+ * slot, its keys and entries, the Bloom filter's block) each miss the cache, so they are
+ * asked for in stages some records ahead (prefetched) and found in cache when the record
+ * comes. The records ahead are found by their quotes (record_end); when the record split
+ * now is not the one expected (a record split_record reads otherwise), the ring starts again
+ * from it.
+ */
+#define AHEAD 16
+#define AHEAD_KEYS 10   /* the directory's slot read, its keys and entries prefetched */
+#define AHEAD_BLOOM 5   /* the entry found, its Bloom filter block prefetched */
+
+typedef struct {
+    const uc *start, *next;
+    long long lines;
+    uint64_t hash;  /* 0: an empty line */
+    int stage;      /* 1: keys prefetched, 2: entry found */
+    const LineSlot *slot;
+} Ahead;
+
+typedef struct {
+    Ahead rows[AHEAD];
+    int head, count;
+    const uc *scan; /* where the next record ahead starts */
+} Ring;
+
+static void ring_advance(Splitter *sp, Ahead *a, int stage) {
+    const LineDirectory *d = sp->lines;
+    if (a->hash == 0) {
+        a->stage = 2;
+        return;
+    }
+    if (a->stage < 1 && stage >= 1) {
+        uint64_t slot = a->hash >> d->shift;
+        uint32_t lo = d->start[slot];
+        __builtin_prefetch(&d->keys[lo]);
+        __builtin_prefetch(&d->slots[lo]);
+        a->stage = 1;
+    }
+    if (a->stage < 2 && stage >= 2) {
+        a->slot = line_find(d, a->hash);
+        if (a->slot != NULL) __builtin_prefetch(sp->seen + 8 * (a->slot->seen_key & sp->seen_mask));
+        a->stage = 2;
+    }
+}
+
+/* The record at `p` with its look-ups done, or NULL (the ring does not know it). */
+static Ahead *ring_take(Splitter *sp, Ring *r, const uc *p, const uc *end) {
+    if (r->count == 0 || r->rows[r->head].start != p) {
+        r->count = 0;
+        r->scan = p;
+    }
+    while (r->count < AHEAD && r->scan < end) {
+        Ahead *a = &r->rows[(r->head + r->count) % AHEAD];
+        const uc *text_end;
+        a->start = r->scan;
+        a->next = record_end(r->scan, end, &text_end, &a->lines);
+        if (a->next == NULL) {
+            r->scan = end; /* the rest is left to split_record */
+            break;
+        }
+        a->hash = text_end > a->start ? xxh64_seeded(a->start, (size_t)(text_end - a->start), sp->line_seed) : 0;
+        if (a->hash != 0) __builtin_prefetch(&sp->lines->start[a->hash >> sp->lines->shift]);
+        a->stage = 0;
+        a->slot = NULL;
+        r->scan = a->next;
+        r->count++;
+    }
+    if (r->count == 0) return NULL;
+    if (r->count > AHEAD_KEYS) ring_advance(sp, &r->rows[(r->head + AHEAD_KEYS) % AHEAD], 1);
+    if (r->count > AHEAD_BLOOM) ring_advance(sp, &r->rows[(r->head + AHEAD_BLOOM) % AHEAD], 2);
+    Ahead *a = &r->rows[r->head];
+    ring_advance(sp, a, 2);
+    r->head = (r->head + 1) % AHEAD;
+    r->count--;
+    return a;
 }
 
 /* A bucket's sorted, distinct 8-byte digests: their number, or -1 (an error is set). */
@@ -3113,16 +3518,76 @@ static Directory *directory_of(PyObject *index, Py_ssize_t total) {
     return d;
 }
 
-/* use_index(mapping, index): `index` has, per bucket, None or (profiles, withheld): the
- * sorted raw digests its state acknowledged and those it held back for lack of consent
- * (8 bytes each); rows are then settled here where they can be. */
+/* The line directory of the entries of `lines` (24 bytes each: line hash, digest, identity
+ * key) whose digest is in one bucket's index (the digest directory `d`), with that bucket;
+ * NULL on no memory. */
+static LineDirectory *line_directory_of(const Directory *digests, const uc *lines, Py_ssize_t n) {
+    LineDirectory *d = PyMem_RawCalloc(1, sizeof(LineDirectory));
+    if (d == NULL) return NULL;
+    uint16_t *refs = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(uint16_t));
+    Py_ssize_t total = 0;
+    if (refs == NULL) {
+        PyMem_RawFree(d);
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int ref = directory_find(digests, digest_key(lines + 24 * k + 8), NULL, NULL);
+        refs[k] = ref < 0 ? UINT16_MAX : (uint16_t)ref;
+        total += ref >= 0;
+    }
+    int bits = 1;
+    while (bits < 40 && ((Py_ssize_t)1 << bits) < total / 4) bits++;
+    d->shift = 64 - bits;
+    size_t slots = (size_t)1 << bits;
+    if (table_map(&d->key_table, (size_t)total * sizeof(uint64_t)) != OK ||
+        table_map(&d->slot_table, (size_t)total * sizeof(LineSlot)) != OK ||
+        table_map(&d->start_table, (slots + 1) * sizeof(uint32_t)) != OK) {
+        PyMem_RawFree(refs);
+        line_directory_free(d);
+        return NULL;
+    }
+    d->keys = d->key_table.data;
+    d->slots = d->slot_table.data;
+    d->start = d->start_table.data;
+    for (int place = 0; place < 2; place++) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            if (refs[k] == UINT16_MAX) continue;
+            const uc *entry = lines + 24 * k;
+            uint64_t key = digest_key(entry), slot = key >> d->shift;
+            if (!place) {
+                d->start[slot + 1]++;
+                continue;
+            }
+            uint32_t at = d->start[slot]++;
+            d->keys[at] = key;
+            memcpy(d->slots[at].digest, entry + 8, 8);
+            d->slots[at].seen_key = digest_key(entry + 16);
+            d->slots[at].ref = refs[k];
+        }
+        if (place == 0)
+            for (size_t slot = 0; slot < slots; slot++) d->start[slot + 1] += d->start[slot];
+        else
+            for (size_t slot = slots; slot > 0; slot--) d->start[slot] = d->start[slot - 1];
+    }
+    d->start[0] = 0;
+    PyMem_RawFree(refs);
+    return d;
+}
+
+/* use_index(mapping, index, lines): `index` has, per bucket, None or (profiles, withheld):
+ * the sorted raw digests its state acknowledged and those it held back for lack of consent
+ * (8 bytes each); `lines`, the last run's line index entries; rows are then settled here
+ * where they can be. */
 static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
     Mapping *m;
     PyObject *index;
-    if (!PyArg_ParseTuple(args, "O!O!", &MappingType, &m, &PyList_Type, &index)) return NULL;
+    Py_buffer lines = {0};
+    if (!PyArg_ParseTuple(args, "O!O!y*", &MappingType, &m, &PyList_Type, &index, &lines)) return NULL;
     if (m->columns != sp->columns || m->identity_index != sp->identity_index ||
-        m->identity_kind == ID_PHONE || PyList_GET_SIZE(index) != sp->buckets || sp->rows) {
+        m->identity_kind == ID_PHONE || PyList_GET_SIZE(index) != sp->buckets || sp->rows ||
+        lines.len % 24) {
         PyErr_SetString(PyExc_ValueError, "the index is for another file, identity or split");
+        PyBuffer_Release(&lines);
         return NULL;
     }
     index_free(sp);
@@ -3147,12 +3612,16 @@ static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
         ix->present = 1;
         total += profiles + withheld;
     }
-    if (total >= (Py_ssize_t)UINT32_MAX || sp->buckets > (int)(WITHHELD_FLAG - 1)) {
+    if (total >= (Py_ssize_t)UINT32_MAX || lines.len / 24 >= (Py_ssize_t)UINT32_MAX ||
+        sp->buckets > (int)(WITHHELD_FLAG - 1)) {
         PyErr_SetString(PyExc_ValueError, "index too large");
         goto fail;
     }
     sp->directory = directory_of(index, total);
     if (sp->directory == NULL) goto no_memory;
+    if (lines.len && (sp->lines = line_directory_of(sp->directory, lines.buf, lines.len / 24)) == NULL)
+        goto no_memory;
+    PyBuffer_Release(&lines);
     /* 16 bits per expected row: under 0.1% of first rows sent on to their bucket needlessly. */
     uint64_t bits = 1 << 23;
     while (bits < (uint64_t)total * 16) bits <<= 1;
@@ -3163,8 +3632,34 @@ static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
 no_memory:
     PyErr_NoMemory();
 fail:
+    PyBuffer_Release(&lines);
     index_free(sp);
     return NULL;
+}
+
+/* record_lines(mapping): this file's lines are kept for the next run's line index
+ * (take_lines), with the raw digests this mapping gives; after use_index, if that is used. */
+static PyObject *splitter_record_lines(Splitter *sp, PyObject *arg) {
+    if (!PyObject_TypeCheck(arg, &MappingType)) {
+        PyErr_SetString(PyExc_TypeError, "record_lines takes a Mapping");
+        return NULL;
+    }
+    Mapping *m = (Mapping *)arg;
+    if (m->columns != sp->columns || m->identity_index != sp->identity_index || sp->rows ||
+        (sp->mapping != NULL && sp->mapping != m)) {
+        PyErr_SetString(PyExc_ValueError, "the mapping is for another file, identity or split");
+        return NULL;
+    }
+    if (sp->mapping == NULL) sp->mapping = (Mapping *)Py_NewRef(m);
+    sp->recording = 1;
+    Py_RETURN_NONE;
+}
+
+/* take_lines() -> bytes: the line index entries kept since the last call. */
+static PyObject *splitter_take_lines(Splitter *sp, PyObject *unused) {
+    PyObject *taken = PyBytes_FromStringAndSize(sp->line_out.data ? sp->line_out.data : "", sp->line_out.len);
+    sp->line_out.len = 0;
+    return taken;
 }
 
 /* settled() -> per bucket None, or (profile digests, withheld digests, unchanged,
@@ -3203,15 +3698,21 @@ static PyObject *splitter_settled(Splitter *sp, PyObject *unused) {
     return list;
 }
 
+/* The work line of the record encoded last: [line, value, ...] (split.work_rows). */
 static int put_work_line(Splitter *sp, Buf *b, long long line, Py_ssize_t count) {
     char number[32];
     int n = snprintf(number, sizeof number, "[%lld", line);
-    if (buf_put(b, number, n) < 0) return ERR;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (PUT(b, ",") < 0 || put_json_bytes(b, sp->fields.data + sp->starts[i], sp->lens[i]) < 0)
-            return ERR;
-    }
-    return PUT(b, "]\n") < 0 ? ERR : OK;
+    if (buf_reserve(b, n + sp->tokens.len + 3) < 0) return ERR;
+    char *out = b->data + b->len;
+    memcpy(out, number, (size_t)n);
+    out += n;
+    if (count) *out++ = ',';
+    memcpy(out, sp->tokens.data, (size_t)sp->tokens.len);
+    out += sp->tokens.len;
+    *out++ = ']';
+    *out++ = '\n';
+    b->len = out - b->data;
+    return OK;
 }
 
 /*
@@ -3246,17 +3747,33 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         bad = valid; /* records before it are still split: the file is rejected anyway */
     }
     const uc *text_end = base + valid;
+    int last = final && valid == data.len;
+    Ring ring = {0};
     while (p < text_end) {
         const uc *next = p;
         Py_ssize_t count;
         long long lines;
-        status = split_record(sp, p, text_end, final && valid == data.len, &next, &count, &lines);
+        Ahead *ahead = sp->lines != NULL && sp->line_seed_set ? ring_take(sp, &ring, p, text_end) : NULL;
+        if (ahead != NULL && ahead->slot != NULL) {
+            int settled;
+            status = settle_line(sp, p, ahead->hash, ahead->slot, text_end, last, &settled);
+            if (status != OK) break;
+            if (settled) {
+                sp->settled++;
+                sp->settled_by_line++;
+                line += ahead->lines;
+                p = ahead->next;
+                continue;
+            }
+        }
+        status = split_record(sp, p, text_end, last, &next, &count, &lines);
         if (status == SLOW) {
             status = OK;
             break;
         }
         if (status != OK) break;
         long long first = line;
+        const uc *record = p;
         line += lines;
         p = next;
         if (count == 0) continue; /* a blank line */
@@ -3293,10 +3810,26 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
             if (status != OK) break;
             bucket = (int)(key % (uint64_t)sp->buckets);
         }
+        /* The raw digest, for the index and for the next run's line index: of rows whose
+         * identity C keys (settle_row's condition). */
+        uc digest[8];
+        int digested = ascii_key != NULL && sp->mapping != NULL && (sp->index != NULL || sp->recording) &&
+                       !(sp->mapping->identity_kind == ID_EMAIL && b - a > 254);
+        if (encode_fields(sp, count) != OK || (digested && row_digest(sp, digest) != OK)) {
+            status = ERR;
+            break;
+        }
+        if (digested && sp->recording && sp->line_seed_set) {
+            const uc *record_text = next; /* without its line break */
+            if (record_text > record && record_text[-1] == '\n') record_text--;
+            if (record_text > record && record_text[-1] == '\r') record_text--;
+            uint64_t line_hash = xxh64_seeded(record, (size_t)(record_text - record), sp->line_seed);
+            if ((status = record_line(sp, line_hash, digest, seen_key)) != OK) break;
+        }
         /* A settled row's bucket comes with its digest; others hash their identity. */
-        if (sp->index != NULL && !seen_before(sp, seen_key) && ascii_key != NULL) {
+        if (sp->index != NULL && !seen_before(sp, seen_key) && digested) {
             int settled;
-            status = settle_row(sp, ascii_key, b - a, &bucket, &settled);
+            status = settle_row(sp, ascii_key, b - a, digest, &bucket, &settled);
             if (status != OK) break;
             if (settled) {
                 sp->settled++;
@@ -3335,6 +3868,18 @@ done:
     return result;
 }
 
+/* line_seed(header): the header line of the part split next (without its line break):
+ * the hash of each row's line is seeded with its hash, so a line hashes alike only under
+ * the same columns. */
+static PyObject *splitter_line_seed(Splitter *sp, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    sp->line_seed = xxh64((const uc *)view.buf, (size_t)view.len);
+    sp->line_seed_set = 1;
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 /* drain() -> [(bucket, work lines)] of every bucket still holding lines. */
 static PyObject *splitter_drain(Splitter *sp, PyObject *unused) {
     PyObject *ready = PyList_New(0);
@@ -3363,9 +3908,15 @@ static PyMethodDef SPLITTER_METHODS[] = {
     {"feed", (PyCFunction)splitter_feed, METH_VARARGS,
      "feed(data, line, final) -> None or (consumed, line, malformed, ready, bad_utf8)"},
     {"drain", (PyCFunction)splitter_drain, METH_NOARGS, "drain() -> [(bucket, work lines)]"},
+    {"record_lines", (PyCFunction)splitter_record_lines, METH_O,
+     "record_lines(mapping): keep this file's lines for the next run (take_lines)"},
+    {"take_lines", (PyCFunction)splitter_take_lines, METH_NOARGS,
+     "take_lines() -> bytes: line index entries (line hash, raw digest, identity key)"},
+    {"line_seed", (PyCFunction)splitter_line_seed, METH_O,
+     "line_seed(header line): what the next part's line hashes are seeded with"},
     {"counts", (PyCFunction)splitter_counts, METH_NOARGS, "counts() -> rows per bucket"},
     {"use_index", (PyCFunction)splitter_use_index, METH_VARARGS,
-     "use_index(mapping, digests): settle rows acknowledged before exactly as they are"},
+     "use_index(mapping, digests, lines): settle rows acknowledged before exactly as they are"},
     {"settled", (PyCFunction)splitter_settled, METH_NOARGS,
      "settled() -> per bucket None or (digests, withheld digests, unchanged, suppressed reasons)"},
     {NULL, NULL, 0, NULL},
@@ -3373,10 +3924,15 @@ static PyMethodDef SPLITTER_METHODS[] = {
 
 static PyObject *splitter_get_rows(Splitter *sp, void *closure) { return PyLong_FromSsize_t(sp->rows); }
 static PyObject *splitter_get_settled(Splitter *sp, void *closure) { return PyLong_FromSsize_t(sp->settled); }
+static PyObject *splitter_get_settled_by_line(Splitter *sp, void *closure) {
+    return PyLong_FromSsize_t(sp->settled_by_line);
+}
 
 static PyGetSetDef SPLITTER_GETSET[] = {
     {"rows", (getter)splitter_get_rows, NULL, "rows split so far", NULL},
     {"settled_rows", (getter)splitter_get_settled, NULL, "rows settled so far (use_index)", NULL},
+    {"settled_by_line", (getter)splitter_get_settled_by_line, NULL,
+     "rows of settled_rows settled from their line's hash (not parsed)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

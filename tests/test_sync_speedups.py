@@ -23,6 +23,7 @@ import xxhash
 
 from core.destinations.braze import BrazeDestination
 from core.suppression import Channel, Reason, SuppressionSnapshot, address_hash
+from core.sync import state_codec
 from core.sync.definitions import SyncDefinition, mapping_fingerprint, parse_document
 from core.sync.engine import BucketWork, CheckpointLog, ChunkRunner
 from core.sync.mapping import RowMapper
@@ -82,8 +83,9 @@ Split = tuple[list[list[bytes]], list[Any]]
 
 def _native_split(data: bytes, buckets: int, chunk: int) -> Split | None:
     text = io.BytesIO(data)
-    _, rest = read_header(text, ",")
+    _, rest, header = read_header(text, ",")
     splitter = SPEEDUPS.Splitter(len(COLUMNS), 0, ",", buckets, 64, identity_key)
+    splitter.line_seed(header)
     lines: list[list[bytes]] = [[] for _ in range(buckets)]
     malformed: list[Any] = []
     try:
@@ -616,9 +618,24 @@ def test_rows_run_without_the_gil_so_other_threads_keep_going(storage: Any) -> N
     assert min(during) > 400, during  # with the GIL held throughout: about a tenth of that
 
 
-def test_version_3_state_and_unusual_state_lines_give_the_same_results(
+def _as_json_lines(state: bytes, fingerprint: str, version: int) -> bytes:
+    """A format-6 state written as format `version` wrote it (JSON lines, hex hashes)."""
+    decoded = StateStore(None, "s", "braze", fingerprint).decode_text((state, "e", None))  # type: ignore[arg-type]
+    header = {"version": version, "fingerprint": fingerprint, "run": "r", "result": {}}
+    lines = [orjson.dumps(header)]
+    for identity, profile in decoded.profiles.items():
+        hashes = {name: digest.hex() for name, digest in profile.hashes.items()}
+        stored = orjson.dumps([hashes, sorted(profile.audiences)])
+        digest = (profile.digest or b"").hex().encode()
+        lines.append(b"%s\t%s\t%s" % (digest, orjson.dumps(identity), stored))
+    return b"\n".join(lines) + b"\n"
+
+
+def test_json_line_states_and_repeated_records_give_the_same_results(
     storage: Any, braze: FakeBraze
 ) -> None:
+    """States written before format 6 are read (by the reference, which rewrites them);
+    a record repeated in a later section takes the earlier one's place, in C too."""
     document = {**_sync_document("native-v3"), **CONFIGURATIONS["boolean-audiences"]}
     sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
     rng = random.Random(5)
@@ -627,16 +644,30 @@ def test_version_3_state_and_unusual_state_lines_give_the_same_results(
     empty = SuppressionSnapshot({})
     first = _run_bucket(storage, braze, sync, rows, None, native=False, known=known,
                         suppressions=empty)  # fmt: skip
-    header, _, lines = first.state.partition(b"\n")
-    version_3 = orjson.dumps({**orjson.loads(header), "version": 3}) + b"\n" + lines
-    repeated = first.state + lines.partition(b"\n")[0] + b"\n"  # one identity twice
-    states = StateStore(storage, sync.id, "braze", mapping_fingerprint(sync))
-    assert states.decode_text((version_3, "e", None), native=True).native is not None
-    # A later line of an identity takes the earlier one's place, as in appended sections.
+    fingerprint = mapping_fingerprint(sync)
+    older = {v: _as_json_lines(first.state, fingerprint, v) for v in (3, 5)}
+    last = list(state_codec.sections(first.state))[-1]
+    record = next(state_codec.records(first.state, last.records, last.end))
+    header = first.state[: first.state.index(b"\n")]
+    repeated = first.state + state_codec.section(
+        header, last.tables, [first.state[record.start : record.end]]
+    )
+    states = StateStore(storage, sync.id, "braze", fingerprint)
     assert states.decode_text((repeated, "e", None), native=True).native is not None
+    for v in (3, 5):
+        text = older[v]
+        read = states.decode_text((text, "e", None), native=True)
+        assert read.native is None and not read.binary  # C reads format 6 only
+        assert set(read.profiles) == set(states.decode_text((first.state, "e", None)).profiles)
     changed = _changed(rng, rows)
-    for previous in (version_3, repeated):
-        _both(storage, braze, sync, changed, previous, known=known, suppressions=empty)
+    after_5 = None
+    for previous in (older[3], older[5], repeated):
+        outcome = _both(storage, braze, sync, changed, previous, known=known, suppressions=empty)
+        assert state_codec.header_version(outcome.state) == state_codec.FORMAT_VERSION
+        if previous is older[5]:
+            after_5 = outcome
+        if previous is repeated:  # the same profiles and hashes, so the same changes sent
+            assert after_5 is not None and outcome.received == after_5.received
 
 
 @pytest.mark.parametrize(

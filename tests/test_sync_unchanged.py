@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,11 +21,13 @@ import pytest
 
 from core.errors import ConcurrencyConflict
 from core.suppression import SuppressionSnapshot
+from core.sync import state_codec
 from core.sync.definitions import SyncDefinition, mapping_fingerprint, parse_document
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
 from core.sync.split import feed_splitter, identity_key, read_header
 from core.sync.state import SPEEDUPS, Snapshot, StateStore
+from core.sync.state_codec import TableIndex
 from core.sync.unchanged import SettledRows, UnchangedIndex
 from devhost.fakes.braze import FakeBraze
 from tests.test_sync_speedups import (
@@ -57,30 +60,47 @@ def _with_repeats(rng: random.Random, rows: list[list[str]]) -> list[list[str]]:
     return repeated
 
 
+@dataclass
+class _Split:
+    lines: bytes
+    """The bucket's work lines, with the settled line when a state was given."""
+    settled: int
+    by_line: int
+    """Of the settled rows, those settled from their line's hash."""
+    line_index: bytes
+    """This file's line index entries, for the next run."""
+
+
 def _split(
-    sync: SyncDefinition, data: bytes, state: bytes | None, suppressions: SuppressionSnapshot
-) -> tuple[bytes, int]:
-    """The one bucket's work lines, with the settled line when `state` is given; and how
-    many rows were settled."""
+    sync: SyncDefinition, data: bytes, state: bytes | None, suppressions: SuppressionSnapshot,
+    line_index: bytes = b"",
+) -> _Split:  # fmt: skip
+    """The one bucket's split: settled against `state` (its digests, and the last run's
+    `line_index`) when it is given."""
     text = io.BytesIO(data)
-    columns, rest = read_header(text, ",")
+    columns, rest, header = read_header(text, ",")
     identity = columns.index(sync.identity.column)
     splitter = SPEEDUPS.Splitter(len(columns), identity, ",", 1, 1 << 30, identity_key)
+    splitter.line_seed(header)
     states = StateStore(None, sync.id, "braze", mapping_fingerprint(sync))  # type: ignore[arg-type]
+    mapping = native_mapping(sync, RowMapper(sync, columns), suppressions, lambda v: None)
     if state is not None:
         loaded = states.decode_text((state, '"etag"', None), native=True)
         # As the snapshot's index was written: with the rows it held back.
         index = (loaded.index()[0], b"".join(sorted(set(loaded.withheld.values()))))
-        mapping = native_mapping(sync, RowMapper(sync, columns), suppressions, lambda v: None)
-        splitter.use_index(mapping, [index])
-    lines = b""
+        splitter.use_index(mapping, [index], line_index)
+    if sync.identity.destination_key != "phone":  # phone identities are not settled
+        splitter.record_lines(mapping)
+    lines = recorded = b""
     for _, ready in feed_splitter(splitter, text, rest, 2):
         lines += b"".join(block for _, block in ready)
+        recorded += splitter.take_lines()
     lines += b"".join(block for _, block in splitter.drain())
+    recorded += splitter.take_lines()
     settled = splitter.settled()[0] if state is not None else None
     if settled is not None:
         lines += SettledRows("etag", *settled).line()
-    return lines, splitter.settled_rows
+    return _Split(lines, splitter.settled_rows, splitter.settled_by_line, recorded)
 
 
 @pytest.mark.parametrize(
@@ -99,27 +119,33 @@ def test_rows_settled_in_the_split_end_as_the_bucket_would_end_them(
     given = _scenario(f"settle-{configuration}", configuration, rng, suppressed=seed == 2, **mode)
     sync, rows, known, suppressions = given.sync, given.rows, given.known, given.suppressions
     previous: bytes | None = None
+    previous_lines = b""
     for _ in range(3):  # a first export, then changed ones against the state it left
         data = _csv(_with_repeats(rng, rows))
-        whole, _ = _split(sync, data, None, suppressions)
-        expected = _run_bucket(storage, braze, sync, whole, previous, native=True, known=known,
-                               suppressions=suppressions)  # fmt: skip
-        if previous is not None:
-            lines, settled = _split(sync, data, previous, suppressions)
-            assert 10 < settled <= expected.counts["unchanged"] + expected.counts["suppressed"]
-            carried = SettledRows.take(lines)[1]
+        whole = _split(sync, data, None, suppressions)
+        expected = _run_bucket(storage, braze, sync, whole.lines, previous, native=True,
+                               known=known, suppressions=suppressions)  # fmt: skip
+        for line_index in (b"", previous_lines) if previous is not None else ():
+            split = _split(sync, data, previous, suppressions, line_index)
+            unchanged = expected.counts["unchanged"] + expected.counts["suppressed"]
+            assert 10 < split.settled <= unchanged
+            # The last run's lines settle most rows unparsed; the others are parsed.
+            assert split.by_line > split.settled // 2 if line_index else split.by_line == 0
+            carried = SettledRows.take(split.lines)[1]
             assert carried is not None
             if sync.consent is not None:  # rows held back for lack of consent, settled again
                 assert carried.withheld and carried.reasons["suppressed.no_consent"]
             for native in (True, False):
-                outcome = _run_bucket(storage, braze, sync, lines, previous, native=native,
-                                      known=known, suppressions=suppressions)  # fmt: skip
+                outcome = _run_bucket(
+                    storage, braze, sync, split.lines, previous, native=native, known=known,
+                    suppressions=suppressions,
+                )  # fmt: skip
                 assert outcome.received == expected.received
                 assert outcome.counts == expected.counts
                 assert outcome.rejects == expected.rejects
                 assert outcome.checkpoints == expected.checkpoints
                 assert outcome.state == expected.state
-        previous = expected.state
+        previous, previous_lines = expected.state, whole.line_index
         rows = _changed(rng, rows)
 
 
@@ -134,9 +160,9 @@ def test_a_state_changed_since_the_split_fails_the_bucket(
     empty = SuppressionSnapshot({})
     state = _run_bucket(storage, braze, sync, rows, None, native=True, known=known,
                         suppressions=empty).state  # fmt: skip
-    lines, settled = _split(sync, _csv(rows), state, empty)
-    assert settled
-    stale = lines.replace(b'"state_etag":"etag"', b'"state_etag":"other"')
+    split = _split(sync, _csv(rows), state, empty)
+    assert split.settled
+    stale = split.lines.replace(b'"state_etag":"etag"', b'"state_etag":"other"')
     for native in (True, False):
         with pytest.raises(ConcurrencyConflict):
             _run_bucket(storage, braze, sync, stale, state, native=native, known=known,
@@ -197,8 +223,7 @@ def _run_stored(
         ),
     )  # fmt: skip
     work = BucketWork(0, state, RejectsPart(storage.blobs, sync.id, run_id, FULL_COLUMNS, part=1))
-    lines, _ = _split(sync, _csv(rows), None, SuppressionSnapshot({}))
-    runner.run_bucket(work, lines)
+    runner.run_bucket(work, _split(sync, _csv(rows), None, SuppressionSnapshot({})).lines)
     runner.finish()
     stored = states.inflate(states.fetch(0))
     assert stored is not None
@@ -230,12 +255,11 @@ def test_runs_that_change_few_profiles_append_sections_that_read_back_alike(
         whole = [
             states.decode_text((c[2], "e", None), native=flag) for flag in (True, False)
         ]  # fmt: skip
-        assert (
-            whole[0].native.encode(b"")
-            == b"".join(  # one line per profile, the last one
-                b"\n" + profile.line(identity) for identity, profile in whole[1].profiles.items()
-            )
-            + b"\n"
+        out = TableIndex(whole[1].tables)
+        assert whole[0].native.encode(b"{}") == state_codec.section(
+            b"{}",  # one record per profile, the last one
+            out.tables,
+            (profile.record(identity, out) for identity, profile in whole[1].profiles.items()),
         )
         if run < 6:  # a few profiles change, a few go (mirror mode takes their audiences)
             rows = [list(row) for row in rows if rng.random() > 0.01]
@@ -251,15 +275,14 @@ def test_the_index_and_seen_marks_agree_in_c_and_the_reference() -> None:
     rng = random.Random(4)
     digests = [rng.randbytes(8) for _ in range(3000)] + [b"\x00" * 8, b"\xff" * 8]
     digests += digests[:3]  # shared by two profiles: left out of the index
-    lines = b"".join(
-        b"%s\t\"P-%d\"\t[{},[]]\n" % (digest.hex().encode(), number)
+    records = (
+        state_codec.record(b'"P-%d"' % number, digest, b"\x00\x00")  # no attributes
         for number, digest in enumerate(digests)
-    )  # fmt: skip
-    header = b'{"version":5,"fingerprint":"f","withheld":{"W-1":"0102030405060708"}}\n'
-    states = StateStore(None, "s", "braze", "f")  # type: ignore[arg-type]
-    c, py = (
-        states.decode_text((header + lines, '"e"', None), native=flag) for flag in (True, False)
     )
+    header = b'{"version":6,"fingerprint":"f","withheld":{"W-1":"0102030405060708"}}'
+    text = state_codec.section(header, state_codec.Tables(), records)
+    states = StateStore(None, "s", "braze", "f")  # type: ignore[arg-type]
+    c, py = (states.decode_text((text, '"e"', None), native=flag) for flag in (True, False))
     assert c.native is not None and py.native is None
     assert c.index() == py.index()
     assert len(c.index()[0]) == 8 * (len(set(digests)) - 3)
@@ -312,9 +335,9 @@ def test_a_digest_finds_its_bucket_among_many_before_the_identity_is_hashed() ->
     index = [
         (b"".join(sorted(p)), b"".join(sorted(w))) for p, w in zip(profiles, withheld, strict=True)
     ]
-    splitter.use_index(mapping, index)
+    splitter.use_index(mapping, index, b"")
     text = io.BytesIO(_csv(rows))
-    _, rest = read_header(text, ",")
+    _, rest, _ = read_header(text, ",")
     work: dict[int, bytes] = {}
     for _, ready in feed_splitter(splitter, text, rest, 2):
         for b, block in ready:

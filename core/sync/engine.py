@@ -214,6 +214,7 @@ class ChunkRunner:
         self.on_bucket_done = on_bucket_done
         self.dry_run = dry_run
         self.send_nulls = frozenset(m.target for m in sync.fields if m.send_nulls)
+        self._names = ([t for t, _, _, _ in mapper.fields], [name for name, _ in mapper.audiences])
         self._checkpoints = checkpoints or CheckpointLog(storage)
         self._batch: list[_Span] = []
         self._batch_objects = 0
@@ -247,6 +248,8 @@ class ChunkRunner:
 
     def _run_rows(self, work: BucketWork, lines: bytes, settled: SettledRows | None) -> None:
         native = self.native is not None and work.state.native is not None
+        # The state's next tables hold the mapping's names (C's from its own mapping).
+        work.state.names = self._names
         if native and settled is not None:
             work.state.mark_seen(settled.index, settled.state_etag)
         if not (native and self._process_native(work, lines)):

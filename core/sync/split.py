@@ -84,6 +84,8 @@ class SplitResult:
     settled: list[int] = field(default_factory=list)
     """Rows per bucket settled during the split (core/sync/unchanged.py), in `counts` but
     not `rows` (empty: none)."""
+    settled_by_line: int = 0
+    """Of those, the rows settled from their line's hash, without parsing them."""
 
     def work_rows(self, bucket: int) -> int:
         """Rows left to the bucket itself."""
@@ -381,10 +383,14 @@ def split_file(
             result = read(storage, sync, blobs, buckets, partitioner)
         except ReferenceNeeded:
             partitioner.abandon()
+            if unchanged is not None:
+                unchanged.abandon_lines()
             log.info("segment file split again by the reference", extra={"run_id": run_id})
             continue
         except BaseException:
             partitioner.abandon()
+            if unchanged is not None:
+                unchanged.abandon_lines()
             raise
         result.in_memory = partitioner.close()
         result.rows = partitioner.rows
@@ -400,8 +406,9 @@ class ReferenceNeeded(Exception):
     """The C splitter met input it leaves to the reference (the file is split again)."""
 
 
-def read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
-    """The header's columns and the bytes read after it."""
+def read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes, bytes]:
+    """The header's columns, the bytes read after it, and the header line (without its
+    line break: what the part's line hashes are seeded with)."""
     buffer = b""
     while b"\n" not in buffer:
         chunk = text.read(_READ_BYTES)
@@ -419,7 +426,7 @@ def read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes]:
         raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
     if header is None or not line:  # a blank first line is a header of no columns
         raise FileRejected("empty_file", "file has no header line")
-    return header_columns(header), rest
+    return header_columns(header), rest, line.rstrip(b"\r\n")
 
 
 def _read_parts_native(
@@ -437,7 +444,7 @@ def _read_parts_native(
     with _file_errors():
         for part, blob in enumerate(blobs):
             text = decompressed(storage.blobs.open_reader(blob))
-            columns, data = read_header(text, sync.input.field_delimiter)
+            columns, data, header = read_header(text, sync.input.field_delimiter)
             result = _part_result(result, sync, columns, buckets, blob)
             if splitter is None:
                 splitter = SPEEDUPS.Splitter(
@@ -445,16 +452,23 @@ def _read_parts_native(
                     sync.input.field_delimiter, buckets, _PENDING_BYTES, identity_key,
                 )  # fmt: skip
                 settling = unchanged is not None and unchanged.attach(splitter, columns, buckets)
+            splitter.line_seed(header)
             for malformed, ready in feed_splitter(splitter, text, data, part * LINE_STRIDE + 2):
                 result.malformed += malformed
                 for bucket, lines in ready:
                     partitioner.add_lines(bucket, lines, splitter.rows)
+                if unchanged is not None:
+                    unchanged.keep_lines(splitter)
         assert result is not None and splitter is not None  # at least one part
         for bucket, lines in splitter.drain():
             partitioner.add_lines(bucket, lines, splitter.rows)
+        if unchanged is not None:
+            unchanged.keep_lines(splitter)
+            unchanged.commit_lines()
         result.counts = splitter.counts()
         if settling:
             assert unchanged is not None
+            result.settled_by_line = splitter.settled_by_line
             result.settled = [0] * buckets
             for bucket, settled in unchanged.settled(splitter).items():
                 partitioner.add_lines(bucket, settled.line(), splitter.rows)  # the last line

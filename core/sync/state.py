@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import importlib
-import io
 import logging
 import mmap
 import threading
@@ -50,19 +49,24 @@ from xxhash import xxh64_digest
 
 from core.errors import ConcurrencyConflict, ConfigError, EntityExists, StorageError
 from core.storage import Storage
-from core.storage.blobs import BlobRef, BlockWriter
+from core.storage.blobs import BlobRef, BlockStager, BlockWriter
 from core.storage.tables import EntityTable, TableEntity, safe_key
+from core.sync import state_codec
+from core.sync.state_codec import (
+    DIGESTS_SINCE,
+    FORMAT_VERSION,
+    TEXT_VERSIONS,
+    TableIndex,
+    Tables,
+)
 
 log = logging.getLogger(__name__)
 STATE_CONTAINER = "sync-state"
-_FORMAT_VERSION = 5
-_READABLE_VERSIONS = (3, 4, 5)
-"""Version 3 hashed attribute values with BLAKE2b: its hashes never match version 4's, so
-a profile's attributes are each sent once more, the first time its row changes. Versions
-before 5 digested raw rows with BLAKE2b: their digests are not compared (every row is
-typed and diffed once; attribute hashes still hold, so nothing is sent for that)."""
-_DIGESTS_SINCE = 5
 _INDEX_VERSION = 3
+_LINES = "lines/"
+_LINES_VERSION = 1
+_LINE_ENTRY_BYTES = 24
+_LINES_BLOCK_BYTES = 4 << 20
 _INDEX_READERS = 4
 _INDEX_BLOCK_BYTES = 1 << 20
 """Staged as it fills: a worker holds about this much of its index file at a time."""
@@ -120,37 +124,47 @@ def raw_digest(values: Sequence[Any]) -> bytes:
 class ProfileState:
     """One profile's acknowledged state.
 
-    Loaded lazily: a profile read from a snapshot keeps its stored line, and its attribute
-    hashes and audiences stay JSON inside it until a row needs them. A profile no row
-    touched is written back as that same line, with no work per profile; in a typical run
-    that is nearly all of them.
+    Loaded lazily: a profile read from a snapshot keeps its stored record, and its
+    attribute hashes and audiences stay unread inside it until a row needs them. A
+    profile no row touched is written back as that same record, with no work per profile;
+    in a typical run that is nearly all of them.
     """
 
-    __slots__ = ("_at", "_audiences", "_hashes", "_line", "_verbatim", "changed", "digest")
+    __slots__ = (
+        "_at", "_audiences", "_hashes", "_stored", "_tables", "_verbatim", "changed", "digest",
+    )  # fmt: skip
 
     def __init__(
-        self, digest: bytes | None = None, line: bytes = b"", at: int = 0, verbatim: bool = False
-    ) -> None:
+        self, digest: bytes | None = None, stored: bytes = b"", at: int = 0,
+        verbatim: bool = False, tables: Tables | None = None,
+    ) -> None:  # fmt: skip
         self.digest = digest
-        self._line = line
-        """The stored line; `[hashes, audiences]` JSON from `at` on (empty: a new profile)."""
+        self._stored = stored
+        """The stored record (format 6, with `tables`) or line (before); its attributes
+        from `at` on. Empty: a new profile."""
         self._at = at
+        self._tables = tables
         self._verbatim = verbatim
-        """Whether the line can be written back as it is (nothing changed since loading)."""
-        self.changed = not line
+        """Whether the record can be written back as it is (nothing changed since)."""
+        self.changed = not stored
         """Whether this run changed it (it goes in the section a run appends)."""
-        self._hashes: dict[str, bytes] | None = None if line else {}
-        self._audiences: set[str] | None = None if line else set()
+        self._hashes: dict[str, bytes] | None = None if stored else {}
+        self._audiences: set[str] | None = None if stored else set()
 
     def _parse(self) -> None:
-        hashes, audiences = orjson.loads(memoryview(self._line)[self._at :])
-        self._hashes = {name: bytes.fromhex(h) for name, h in hashes.items()}
-        self._audiences = set(audiences)
-        self._line, self._verbatim = b"", False
+        if self._tables is not None:
+            self._hashes, self._audiences = state_codec.read_tail(
+                self._stored, self._at, self._tables
+            )
+        else:  # a line of format 5 or before
+            hashes, audiences = orjson.loads(memoryview(self._stored)[self._at :])
+            self._hashes = {name: bytes.fromhex(h) for name, h in hashes.items()}
+            self._audiences = set(audiences)
+        self._stored, self._verbatim = b"", False
 
     @property
     def hashes(self) -> dict[str, bytes]:
-        """The attribute hashes, for reading or changing (either way the line is rebuilt)."""
+        """The attribute hashes, for reading or changing (either way the record is rebuilt)."""
         if self._hashes is None:
             self._parse()
         assert self._hashes is not None
@@ -163,24 +177,24 @@ class ProfileState:
         assert self._audiences is not None
         return self._audiences
 
+    def names(self) -> tuple[Iterable[str], Iterable[str]]:
+        """The attribute and audience names it holds."""
+        return self.hashes.keys(), self.audiences
+
     def set_digest(self, digest: bytes) -> None:
         self.digest = digest
         self._verbatim = False
         self.changed = True
 
-    def line(self, identity: str) -> bytes:
-        """digest TAB identity (JSON, so no tabs or newlines) TAB [hashes, audiences]"""
+    def record(self, identity: str, out: TableIndex) -> bytes:
+        """The profile's format-6 record under the tables being written."""
         if self._verbatim:
-            return self._line
-        stored = (
-            self._line[self._at :] if self._line
-            else orjson.dumps([
-                {name: digest.hex() for name, digest in self.hashes.items()},
-                sorted(self.audiences),
-            ])
-        )  # fmt: skip
-        digest = self.digest.hex().encode() if self.digest else b""
-        return b"%s\t%s\t%s" % (digest, orjson.dumps(identity), stored)
+            return self._stored
+        if self._hashes is None and self._tables is not None:  # only the digest changed
+            tail = self._stored[self._at :]
+        else:
+            tail = state_codec.tail(self.hashes, self.audiences, out)
+        return state_codec.record(orjson.dumps(identity), self.digest, tail)
 
 
 @dataclass(frozen=True)
@@ -211,7 +225,15 @@ class SyncState:
         self.profiles = profiles
         self.native: Any = None
         """switchboard_sync.State, holding the profiles, or None."""
-        self._lines = b""
+        self._text = b""
+        """The stored state, until its profiles are read (`use_reference`)."""
+        self.binary = True
+        """Whether it was stored in format 6 (else it is rewritten whole)."""
+        self.tables = Tables()
+        """The name tables of its last section: those written next extend them."""
+        self.names: tuple[list[str], list[str]] | None = None
+        """The mapping's attribute and audience names, once rows are processed: the
+        tables written next hold them (as C's do, from its mapping)."""
         self._same_mapping = True
         self.etag = etag
         self.layout: Layout | None = None
@@ -237,9 +259,10 @@ class SyncState:
 
     def use_reference(self) -> None:
         """Read the profiles in Python: this bucket runs on the reference after all."""
-        if self._lines:
-            self.profiles = _profiles(io.BytesIO(self._lines), self._same_mapping)
-        self.native, self._lines = None, b""
+        if self._text:
+            read = _profiles if self.binary else _text_profiles
+            self.profiles = read(self._text, self._same_mapping)
+        self.native, self._text = None, b""
 
     def withheld_again(self, identity: str, digest: bytes) -> bool:
         """The same raw row as one held back for lack of consent last run."""
@@ -446,10 +469,10 @@ def _plain_etag(etag: str) -> str:
 
 def _encode(state: SyncState, *, changed_only: bool = False) -> bytes:
     """The whole snapshot, or (`changed_only`) the section of the profiles this run
-    changed: the header, then a line per profile (stored ones in their order, then new
-    ones in the order they were acknowledged)."""
+    changed, in format 6 (state_codec): stored profiles in their order, then new ones in
+    the order they were acknowledged."""
     header = orjson.dumps({
-        "version": _FORMAT_VERSION,
+        "version": FORMAT_VERSION,
         "fingerprint": state.fingerprint,
         "run": state.last_run,
         "result": state.last_result,
@@ -460,51 +483,86 @@ def _encode(state: SyncState, *, changed_only: bool = False) -> bytes:
         encode = state.native.encode_changed if changed_only else state.native.encode
         text: bytes = encode(header)
         return text
-    lines = bytearray(header)
-    for identity, profile in state.profiles.items():
-        if changed_only and not profile.changed:
-            continue
-        lines += b"\n"
-        lines += profile.line(identity)
-    lines += b"\n"
-    return bytes(lines)
+    out = TableIndex(_tables_out(state))
+    written = (
+        (identity, profile) for identity, profile in state.profiles.items()
+        if profile.changed or not changed_only
+    )  # fmt: skip
+    records = (profile.record(identity, out) for identity, profile in written)
+    return state_codec.section(header, out.tables, records)
 
 
-def _profiles(lines: Iterable[bytes], same_mapping: bool) -> dict[str, ProfileState]:
-    """A snapshot's profiles: a later line of an identity (an appended section's) takes
-    the earlier one's place."""
+def _tables_out(state: SyncState) -> Tables:
+    """The tables a write uses: those loaded, extended by the mapping's names (C adds them
+    from its mapping alike). A state read from JSON lines had no tables: every name its
+    profiles hold is added (C never writes such a state: its bucket ran on the
+    reference)."""
+    attributes, audiences = state.names or ([], [])
+    if not state.binary:
+        for profile in state.profiles.values():
+            held_attributes, held_audiences = profile.names()
+            attributes, audiences = [*attributes, *held_attributes], [*audiences, *held_audiences]
+    return state.tables.extended(attributes, audiences)
+
+
+def _text_profiles(text: bytes, same_mapping: bool) -> dict[str, ProfileState]:
+    """The profiles of a state stored as JSON lines (format 5 and before): a later line of
+    an identity (an appended section's) takes the earlier one's place."""
     profiles: dict[str, ProfileState] = {}
-    for line in lines:
-        line = line.rstrip(b"\n")
+    for line in text.split(b"\n"):
         if not line or line.startswith(b"{"):
             continue  # blank, or a section's header
         first = line.find(b"\t")
         second = line.find(b"\t", first + 1)
         digest = unhexlify(line[:first]) if first and same_mapping else None
-        profiles[orjson.loads(line[first + 1 : second])] = ProfileState(
-            digest, line, second + 1, same_mapping
-        )
+        profiles[orjson.loads(line[first + 1 : second])] = ProfileState(digest, line, second + 1)
     return profiles
 
 
-def _decode(text: bytes, fingerprint: str, native: bool, *, sections: bool = True) -> SyncState:
-    """`sections`: whether sections may have been appended (else the first line is the
-    only header, and the text is not searched for the last one)."""
-    end = text.find(b"\n")
-    last = text.rfind(b"\n{") + 1 if sections else 0  # the last header (0: the first line)
-    last_end = text.find(b"\n", last)
-    header = orjson.loads(text[last : last_end if last_end >= 0 else len(text)] or b"{}")
-    if header.get("version") not in _READABLE_VERSIONS:
-        raise ValueError(f"unsupported sync state version {header.get('version')}")
-    # Another mapping (or digest): the raw digests no longer say anything, so lines are
-    # rebuilt.
-    same_mapping = header.get("fingerprint") == fingerprint and header["version"] >= _DIGESTS_SINCE
-    lines = text[end + 1 :] if end >= 0 else b""
+def _profiles(text: bytes, same_mapping: bool) -> dict[str, ProfileState]:
+    """The profiles of a format-6 state: a later record of an identity (an appended
+    section's) takes the earlier one's place. Records are kept as they are, to be written
+    back unparsed, unless the mapping changed (its digests no longer say anything)."""
+    profiles: dict[str, ProfileState] = {}
+    for part in state_codec.sections(text):
+        for found in state_codec.records(text, part.records, part.end):
+            stored = text[found.start : found.end]
+            profiles[orjson.loads(found.identity)] = ProfileState(
+                found.digest if same_mapping else None, stored, found.tail - found.start,
+                same_mapping, part.tables,
+            )  # fmt: skip
+    return profiles
+
+
+def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
+    version = state_codec.header_version(text)
+    header: dict[str, Any]
+    if not text:  # nothing stored yet
+        header, tables = {"fingerprint": fingerprint, "version": FORMAT_VERSION}, Tables()
+        version = FORMAT_VERSION
+    elif version == FORMAT_VERSION:
+        found = list(state_codec.sections(text))
+        header, tables = found[-1].header, found[-1].tables
+    elif version in TEXT_VERSIONS:
+        end = text.find(b"\n")
+        last = text.rfind(b"\n{") + 1  # the last header (0: the first line)
+        last_end = text.find(b"\n", last)
+        header = orjson.loads(text[last : last_end if last_end >= 0 else len(text)])
+        tables = Tables()
+        text = text[end + 1 :] if end >= 0 else b""
+    else:
+        raise ValueError(f"unsupported sync state version {version}")
+    # Another mapping (or digest): the raw digests no longer say anything, so records are
+    # rewritten without them.
+    same_mapping = (
+        header.get("fingerprint") == fingerprint and header.get("version", 0) >= DIGESTS_SINCE
+    )
     state = SyncState({}, None, fingerprint)
-    state._lines, state._same_mapping = lines, same_mapping
-    if native:
-        with contextlib.suppress(ValueError):  # lines C does not read: none we write
-            state.native = SPEEDUPS.State(lines, same_mapping)
+    state._text, state._same_mapping = text, same_mapping
+    state.binary, state.tables = version == FORMAT_VERSION, tables
+    if native and state.binary:  # C reads format 6 only
+        with contextlib.suppress(ValueError):  # records C does not read: none we write
+            state.native = SPEEDUPS.State(text, same_mapping)
     if state.native is None:
         state.use_reference()
     state.last_run = header.get("run")
@@ -916,6 +974,44 @@ class StateStore:
         found = self.storage.blobs.read_versioned(STATE_CONTAINER, ref.name)
         return found[0] if found else None
 
+    def line_index_writer(self, run_id: str, stager: BlockStager) -> BlockWriter:
+        """Where a run's split writes its line index (core/sync/unchanged.py)."""
+        header = {"version": _LINES_VERSION, "fingerprint": self.fingerprint, "run": run_id}
+        writer = self.storage.blobs.writer(
+            STATE_CONTAINER, f"{self.folder}{_LINES}{run_id}.bin", overwrite=True,
+            block_bytes=_LINES_BLOCK_BYTES, stager=stager,
+        )  # fmt: skip
+        writer.write(orjson.dumps(header) + b"\n")
+        return writer
+
+    def line_index(self, run_id: str) -> bytes:
+        """The entries of the newest line index of this mapping another run wrote (empty if
+        there is none); line indexes past the newest two and an hour old are deleted."""
+        found = sorted(
+            self.storage.blobs.list(STATE_CONTAINER, self.folder + _LINES),
+            key=lambda ref: (ref.last_modified or datetime.min.replace(tzinfo=UTC), ref.name),
+            reverse=True,
+        )
+        stale_before = datetime.now(UTC) - timedelta(hours=1)
+        for ref in found[2:]:
+            if (ref.last_modified or stale_before) < stale_before:
+                with contextlib.suppress(StorageError):
+                    self.storage.blobs.delete(STATE_CONTAINER, ref.name)
+        for ref in found:
+            if ref.name.endswith(f"/{run_id}.bin"):
+                continue  # a resumed run's own
+            read = self.storage.blobs.read_versioned(STATE_CONTAINER, ref.name)
+            if read is None:
+                continue  # deleted meanwhile
+            end = read[0].find(b"\n")
+            about = orjson.loads(read[0][:end]) if end > 0 else {}
+            expected = {"version": _LINES_VERSION, "fingerprint": self.fingerprint}
+            if {k: about.get(k) for k in expected} != expected:
+                return b""  # another mapping's, or of a version not read here
+            entries = read[0][end + 1 :]
+            return entries[: len(entries) - len(entries) % _LINE_ENTRY_BYTES]
+        return b""
+
     def index_writer(self, run_id: str) -> IndexWriter:
         name = f"{self.folder}digests/{run_id}-{uuid.uuid4().hex[:12]}.bin"
         header = {"version": _INDEX_VERSION, "fingerprint": self.fingerprint, "run": run_id}
@@ -942,11 +1038,8 @@ class StateStore:
         """The bucket's state from its inflated text; `native`: with its profiles in C
         (switchboard_sync.State) rather than in Python."""
         if inflated is None:
-            text = orjson.dumps({"version": _FORMAT_VERSION, "fingerprint": self.fingerprint})
-            return _decode(text, self.fingerprint, native)
-        layout = inflated[2]
-        sections = layout is None or layout.sections > 0 or layout.legacy
-        state = _decode(inflated[0], self.fingerprint, native, sections=sections)
+            return _decode(b"", self.fingerprint, native)
+        state = _decode(inflated[0], self.fingerprint, native)
         state.etag, state.layout = inflated[1], inflated[2]
         return state
 
@@ -958,7 +1051,8 @@ class StateStore:
         state.last_run, state.last_result = run_id, result
         layout = state.layout
         pointer = None if layout is None or layout.legacy else state.etag
-        if layout is not None and state._same_mapping and layout.sections < _MAX_SECTIONS:
+        appendable = state.binary and state._same_mapping and not (layout and layout.legacy)
+        if layout is not None and appendable and layout.sections < _MAX_SECTIONS:
             section = _encode(state, changed_only=True)
             if layout.appended_text + len(section) <= layout.base_text // 2:
                 return Snapshot.of(bucket, section, pointer, state.index(), layout)
@@ -1034,7 +1128,6 @@ class StateStore:
 def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[str]:
     """Identities a sync's destination holds in `audience` because Switchboard added them
     (every destination of the sync, so an identity may repeat), a bucket at a time."""
-    needle = orjson.dumps(audience)
     storage.blobs.ensure_container(STATE_CONTAINER)
     destinations = {
         row.row_key.split("|", 1)[0]
@@ -1049,17 +1142,5 @@ def audience_members(storage: Storage, sync_id: str, audience: str) -> Iterator[
         stored = store.stored_buckets()
         reader = store.reader(stored, sorted(stored))
         for bucket in sorted(stored):
-            found = store.inflate(reader.take(bucket))
-            assert found is not None
-            # A later section's line takes an identity's place.
-            members: dict[bytes, bool] = {}
-            for line in found[0].splitlines():
-                if not line or line.startswith(b"{"):
-                    continue  # a section's header
-                _, identity, held = line.split(b"\t", 2)
-                # The needle is a cheap pre-check before parsing.
-                if needle in held and audience in orjson.loads(held)[1]:
-                    members[identity] = True
-                elif identity in members:
-                    members[identity] = False
-            yield from (str(orjson.loads(i)) for i, member in members.items() if member)
+            state = store.decode(reader.take(bucket))
+            yield from (i for i, profile in state.profiles.items() if audience in profile.audiences)

@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from core.storage.blobs import BlockStager, BlockWriter
 from core.suppression import SuppressionSnapshot
 from core.sync.definitions import SyncDefinition
 from core.sync.mapping import RowMapper
@@ -91,7 +92,8 @@ class SettledRows:
 
 
 class UnchangedIndex:
-    """The digest indexes of one sync's destination state, read before the split."""
+    """The digest indexes of one sync's destination state and its last line index, read
+    before the split; and where the split writes this file's line index."""
 
     def __init__(
         self, states: StateStore, sync: SyncDefinition, suppressions: SuppressionSnapshot,
@@ -99,17 +101,22 @@ class UnchangedIndex:
     ) -> None:  # fmt: skip
         self.sync = sync
         self.suppressions = suppressions
+        self.run_id = run_id
+        self._states = states
         self.stored = states.stored_buckets()
         self.etags = {bucket: stored.etag for bucket, stored in self.stored.items()}
         self.digests = states.indexes(self.etags, run_id)
+        self.lines = states.line_index(run_id) if self.digests else b""
+        """The last run's line index entries (LineIndex)."""
         self.reader: StateReader = states.reader(self.stored, sorted(self.stored))
         """The buckets' state, read ahead while the file is split."""
         self.reader.prefetch(_PREFETCH_BYTES)
+        self._stager: BlockStager | None = None
+        self._writer: BlockWriter | None = None
 
     def attach(self, splitter: Any, columns: list[str], buckets: int) -> bool:
-        """Have a switchboard_sync.Splitter settle what it can; False if it cannot here."""
-        if not self.digests:
-            return False
+        """Have a switchboard_sync.Splitter settle what it can and keep this file's lines
+        for the next run; whether it settles anything."""
         try:
             mapper = RowMapper(self.sync, columns)
         except FileRejected:
@@ -117,8 +124,35 @@ class UnchangedIndex:
         mapping = native_mapping(self.sync, mapper, self.suppressions, _never_called)
         if mapping is None or mapper.identity_key == "phone":
             return False
-        splitter.use_index(mapping, [self.digests.get(bucket) for bucket in range(buckets)])
-        return True
+        settling = bool(self.digests)
+        if settling:
+            index = [self.digests.get(bucket) for bucket in range(buckets)]
+            splitter.use_index(mapping, index, self.lines)
+            self.lines = b""  # in the splitter now
+        splitter.record_lines(mapping)
+        self._stager = BlockStager(threads=2, in_flight=4)
+        self._writer = self._states.line_index_writer(self.run_id, self._stager)
+        return settling
+
+    def keep_lines(self, splitter: Any) -> None:
+        """Write the line index entries the splitter has kept so far."""
+        if self._writer is not None:
+            self._writer.write(splitter.take_lines())
+
+    def commit_lines(self) -> None:
+        """The file is split: its line index is the one the next run reads."""
+        if self._writer is not None and self._stager is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._stager.close()
+                self._writer = self._stager = None
+
+    def abandon_lines(self) -> None:
+        """The split did not finish (the file was rejected, or split by the reference)."""
+        if self._stager is not None:
+            self._stager.close()
+        self._writer = self._stager = None
 
     def settled(self, splitter: Any) -> dict[int, SettledRows]:
         """Each bucket's settled rows, after the whole file was split."""
