@@ -2865,6 +2865,7 @@ typedef struct {
     uint64_t line_seed;        /* this part's: the hash of its header line */
     int line_seed_set;
     int recording;             /* whether this file's lines are kept for the next run */
+    int recording_settled;     /* those of rows settled by their line too (else a delta's) */
     Py_ssize_t settled_by_line; /* rows settled from their line's hash alone */
     Buf line_out;              /* its line index entries, until taken */
     uint64_t *seen;            /* a Bloom filter of the identity keys split so far */
@@ -3373,7 +3374,7 @@ static int settle_line(Splitter *sp, const uc *p, uint64_t line_hash, const Line
     }
     *settled = 1;
     TRY(settle_counted(sp, slot->ref & ~WITHHELD_FLAG, slot->ref & WITHHELD_FLAG, slot->digest, reason));
-    return sp->recording ? record_line(sp, line_hash, slot->digest, slot->seen_key) : OK;
+    return sp->recording_settled ? record_line(sp, line_hash, slot->digest, slot->seen_key) : OK;
 }
 
 /*
@@ -3531,6 +3532,9 @@ static LineDirectory *line_directory_of(const Directory *digests, const uc *line
         return NULL;
     }
     for (Py_ssize_t k = 0; k < n; k++) {
+        /* A look-up misses the cache twice (the slot, then its keys): asked for ahead. */
+        if (k + 16 < n) __builtin_prefetch(&digests->start[digest_key(lines + 24 * (k + 16) + 8) >> digests->shift]);
+        if (k + 8 < n) __builtin_prefetch(&digests->keys[digests->start[digest_key(lines + 24 * (k + 8) + 8) >> digests->shift]]);
         int ref = directory_find(digests, digest_key(lines + 24 * k + 8), NULL, NULL);
         refs[k] = ref < 0 ? UINT16_MAX : (uint16_t)ref;
         total += ref >= 0;
@@ -3637,14 +3641,13 @@ fail:
     return NULL;
 }
 
-/* record_lines(mapping): this file's lines are kept for the next run's line index
- * (take_lines), with the raw digests this mapping gives; after use_index, if that is used. */
-static PyObject *splitter_record_lines(Splitter *sp, PyObject *arg) {
-    if (!PyObject_TypeCheck(arg, &MappingType)) {
-        PyErr_SetString(PyExc_TypeError, "record_lines takes a Mapping");
-        return NULL;
-    }
-    Mapping *m = (Mapping *)arg;
+/* record_lines(mapping, settled_too): this file's lines are kept for the next run's line
+ * index (take_lines), with the raw digests this mapping gives, those of rows settled by
+ * their line too or (a delta on the last run's) not; after use_index, if that is used. */
+static PyObject *splitter_record_lines(Splitter *sp, PyObject *args) {
+    Mapping *m;
+    int settled_too;
+    if (!PyArg_ParseTuple(args, "O!p", &MappingType, &m, &settled_too)) return NULL;
     if (m->columns != sp->columns || m->identity_index != sp->identity_index || sp->rows ||
         (sp->mapping != NULL && sp->mapping != m)) {
         PyErr_SetString(PyExc_ValueError, "the mapping is for another file, identity or split");
@@ -3652,6 +3655,7 @@ static PyObject *splitter_record_lines(Splitter *sp, PyObject *arg) {
     }
     if (sp->mapping == NULL) sp->mapping = (Mapping *)Py_NewRef(m);
     sp->recording = 1;
+    sp->recording_settled = settled_too;
     Py_RETURN_NONE;
 }
 
@@ -3908,8 +3912,8 @@ static PyMethodDef SPLITTER_METHODS[] = {
     {"feed", (PyCFunction)splitter_feed, METH_VARARGS,
      "feed(data, line, final) -> None or (consumed, line, malformed, ready, bad_utf8)"},
     {"drain", (PyCFunction)splitter_drain, METH_NOARGS, "drain() -> [(bucket, work lines)]"},
-    {"record_lines", (PyCFunction)splitter_record_lines, METH_O,
-     "record_lines(mapping): keep this file's lines for the next run (take_lines)"},
+    {"record_lines", (PyCFunction)splitter_record_lines, METH_VARARGS,
+     "record_lines(mapping, settled_too): keep this file's lines for the next run (take_lines)"},
     {"take_lines", (PyCFunction)splitter_take_lines, METH_NOARGS,
      "take_lines() -> bytes: line index entries (line hash, raw digest, identity key)"},
     {"line_seed", (PyCFunction)splitter_line_seed, METH_O,

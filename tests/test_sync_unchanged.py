@@ -90,7 +90,7 @@ def _split(
         index = (loaded.index()[0], b"".join(sorted(set(loaded.withheld.values()))))
         splitter.use_index(mapping, [index], line_index)
     if sync.identity.destination_key != "phone":  # phone identities are not settled
-        splitter.record_lines(mapping)
+        splitter.record_lines(mapping, True)
     lines = recorded = b""
     for _, ready in feed_splitter(splitter, text, rest, 2):
         lines += b"".join(block for _, block in ready)

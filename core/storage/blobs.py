@@ -11,6 +11,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,6 +78,43 @@ class ChunkReader(io.RawIOBase):
         view[:size] = self._buffer[self._offset : self._offset + size]
         self._offset += size
         return size
+
+
+def read_ahead(chunks: Iterator[bytes], depth: int) -> Iterator[bytes]:
+    """`chunks`, taken up to `depth` ahead on a thread of their own; an error in taking
+    them is raised where the reader is. Leaving the iteration early stops the thread."""
+    ready: queue.Queue[tuple[bytes | None, BaseException | None]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def hand(item: tuple[bytes | None, BaseException | None]) -> bool:
+        """Queue `item` unless the reader is gone; whether it was queued."""
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(item, timeout=0.1)
+                return True
+        return False
+
+    def fetch() -> None:
+        try:
+            for chunk in chunks:
+                if not hand((chunk, None)):
+                    return
+            hand((None, None))
+        except BaseException as exc:  # handed to the reader, which raises it
+            hand((None, exc))
+
+    fetcher = threading.Thread(target=fetch, name="read-ahead", daemon=True)
+    fetcher.start()
+    try:
+        while True:
+            chunk, error = ready.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        stop.set()
 
 
 class BlockWriter:
@@ -265,11 +303,14 @@ class BlobStore:
             raise StorageError(f"blob {blob.path} changed while it was being read") from None
 
     def open_reader(
-        self, blob: BlobRef, *, offset: int = 0, length: int | None = None
+        self, blob: BlobRef, *, offset: int = 0, length: int | None = None, ahead: int = 0
     ) -> io.BufferedReader:
-        """A buffered binary file object streaming the blob (or a byte range of it)."""
+        """A buffered binary file object streaming the blob (or a byte range of it); with
+        `ahead`, that many chunks are fetched on a thread ahead of the reader, so the
+        reader's work and the requests overlap."""
+        chunks = self.iter_chunks(blob, offset=offset, length=length)
         return io.BufferedReader(
-            ChunkReader(self.iter_chunks(blob, offset=offset, length=length)), CHUNK_BYTES
+            ChunkReader(read_ahead(chunks, ahead) if ahead else chunks), CHUNK_BYTES
         )
 
     def open_current(self, container: str, name: str) -> tuple[io.BufferedReader[Any], str] | None:

@@ -402,6 +402,9 @@ def split_file(
 _Reader = Callable[[Storage, SyncDefinition, list[BlobRef], int, _Partitioner], SplitResult]
 
 
+_READ_AHEAD_CHUNKS = 2
+
+
 class ReferenceNeeded(Exception):
     """The C splitter met input it leaves to the reference (the file is split again)."""
 
@@ -443,7 +446,8 @@ def _read_parts_native(
     settling = False
     with _file_errors():
         for part, blob in enumerate(blobs):
-            text = decompressed(storage.blobs.open_reader(blob))
+            # Chunks are fetched ahead: the requests overlap with the splitting.
+            text = decompressed(storage.blobs.open_reader(blob, ahead=_READ_AHEAD_CHUNKS))
             columns, data, header = read_header(text, sync.input.field_delimiter)
             result = _part_result(result, sync, columns, buckets, blob)
             if splitter is None:

@@ -35,7 +35,7 @@ import mmap
 import threading
 import uuid
 from binascii import unhexlify
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,9 +49,10 @@ from xxhash import xxh64_digest
 
 from core.errors import ConcurrencyConflict, ConfigError, EntityExists, StorageError
 from core.storage import Storage
-from core.storage.blobs import BlobRef, BlockStager, BlockWriter
+from core.storage.blobs import BlobRef, BlockWriter
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.sync import state_codec
+from core.sync.lines import LineIndexes
 from core.sync.state_codec import (
     DIGESTS_SINCE,
     FORMAT_VERSION,
@@ -63,10 +64,6 @@ from core.sync.state_codec import (
 log = logging.getLogger(__name__)
 STATE_CONTAINER = "sync-state"
 _INDEX_VERSION = 3
-_LINES = "lines/"
-_LINES_VERSION = 1
-_LINE_ENTRY_BYTES = 24
-_LINES_BLOCK_BYTES = 4 << 20
 _INDEX_READERS = 4
 _INDEX_BLOCK_BYTES = 1 << 20
 """Staged as it fills: a worker holds about this much of its index file at a time."""
@@ -82,6 +79,8 @@ _POINTERS_PER_TRANSACTION = 100
 """A table transaction's limit: a pack is committed at least this often."""
 _FLUSH_BYTES = 4 << 20
 """Compressed state a pack writer holds before it commits what it has."""
+_QUEUED_BATCHES = 2
+"""Batches a pack writer holds waiting for their commit before adding waits too."""
 _NULL_HASH = b"\x00" * 8
 
 
@@ -799,8 +798,10 @@ class PackWriter:
     table transaction under the ETags their state was loaded at. A bucket's `done` runs
     once its pointer is committed: its result may be recorded then. A crash before that
     leaves the pack's members unreferenced (collected later) and the bucket to its retry.
-    Adding goes on while a batch is written; batches are written in the order they filled
-    (a commit names every block before it)."""
+    Batches are written on a thread of their own, in the order they filled (a commit names
+    every block before it), so adding goes on meanwhile: the threads writing buckets do not
+    wait for a commit's round trips (a pointer transaction of 100 buckets takes Azurite
+    about 0.15 s), unless `_QUEUED_BATCHES` are waiting already."""
 
     def __init__(self, store: StateStore, run_id: str) -> None:
         self._store = store
@@ -823,6 +824,8 @@ class PackWriter:
         self._blocks: list[str] = []
         self._broken = False
         """A batch's blocks failed: the offsets of the batches after it would be wrong."""
+        self._committer: ThreadPoolExecutor | None = None
+        self._commits: deque[Future[None]] = deque()
 
     def add(self, snapshot: Snapshot, done: Callable[[str], None]) -> None:
         data = snapshot.data  # compressed before the lock is taken
@@ -834,15 +837,39 @@ class PackWriter:
             self._pending_bytes += len(data)
             self._queued.append(_Queued(snapshot.bucket, snapshot.etag, (*before, part), done))
             full = len(self._queued) >= _POINTERS_PER_TRANSACTION
-            batch = self._take() if full or self._pending_bytes >= _FLUSH_BYTES else None
-        if batch is not None:
-            self._write(*batch)
+            if full or self._pending_bytes >= _FLUSH_BYTES:
+                self._submit()
+        self._wait(_QUEUED_BATCHES)
 
     def close(self) -> None:
-        with self._lock:
-            batch = self._take() if self._queued else None
-        if batch is not None:
-            self._write(*batch)
+        """Commit what is left, and wait for every batch (raising a batch's error)."""
+        try:
+            with self._lock:
+                if self._queued:
+                    self._submit()
+            self._wait(0)
+        finally:
+            with self._lock:
+                committer, self._committer = self._committer, None
+            if committer is not None:
+                committer.shutdown()
+
+    def _submit(self) -> None:
+        """The batch filled so far, to the committing thread (with the lock held)."""
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit-pack")
+        self._commits.append(self._committer.submit(self._write, *self._take()))
+
+    def _wait(self, queued: int) -> None:
+        """Until at most `queued` batches wait; a finished batch's error is raised."""
+        while True:
+            with self._lock:
+                if not self._commits or (
+                    len(self._commits) <= queued and not self._commits[0].done()
+                ):
+                    return
+                oldest = self._commits.popleft()
+            oldest.result()
 
     def _take(self) -> tuple[int, list[bytes], list[_Queued]]:
         batch = (self._batches, self._pending, self._queued)
@@ -974,43 +1001,9 @@ class StateStore:
         found = self.storage.blobs.read_versioned(STATE_CONTAINER, ref.name)
         return found[0] if found else None
 
-    def line_index_writer(self, run_id: str, stager: BlockStager) -> BlockWriter:
-        """Where a run's split writes its line index (core/sync/unchanged.py)."""
-        header = {"version": _LINES_VERSION, "fingerprint": self.fingerprint, "run": run_id}
-        writer = self.storage.blobs.writer(
-            STATE_CONTAINER, f"{self.folder}{_LINES}{run_id}.bin", overwrite=True,
-            block_bytes=_LINES_BLOCK_BYTES, stager=stager,
-        )  # fmt: skip
-        writer.write(orjson.dumps(header) + b"\n")
-        return writer
-
-    def line_index(self, run_id: str) -> bytes:
-        """The entries of the newest line index of this mapping another run wrote (empty if
-        there is none); line indexes past the newest two and an hour old are deleted."""
-        found = sorted(
-            self.storage.blobs.list(STATE_CONTAINER, self.folder + _LINES),
-            key=lambda ref: (ref.last_modified or datetime.min.replace(tzinfo=UTC), ref.name),
-            reverse=True,
-        )
-        stale_before = datetime.now(UTC) - timedelta(hours=1)
-        for ref in found[2:]:
-            if (ref.last_modified or stale_before) < stale_before:
-                with contextlib.suppress(StorageError):
-                    self.storage.blobs.delete(STATE_CONTAINER, ref.name)
-        for ref in found:
-            if ref.name.endswith(f"/{run_id}.bin"):
-                continue  # a resumed run's own
-            read = self.storage.blobs.read_versioned(STATE_CONTAINER, ref.name)
-            if read is None:
-                continue  # deleted meanwhile
-            end = read[0].find(b"\n")
-            about = orjson.loads(read[0][:end]) if end > 0 else {}
-            expected = {"version": _LINES_VERSION, "fingerprint": self.fingerprint}
-            if {k: about.get(k) for k in expected} != expected:
-                return b""  # another mapping's, or of a version not read here
-            entries = read[0][end + 1 :]
-            return entries[: len(entries) - len(entries) % _LINE_ENTRY_BYTES]
-        return b""
+    def line_indexes(self) -> LineIndexes:
+        """The line indexes runs' splits leave (core/sync/lines.py)."""
+        return LineIndexes(self.storage, STATE_CONTAINER, self.folder, self.fingerprint)
 
     def index_writer(self, run_id: str) -> IndexWriter:
         name = f"{self.folder}digests/{run_id}-{uuid.uuid4().hex[:12]}.bin"

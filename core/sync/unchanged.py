@@ -29,6 +29,7 @@ to the same totals.
 from __future__ import annotations
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ import orjson
 from core.storage.blobs import BlockStager, BlockWriter
 from core.suppression import SuppressionSnapshot
 from core.sync.definitions import SyncDefinition
+from core.sync.lines import LineIndex
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
@@ -105,9 +107,12 @@ class UnchangedIndex:
         self._states = states
         self.stored = states.stored_buckets()
         self.etags = {bucket: stored.etag for bucket, stored in self.stored.items()}
-        self.digests = states.indexes(self.etags, run_id)
-        self.lines = states.line_index(run_id) if self.digests else b""
-        """The last run's line index entries (LineIndex)."""
+        self._lines = states.line_indexes()
+        with ThreadPoolExecutor(1, thread_name_prefix="read-lines") as pool:
+            lines = pool.submit(self._lines.latest, run_id)  # meanwhile
+            self.digests = states.indexes(self.etags, run_id)
+            self.lines = lines.result() if self.digests else LineIndex()
+            """The last run's line index (core/sync/lines.py)."""
         self.reader: StateReader = states.reader(self.stored, sorted(self.stored))
         """The buckets' state, read ahead while the file is split."""
         self.reader.prefetch(_PREFETCH_BYTES)
@@ -127,11 +132,14 @@ class UnchangedIndex:
         settling = bool(self.digests)
         if settling:
             index = [self.digests.get(bucket) for bucket in range(buckets)]
-            splitter.use_index(mapping, index, self.lines)
-            self.lines = b""  # in the splitter now
-        splitter.record_lines(mapping)
+            splitter.use_index(mapping, index, self.lines.entries)
+        # A delta on top of the last chain: the rows settled by their line are in it.
+        delta = settling and self.lines.extendable
+        splitter.record_lines(mapping, not delta)
         self._stager = BlockStager(threads=2, in_flight=4)
-        self._writer = self._states.line_index_writer(self.run_id, self._stager)
+        base = self.lines.chain if delta else []
+        self._writer = self._lines.writer(self.run_id, self._stager, base)
+        self.lines = LineIndex()  # in the splitter now
         return settling
 
     def keep_lines(self, splitter: Any) -> None:
