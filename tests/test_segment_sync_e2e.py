@@ -15,6 +15,7 @@ import requests
 from core.containers import REJECTS, SEGMENTS
 from core.storage.blobs import BlobRef
 from core.suppression import Channel, Reason, SuppressionList
+from core.sync import state_codec
 from core.sync.state import StateStore
 from tests.helpers import eventually
 
@@ -407,7 +408,7 @@ def test_rows_without_consent_stay_held_back_until_consent_is_given(scenario, st
     stored = states.stored_buckets()
     reader = states.reader(stored, sorted(stored))
     for bucket in sorted(stored):
-        text = gzip.decompress(reader.take(bucket)[0])  # type: ignore[index]
+        text = state_codec.decompress(reader.take(bucket)[0])  # type: ignore[index]
         last_header = text[text.rfind(b"\n{") + 1 :].split(b"\n", 1)[0]
         held |= set(json.loads(last_header)["withheld"])
     assert {r["crmId"] for r in rows[1::2]} <= held

