@@ -107,15 +107,20 @@ class UnchangedIndex:
         self._states = states
         self.stored = states.stored_buckets()
         self.etags = {bucket: stored.etag for bucket, stored in self.stored.items()}
-        self._lines = states.line_indexes()
-        with ThreadPoolExecutor(1, thread_name_prefix="read-lines") as pool:
-            lines = pool.submit(self._lines.latest, run_id)  # meanwhile
-            self.digests = states.indexes(self.etags, run_id)
-            self.lines = lines.result() if self.digests else LineIndex()
-            """The last run's line index (core/sync/lines.py)."""
         self.reader: StateReader = states.reader(self.stored, sorted(self.stored))
-        """The buckets' state, read ahead while the file is split."""
+        """The buckets' state, read ahead from now on, while the indexes are read and the
+        file is split."""
         self.reader.prefetch(_PREFETCH_BYTES)
+        self._lines = states.line_indexes()
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="read-lines") as pool:
+                lines = pool.submit(self._lines.latest, run_id)  # meanwhile
+                self.digests = states.indexes(self.etags, run_id)
+                self.lines = lines.result() if self.digests else LineIndex()
+                """The last run's line index (core/sync/lines.py)."""
+        except BaseException:
+            self.reader.stop()
+            raise
         self._stager: BlockStager | None = None
         self._writer: BlockWriter | None = None
 
