@@ -3621,10 +3621,17 @@ static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "index too large");
         goto fail;
     }
-    sp->directory = directory_of(index, total);
-    if (sp->directory == NULL) goto no_memory;
-    if (lines.len && (sp->lines = line_directory_of(sp->directory, lines.buf, lines.len / 24)) == NULL)
-        goto no_memory;
+    /* Without the GIL: the threads reading state and the file go on meanwhile. `index` is
+     * this call's own list of bytes, which nothing else changes while it runs. */
+    Directory *directory;
+    LineDirectory *line_directory = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    directory = directory_of(index, total);
+    if (directory != NULL && lines.len) line_directory = line_directory_of(directory, lines.buf, lines.len / 24);
+    Py_END_ALLOW_THREADS
+    sp->directory = directory;
+    sp->lines = line_directory;
+    if (sp->directory == NULL || (lines.len && sp->lines == NULL)) goto no_memory;
     PyBuffer_Release(&lines);
     /* 16 bits per expected row: under 0.1% of first rows sent on to their bucket needlessly. */
     uint64_t bits = 1 << 23;

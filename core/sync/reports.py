@@ -181,22 +181,38 @@ class RejectsPart(StagedPart):
         super().__init__(blobs, REJECTS, rejects_name(sync_id, run_id), part)
         self.columns = list(columns)
         self.label = label
+        # One writer per kind of line, over a buffer emptied for each (a writer per row was
+        # most of a reject's cost).
+        self._line = io.StringIO()
+        self._lines = csv.writer(self._line, lineterminator="\n")
+        self._raw_line = io.StringIO()
+        self._raw_lines = csv.writer(self._raw_line, lineterminator="")
 
     def _raw(self, values: Sequence[Any] | str) -> str:
         if isinstance(values, str):
             return values
         if all(isinstance(v, str) or v is None for v in values):
-            line = io.StringIO()
-            csv.writer(line, lineterminator="").writerow(["" if v is None else v for v in values])
-            return line.getvalue()
+            return _written(
+                self._raw_line, self._raw_lines, ["" if v is None else v for v in values]
+            )
         return json.dumps(dict(zip(self.columns, values, strict=False)), ensure_ascii=False)
 
     def add(self, line: int, code: str, message: str, values: Sequence[Any] | str) -> None:
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerow(
-            [self.label(line), code, spreadsheet_safe(message), spreadsheet_safe(self._raw(values))]
-        )
-        self.write(out.getvalue().encode("utf-8"))
+        row = [
+            self.label(line),
+            code,
+            spreadsheet_safe(message),
+            spreadsheet_safe(self._raw(values)),
+        ]
+        self.write(_written(self._line, self._lines, row).encode("utf-8"))
+
+
+def _written(buffer: io.StringIO, writer: Any, row: list[str]) -> str:
+    """`row` as `writer` writes it into `buffer`, which holds nothing else."""
+    buffer.seek(0)
+    buffer.truncate()
+    writer.writerow(row)
+    return buffer.getvalue()
 
 
 class PreviewPart(StagedPart):

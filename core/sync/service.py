@@ -60,7 +60,8 @@ from core.sync.unchanged import UnchangedIndex
 log = logging.getLogger(__name__)
 CHUNK_QUEUE = "segment-chunks"
 _WRITERS = 4
-_FETCHERS = 1
+_FETCHERS = 2
+_FETCH_AHEAD = 4
 _RESULTS_PER_TRANSACTION = 100
 _REJECTS_KEPT_BYTES = 16_000
 """A bucket's rejects up to this size go in its result (a table property holds 32,000
@@ -463,11 +464,11 @@ def _run_buckets(
 
     reader = unchanged.reader if unchanged else states.reader(states.stored_buckets(), todo)
     with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-bucket") as fetcher:
-        upcoming = deque(fetcher.submit(fetch, bucket) for bucket in todo[:_FETCHERS])
+        upcoming = deque(fetcher.submit(fetch, bucket) for bucket in todo[:_FETCH_AHEAD])
         for index, bucket in enumerate(todo):
             state, lines = upcoming.popleft().result()
-            if index + _FETCHERS < len(todo):
-                upcoming.append(fetcher.submit(fetch, todo[index + _FETCHERS]))
+            if index + _FETCH_AHEAD < len(todo):
+                upcoming.append(fetcher.submit(fetch, todo[index + _FETCH_AHEAD]))
             if state.last_run == run_id:  # committed before a crash, not yet recorded
                 with contextlib.suppress(EntityExists):
                     results.insert(BucketResult.model_validate(state.last_result))
