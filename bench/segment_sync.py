@@ -164,13 +164,13 @@ def _pipeline(
     )  # fmt: skip
     plan: RunPlan = plan_run(services, sync, blob, run_id, split, [blob.name])
     checkpoints = NoCheckpoints() if isinstance(destination, PayloadOnly) else None
-    process_buckets(
+    finished = process_buckets(
         services, sync, plan, run_id, plan.buckets, split.in_memory,
         destination=destination, checkpoints=checkpoints,
-        unchanged=unchanged,
+        unchanged=unchanged, record_results=False,
     )  # fmt: skip
     services.runs.start(RunKind.SEGMENT_SYNC, run_id=run_id)
-    return finalize(services, sync, plan, run_id, blob)
+    return finalize(services, sync, plan, run_id, blob, finished)
 
 
 def worker(rows: int, modes: list[str]) -> dict[str, Any]:

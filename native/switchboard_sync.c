@@ -2659,17 +2659,22 @@ static PyObject *state_digests(State *st, PyObject *unused) {
     uc *out = PyMem_RawMalloc((size_t)st->nentries * 8 + 1);
     PyObject *result = NULL;
     Py_ssize_t n = 0, kept = 0;
+    int status = OK;
     if (keys == NULL || out == NULL) goto done;
+    /* Without the GIL: the threads fetching and writing buckets go on meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < st->nentries; i++) {
         const Entry *e = &st->entries[i];
         if ((e->flags & E_PRESENT) && (e->flags & E_DIGEST)) keys[n++] = digest_key(e->digest);
     }
-    if (sort_digests(keys, n) != OK) goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    status = sort_digests(keys, n);
+    for (Py_ssize_t i = 0; status == OK && i < n; i++) {
         if ((i > 0 && keys[i] == keys[i - 1]) || (i + 1 < n && keys[i] == keys[i + 1])) continue;
-        for (int k = 0; k < 8; k++) out[8 * kept + k] = (uc)(keys[i] >> (56 - 8 * k));
+        put_be64(out + 8 * kept, keys[i]);
         kept++;
     }
+    Py_END_ALLOW_THREADS
+    if (status != OK) goto done;
     result = PyBytes_FromStringAndSize((const char *)out, kept * 8);
 done:
     if (result == NULL && !PyErr_Occurred()) PyErr_NoMemory();

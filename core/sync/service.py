@@ -11,7 +11,6 @@ committed, work files removed). Every step is safe to repeat for the same file v
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -25,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from core.destinations.base import Destination
 from core.destinations.registry import destination_for
-from core.errors import ConfigError, EntityExists, TerminalError
+from core.errors import ConfigError, TerminalError
 from core.runs import RunRecord, RunStatus
 from core.segments import arrival
 from core.services import Services
@@ -173,13 +172,13 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
     plan = plan_run(services, sync, blob, run.run_id, split, [ref.name for ref in inputs])
     if split.in_memory is not None or len(groups) <= 1:
         try:
-            process_buckets(
+            finished = process_buckets(
                 services, sync, plan, run.run_id, plan.buckets, split.in_memory,
-                unchanged=unchanged,
+                unchanged=unchanged, record_results=False,
             )  # fmt: skip
         except (TerminalError, ConfigError) as exc:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
-        return finalize(services, sync, plan, run.run_id, blob)
+        return finalize(services, sync, plan, run.run_id, blob, finished)
     if unchanged is not None:
         unchanged.reader.stop()  # the workers read their own
     for group in groups:
@@ -295,11 +294,16 @@ def process_buckets(
     destination: Destination | None = None,
     checkpoints: CheckpointLog | None = None,
     unchanged: UnchangedIndex | None = None,
-) -> None:
+    record_results: bool = True,
+) -> list[BucketResult]:
     """Run a group of buckets (one worker's share) to completion; skips finished ones.
     `unchanged`: what this process read for the split (its state listing, suppression
     list and the snapshots fetched meanwhile, stopped when done), rather than reading it
-    again."""
+    again. Returns the buckets' results; with `record_results` (a fanned-out run's
+    workers: the last one sums them) they are written to `bucketresults` too. A run
+    processed in one invocation hands them to `finalize` instead: if it is retried after a
+    crash, a bucket whose state it committed finds its result in the state (as a worker's
+    does), and one that changed no state runs again, to the same end."""
     storage = services.storage
     destination = destination or destination_for(sync, services.settings)
     states = StateStore(
@@ -362,13 +366,13 @@ def process_buckets(
         native=services.settings.sync_native_buckets,
     )  # fmt: skip
     indexes = states.index_writer(run_id)
-    recorded = _Results(results)
+    recorded = _Results(results, record_results)
     pack = states.pack_writer(run_id)
     try:
         with _BucketWriter() as writer:
             _run_buckets(
-                storage, sync, plan, run_id, buckets, in_memory, states, results, runner,
-                unchanged,
+                storage, sync, plan, run_id, buckets, in_memory, states, results, recorded,
+                runner, unchanged,
             )  # fmt: skip
     finally:
         if unchanged is not None:
@@ -378,20 +382,27 @@ def process_buckets(
     if not plan.preview:
         indexes.close()  # after every write is done: it names the snapshots written
         states.collect_garbage()
+    return recorded.results
 
 
 class _Results:
-    """Bucket results, written a transaction of up to 100 at a time rather than one by one
-    (a request each). A bucket's result goes after its state: a crash before it leaves the
-    bucket to its retry, which finds the result in the snapshot it committed."""
+    """Bucket results, kept, and (`write`) written a transaction of up to 100 at a time
+    rather than one by one (a request each). A bucket's result goes after its state: a
+    crash before it leaves the bucket to its retry, which finds the result in the snapshot
+    it committed."""
 
-    def __init__(self, table: EntityTable[BucketResult]) -> None:
+    def __init__(self, table: EntityTable[BucketResult], write: bool) -> None:
         self._table = table
+        self._write = write
+        self.results: list[BucketResult] = []
         self._pending: list[BucketResult] = []
         self._lock = threading.Lock()
 
     def add(self, result: BucketResult) -> None:
         with self._lock:
+            self.results.append(result)
+            if not self._write:
+                return
             self._pending.append(result)
             full = len(self._pending) >= _RESULTS_PER_TRANSACTION
         if full:
@@ -437,19 +448,20 @@ class _BucketWriter:
 
 def _run_buckets(
     storage: Storage, sync: SyncDefinition, plan: RunPlan, run_id: str, buckets: list[int],
-    in_memory: HeldWork | None, states: StateStore,
-    results: EntityTable[BucketResult], runner: ChunkRunner, unchanged: UnchangedIndex | None,
+    in_memory: HeldWork | None, states: StateStore, results: EntityTable[BucketResult],
+    recorded: _Results, runner: ChunkRunner, unchanged: UnchangedIndex | None,
 ) -> None:  # fmt: skip
     run_key = safe_key(run_id)
     finished = {row.row_key for row in results.query_partition(run_key)}  # one request
     todo = [bucket for bucket in buckets if f"{bucket:04d}" not in finished]
 
     def fetch(bucket: int) -> tuple[SyncState, bytes]:
-        """A bucket's state, decoded, and its work lines, inflated; runs on threads
-        `_FETCHERS` buckets ahead, so their I/O, inflating and decoding overlap with the
-        bucket before them (memory: that many buckets more; two fetchers were no faster
-        and held 20 MB more at 5M rows). A bucket whose rows the split all settled needs
-        no state (unless in mirror mode)."""
+        """A bucket's state, decoded, and its work lines, inflated; runs on `_FETCHERS`
+        threads `_FETCH_AHEAD` buckets ahead, so their I/O, decompressing and decoding
+        overlap with the buckets before them (memory: that many buckets more, 3 MB each at
+        5M profiles). With few changes a bucket's own work is short, and one bucket ahead
+        left the main thread waiting for the GIL-bound parts of its fetch. A bucket whose
+        rows the split all settled needs no state (unless in mirror mode)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
         if in_memory is not None:
             lines = in_memory.take(bucket)
@@ -470,8 +482,7 @@ def _run_buckets(
             if index + _FETCH_AHEAD < len(todo):
                 upcoming.append(fetcher.submit(fetch, todo[index + _FETCH_AHEAD]))
             if state.last_run == run_id:  # committed before a crash, not yet recorded
-                with contextlib.suppress(EntityExists):
-                    results.insert(BucketResult.model_validate(state.last_result))
+                recorded.add(BucketResult.model_validate(state.last_result))
                 continue
             rejects = RejectsPart(
                 storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
@@ -485,8 +496,11 @@ def _run_buckets(
 
 
 def finalize(
-    services: Services, sync: SyncDefinition, plan: RunPlan, run_id: str, blob: BlobRef
-) -> RunRecord:
+    services: Services, sync: SyncDefinition, plan: RunPlan, run_id: str, blob: BlobRef,
+    finished: list[BucketResult] | None = None,
+) -> RunRecord:  # fmt: skip
+    """Sum the buckets' results (`finished`: those process_buckets returned, else those
+    the run's workers recorded) into the run's report, and commit its rejects file."""
     counts = OutcomeCounts()
     stats = BatchStats()
     diff: Counter[str] = Counter()
@@ -495,8 +509,9 @@ def finalize(
     counts.reasons.update(plan.split_counts)
     if plan.split_counts:
         counts.outcomes["rejected"] += sum(plan.split_counts.values())
-    results = services.storage.tables.get(BucketResult)
-    for result in sorted(results.query_partition(safe_key(run_id)), key=lambda r: r.row_key):
+    if finished is None:
+        finished = list(services.storage.tables.get(BucketResult).query_partition(safe_key(run_id)))
+    for result in sorted(finished, key=lambda r: r.row_key):
         counts.outcomes.update(result.outcomes)
         counts.reasons.update(result.reasons)
         stats.add(BatchStats(**result.stats))

@@ -460,6 +460,10 @@ class Snapshot:
         return self.body if self.compressed else state_codec.compress(self.body)
 
 
+_BINARY_START = b'{"version":6,'
+"""How a format-6 state starts (state._encode writes the version first)."""
+
+
 def _plain_etag(etag: str) -> str:
     """Listings and writes quote ETags differently: compared without the quotes."""
     return etag.strip('"')
@@ -533,13 +537,14 @@ def _profiles(text: bytes, same_mapping: bool) -> dict[str, ProfileState]:
 
 
 def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
-    version = state_codec.header_version(text)
     header: dict[str, Any]
+    found = list(state_codec.sections(text)) if text.startswith(_BINARY_START) else []
+    version = found[0].header.get("version") if found else state_codec.header_version(text)
     if not text:  # nothing stored yet
         header, tables = {"fingerprint": fingerprint, "version": FORMAT_VERSION}, Tables()
         version = FORMAT_VERSION
     elif version == FORMAT_VERSION:
-        found = list(state_codec.sections(text))
+        found = found or list(state_codec.sections(text))  # a header in another key order
         header, tables = found[-1].header, found[-1].tables
     elif version in TEXT_VERSIONS:
         end = text.find(b"\n")
