@@ -116,9 +116,7 @@ class UnchangedIndex:
         self.stored = states.stored_buckets()
         self.etags = {bucket: stored.etag for bucket, stored in self.stored.items()}
         self.reader: StateReader = states.reader(self.stored, sorted(self.stored))
-        """The buckets' state, read ahead from now on, while the indexes are read and the
-        file is split."""
-        self.reader.prefetch(_PREFETCH_BYTES)
+        """The buckets' state, read ahead while the file is split."""
         self._lines = states.line_indexes()
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="read-lines") as pool:
@@ -129,6 +127,8 @@ class UnchangedIndex:
         except BaseException:
             self.reader.stop()
             raise
+        # After the indexes: the split waits for them, the buckets only for the state.
+        self.reader.prefetch(_PREFETCH_BYTES)
         self._stager: BlockStager | None = None
         self._writer: BlockWriter | None = None
 
