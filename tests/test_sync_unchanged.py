@@ -318,6 +318,11 @@ def test_sections_stored_as_zstandard_frames_or_gzip_members_read_back_in_order(
     assert state_codec.decompress(stored) == b"".join(parts)
     with pytest.raises(ValueError, match="cut short"):
         state_codec.decompress(stored[:-3])
+    lengths = [len(gzip.compress(parts[0]))] + [len(state_codec.compress(p)) for p in parts[1:]]
+    assert state_codec.decompress(stored, lengths) == b"".join(parts)  # each part in one call
+    damaged = stored[:-3] + b"\x00\x00\x00"
+    with pytest.raises(ValueError, match="cut short or damaged"):
+        state_codec.decompress(damaged, lengths)
     with pytest.raises(ValueError, match="neither"):
         state_codec.decompress(b"plain text")
 

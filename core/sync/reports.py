@@ -191,7 +191,7 @@ class RejectsPart(StagedPart):
     def _raw(self, values: Sequence[Any] | str) -> str:
         if isinstance(values, str):
             return values
-        if all(isinstance(v, str) or v is None for v in values):
+        if set(map(type, values)) <= _TEXT_OR_NONE:  # the usual: a CSV row's texts
             return _written(
                 self._raw_line, self._raw_lines, ["" if v is None else v for v in values]
             )
@@ -205,6 +205,9 @@ class RejectsPart(StagedPart):
             spreadsheet_safe(self._raw(values)),
         ]
         self.write(_written(self._line, self._lines, row).encode("utf-8"))
+
+
+_TEXT_OR_NONE = {str, type(None)}
 
 
 def _written(buffer: io.StringIO, writer: Any, row: list[str]) -> str:

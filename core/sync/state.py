@@ -1024,7 +1024,11 @@ class StateStore:
     def inflate(stored: StoredState | None) -> StoredState | None:
         """A fetched snapshot's text (each section is compressed on its own); a worker
         does this on its fetching thread."""
-        return None if stored is None else (state_codec.decompress(stored[0]), *stored[1:])
+        if stored is None:
+            return None
+        layout = stored[2]
+        lengths = [part.length for part in layout.parts] if layout is not None else []
+        return state_codec.decompress(stored[0], lengths), *stored[1:]
 
     def decode(self, stored: StoredState | None, *, native: bool = False) -> SyncState:
         """The bucket's state from its stored (compressed) form; `native`: see `decode_text`."""

@@ -40,7 +40,7 @@ other).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,16 +67,35 @@ _contexts = threading.local()
 def compress(text: bytes) -> bytes:
     """A section as stored: one Zstandard frame."""
     if not hasattr(_contexts, "compressor"):
-        _contexts.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        # The frame's checksum (4 bytes) makes damaged state an error, never other text.
+        _contexts.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
     frame: bytes = _contexts.compressor.compress(text)
     return frame
 
 
-def decompress(data: bytes) -> bytes:
+def decompress(data: bytes, lengths: Sequence[int] = ()) -> bytes:
     """Stored sections, one after the other, as text: Zstandard frames, or gzip members
-    written before (a bucket's base may be the one and its sections the other)."""
+    written before (a bucket's base may be the one and its sections the other).
+    `lengths`: each part's stored size, when known (a Zstandard frame is then read in one
+    call, 20 times as fast as through a streaming reader)."""
     if not hasattr(_contexts, "decompressor"):
         _contexts.decompressor = zstandard.ZstdDecompressor()
+    if lengths and sum(lengths) == len(data):
+        texts, at = [], 0
+        for length in lengths:
+            part = data[at : at + length]
+            at += length
+            one_frame = part.startswith(_ZSTD_MAGIC) and zstandard.frame_content_size(part) >= 0
+            try:
+                texts.append(_contexts.decompressor.decompress(part) if one_frame else _stream(part))
+            except zstandard.ZstdError as exc:
+                raise ValueError(f"sync state part cut short or damaged: {exc}") from None
+        return b"".join(texts)
+    return _stream(data)
+
+
+def _stream(data: bytes) -> bytes:
+    """Frames and members one after the other, their boundaries unknown."""
     texts = []
     while data:
         if data.startswith(_ZSTD_MAGIC):
