@@ -86,8 +86,9 @@ def decompress(data: bytes, lengths: Sequence[int] = ()) -> bytes:
             part = data[at : at + length]
             at += length
             one_frame = part.startswith(_ZSTD_MAGIC) and zstandard.frame_content_size(part) >= 0
+            reader = _contexts.decompressor
             try:
-                texts.append(_contexts.decompressor.decompress(part) if one_frame else _stream(part))
+                texts.append(reader.decompress(part) if one_frame else _stream(part))
             except zstandard.ZstdError as exc:
                 raise ValueError(f"sync state part cut short or damaged: {exc}") from None
         return b"".join(texts)
