@@ -355,6 +355,8 @@ class BucketOutcome:
     rejects: list[tuple[int, str, str, list[Any]]]
     state: bytes
     checkpoints: list[dict[str, list[Any]]] = field(default_factory=list)
+    rejects_text: bytes = b""
+    """The rejects file part's lines as written."""
 
 
 class _Checkpoints(CheckpointLog):
@@ -371,15 +373,26 @@ class _Checkpoints(CheckpointLog):
 
 
 class _Rejects(RejectsPart):
-    """Writes the rejects file part as usual, and keeps what it was given."""
+    """Writes the rejects file part as usual, and keeps what it was given and wrote."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.added: list[tuple[int, str, str, list[Any]]] = []
+        self.text = b""
 
     def add(self, line: int, code: str, message: str, values: Any) -> None:
         self.added.append((line, code, message, list(values)))
         super().add(line, code, message, values)
+
+    def add_texts(self, rejects: list[tuple[int, str, str, list[str]]]) -> None:
+        self.added += [
+            (line, code, message, list(values)) for line, code, message, values in rejects
+        ]
+        super().add_texts(rejects)
+
+    def write(self, data: bytes, rows: int = 1) -> None:
+        self.text += data
+        super().write(data, rows)
 
 
 def _run_bucket(
@@ -414,7 +427,9 @@ def _run_bucket(
     assert len(done) == 1
     received = braze.state.received
     counts = work.counts.as_dict()
-    return BucketOutcome(received, counts, rejects.added, done[0], checkpoints.records)
+    return BucketOutcome(
+        received, counts, rejects.added, done[0], checkpoints.records, rejects.text
+    )
 
 
 def _both(
@@ -431,6 +446,7 @@ def _both(
     assert native.received == reference.received
     assert native.counts == reference.counts
     assert native.rejects == reference.rejects
+    assert native.rejects_text == reference.rejects_text  # written together, or one by one
     assert native.checkpoints == reference.checkpoints
     assert native.state == reference.state
     return native

@@ -274,8 +274,7 @@ class ChunkRunner:
             if items is None:
                 return False
         _add_counts(work.counts, unchanged, reasons)
-        for line, code, message, values in rejects:
-            work.rejects.add(line, code, message, values)
+        work.rejects.add_texts(rejects)
         work.state.withheld_now.update(withheld_now)
         self._report_progress(unchanged + sum(reasons.values()) + items)
         work.stats.native = 1

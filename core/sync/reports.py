@@ -99,9 +99,9 @@ class StagedPart:
         self.block_ids: list[str] = []
         self._buffer = bytearray()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, rows: int = 1) -> None:
         self._buffer += data
-        self.count += 1
+        self.count += rows
         if len(self._buffer) >= _STAGE_BYTES:
             self.flush()
 
@@ -197,6 +197,23 @@ class RejectsPart(StagedPart):
             )
         return json.dumps(dict(zip(self.columns, values, strict=False)), ensure_ascii=False)
 
+    def add_texts(self, rejects: list[tuple[int, str, str, list[str]]]) -> None:
+        """Many rejected rows whose values are all text (as C gives them): the same lines
+        as `add` gives each, written by one writer call for all of them (a call per row was
+        most of a reject's cost)."""
+        if not rejects:
+            return
+        raw = io.StringIO()
+        csv.writer(raw, lineterminator=_NO_TEXT).writerows(values for *_, values in rejects)
+        raws = raw.getvalue().split(_NO_TEXT)
+        rows = [
+            [self.label(line), code, spreadsheet_safe(message), spreadsheet_safe(text)]
+            for (line, code, message, _), text in zip(rejects, raws, strict=False)
+        ]
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        self.write(out.getvalue().encode("utf-8"), rows=len(rows))
+
     def add(self, line: int, code: str, message: str, values: Sequence[Any] | str) -> None:
         row = [
             self.label(line),
@@ -208,6 +225,11 @@ class RejectsPart(StagedPart):
 
 
 _TEXT_OR_NONE = {str, type(None)}
+
+
+_NO_TEXT = "\x00"
+"""No row's value holds it (both CSV readers refuse NUL), so it can end the rows of one
+writer's output."""
 
 
 def _written(buffer: io.StringIO, writer: Any, row: list[str]) -> str:
