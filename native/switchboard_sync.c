@@ -3652,6 +3652,28 @@ fail:
     return NULL;
 }
 
+/* use_lines(lines): the last run's line index entries (after use_index, which may be
+ * given none, so that its directory is built while the line index is still read). */
+static PyObject *splitter_use_lines(Splitter *sp, PyObject *arg) {
+    Py_buffer lines;
+    if (PyObject_GetBuffer(arg, &lines, PyBUF_SIMPLE) < 0) return NULL;
+    if (sp->directory == NULL || sp->lines != NULL || sp->rows || lines.len % 24) {
+        PyBuffer_Release(&lines);
+        PyErr_SetString(PyExc_ValueError, "use_lines comes once, after use_index, before any row");
+        return NULL;
+    }
+    LineDirectory *line_directory = NULL;
+    if (lines.len) {
+        Py_BEGIN_ALLOW_THREADS
+        line_directory = line_directory_of(sp->directory, lines.buf, lines.len / 24);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&lines);
+    if (lines.len && line_directory == NULL) return PyErr_NoMemory();
+    sp->lines = line_directory;
+    Py_RETURN_NONE;
+}
+
 /* record_lines(mapping, settled_too): this file's lines are kept for the next run's line
  * index (take_lines), with the raw digests this mapping gives, those of rows settled by
  * their line too or (a delta on the last run's) not; after use_index, if that is used. */
@@ -3923,6 +3945,8 @@ static PyMethodDef SPLITTER_METHODS[] = {
     {"feed", (PyCFunction)splitter_feed, METH_VARARGS,
      "feed(data, line, final) -> None or (consumed, line, malformed, ready, bad_utf8)"},
     {"drain", (PyCFunction)splitter_drain, METH_NOARGS, "drain() -> [(bucket, work lines)]"},
+    {"use_lines", (PyCFunction)splitter_use_lines, METH_O,
+     "use_lines(lines): the last run's line index entries, after use_index"},
     {"record_lines", (PyCFunction)splitter_record_lines, METH_VARARGS,
      "record_lines(mapping, settled_too): keep this file's lines for the next run (take_lines)"},
     {"take_lines", (PyCFunction)splitter_take_lines, METH_NOARGS,

@@ -159,7 +159,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
     except (FileRejected, ConfigError) as exc:
         error = f"{exc.code}: {exc}" if isinstance(exc, FileRejected) else str(exc)
         if unchanged is not None:
-            unchanged.reader.stop()
+            unchanged.stop()
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
     planned = planned_buckets(sync, split)
     if unchanged is not None:  # no state is read for a bucket whose rows were all settled
@@ -180,7 +180,7 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
         return finalize(services, sync, plan, run.run_id, blob, finished)
     if unchanged is not None:
-        unchanged.reader.stop()  # the workers read their own
+        unchanged.stop()  # the workers read their own
     for group in groups:
         services.storage.queues.send(CHUNK_QUEUE, ChunkMessage(run_id=run.run_id, buckets=group))
     log.info("segment file fanned out", extra={"run_id": run.run_id, "chunks": len(groups)})
@@ -376,7 +376,7 @@ def process_buckets(
             )  # fmt: skip
     finally:
         if unchanged is not None:
-            unchanged.reader.stop()
+            unchanged.stop()
         pack.close()  # the buckets finished before an error count too
     recorded.flush()
     if not plan.preview:

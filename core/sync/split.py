@@ -395,6 +395,8 @@ def split_file(
         result.in_memory = partitioner.close()
         result.rows = partitioner.rows
         result.work_blobs = partitioner.names
+        if unchanged is not None:
+            unchanged.line_index()  # the state is read ahead, however the file was split
         return result
     raise AssertionError("the reference takes every file")
 

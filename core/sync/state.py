@@ -975,7 +975,8 @@ class StateStore:
 
     def read_range(self, blob: str, start: int, end: int) -> bytes:
         client = self.storage.blob_service.get_blob_client(STATE_CONTAINER, self.folder + blob)
-        return bytes(client.download_blob(offset=start, length=end - start).readall())
+        # Its chunks joined once (readall copies them into a stream, then out of it).
+        return b"".join(client.download_blob(offset=start, length=end - start).chunks())
 
     def indexes(self, etags: dict[int, str], run_id: str) -> dict[int, DigestIndex]:
         """The digest index of each bucket's state as listed (`etags`), where an index

@@ -118,17 +118,18 @@ class UnchangedIndex:
         self.reader: StateReader = states.reader(self.stored, sorted(self.stored))
         """The buckets' state, read ahead while the file is split."""
         self._lines = states.line_indexes()
+        # The line index is read meanwhile, and waited for only once the split has built
+        # the digests' directory.
+        self._reading = ThreadPoolExecutor(1, thread_name_prefix="read-lines")
+        self._lines_read = self._reading.submit(self._lines.latest, run_id)
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="read-lines") as pool:
-                lines = pool.submit(self._lines.latest, run_id)  # meanwhile
-                self.digests = states.indexes(self.etags, run_id)
-                self.lines = lines.result() if self.digests else LineIndex()
-                """The last run's line index (core/sync/lines.py)."""
+            self.digests = states.indexes(self.etags, run_id)
         except BaseException:
-            self.reader.stop()
+            self._reading.shutdown(cancel_futures=True)
             raise
-        # After the indexes: the split waits for them, the buckets only for the state.
-        self.reader.prefetch(_PREFETCH_BYTES)
+        self._prefetching = False
+        self.lines = LineIndex()
+        """The last run's line index, once the split takes it (line_index)."""
         self._stager: BlockStager | None = None
         self._writer: BlockWriter | None = None
 
@@ -138,14 +139,17 @@ class UnchangedIndex:
         try:
             mapper = RowMapper(self.sync, columns)
         except FileRejected:
-            return False  # the buckets report the file's missing columns
-        mapping = native_mapping(self.sync, mapper, self.suppressions, _never_called)
-        if mapping is None or mapper.identity_key == "phone":
+            mapper = None  # the buckets report the file's missing columns
+        mapping = mapper and native_mapping(self.sync, mapper, self.suppressions, _never_called)
+        if mapper is None or mapping is None or mapper.identity_key == "phone":
+            self.line_index()
             return False
         settling = bool(self.digests)
         if settling:
             index = [self.digests.get(bucket) for bucket in range(buckets)]
-            splitter.use_index(mapping, index, self.lines.entries)
+            splitter.use_index(mapping, index, b"")
+            self.lines = self.line_index()
+            splitter.use_lines(self.lines.entries)
         # A delta on top of the last chain: the rows settled by their line are in it.
         delta = settling and self.lines.extendable
         splitter.record_lines(mapping, not delta)
@@ -154,6 +158,27 @@ class UnchangedIndex:
         self._writer = self._lines.writer(self.run_id, self._stager, base)
         self.lines = LineIndex()  # in the splitter now
         return settling
+
+    def line_index(self) -> LineIndex:
+        """The last run's line index (core/sync/lines.py), once it is read; then the state
+        is read ahead (the split waits for the indexes, the buckets only for the state)."""
+        try:
+            found = self._lines_read.result() if self.digests else LineIndex()
+        finally:
+            self._reading.shutdown()
+            self.prefetch()
+        return found
+
+    def prefetch(self) -> None:
+        """Read the state ahead from now on (once)."""
+        if not self._prefetching:
+            self._prefetching = True
+            self.reader.prefetch(_PREFETCH_BYTES)
+
+    def stop(self) -> None:
+        """Read nothing more (the split is over, or the run is): let go of what was read."""
+        self._reading.shutdown(cancel_futures=True)
+        self.reader.stop()
 
     def keep_lines(self, splitter: Any) -> None:
         """Write the line index entries the splitter has kept so far."""
