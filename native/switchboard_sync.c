@@ -2907,29 +2907,27 @@ typedef struct Directory {
     Table key_table, ref_table, start_table;
 } Directory;
 
-/* The last run's line index (unchanged.LineIndex), the entries whose digest a bucket's
- * index holds, counting-sorted on the top bits of the line hash as the directory is on the
- * digest's: a row whose line is byte for byte one whose raw digest a bucket acknowledged
- * (or held back) is settled from the line's hash, not parsed. */
+/* The last run's line index (core/sync/lines.py): the entries whose digest a bucket's index
+ * holds, in an open-addressing table keyed by the line's hash, 16 bytes an entry (the
+ * digest is the directory's, by its place there): a row whose line is byte for byte one
+ * whose raw digest a bucket acknowledged (or held back) is settled from the line's hash,
+ * not parsed. Filled a chunk at a time as the index is read, so it is never held whole. */
+#define LINE_AMBIGUOUS UINT32_MAX /* a line hash two entries have: it settles nothing */
 typedef struct {
-    uint64_t seen_key; /* the identity's key in the Bloom filter */
-    uc digest[8];
-    uint16_t ref;      /* bucket, | WITHHELD_FLAG */
+    uint64_t key;      /* the line's hash; 0: an empty slot */
+    uint32_t seen_lo;  /* the identity's key for the Bloom filter (its low 32 bits) */
+    uint32_t digest_at; /* the digest's place in the directory */
 } LineSlot;
 
 typedef struct LineDirectory {
-    uint64_t *keys;
     LineSlot *slots;
-    uint32_t *start;
-    int shift;
-    Table key_table, slot_table, start_table;
+    uint64_t mask;
+    Table slot_table;
 } LineDirectory;
 
 static void line_directory_free(LineDirectory *d) {
     if (d == NULL) return;
-    table_unmap(&d->key_table);
     table_unmap(&d->slot_table);
-    table_unmap(&d->start_table);
     PyMem_RawFree(d);
 }
 
@@ -3167,7 +3165,21 @@ static int identity_hash(Splitter *sp, const uc *s, Py_ssize_t n, uint64_t *hash
 /* Adds an identity key to the Bloom filter; whether it may have been there already. A false
  * "maybe" only sends a row on to its bucket, which decides as it always does. Blocked: a
  * key's probes are all in one 64-byte block, so a row costs one cache miss, not six. */
-static int seen_before(Splitter *sp, uint64_t key) {
+/* The Bloom filter's key of an identity's XXH64: from its low 32 bits, which is what a line
+ * index entry keeps of it (a rare collision only sends a row on to its bucket). */
+static uint64_t bloom_key(uint64_t seen) {
+    uint64_t z = (seen & 0xFFFFFFFFu) + 0x9E3779B97F4A7C15ULL; /* splitmix64 */
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static uint64_t *bloom_block(Splitter *sp, uint64_t seen) {
+    return sp->seen + 8 * (bloom_key(seen) & sp->seen_mask);
+}
+
+static int seen_before(Splitter *sp, uint64_t identity_key) {
+    uint64_t key = bloom_key(identity_key);
     uint64_t *block = sp->seen + 8 * (key & sp->seen_mask);
     int seen = 1;
     for (int i = 0; i < SEEN_PROBES; i++) {
@@ -3309,14 +3321,12 @@ static int record_line(Splitter *sp, uint64_t line_hash, const uc digest[8], uin
 
 /* The entry of a line hash, or NULL (none, or two: a collision settles nothing). */
 static const LineSlot *line_find(const LineDirectory *d, uint64_t key) {
-    uint64_t slot = key >> d->shift;
-    const LineSlot *found = NULL;
-    for (uint32_t i = d->start[slot]; i < d->start[slot + 1]; i++) {
-        if (d->keys[i] != key) continue;
-        if (found != NULL) return NULL;
-        found = &d->slots[i];
+    if (key == 0) return NULL;
+    for (uint64_t i = key & d->mask;; i = (i + 1) & d->mask) {
+        const LineSlot *slot = &d->slots[i];
+        if (slot->key == key) return slot->digest_at == LINE_AMBIGUOUS ? NULL : slot;
+        if (slot->key == 0) return NULL;
     }
-    return found;
 }
 
 /* Where the record from p ends, by its quotes (a line break inside quotes has an odd
@@ -3352,7 +3362,7 @@ static const uc *record_end(const uc *p, const uc *end, const uc **text_end, lon
 static int settle_line(Splitter *sp, const uc *p, uint64_t line_hash, const LineSlot *slot,
                        const uc *end, int final, int *settled) {
     *settled = 0;
-    if (slot == NULL || seen_before(sp, slot->seen_key)) return OK;
+    if (slot == NULL || seen_before(sp, slot->seen_lo)) return OK;
     const Mapping *m = sp->mapping;
     int reason = -1;
     if (m->suppressions) {
@@ -3377,27 +3387,28 @@ static int settle_line(Splitter *sp, const uc *p, uint64_t line_hash, const Line
         if (suppressed_values(m, sp->values, sp->key.data, b - a, &reason) == SLOW) return OK;
     }
     *settled = 1;
-    TRY(settle_counted(sp, slot->ref & ~WITHHELD_FLAG, slot->ref & WITHHELD_FLAG, slot->digest, reason));
-    return sp->recording_settled ? record_line(sp, line_hash, slot->digest, slot->seen_key) : OK;
+    unsigned ref = sp->directory->refs[slot->digest_at];
+    uc digest[8];
+    put_be64(digest, sp->directory->keys[slot->digest_at]);
+    TRY(settle_counted(sp, ref & ~WITHHELD_FLAG, ref & WITHHELD_FLAG, digest, reason));
+    return sp->recording_settled ? record_line(sp, line_hash, digest, slot->seen_lo) : OK;
 }
 
 /*
- * Rows ahead of the one split now, for the line path: a record's look-ups (the directory's
- * slot, its keys and entries, the Bloom filter's block) each miss the cache, so they are
- * asked for in stages some records ahead (prefetched) and found in cache when the record
- * comes. The records ahead are found by their quotes (record_end); when the record split
+ * Rows ahead of the one split now, for the line path: a record's look-ups (the table's slot,
+ * then the Bloom filter's block and the digest) each miss the cache, so they are asked for
+ * in stages some records ahead (prefetched) and found in cache when the record comes. The records ahead are found by their quotes (record_end); when the record split
  * now is not the one expected (a record split_record reads otherwise), the ring starts again
  * from it.
  */
 #define AHEAD 16
-#define AHEAD_KEYS 10   /* the directory's slot read, its keys and entries prefetched */
-#define AHEAD_BLOOM 5   /* the entry found, its Bloom filter block prefetched */
+#define AHEAD_FOUND 8   /* its table slot read: the Bloom filter block and the digest prefetched */
 
 typedef struct {
     const uc *start, *next;
     long long lines;
     uint64_t hash;  /* 0: an empty line */
-    int stage;      /* 1: keys prefetched, 2: entry found */
+    int stage;      /* 2: entry found (its table slot is prefetched when it is queued) */
     const LineSlot *slot;
 } Ahead;
 
@@ -3414,15 +3425,13 @@ static void ring_advance(Splitter *sp, Ahead *a, int stage) {
         return;
     }
     if (a->stage < 1 && stage >= 1) {
-        uint64_t slot = a->hash >> d->shift;
-        uint32_t lo = d->start[slot];
-        __builtin_prefetch(&d->keys[lo]);
-        __builtin_prefetch(&d->slots[lo]);
-        a->stage = 1;
-    }
-    if (a->stage < 2 && stage >= 2) {
-        a->slot = line_find(d, a->hash);
-        if (a->slot != NULL) __builtin_prefetch(sp->seen + 8 * (a->slot->seen_key & sp->seen_mask));
+        const LineSlot *slot = line_find(d, a->hash); /* its table slot was prefetched */
+        if (slot != NULL) {
+            __builtin_prefetch(bloom_block(sp, slot->seen_lo));
+            __builtin_prefetch(&sp->directory->keys[slot->digest_at]);
+            __builtin_prefetch(&sp->directory->refs[slot->digest_at]);
+        }
+        a->slot = slot;
         a->stage = 2;
     }
 }
@@ -3443,17 +3452,16 @@ static Ahead *ring_take(Splitter *sp, Ring *r, const uc *p, const uc *end) {
             break;
         }
         a->hash = text_end > a->start ? xxh64_seeded(a->start, (size_t)(text_end - a->start), sp->line_seed) : 0;
-        if (a->hash != 0) __builtin_prefetch(&sp->lines->start[a->hash >> sp->lines->shift]);
+        if (a->hash != 0) __builtin_prefetch(&sp->lines->slots[a->hash & sp->lines->mask]);
         a->stage = 0;
         a->slot = NULL;
         r->scan = a->next;
         r->count++;
     }
     if (r->count == 0) return NULL;
-    if (r->count > AHEAD_KEYS) ring_advance(sp, &r->rows[(r->head + AHEAD_KEYS) % AHEAD], 1);
-    if (r->count > AHEAD_BLOOM) ring_advance(sp, &r->rows[(r->head + AHEAD_BLOOM) % AHEAD], 2);
+    if (r->count > AHEAD_FOUND) ring_advance(sp, &r->rows[(r->head + AHEAD_FOUND) % AHEAD], 1);
     Ahead *a = &r->rows[r->head];
-    ring_advance(sp, a, 2);
+    ring_advance(sp, a, 1);
     r->head = (r->head + 1) % AHEAD;
     r->count--;
     return a;
@@ -3523,63 +3531,65 @@ static Directory *directory_of(PyObject *index, Py_ssize_t total) {
     return d;
 }
 
-/* The line directory of the entries of `lines` (24 bytes each: line hash, digest, identity
- * key) whose digest is in one bucket's index (the digest directory `d`), with that bucket;
- * NULL on no memory. */
-static LineDirectory *line_directory_of(const Directory *digests, const uc *lines, Py_ssize_t n) {
+/* The place of a digest in the directory, or -1 (in no bucket's index, or in two). */
+static Py_ssize_t directory_position(const Directory *d, uint64_t key) {
+    uint64_t slot = key >> d->shift;
+    Py_ssize_t found = -1;
+    for (uint32_t i = d->start[slot]; i < d->start[slot + 1]; i++) {
+        if (d->keys[i] != key) continue;
+        if (found >= 0) return -1;
+        found = i;
+    }
+    return found;
+}
+
+/* An empty line table for about `entries` entries (a load of at most two thirds). */
+static LineDirectory *line_directory_new(Py_ssize_t entries) {
     LineDirectory *d = PyMem_RawCalloc(1, sizeof(LineDirectory));
     if (d == NULL) return NULL;
-    uint16_t *refs = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(uint16_t));
-    Py_ssize_t total = 0;
-    if (refs == NULL) {
-        PyMem_RawFree(d);
-        return NULL;
-    }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        /* A look-up misses the cache twice (the slot, then its keys): asked for ahead. */
-        if (k + 16 < n) __builtin_prefetch(&digests->start[digest_key(lines + 24 * (k + 16) + 8) >> digests->shift]);
-        if (k + 8 < n) __builtin_prefetch(&digests->keys[digests->start[digest_key(lines + 24 * (k + 8) + 8) >> digests->shift]]);
-        int ref = directory_find(digests, digest_key(lines + 24 * k + 8), NULL, NULL);
-        refs[k] = ref < 0 ? UINT16_MAX : (uint16_t)ref;
-        total += ref >= 0;
-    }
-    int bits = 1;
-    while (bits < 40 && ((Py_ssize_t)1 << bits) < total / 4) bits++;
-    d->shift = 64 - bits;
-    size_t slots = (size_t)1 << bits;
-    if (table_map(&d->key_table, (size_t)total * sizeof(uint64_t)) != OK ||
-        table_map(&d->slot_table, (size_t)total * sizeof(LineSlot)) != OK ||
-        table_map(&d->start_table, (slots + 1) * sizeof(uint32_t)) != OK) {
-        PyMem_RawFree(refs);
+    uint64_t size = 1024;
+    while (size < (uint64_t)entries + (uint64_t)entries / 2) size <<= 1;
+    if (table_map(&d->slot_table, (size_t)size * sizeof(LineSlot)) != OK) {
         line_directory_free(d);
         return NULL;
     }
-    d->keys = d->key_table.data;
     d->slots = d->slot_table.data;
-    d->start = d->start_table.data;
-    for (int place = 0; place < 2; place++) {
-        for (Py_ssize_t k = 0; k < n; k++) {
-            if (refs[k] == UINT16_MAX) continue;
-            const uc *entry = lines + 24 * k;
-            uint64_t key = digest_key(entry), slot = key >> d->shift;
-            if (!place) {
-                d->start[slot + 1]++;
-                continue;
-            }
-            uint32_t at = d->start[slot]++;
-            d->keys[at] = key;
-            memcpy(d->slots[at].digest, entry + 8, 8);
-            d->slots[at].seen_key = digest_key(entry + 16);
-            d->slots[at].ref = refs[k];
-        }
-        if (place == 0)
-            for (size_t slot = 0; slot < slots; slot++) d->start[slot + 1] += d->start[slot];
-        else
-            for (size_t slot = slots; slot > 0; slot--) d->start[slot] = d->start[slot - 1];
-    }
-    d->start[0] = 0;
-    PyMem_RawFree(refs);
+    d->mask = size - 1;
     return d;
+}
+
+/* The entries of `lines` (24 bytes each: line hash, digest, identity key) whose digest is in
+ * one bucket's index (the directory), into the table; how many went in. */
+static Py_ssize_t line_directory_add(LineDirectory *d, const Directory *digests, const uc *lines, Py_ssize_t n) {
+    Py_ssize_t added = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        /* A look-up misses the cache twice (the slot, then its keys): asked for ahead. */
+        if (k + 16 < n) __builtin_prefetch(&digests->start[digest_key(lines + 24 * (k + 16) + 8) >> digests->shift]);
+        if (k + 8 < n) {
+            uint64_t ahead = digest_key(lines + 24 * (k + 8));
+            __builtin_prefetch(&digests->keys[digests->start[digest_key(lines + 24 * (k + 8) + 8) >> digests->shift]]);
+            __builtin_prefetch(&d->slots[ahead & d->mask]);
+        }
+        const uc *entry = lines + 24 * k;
+        uint64_t key = digest_key(entry);
+        Py_ssize_t at = directory_position(digests, digest_key(entry + 8));
+        if (key == 0 || at < 0) continue;
+        for (uint64_t i = key & d->mask;; i = (i + 1) & d->mask) {
+            LineSlot *slot = &d->slots[i];
+            if (slot->key == key) {
+                slot->digest_at = LINE_AMBIGUOUS;
+                break;
+            }
+            if (slot->key == 0) {
+                slot->key = key;
+                slot->seen_lo = (uint32_t)digest_key(entry + 16);
+                slot->digest_at = (uint32_t)at;
+                added++;
+                break;
+            }
+        }
+    }
+    return added;
 }
 
 /* use_index(mapping, index, lines): `index` has, per bucket, None or (profiles, withheld):
@@ -3628,14 +3638,13 @@ static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
     /* Without the GIL: the threads reading state and the file go on meanwhile. `index` is
      * this call's own list of bytes, which nothing else changes while it runs. */
     Directory *directory;
-    LineDirectory *line_directory = NULL;
     Py_BEGIN_ALLOW_THREADS
     directory = directory_of(index, total);
-    if (directory != NULL && lines.len) line_directory = line_directory_of(directory, lines.buf, lines.len / 24);
     Py_END_ALLOW_THREADS
     sp->directory = directory;
-    sp->lines = line_directory;
-    if (sp->directory == NULL || (lines.len && sp->lines == NULL)) goto no_memory;
+    if (sp->directory == NULL) goto no_memory;
+    if (lines.len && (sp->lines = line_directory_new(lines.len / 24)) == NULL) goto no_memory;
+    if (lines.len) line_directory_add(sp->lines, sp->directory, lines.buf, lines.len / 24);
     PyBuffer_Release(&lines);
     /* 16 bits per expected row: under 0.1% of first rows sent on to their bucket needlessly. */
     uint64_t bits = 1 << 23;
@@ -3652,26 +3661,36 @@ fail:
     return NULL;
 }
 
-/* use_lines(lines): the last run's line index entries (after use_index, which may be
- * given none, so that its directory is built while the line index is still read). */
-static PyObject *splitter_use_lines(Splitter *sp, PyObject *arg) {
-    Py_buffer lines;
-    if (PyObject_GetBuffer(arg, &lines, PyBUF_SIMPLE) < 0) return NULL;
-    if (sp->directory == NULL || sp->lines != NULL || sp->rows || lines.len % 24) {
-        PyBuffer_Release(&lines);
-        PyErr_SetString(PyExc_ValueError, "use_lines comes once, after use_index, before any row");
+/* lines_begin(entries): the last run's line index entries come next (lines_add), about
+ * this many (they size the table); after use_index. */
+static PyObject *splitter_lines_begin(Splitter *sp, PyObject *arg) {
+    Py_ssize_t entries = PyLong_AsSsize_t(arg);
+    if (entries == -1 && PyErr_Occurred()) return NULL;
+    if (sp->directory == NULL || sp->lines != NULL || sp->rows || entries < 0) {
+        PyErr_SetString(PyExc_ValueError, "lines_begin comes once, after use_index, before any row");
         return NULL;
     }
-    LineDirectory *line_directory = NULL;
-    if (lines.len) {
-        Py_BEGIN_ALLOW_THREADS
-        line_directory = line_directory_of(sp->directory, lines.buf, lines.len / 24);
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&lines);
-    if (lines.len && line_directory == NULL) return PyErr_NoMemory();
-    sp->lines = line_directory;
+    if ((sp->lines = line_directory_new(entries)) == NULL) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* lines_add(entries) -> how many went in: a chunk of the last run's line index entries
+ * (24 bytes each), those whose digest a bucket's index holds; never more than lines_begin
+ * said in all. */
+static PyObject *splitter_lines_add(Splitter *sp, PyObject *arg) {
+    Py_buffer lines;
+    if (PyObject_GetBuffer(arg, &lines, PyBUF_SIMPLE) < 0) return NULL;
+    if (sp->lines == NULL || sp->rows || lines.len % 24) {
+        PyBuffer_Release(&lines);
+        PyErr_SetString(PyExc_ValueError, "lines_add takes whole entries, after lines_begin");
+        return NULL;
+    }
+    Py_ssize_t added;
+    Py_BEGIN_ALLOW_THREADS
+    added = line_directory_add(sp->lines, sp->directory, lines.buf, lines.len / 24);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&lines);
+    return PyLong_FromSsize_t(added);
 }
 
 /* record_lines(mapping, settled_too): this file's lines are kept for the next run's line
@@ -3945,8 +3964,10 @@ static PyMethodDef SPLITTER_METHODS[] = {
     {"feed", (PyCFunction)splitter_feed, METH_VARARGS,
      "feed(data, line, final) -> None or (consumed, line, malformed, ready, bad_utf8)"},
     {"drain", (PyCFunction)splitter_drain, METH_NOARGS, "drain() -> [(bucket, work lines)]"},
-    {"use_lines", (PyCFunction)splitter_use_lines, METH_O,
-     "use_lines(lines): the last run's line index entries, after use_index"},
+    {"lines_begin", (PyCFunction)splitter_lines_begin, METH_O,
+     "lines_begin(entries): the last run's line index entries come next (lines_add)"},
+    {"lines_add", (PyCFunction)splitter_lines_add, METH_O,
+     "lines_add(entries) -> entries taken: a chunk of the last run's line index"},
     {"record_lines", (PyCFunction)splitter_record_lines, METH_VARARGS,
      "record_lines(mapping, settled_too): keep this file's lines for the next run (take_lines)"},
     {"take_lines", (PyCFunction)splitter_take_lines, METH_NOARGS,

@@ -81,8 +81,9 @@ class ChunkReader(io.RawIOBase):
 
 
 def read_ahead(chunks: Iterator[bytes], depth: int) -> Iterator[bytes]:
-    """`chunks`, taken up to `depth` ahead on a thread of their own; an error in taking
-    them is raised where the reader is. Leaving the iteration early stops the thread."""
+    """`chunks`, taken up to `depth` ahead on a thread of their own, from now on; an error
+    in taking them is raised where the reader is. Closing the iterator (or leaving the
+    iteration early) stops the thread."""
     ready: queue.Queue[tuple[bytes | None, BaseException | None]] = queue.Queue(depth)
     stop = threading.Event()
 
@@ -105,16 +106,42 @@ def read_ahead(chunks: Iterator[bytes], depth: int) -> Iterator[bytes]:
 
     fetcher = threading.Thread(target=fetch, name="read-ahead", daemon=True)
     fetcher.start()
-    try:
-        while True:
-            chunk, error = ready.get()
-            if error is not None:
-                raise error
-            if chunk is None:
-                return
-            yield chunk
-    finally:
-        stop.set()
+
+    def taken() -> Iterator[bytes]:
+        try:
+            while True:
+                chunk, error = ready.get()
+                if error is not None:
+                    raise error
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            stop.set()
+
+    iterator = taken()
+    # A generator never started ignores close(): starting it is what arms its `finally`.
+    return _Closing(iterator, stop)
+
+
+class _Closing(Iterator[bytes]):
+    """An iterator whose close() also stops the thread feeding it, started or not."""
+
+    def __init__(self, iterator: Iterator[bytes], stop: threading.Event) -> None:
+        self._iterator = iterator
+        self._stop = stop
+
+    def __next__(self) -> bytes:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self._stop.set()
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __del__(self) -> None:  # dropped unread: the thread stops too
+        self._stop.set()
 
 
 class BlockWriter:

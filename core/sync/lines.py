@@ -22,7 +22,7 @@ found once).
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -30,31 +30,43 @@ import orjson
 
 from core.errors import StorageError
 from core.storage import Storage
-from core.storage.blobs import BlobRef, BlockStager, BlockWriter
+from core.storage.blobs import BlobRef, BlockStager, BlockWriter, read_ahead
 
 ENTRY_BYTES = 24
 _VERSION = 1
 _FOLDER = "lines/"
 _BLOCK_BYTES = 4 << 20
 _MAX_CHAIN = 8
-_READERS = 4
+_READ_AHEAD_CHUNKS = 8
+"""Chunks (4 MB each) of the last line index read ahead before the split takes them: the
+index is never held whole, whatever the file's size (the split keeps 16 bytes an entry)."""
+_HEADER_BYTES = 64 << 10
 _KEEP_FOR = timedelta(hours=1)
 
 
 @dataclass
 class LineIndex:
-    """The entries of the newest chain of line index files."""
+    """The newest chain of line index files, read as the split takes its entries."""
 
-    entries: bytes = b""
     chain: list[str] = field(default_factory=list)
     """Its files, oldest (the full one) first."""
     full_entries: int = 0
-    """Entries of the full file; the rest are deltas'."""
+    """Entries of the full file (as its size says); the rest are deltas'."""
+    entries: int = 0
+    """Entries of the whole chain, at most (as the files' sizes say)."""
+    chunks: Iterator[bytes] = field(default_factory=lambda: iter(()))
+    """The chain's entries, a whole number of them a chunk, read ahead on a thread."""
+
+    def close(self) -> None:
+        """Read no more of it (the thread reading ahead stops)."""
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
 
     @property
     def extendable(self) -> bool:
         """Whether the next run may write a delta on top of this chain."""
-        deltas = len(self.entries) // ENTRY_BYTES - self.full_entries
+        deltas = self.entries - self.full_entries
         return bool(self.chain) and len(self.chain) < _MAX_CHAIN and deltas * 4 < self.full_entries
 
 
@@ -69,29 +81,27 @@ class LineIndexes:
 
     def latest(self, run_id: str) -> LineIndex:
         """The newest chain of this mapping another run wrote (empty: none, or a file of it
-        is gone). Files of no recent chain are deleted once an hour old."""
+        is gone), its entries read from now on, a few chunks ahead. Files of no recent chain
+        are deleted once an hour old."""
         found = sorted(
             self.storage.blobs.list(self.container, self.prefix),
             key=lambda ref: (ref.last_modified or datetime.min.replace(tzinfo=UTC), ref.name),
             reverse=True,
         )
         newest = next((ref for ref in found if ref.name != self._path(run_id)), None)
-        if newest is None:
-            return LineIndex()
-        header, entries = self._read(newest)
-        if header is None:
+        header = self._header(newest) if newest is not None else None
+        if newest is None or header is None:
             return LineIndex()
         base = header.get("base")
         chain = [*(base if isinstance(base, list) else []), newest.name[len(self.prefix) :]]
         self._collect(found, keep=set(chain) | {run_id + ".bin"})
-        if len(chain) == 1:
-            return LineIndex(entries, chain, len(entries) // ENTRY_BYTES)
-        with ThreadPoolExecutor(_READERS, thread_name_prefix="read-lines") as pool:
-            bases = list(pool.map(self._read_name, chain[:-1]))
-        if any(base is None for base in bases):
+        sizes = {ref.name[len(self.prefix) :]: ref for ref in found}
+        if any(name not in sizes for name in chain):
             return LineIndex()  # collected meanwhile: start again from a full file
-        parts = [base for base in bases if base is not None] + [entries]
-        return LineIndex(b"".join(parts), chain, len(parts[0]) // ENTRY_BYTES)
+        refs = [sizes[name] for name in chain]
+        counts = [ref.size // ENTRY_BYTES for ref in refs]
+        chunks = read_ahead(self._entries(refs), _READ_AHEAD_CHUNKS)
+        return LineIndex(chain, counts[0], sum(counts), chunks)
 
     def writer(self, run_id: str, stager: BlockStager, base: list[str]) -> BlockWriter:
         """Where a run's split writes its entries: all of them, or (`base` the chain it
@@ -107,23 +117,37 @@ class LineIndexes:
     def _path(self, run_id: str) -> str:
         return f"{self.prefix}{run_id}.bin"
 
-    def _read_name(self, name: str) -> bytes | None:
-        header, entries = self._read(BlobRef(self.container, self.prefix + name, "", 0))
-        return entries if header is not None else None
-
-    def _read(self, ref: BlobRef) -> tuple[dict[str, object] | None, bytes]:
-        """A file's header and entries; no header when it is gone or not of this mapping
-        and version."""
-        read = self.storage.blobs.read_versioned(self.container, ref.name)
-        if read is None:
-            return None, b""
-        text = read[0]
-        end = text.find(b"\n")
-        header = orjson.loads(text[:end]) if end > 0 else {}
+    def _header(self, ref: BlobRef) -> dict[str, object] | None:
+        """A file's header, if it is of this mapping and version."""
+        reader = self.storage.blobs.open_reader(ref, length=min(ref.size, _HEADER_BYTES))
+        line = reader.readline()
+        header = orjson.loads(line) if line.endswith(b"\n") else {}
         if header.get("version") != _VERSION or header.get("fingerprint") != self.fingerprint:
-            return None, b""
-        entries = text[end + 1 :]
-        return header, entries[: len(entries) - len(entries) % ENTRY_BYTES]
+            return None
+        return dict(header)
+
+    def _entries(self, refs: list[BlobRef]) -> Iterator[bytes]:
+        """The files' entries, a whole number of them a chunk; a file of another mapping
+        or version (rewritten meanwhile) ends them."""
+        for ref in refs:
+            data, header_read = b"", False
+            for chunk in self.storage.blobs.iter_chunks(ref):
+                data += chunk
+                if not header_read:
+                    end = data.find(b"\n")
+                    if end < 0:
+                        continue  # the header goes on in the next chunk
+                    header = orjson.loads(data[:end])
+                    if (
+                        header.get("version") != _VERSION
+                        or header.get("fingerprint") != self.fingerprint
+                    ):
+                        return
+                    data, header_read = data[end + 1 :], True
+                whole = len(data) - len(data) % ENTRY_BYTES
+                if whole:
+                    yield data[:whole]
+                data = data[whole:]
 
     def _collect(self, found: list[BlobRef], keep: set[str]) -> None:
         stale_before = datetime.now(UTC) - _KEEP_FOR

@@ -61,6 +61,7 @@ CHUNK_QUEUE = "segment-chunks"
 _WRITERS = 4
 _FETCHERS = 2
 _FETCH_AHEAD = 4
+_FETCH_AHEAD_BYTES = 4 << 20
 _RESULTS_PER_TRANSACTION = 100
 _REJECTS_KEPT_BYTES = 16_000
 """A bucket's rejects up to this size go in its result (a table property holds 32,000
@@ -457,11 +458,11 @@ def _run_buckets(
 
     def fetch(bucket: int) -> tuple[SyncState, bytes]:
         """A bucket's state, decoded, and its work lines, inflated; runs on `_FETCHERS`
-        threads `_FETCH_AHEAD` buckets ahead, so their I/O, decompressing and decoding
-        overlap with the buckets before them (memory: that many buckets more, 3 MB each at
-        5M profiles). With few changes a bucket's own work is short, and one bucket ahead
-        left the main thread waiting for the GIL-bound parts of its fetch. A bucket whose
-        rows the split all settled needs no state (unless in mirror mode)."""
+        threads up to `_FETCH_AHEAD` buckets ahead (and `_FETCH_AHEAD_BYTES` of state
+        text), so their I/O, decompressing and decoding overlap with the buckets before
+        them. With few changes a bucket's own work is short, and one bucket ahead left the
+        main thread waiting for the GIL-bound parts of its fetch. A bucket whose rows the
+        split all settled needs no state (unless in mirror mode)."""
         name = plan.work_blobs.get(str(bucket)) if in_memory is None else None
         if in_memory is not None:
             lines = in_memory.take(bucket)
@@ -476,11 +477,22 @@ def _run_buckets(
 
     reader = unchanged.reader if unchanged else states.reader(states.stored_buckets(), todo)
     with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="fetch-bucket") as fetcher:
-        upcoming = deque(fetcher.submit(fetch, bucket) for bucket in todo[:_FETCH_AHEAD])
-        for index, bucket in enumerate(todo):
-            state, lines = upcoming.popleft().result()
-            if index + _FETCH_AHEAD < len(todo):
-                upcoming.append(fetcher.submit(fetch, todo[index + _FETCH_AHEAD]))
+        upcoming: deque[tuple[int, Future[tuple[SyncState, bytes]]]] = deque()
+        ahead = 0  # buckets of `todo` submitted
+        for bucket in todo:
+            # The next buckets, up to `_FETCH_AHEAD` of them and `_FETCH_AHEAD_BYTES` of
+            # state text (one at least): memory stays flat as buckets grow.
+            while ahead < len(todo) and (
+                not upcoming
+                or (
+                    len(upcoming) < _FETCH_AHEAD
+                    and sum(size for size, _ in upcoming) < _FETCH_AHEAD_BYTES
+                )
+            ):
+                size = reader.text_size(todo[ahead])
+                upcoming.append((size, fetcher.submit(fetch, todo[ahead])))
+                ahead += 1
+            state, lines = upcoming.popleft()[1].result()
             if state.last_run == run_id:  # committed before a crash, not yet recorded
                 recorded.add(BucketResult.model_validate(state.last_result))
                 continue

@@ -662,6 +662,11 @@ class StateReader:
         self._stop = threading.Event()
         self._prefetching: threading.Thread | None = None
 
+    def text_size(self, bucket: int) -> int:
+        """The size of the bucket's state once decompressed (0: none, or not known)."""
+        stored = self._stored.get(bucket)
+        return sum(part.text for part in stored.layout.parts) if stored is not None else 0
+
     def take(self, bucket: int) -> StoredState | None:
         """The bucket's state as stored (its sections, in order), or None if it has none."""
         stored = self._stored.get(bucket)

@@ -18,8 +18,14 @@ with nothing else left is not even loaded. It is sure of a row only when:
 - its identity is ASCII and its addresses are ones C normalises (else the reference
   decides, in the bucket).
 
-The bucket still marks those identities seen, from the digests carried in the last line
-of its work (`SettledRows`), so a later row of the same identity is a duplicate and mirror
+Most such rows are not even parsed: the last run's line index (core/sync/lines.py) gives,
+for each of its rows' lines, the raw digest and the identity's Bloom filter key, so a row
+whose line hashes as one of those is known without parsing it (parsed after all only to
+look its addresses up, when addresses are suppressed). Its entry counts only if its
+digest is in a bucket's index: that is what says the row was acknowledged (or held back).
+
+The bucket still marks those identities seen, from the digests that follow its work
+(`SettledRows`), so a later row of the same identity is a duplicate and mirror
 mode does not take their audiences back; rows held back are held back again. Phone
 identities are not settled: two spellings of one number have different identity keys.
 Without the C splitter nothing is settled, and the buckets count every row themselves,
@@ -28,12 +34,14 @@ to the same totals.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from core.errors import StorageError
 from core.storage.blobs import BlockStager, BlockWriter
 from core.suppression import SuppressionSnapshot
 from core.sync.definitions import SyncDefinition
@@ -43,6 +51,7 @@ from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
 from core.sync.state import DigestIndex, StateReader, StateStore
 
+log = logging.getLogger(__name__)
 _PREFETCH_BYTES = 64 << 20
 """Compressed state read ahead at most while a file is split (about 650,000 profiles')."""
 
@@ -96,6 +105,19 @@ class SettledRows:
         return lines[:start], settled
 
 
+def _take_lines(splitter: Any, lines: LineIndex) -> None:
+    """The last line index's entries into the splitter, as they are read. The index only
+    saves parsing: if it cannot be read to its end, the entries taken so far still hold."""
+    try:
+        splitter.lines_begin(lines.entries)
+        for chunk in lines.chunks:
+            splitter.lines_add(chunk)
+    except StorageError:
+        log.warning("the last line index could not be read to its end", exc_info=True)
+    finally:
+        lines.close()
+
+
 _TRAILER = b"\nsettled rows\n"
 """Ends a bucket's work when rows of it were settled (work lines end with `]` and a line
 break, so it cannot be one)."""
@@ -118,18 +140,19 @@ class UnchangedIndex:
         self.reader: StateReader = states.reader(self.stored, sorted(self.stored))
         """The buckets' state, read ahead while the file is split."""
         self._lines = states.line_indexes()
-        # The line index is read meanwhile, and waited for only once the split has built
-        # the digests' directory.
-        self._reading = ThreadPoolExecutor(1, thread_name_prefix="read-lines")
-        self._lines_read = self._reading.submit(self._lines.latest, run_id)
+        # The last line index is found (and read ahead, a few chunks) meanwhile; the split
+        # takes it once it has built the digests' directory.
+        self._finding = ThreadPoolExecutor(1, thread_name_prefix="find-lines")
+        self._latest = self._finding.submit(self._lines.latest, run_id)
         try:
             self.digests = states.indexes(self.etags, run_id)
         except BaseException:
-            self._reading.shutdown(cancel_futures=True)
+            self.stop()
             raise
+        self._settling = bool(self.digests)
+        """Whether a bucket's index was found: else nothing is settled, and the last line
+        index is not read."""
         self._prefetching = False
-        self.lines = LineIndex()
-        """The last run's line index, once the split takes it (line_index)."""
         self._stager: BlockStager | None = None
         self._writer: BlockWriter | None = None
 
@@ -144,29 +167,36 @@ class UnchangedIndex:
         if mapper is None or mapping is None or mapper.identity_key == "phone":
             self.line_index()
             return False
-        settling = bool(self.digests)
+        settling = self._settling
+        lines = LineIndex()
         if settling:
             index = [self.digests.get(bucket) for bucket in range(buckets)]
             splitter.use_index(mapping, index, b"")
-            self.lines = self.line_index()
-            splitter.use_lines(self.lines.entries)
+            self.digests = {}  # in the splitter now
+            lines = self.line_index()
+            _take_lines(splitter, lines)
         # A delta on top of the last chain: the rows settled by their line are in it.
-        delta = settling and self.lines.extendable
+        delta = settling and lines.extendable
         splitter.record_lines(mapping, not delta)
         self._stager = BlockStager(threads=2, in_flight=4)
-        base = self.lines.chain if delta else []
-        self._writer = self._lines.writer(self.run_id, self._stager, base)
-        self.lines = LineIndex()  # in the splitter now
+        self._writer = self._lines.writer(self.run_id, self._stager, lines.chain if delta else [])
         return settling
 
     def line_index(self) -> LineIndex:
-        """The last run's line index (core/sync/lines.py), once it is read; then the state
-        is read ahead (the split waits for the indexes, the buckets only for the state)."""
+        """The last run's line index (core/sync/lines.py), its entries read as they are
+        taken; from now on the state is read ahead too (the split waits for the indexes,
+        the buckets only for the state)."""
         try:
-            found = self._lines_read.result() if self.digests else LineIndex()
+            found = self._latest.result()
+        except StorageError:
+            log.warning("the last line index could not be read", exc_info=True)
+            found = LineIndex()
         finally:
-            self._reading.shutdown()
+            self._finding.shutdown()
             self.prefetch()
+        if not self._settling:
+            found.close()
+            return LineIndex()
         return found
 
     def prefetch(self) -> None:
@@ -177,7 +207,9 @@ class UnchangedIndex:
 
     def stop(self) -> None:
         """Read nothing more (the split is over, or the run is): let go of what was read."""
-        self._reading.shutdown(cancel_futures=True)
+        self._finding.shutdown(cancel_futures=True)
+        if self._latest.done() and not self._latest.cancelled() and not self._latest.exception():
+            self._latest.result().close()
         self.reader.stop()
 
     def keep_lines(self, splitter: Any) -> None:
