@@ -8,13 +8,15 @@ import hashlib
 import json
 import os
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from pydantic import BaseModel
 
 from core.errors import BlobAlreadyExists, LeaseUnavailable, MessageTooLarge, StorageError
-from core.storage.blobs import CHUNK_BYTES, BlockStager, deterministic_name
+from core.storage.blobs import CHUNK_BYTES, BlockStager, deterministic_name, read_ahead
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +179,25 @@ def test_messages_over_64kb_are_refused_before_sending(storage, unique: str) -> 
     assert storage.queues.depth(unique) == 0
     storage.queues.send(unique, Oversized(data="x" * 40_000))
     assert storage.queues.depth(unique) == 1
+
+
+def test_chunks_read_ahead_pass_errors_on_and_stop_when_closed() -> None:
+    taken: list[int] = []
+
+    def chunks(fail_at: int | None) -> Iterator[bytes]:
+        for n in range(100):
+            if n == fail_at:
+                raise OSError("connection reset")
+            taken.append(n)
+            yield bytes([n])
+
+    assert b"".join(read_ahead(chunks(None), 3)) == bytes(range(100))
+    with pytest.raises(OSError, match="connection reset"):
+        list(read_ahead(chunks(5), 3))
+    taken.clear()
+    ahead = read_ahead(chunks(None), 2)
+    time.sleep(0.3)  # read ahead before anything is taken, at most `depth` (and one in hand)
+    assert len(taken) <= 4
+    ahead.close()  # type: ignore[attr-defined]
+    time.sleep(0.3)
+    assert len(taken) <= 4 and not any(t.name == "read-ahead" for t in threading.enumerate())
