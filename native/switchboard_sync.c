@@ -2878,6 +2878,7 @@ typedef struct {
     Buf digest_text;
     Value *values;
     Py_ssize_t settled;
+    int over;                  /* settled() was taken: the split is over */
 } Splitter;
 
 typedef struct {
@@ -2921,9 +2922,20 @@ typedef struct {
 
 typedef struct LineDirectory {
     LineSlot *slots;
-    uint64_t mask;
+    uint64_t size; /* any size (not a power of two): a hash's slot is its place in [0, size) */
+    uint64_t room; /* entries it takes at most: an empty slot always ends a probe */
     Table slot_table;
 } LineDirectory;
+
+/* The first slot a line hash probes: its high bits scaled to the table (Lemire's range
+ * reduction), which lets the table be sized to its entries rather than to a power of two. */
+static inline uint64_t line_slot(const LineDirectory *d, uint64_t key) {
+    return (uint64_t)(((unsigned __int128)key * d->size) >> 64);
+}
+
+static inline uint64_t line_next(const LineDirectory *d, uint64_t i) {
+    return i + 1 == d->size ? 0 : i + 1;
+}
 
 static void line_directory_free(LineDirectory *d) {
     if (d == NULL) return;
@@ -3322,7 +3334,7 @@ static int record_line(Splitter *sp, uint64_t line_hash, const uc digest[8], uin
 /* The entry of a line hash, or NULL (none, or two: a collision settles nothing). */
 static const LineSlot *line_find(const LineDirectory *d, uint64_t key) {
     if (key == 0) return NULL;
-    for (uint64_t i = key & d->mask;; i = (i + 1) & d->mask) {
+    for (uint64_t i = line_slot(d, key);; i = line_next(d, i)) {
         const LineSlot *slot = &d->slots[i];
         if (slot->key == key) return slot->digest_at == LINE_AMBIGUOUS ? NULL : slot;
         if (slot->key == 0) return NULL;
@@ -3452,7 +3464,7 @@ static Ahead *ring_take(Splitter *sp, Ring *r, const uc *p, const uc *end) {
             break;
         }
         a->hash = text_end > a->start ? xxh64_seeded(a->start, (size_t)(text_end - a->start), sp->line_seed) : 0;
-        if (a->hash != 0) __builtin_prefetch(&sp->lines->slots[a->hash & sp->lines->mask]);
+        if (a->hash != 0) __builtin_prefetch(&sp->lines->slots[line_slot(sp->lines, a->hash)]);
         a->stage = 0;
         a->slot = NULL;
         r->scan = a->next;
@@ -3543,18 +3555,18 @@ static Py_ssize_t directory_position(const Directory *d, uint64_t key) {
     return found;
 }
 
-/* An empty line table for about `entries` entries (a load of at most two thirds). */
+/* An empty line table for at most `entries` entries (a load of at most three quarters:
+ * linear probing stays short, and the look-ups are prefetched anyway). */
 static LineDirectory *line_directory_new(Py_ssize_t entries) {
     LineDirectory *d = PyMem_RawCalloc(1, sizeof(LineDirectory));
     if (d == NULL) return NULL;
-    uint64_t size = 1024;
-    while (size < (uint64_t)entries + (uint64_t)entries / 2) size <<= 1;
-    if (table_map(&d->slot_table, (size_t)size * sizeof(LineSlot)) != OK) {
+    d->size = (uint64_t)entries + (uint64_t)entries / 3 + 1024;
+    d->room = (uint64_t)entries + 1;
+    if (table_map(&d->slot_table, (size_t)d->size * sizeof(LineSlot)) != OK) {
         line_directory_free(d);
         return NULL;
     }
     d->slots = d->slot_table.data;
-    d->mask = size - 1;
     return d;
 }
 
@@ -3568,13 +3580,13 @@ static Py_ssize_t line_directory_add(LineDirectory *d, const Directory *digests,
         if (k + 8 < n) {
             uint64_t ahead = digest_key(lines + 24 * (k + 8));
             __builtin_prefetch(&digests->keys[digests->start[digest_key(lines + 24 * (k + 8) + 8) >> digests->shift]]);
-            __builtin_prefetch(&d->slots[ahead & d->mask]);
+            __builtin_prefetch(&d->slots[line_slot(d, ahead)]);
         }
         const uc *entry = lines + 24 * k;
         uint64_t key = digest_key(entry);
         Py_ssize_t at = directory_position(digests, digest_key(entry + 8));
-        if (key == 0 || at < 0) continue;
-        for (uint64_t i = key & d->mask;; i = (i + 1) & d->mask) {
+        if (key == 0 || at < 0 || d->room == 0) continue;
+        for (uint64_t i = line_slot(d, key);; i = line_next(d, i)) {
             LineSlot *slot = &d->slots[i];
             if (slot->key == key) {
                 slot->digest_at = LINE_AMBIGUOUS;
@@ -3584,6 +3596,7 @@ static Py_ssize_t line_directory_add(LineDirectory *d, const Directory *digests,
                 slot->key = key;
                 slot->seen_lo = (uint32_t)digest_key(entry + 16);
                 slot->digest_at = (uint32_t)at;
+                d->room--;
                 added++;
                 break;
             }
@@ -3675,8 +3688,8 @@ static PyObject *splitter_lines_begin(Splitter *sp, PyObject *arg) {
 }
 
 /* lines_add(entries) -> how many went in: a chunk of the last run's line index entries
- * (24 bytes each), those whose digest a bucket's index holds; never more than lines_begin
- * said in all. */
+ * (24 bytes each), those whose digest a bucket's index holds; at most as many in all as
+ * lines_begin said (any more are left out: their rows are parsed). */
 static PyObject *splitter_lines_add(Splitter *sp, PyObject *arg) {
     Py_buffer lines;
     if (PyObject_GetBuffer(arg, &lines, PyBUF_SIMPLE) < 0) return NULL;
@@ -3719,8 +3732,21 @@ static PyObject *splitter_take_lines(Splitter *sp, PyObject *unused) {
 }
 
 /* settled() -> per bucket None, or (profile digests, withheld digests, unchanged,
- * {"suppressed.<reason>": rows}) of the rows settled. */
+ * {"suppressed.<reason>": rows}) of the rows settled; once, at the end: the splitter lets
+ * go of its look-up tables, and of each bucket's digests as they are handed over, so they
+ * are never held twice. */
 static PyObject *splitter_settled(Splitter *sp, PyObject *unused) {
+    if (sp->over) {
+        PyErr_SetString(PyExc_ValueError, "settled() was taken already");
+        return NULL;
+    }
+    sp->over = 1;
+    directory_free(sp->directory);
+    sp->directory = NULL;
+    line_directory_free(sp->lines);
+    sp->lines = NULL;
+    table_unmap(&sp->seen_table);
+    sp->seen = NULL;
     PyObject *list = PyList_New(sp->buckets);
     for (int i = 0; list && i < sp->buckets; i++) {
         BucketIndex *ix = sp->index ? &sp->index[i] : NULL;
@@ -3745,12 +3771,16 @@ static PyObject *splitter_settled(Splitter *sp, PyObject *unused) {
                                             ix->withheld.settled.len, ix->unchanged, reasons)
                             : NULL;
             Py_XDECREF(reasons);
+            PyMem_RawFree(ix->profiles.settled.data);
+            PyMem_RawFree(ix->withheld.settled.data);
+            ix->profiles.settled = ix->withheld.settled = (Buf){0};
         } else {
             Py_INCREF(entry);
         }
         if (entry == NULL) Py_CLEAR(list);
         else PyList_SET_ITEM(list, i, entry);
     }
+    index_free(sp);
     return list;
 }
 
@@ -3783,6 +3813,11 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
     long long line;
     int final;
     if (!PyArg_ParseTuple(args, "y*Lp", &data, &line, &final)) return NULL;
+    if (sp->over) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "the split is over (settled() was taken)");
+        return NULL;
+    }
     const uc *base = data.buf, *p = base;
     PyObject *malformed = PyList_New(0), *ready = PyList_New(0), *result = NULL;
     Py_ssize_t bad = -1;

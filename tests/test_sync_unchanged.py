@@ -372,3 +372,18 @@ def test_a_digest_finds_its_bucket_among_many_before_the_identity_is_hashed() ->
         assert settled[b] is None or (settled[b][1] == b"" and settled[b][2] == len(expected))
         sent_on = [orjson.loads(line)[1] for line in work.get(b, b"").splitlines()]
         assert sent_on == [row[0] for row in rows[300:] if bucket[row[0]] == b]
+    # settled() ends the split: the splitter has let go of its tables and digests.
+    with pytest.raises(ValueError, match="taken already"):
+        splitter.settled()
+    with pytest.raises(ValueError, match="split is over"):
+        splitter.feed(b"CRM-9,x\n", 500, True)
+
+
+def test_state_read_ahead_during_the_split_leaves_room_for_the_splitters_tables() -> None:
+    from core.sync.unchanged import prefetch_bytes
+
+    mb = 1 << 20
+    assert prefetch_bytes(0, 0) == 64 * mb  # nothing settled: as much as ever
+    assert prefetch_bytes(1_000_000, 1_000_000) == 64 * mb  # a small sync's state, all
+    assert 16 * mb < prefetch_bytes(5_000_000, 5_000_000) < 40 * mb
+    assert prefetch_bytes(10_000_000, 10_000_000) == 16 * mb  # never less

@@ -37,9 +37,10 @@ _VERSION = 1
 _FOLDER = "lines/"
 _BLOCK_BYTES = 4 << 20
 _MAX_CHAIN = 8
-_READ_AHEAD_CHUNKS = 8
+_READ_AHEAD_CHUNKS = 4
 """Chunks (4 MB each) of the last line index read ahead before the split takes them: the
-index is never held whole, whatever the file's size (the split keeps 16 bytes an entry)."""
+index is never held whole, whatever the file's size (the split keeps about 21 bytes an
+entry)."""
 _HEADER_BYTES = 64 << 10
 _KEEP_FOR = timedelta(hours=1)
 

@@ -599,27 +599,24 @@ class IndexWriter:
 
 
 def _index_records(
-    text: bytes, fingerprint: str, run_id: str
+    reader: IO[bytes], fingerprint: str, run_id: str
 ) -> Iterator[tuple[int, str, DigestIndex]] | None:
-    """An index file's (bucket, state ETag, index) records, or None if it is of another
-    version, mapping or of run `run_id`."""
-    end = text.find(b"\n")
-    about = orjson.loads(text[:end])
+    """An index file's (bucket, state ETag, index) records as they are read, or None if it
+    is of another version, mapping or of run `run_id`."""
+    about = orjson.loads(reader.readline())
     if (about.get("version"), about.get("fingerprint")) != (_INDEX_VERSION, fingerprint):
         return None
     if about.get("run") == run_id:
         return None
 
     def records() -> Iterator[tuple[int, str, DigestIndex]]:
-        at = end + 1
-        while at < len(text):
-            line_end = text.index(b"\n", at)
-            record = orjson.loads(text[at:line_end])
-            middle = line_end + 1 + 8 * record["profiles"]
-            after = middle + 8 * record["withheld"]
-            index = (text[line_end + 1 : middle], text[middle:after])
+        while line := reader.readline():
+            record = orjson.loads(line)
+            sizes = 8 * record["profiles"], 8 * record["withheld"]
+            index = reader.read(sizes[0]), reader.read(sizes[1])
+            if (len(index[0]), len(index[1])) != sizes:
+                raise StorageError("a digest index file ends within a record")
             yield record["bucket"], record["state_etag"], index
-            at = after
 
     return records()
 
@@ -990,26 +987,32 @@ class StateStore:
         buckets is current any more are deleted once an hour old."""
         prefix = f"{self.folder}digests/"
         files = list(self.storage.blobs.list(STATE_CONTAINER, prefix))
+        listed = {bucket: _plain_etag(etag) for bucket, etag in etags.items()}
         with ThreadPoolExecutor(_INDEX_READERS, thread_name_prefix="read-index") as pool:
-            texts = list(pool.map(self._read_index, files))
+            read = pool.map(lambda ref: self._read_index(ref, listed, run_id), files)
+            currents = list(read)
         found: dict[int, DigestIndex] = {}
         stale_before = datetime.now(UTC) - timedelta(hours=1)
-        listed = {bucket: _plain_etag(etag) for bucket, etag in etags.items()}
-        for ref, text in zip(files, texts, strict=True):
-            records = _index_records(text, self.fingerprint, run_id) if text else None
-            current = {b: index for b, etag, index in records or () if listed.get(b) == etag}
-            found.update(current)
-            if (
-                records is not None
-                and not current
-                and (ref.last_modified or stale_before) < stale_before
-            ):
+        for ref, current in zip(files, currents, strict=True):
+            if current is not None:
+                found.update(current)
+            if current == {} and (ref.last_modified or stale_before) < stale_before:
                 self.storage.blobs.delete(STATE_CONTAINER, ref.name)
         return found
 
-    def _read_index(self, ref: BlobRef) -> bytes | None:
-        found = self.storage.blobs.read_versioned(STATE_CONTAINER, ref.name)
-        return found[0] if found else None
+    def _read_index(
+        self, ref: BlobRef, listed: dict[int, str], run_id: str
+    ) -> dict[int, DigestIndex] | None:
+        """The indexes of one file's buckets whose state is still as listed, streamed (only
+        those are held); None if the file is gone, or of another version, mapping or run."""
+        opened = self.storage.blobs.open_current(STATE_CONTAINER, ref.name)
+        if opened is None:
+            return None
+        with opened[0] as reader:
+            records = _index_records(reader, self.fingerprint, run_id)
+            if records is None:
+                return None
+            return {bucket: index for bucket, etag, index in records if listed.get(bucket) == etag}
 
     def line_indexes(self) -> LineIndexes:
         """The line indexes runs' splits leave (core/sync/lines.py)."""

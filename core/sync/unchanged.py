@@ -54,6 +54,22 @@ from core.sync.state import DigestIndex, StateReader, StateStore
 log = logging.getLogger(__name__)
 _PREFETCH_BYTES = 64 << 20
 """Compressed state read ahead at most while a file is split (about 650,000 profiles')."""
+_PREFETCH_MIN_BYTES = 16 << 20
+_SPLIT_HOLDS_BYTES = 240 << 20
+"""What the split's look-up tables and the state read ahead meanwhile take at most (the
+tables, at least `_PREFETCH_MIN_BYTES` less): a small sync's state is all read ahead, a
+large one's tables leave less room for it."""
+_TABLE_BYTES_PER_DIGEST = 22
+"""The splitter's directory (10 bytes), Bloom filter (up to 4) and settled digests (8)."""
+_TABLE_BYTES_PER_LINE = 22
+"""Its line table: 16-byte slots, at most three quarters full."""
+
+
+def prefetch_bytes(digests: int, lines: int) -> int:
+    """How much state to read ahead while a file is split whose tables take `digests`
+    acknowledged profiles' digests and `lines` line index entries."""
+    tables = digests * _TABLE_BYTES_PER_DIGEST + lines * _TABLE_BYTES_PER_LINE
+    return max(_PREFETCH_MIN_BYTES, min(_PREFETCH_BYTES, _SPLIT_HOLDS_BYTES - tables))
 
 
 @dataclass
@@ -150,6 +166,7 @@ class UnchangedIndex:
             self.stop()
             raise
         self._settling = bool(self.digests)
+        self._digest_count = sum(len(p) + len(w) for p, w in self.digests.values()) // 8
         """Whether a bucket's index was found: else nothing is settled, and the last line
         index is not read."""
         self._prefetching = False
@@ -193,17 +210,17 @@ class UnchangedIndex:
             found = LineIndex()
         finally:
             self._finding.shutdown()
-            self.prefetch()
         if not self._settling:
             found.close()
-            return LineIndex()
+            found = LineIndex()
+        self.prefetch(prefetch_bytes(self._digest_count if self._settling else 0, found.entries))
         return found
 
-    def prefetch(self) -> None:
-        """Read the state ahead from now on (once)."""
+    def prefetch(self, most: int = _PREFETCH_BYTES) -> None:
+        """Read the state ahead from now on (once), `most` bytes of it at a time."""
         if not self._prefetching:
             self._prefetching = True
-            self.reader.prefetch(_PREFETCH_BYTES)
+            self.reader.prefetch(most)
 
     def stop(self) -> None:
         """Read nothing more (the split is over, or the run is): let go of what was read."""
