@@ -13,7 +13,8 @@ import gzip
 import hashlib
 import io
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from core.sync.engine import BucketWork, CheckpointLog, ChunkRunner
 from core.sync.mapping import RowMapper
 from core.sync.readers import RowReader
 from core.sync.reports import RejectsPart
+from core.sync.service import fetched_ahead
 from core.sync.split import (
     ReferenceNeeded,
     SplitResult,
@@ -195,8 +197,13 @@ def test_work_is_the_same_kept_as_it_is_compressed_in_memory_or_spilled(
     assert splits["spilled"].in_memory is None and splits["half"].in_memory is None
     expected = _held_lines(splits["as is"])
     assert sum(map(len, expected)) > 20_000 and len([b for b in expected if b]) == 2
+    for way, split in splits.items():  # what bounds the buckets a worker reads ahead
+        assert split.work_bytes == [len(lines) for lines in expected], way
     held = splits["uploaded"].in_memory
     assert held is not None
+    # Held in groups, a gzip member each: any gzip reader reads a bucket's work whole.
+    assert held.stored(0).count(b"\x1f\x8b\x08") > 1
+    assert gzip.decompress(held.stored(0)) == expected[0]
     uploaded = SplitResult(splits["held"].columns, 2)
     uploaded.work_blobs = upload_held_work(storage, f"r{unique}{native}up", held)
     assert _held_lines(uploaded, storage) == expected
@@ -204,6 +211,34 @@ def test_work_is_the_same_kept_as_it_is_compressed_in_memory_or_spilled(
     for way in ("held", "spilled", "half"):
         assert _held_lines(splits[way], storage) == expected, way
     assert splits["held"].counts == splits["half"].counts == splits["as is"].counts
+
+
+class _AtOnce(Executor):
+    """Runs what is submitted at once, so what was read ahead is known at every step."""
+
+    def __init__(self) -> None:
+        self.submitted: list[int] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted.append(args[0])
+        done: Future[Any] = Future()
+        done.set_result(fn(*args, **kwargs))
+        return done
+
+
+@pytest.mark.parametrize(
+    ("size", "ahead"),
+    [(1, 3), (6, 1), (20, 0)],  # small: `most` at once; large: one ahead, or none
+)
+def test_buckets_are_fetched_ahead_up_to_a_count_and_a_size(size: int, ahead: int) -> None:
+    """A worker reads the next buckets (state and work) while one runs, but at most four
+    of them and only while they are under a size together, whatever their number."""
+    pool = _AtOnce()
+    taken = []
+    for key in fetched_ahead(pool, lambda key: key * 10, list(range(8)), [size] * 8, 4, 10):
+        taken.append(key)
+        assert pool.submitted == list(range(min(8, len(taken) + ahead)))
+    assert taken == [key * 10 for key in range(8)]
 
 
 # -- a bucket ----------------------------------------------------------------------------
