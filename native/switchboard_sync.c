@@ -20,6 +20,9 @@
 #include "shared.h"
 
 #include <sys/mman.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #define OK 0
 #define ERR -1    /* a Python exception is set */
@@ -4097,7 +4100,26 @@ static PyObject *xxh64_digest(PyObject *module, PyObject *arg) {
     return PyBytes_FromStringAndSize((const char *)out, 8);
 }
 
+/* tune_allocator(mmap_threshold, trim_threshold) -> bool: pin glibc's thresholds, unless
+ * the environment sets them (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) or this is not
+ * glibc. Left dynamic, the mmap threshold rises to the largest block freed (a bucket's work
+ * lines, 6 MB at 5M rows), after which buffers that size come from the heap and stay with
+ * the process once freed; a fixed threshold also fixes the trim threshold, which must not
+ * stay at its 128 KB default (the heap's top would be given back and taken again). */
+static PyObject *tune_allocator(PyObject *module, PyObject *args) {
+    int mmap_threshold, trim_threshold;
+    if (!PyArg_ParseTuple(args, "ii", &mmap_threshold, &trim_threshold)) return NULL;
+#ifdef __GLIBC__
+    if (getenv("MALLOC_MMAP_THRESHOLD_") == NULL && getenv("MALLOC_TRIM_THRESHOLD_") == NULL &&
+        mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 && mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1)
+        Py_RETURN_TRUE;
+#endif
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef METHODS[] = {
+    {"tune_allocator", tune_allocator, METH_VARARGS,
+     "tune_allocator(mmap_threshold, trim_threshold) -> whether glibc's were set"},
     {"blake2b", blake2b_digest, METH_VARARGS, "blake2b(data, digest_size) -> digest"},
     {"xxh64", xxh64_digest, METH_O, "xxh64(data) -> digest, as xxhash.xxh64_digest"},
     {"typed", typed_value, METH_VARARGS, "typed(kind, limit, text) -> (json, hash, text) or None"},

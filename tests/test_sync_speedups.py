@@ -12,6 +12,7 @@ import csv
 import gzip
 import hashlib
 import io
+import platform
 import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
@@ -43,7 +44,7 @@ from core.sync.split import (
     split_file,
     upload_held_work,
 )
-from core.sync.state import SPEEDUPS, StateStore
+from core.sync.state import ALLOCATOR_TUNED, SPEEDUPS, StateStore
 from devhost.fakes.braze import FakeBraze
 
 pytestmark = pytest.mark.integration
@@ -211,6 +212,15 @@ def test_work_is_the_same_kept_as_it_is_compressed_in_memory_or_spilled(
     for way in ("held", "spilled", "half"):
         assert _held_lines(splits[way], storage) == expected, way
     assert splits["held"].counts == splits["half"].counts == splits["as is"].counts
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's thresholds only")
+def test_the_allocator_is_tuned_unless_the_environment_tunes_it(monkeypatch: Any) -> None:
+    """Importing the sync engine pins glibc's mmap and trim thresholds (buffers of a few MB
+    per bucket are given back when freed); an operator's MALLOC_*_THRESHOLD_ wins."""
+    assert ALLOCATOR_TUNED
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert SPEEDUPS.tune_allocator(1 << 20, 16 << 20) is False
 
 
 class _AtOnce(Executor):
