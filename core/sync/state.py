@@ -92,11 +92,11 @@ def _load_speedups() -> Any:
 
 SPEEDUPS = _load_speedups()
 """native/switchboard_sync.c, or None; core/sync/native.py says when it is used."""
-_MMAP_THRESHOLD = 1 << 20
+_MMAP_THRESHOLD = 2 << 20
 _TRIM_THRESHOLD = 16 << 20
 ALLOCATOR_TUNED = SPEEDUPS is not None and SPEEDUPS.tune_allocator(_MMAP_THRESHOLD, _TRIM_THRESHOLD)
 """Whether glibc's allocator thresholds are pinned (docs/decisions.md, "A first run's
-memory"): blocks of 1 MB or more are mapped and given back when freed, whatever the
+memory"): blocks of 2 MB or more are mapped and given back when freed, whatever the
 largest block freed so far; the environment's MALLOC_*_THRESHOLD_ take precedence."""
 
 
