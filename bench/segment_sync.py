@@ -43,6 +43,9 @@ from core.sync.split import feed_splitter, read_header, split_file
 from core.sync.state import SPEEDUPS
 
 SIZES = (1_000_000, 5_000_000)
+EXTRA_ROWS = int(os.environ.get("BENCH_SYNC_EXTRA_ROWS", "0"))
+"""A third size to run both runs at (`make bench ONLY=segment_sync BENCH_SYNC_EXTRA_ROWS=
+10000000`): how a sync past `processing.unchanged_lookup_mb` fares."""
 COLUMNS = [
     "crmId", "email", "firstName", "lastName", "birthDate", "gender", "country", "language",
     "phone", "city", "timeZone", "points", "lifetimeValue", "isVip", "lastPurchase", "tier",
@@ -235,7 +238,7 @@ def _worker_process(rows: int, sync_id: str, mode: str) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     runs: dict[tuple[int, str], dict[str, Any]] = {}
-    for rows in SIZES:
+    for rows in (*SIZES, EXTRA_ROWS) if EXTRA_ROWS else SIZES:
         sync_id = f"bench-{rows // 1000}k-{os.getpid()}"
         for mode in ("payloads", "changed"):  # the second run reads the first one's state
             runs[rows, mode] = _worker_process(rows, sync_id, mode)
@@ -277,6 +280,18 @@ def run() -> dict[str, Any]:
         "counts_first": small["payloads_counts"],
         "counts_changed": small_changed["changed_counts"],
     }
+    if EXTRA_ROWS:
+        extra, extra_changed = runs[EXTRA_ROWS, "payloads"], runs[EXTRA_ROWS, "changed"]
+        figures["extra"] = {
+            "rows": EXTRA_ROWS,
+            "payloads_rows_per_s": round(EXTRA_ROWS / extra["payloads_seconds"]),
+            "changed_1pct_rows_per_s": round(EXTRA_ROWS / extra_changed["changed_seconds"]),
+            "first_over_changed_speedup": round(
+                extra["payloads_seconds"] / extra_changed["changed_seconds"], 2
+            ),
+            "peak_rss_mb": extra["peak_rss_mb"],
+            "changed_peak_rss_mb": extra_changed["peak_rss_mb"],
+        }
     print(f"   parse only      {figures['parse_only_rows_per_s']:>10,} rows/s  (Python's csv)")
     print(f"   C parse only    {figures['c_parse_only_rows_per_s']:>10,} rows/s  (the C splitter)")
     print(f"   (a) to payloads {figures['payloads_rows_per_s']:>10,} rows/s"
@@ -292,6 +307,12 @@ def run() -> dict[str, Any]:
           f" second run: {figures['changed_peak_rss_mb_1m']} MB at 1M,"
           f" {figures['changed_peak_rss_mb_5m']} MB at 5M"
           f" (+{figures['changed_rss_growth_1m_to_5m'] * 100:.1f}%)")  # fmt: skip
+    if EXTRA_ROWS:
+        more = figures["extra"]
+        print(f"   at {EXTRA_ROWS:,} rows: first run {more['payloads_rows_per_s']:,} rows/s,"
+              f" {more['peak_rss_mb']} MB; second run {more['changed_1pct_rows_per_s']:,}"
+              f" rows/s ({more['first_over_changed_speedup']}x),"
+              f" {more['changed_peak_rss_mb']} MB")  # fmt: skip
     return figures
 
 

@@ -3498,6 +3498,14 @@ static Py_ssize_t checked_digests(PyObject *item) {
     return n;
 }
 
+/* Room for `count` settled digests, allocated at its size. */
+static int digests_reserve(Buf *b, Py_ssize_t count) {
+    if (count == 0) return OK;
+    if ((b->data = PyMem_RawMalloc((size_t)count * 8)) == NULL) return -1;
+    b->cap = count * 8;
+    return OK;
+}
+
 /* Places a bucket's digests in the directory (`start` counts, then positions). */
 static void directory_put(Directory *d, PyObject *item, uint16_t ref, int place) {
     const uc *digests = (const uc *)PyBytes_AS_STRING(item);
@@ -3643,6 +3651,11 @@ static PyObject *splitter_use_index(Splitter *sp, PyObject *args) {
         if (withheld < 0) goto fail;
         ix->suppressed = PyMem_RawCalloc((size_t)reasons, sizeof(Py_ssize_t));
         if (ix->suppressed == NULL) goto no_memory;
+        /* A digest is settled at most once (its identity's first row only): sized once,
+         * the buffers leave no holes behind in the heap, as growing them did. */
+        if (digests_reserve(&ix->profiles.settled, profiles) < 0 ||
+            digests_reserve(&ix->withheld.settled, withheld) < 0)
+            goto no_memory;
         ix->present = 1;
         total += profiles + withheld;
     }
@@ -3920,17 +3933,20 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
             uint64_t line_hash = xxh64_seeded(record, (size_t)(record_text - record), sp->line_seed);
             if ((status = record_line(sp, line_hash, digest, seen_key)) != OK) break;
         }
-        /* A settled row's bucket comes with its digest; others hash their identity. */
-        if (sp->index != NULL && !seen_before(sp, seen_key) && digested) {
-            int settled;
+        if (bucket < 0) bucket = (int)(key_hash(ascii_key, b - a) % (uint64_t)sp->buckets);
+        /* Only rows of buckets given an index can be settled; the Bloom filter, sized by
+         * their digests, keeps only their keys (an identity has one bucket, so no row of
+         * another is its duplicate). */
+        if (sp->index != NULL && digested && sp->index[bucket].present && !seen_before(sp, seen_key)) {
+            int settled, home = bucket;
             status = settle_row(sp, ascii_key, b - a, digest, &bucket, &settled);
             if (status != OK) break;
             if (settled) {
                 sp->settled++;
                 continue;
             }
+            if (bucket < 0) bucket = home;
         }
-        if (bucket < 0) bucket = (int)(key_hash(ascii_key, b - a) % (uint64_t)sp->buckets);
         Buf *pending = &sp->pending[bucket];
         if ((pending->cap == 0 && small_reserve(pending, 0) < 0) ||
             put_work_line(sp, pending, first, count) != OK) {
@@ -4117,9 +4133,26 @@ static PyObject *tune_allocator(PyObject *module, PyObject *args) {
     Py_RETURN_FALSE;
 }
 
+/* release_freed() -> bool: give the pages freed inside glibc's heaps back (malloc_trim),
+ * those of threads' arenas too: what threads read and let go of (a sync's digest indexes)
+ * stays resident otherwise, below the top of their heap. */
+static PyObject *release_freed(PyObject *module, PyObject *unused) {
+#ifdef __GLIBC__
+    int released;
+    Py_BEGIN_ALLOW_THREADS
+    released = malloc_trim(0);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(released);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef METHODS[] = {
     {"tune_allocator", tune_allocator, METH_VARARGS,
      "tune_allocator(mmap_threshold, trim_threshold) -> whether glibc's were set"},
+    {"release_freed", release_freed, METH_NOARGS,
+     "release_freed() -> whether glibc gave freed heap pages back"},
     {"blake2b", blake2b_digest, METH_VARARGS, "blake2b(data, digest_size) -> digest"},
     {"xxh64", xxh64_digest, METH_O, "xxh64(data) -> digest, as xxhash.xxh64_digest"},
     {"typed", typed_value, METH_VARARGS, "typed(kind, limit, text) -> (json, hash, text) or None"},

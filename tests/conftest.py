@@ -62,7 +62,7 @@ def port() -> int:
 SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
-    "fanout", "dryrun", "mirror", "manifest", "push",
+    "fanout", "dryrun", "mirror", "manifest", "push", "lookup-budget",
 )  # fmt: skip
 
 
@@ -81,6 +81,8 @@ def scenario_syncs(path: Path) -> Path:
             copy["input"] = {"wait_for_manifest": True}
         if name == "fanout":
             copy["processing"] = {"rows_per_worker": 1000, "in_memory_max_rows": 100}
+        if name == "lookup-budget":  # room for about half of 3,000 profiles' look-ups
+            copy["processing"] = {"in_memory_max_rows": 100, "unchanged_lookup_mb": 0.07}
         if name == "storm-5xx":
             copy["destination"] = {"type": "braze", "max_attempts": 8}
         document["syncs"].append(copy)

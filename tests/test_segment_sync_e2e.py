@@ -301,6 +301,26 @@ def test_large_files_fan_out_through_the_queue_and_add_up(scenario, storage) -> 
     assert third["counts"]["sent"] == 2 and third["counts"]["unchanged"] == 3497
 
 
+def test_profiles_past_the_lookup_budget_are_settled_in_their_buckets_alike(scenario) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("lookup-budget")
+    rows = people("LB", 3000)
+    s.known(rows)
+    first = s.land(to_csv(rows))
+    assert first["counts"]["sent"] == 3000
+    changed = [dict(r) for r in rows]
+    for i in (3, 1500, 2999):
+        changed[i]["points"] = "7"
+    second = s.land(to_csv(changed))
+    assert second["counts"]["sent"] == 3 and second["counts"]["unchanged"] == 2997
+    # The split's tables took some of the buckets only; their buckets settled the rest.
+    settled = second["detail"]["rows_settled_in_split"]
+    assert 800 < settled < 2200, second["detail"]
+    assert second["detail"]["rows_settled_by_line"] == settled
+    assert [o["loyalty_points"] for o in s.received_for(rows)[3000:]] == [7, 7, 7]
+    again = s.land(to_csv(changed))
+    assert again["counts"]["unchanged"] == 3000 and again["counts"]["sent"] == 0
+
+
 def test_preview_reports_the_diff_and_changes_nothing(scenario, storage) -> None:  # type: ignore[no-untyped-def]
     s = scenario("dryrun")
     rows = people("DR", 50)

@@ -181,6 +181,15 @@ class Processing(Strict):
             "blobs (about 40 MB per million rows of 20 columns)"
         ),
     )
+    unchanged_lookup_mb: float = Field(
+        default=224,
+        ge=0,
+        description=(
+            "memory the split gives the tables that recognise unchanged rows (about 44 bytes "
+            "per profile: ~5.3M profiles at the default); rows of the profiles past it are "
+            "recognised in their buckets instead, more slowly; 0 turns the tables off"
+        ),
+    )
 
 
 class SyncDefinition(Strict):

@@ -89,6 +89,9 @@ class RunPlan(TableEntity):
     """Per bucket, the size of its work lines (empty: not known), to bound reading ahead."""
     split_reject_blocks: list[str] = Field(default_factory=list)
     split_counts: dict[str, int] = Field(default_factory=dict)
+    settled_in_split: int = 0
+    """Rows the split settled (core/sync/unchanged.py), of them `settled_by_line` unparsed."""
+    settled_by_line: int = 0
     preview: bool = False
 
 
@@ -262,6 +265,8 @@ def plan_run(
         work_bytes=split.work_bytes,
         split_reject_blocks=split_rejects.close(),
         split_counts={"rejected.malformed_row": len(split.malformed)} if split.malformed else {},
+        settled_in_split=sum(split.settled),
+        settled_by_line=split.settled_by_line,
         preview=preview,
     )
     services.storage.tables.get(RunPlan).upsert(plan)
@@ -555,6 +560,8 @@ def finalize(
         "rate_limited_waits": stats.rate_limited_waits,
         "retries": stats.retries,
         "buckets_in_c": stats.native,
+        "rows_settled_in_split": plan.settled_in_split,
+        "rows_settled_by_line": plan.settled_by_line,
         "rows_per_second": round(counts.rows / seconds) if seconds > 0 else None,
     }
     if plan.preview:

@@ -35,7 +35,7 @@ to the same totals.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +49,13 @@ from core.sync.lines import LineIndex
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
-from core.sync.state import DigestIndex, StateReader, StateStore
+from core.sync.state import SPEEDUPS, DigestIndex, StateReader, StateStore
 
 log = logging.getLogger(__name__)
 _PREFETCH_BYTES = 64 << 20
 """Compressed state read ahead at most while a file is split (about 650,000 profiles')."""
 _PREFETCH_MIN_BYTES = 16 << 20
-_SPLIT_HOLDS_BYTES = 240 << 20
+_SPLIT_HOLDS_BYTES = 208 << 20
 """What the split's look-up tables and the state read ahead meanwhile take at most (the
 tables, at least `_PREFETCH_MIN_BYTES` less): a small sync's state is all read ahead, a
 large one's tables leave less room for it."""
@@ -121,11 +121,12 @@ class SettledRows:
         return lines[:start], settled
 
 
-def _take_lines(splitter: Any, lines: LineIndex) -> None:
-    """The last line index's entries into the splitter, as they are read. The index only
-    saves parsing: if it cannot be read to its end, the entries taken so far still hold."""
+def _take_lines(splitter: Any, lines: LineIndex, room: int) -> None:
+    """The last line index's entries into the splitter, as they are read (`room` of them
+    at most, those of the buckets it settles). The index only saves parsing: if it cannot
+    be read to its end, the entries taken so far still hold."""
     try:
-        splitter.lines_begin(lines.entries)
+        splitter.lines_begin(room)
         for chunk in lines.chunks:
             splitter.lines_add(chunk)
     except StorageError:
@@ -166,9 +167,11 @@ class UnchangedIndex:
             self.stop()
             raise
         self._settling = bool(self.digests)
-        self._digest_count = sum(len(p) + len(w) for p, w in self.digests.values()) // 8
         """Whether a bucket's index was found: else nothing is settled, and the last line
         index is not read."""
+        self._digest_count = sum(len(p) + len(w) for p, w in self.digests.values()) // 8
+        self._kept_digests = self._kept_lines = 0
+        """Digests and line index entries the split's tables take (`_within_budget`)."""
         self._prefetching = False
         self._stager: BlockStager | None = None
         self._writer: BlockWriter | None = None
@@ -184,14 +187,17 @@ class UnchangedIndex:
         if mapper is None or mapping is None or mapper.identity_key == "phone":
             self.line_index()
             return False
-        settling = self._settling
         lines = LineIndex()
+        index = self._within_budget(buckets) if self._settling else []
+        settling = self._settling = any(item is not None for item in index)
         if settling:
-            index = [self.digests.get(bucket) for bucket in range(buckets)]
             splitter.use_index(mapping, index, b"")
-            self.digests = {}  # in the splitter now
+            del index  # in the splitter's directory now
             lines = self.line_index()
-            _take_lines(splitter, lines)
+            _take_lines(splitter, lines, self._kept_lines)
+            SPEEDUPS.release_freed()  # the digest indexes read, now in the splitter's tables
+        else:
+            self.line_index()
         # A delta on top of the last chain: the rows settled by their line are in it.
         delta = settling and lines.extendable
         splitter.record_lines(mapping, not delta)
@@ -199,21 +205,56 @@ class UnchangedIndex:
         self._writer = self._lines.writer(self.run_id, self._stager, lines.chain if delta else [])
         return settling
 
+    def _within_budget(self, buckets: int) -> list[DigestIndex | None]:
+        """Each bucket's digests for the split, from the first bucket on for as long as the
+        tables they take (theirs and their share of the last line index's) fit
+        `processing.unchanged_lookup_mb`; None for the rest, whose rows their buckets
+        settle, more slowly. The digests of those are let go of here."""
+        budget = self.sync.processing.unchanged_lookup_mb * (1 << 20)
+        lines_per_digest = self._last_lines().entries / max(1, self._digest_count)
+        per_digest = _TABLE_BYTES_PER_DIGEST + _TABLE_BYTES_PER_LINE * lines_per_digest
+        index: list[DigestIndex | None] = []
+        kept, full = 0, False
+        for bucket in range(buckets):
+            found = self.digests.pop(bucket, None)
+            count = 0 if found is None else (len(found[0]) + len(found[1])) // 8
+            full = full or (kept + count) * per_digest > budget
+            index.append(None if full else found)
+            kept += 0 if full else count
+        self.digests = {}
+        if full:
+            log.info(
+                "unchanged rows of %d of %d buckets are settled in the split "
+                "(processing.unchanged_lookup_mb); the rest in their buckets",
+                sum(item is not None for item in index), buckets,
+            )  # fmt: skip
+        self._kept_digests = kept
+        # Room for the kept buckets' lines (a few more: the share is by digests)
+        self._kept_lines = min(
+            self._last_lines().entries, int(kept * lines_per_digest * 1.05) + 1024
+        )
+        return index
+
+    def _last_lines(self) -> LineIndex:
+        """The last run's line index as found (empty if it could not be)."""
+        try:
+            return self._latest.result()
+        except StorageError:
+            log.warning("the last line index could not be read", exc_info=True)
+            self._latest = Future()
+            self._latest.set_result(LineIndex())
+            return LineIndex()
+
     def line_index(self) -> LineIndex:
         """The last run's line index (core/sync/lines.py), its entries read as they are
         taken; from now on the state is read ahead too (the split waits for the indexes,
         the buckets only for the state)."""
-        try:
-            found = self._latest.result()
-        except StorageError:
-            log.warning("the last line index could not be read", exc_info=True)
-            found = LineIndex()
-        finally:
-            self._finding.shutdown()
+        found = self._last_lines()
+        self._finding.shutdown()
         if not self._settling:
             found.close()
             found = LineIndex()
-        self.prefetch(prefetch_bytes(self._digest_count if self._settling else 0, found.entries))
+        self.prefetch(prefetch_bytes(self._kept_digests, self._kept_lines))
         return found
 
     def prefetch(self, most: int = _PREFETCH_BYTES) -> None:
