@@ -211,7 +211,8 @@ class UnchangedIndex:
         `processing.unchanged_lookup_mb`; None for the rest, whose rows their buckets
         settle, more slowly. The digests of those are let go of here."""
         budget = self.sync.processing.unchanged_lookup_mb * (1 << 20)
-        lines_per_digest = self._last_lines().entries / max(1, self._digest_count)
+        entries = self._last_lines().entries
+        lines_per_digest = entries / max(1, self._digest_count)
         per_digest = _TABLE_BYTES_PER_DIGEST + _TABLE_BYTES_PER_LINE * lines_per_digest
         index: list[DigestIndex | None] = []
         kept, full = 0, False
@@ -230,9 +231,7 @@ class UnchangedIndex:
             )  # fmt: skip
         self._kept_digests = kept
         # Room for the kept buckets' lines (a few more: the share is by digests)
-        self._kept_lines = min(
-            self._last_lines().entries, int(kept * lines_per_digest * 1.05) + 1024
-        )
+        self._kept_lines = min(entries, int(kept * lines_per_digest * 1.05) + 1024)
         return index
 
     def _last_lines(self) -> LineIndex:
