@@ -10,6 +10,7 @@ ONLY ?=
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt native/switchboard_speedups.c native/switchboard_sync.c native/shared.h native/setup.py
 	$(PYTHON) -m venv $(VENV)
+	rm -rf native/build  # objects built with other flags would be linked as they are
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 

@@ -1168,30 +1168,39 @@ static int names_extend(State *st, NameTable *t, const Buf *tokens, Py_ssize_t s
     return status;
 }
 
-/* The mapping a bucket is processed with: its names join the tables (once). */
-static int attach_mapping(State *st, Mapping *m) {
-    if (st->mapping == m) return OK;
-    Py_XSETREF(st->mapping, (Mapping *)Py_NewRef(m));
+/* The mapping's tables of a State, freed: no mapping is attached. */
+static void detach_mapping(State *st) {
+    Py_CLEAR(st->mapping);
     PyMem_RawFree(st->field_attr);
     PyMem_RawFree(st->aud_table);
     PyMem_RawFree(st->aud_mapping);
-    st->aud_mapping = NULL;
+    st->field_attr = st->aud_table = st->aud_mapping = NULL;
+}
+
+/* The mapping a bucket is processed with: its names join the tables (once). The mapping is
+ * recorded only once its tables are complete, so a failure (no memory) leaves none. */
+static int attach_mapping(State *st, Mapping *m) {
+    if (st->mapping == m) return OK;
+    detach_mapping(st);
     st->field_attr = PyMem_RawMalloc((size_t)(m->nfields + 1) * sizeof(int));
     st->aud_table = PyMem_RawMalloc((size_t)(m->naudiences + 1) * sizeof(int));
-    if (st->field_attr == NULL || st->aud_table == NULL) {
-        PyErr_NoMemory();
-        return ERR;
+    int status = st->field_attr == NULL || st->aud_table == NULL ? ERR : OK;
+    if (status == OK)
+        status = names_extend(st, &st->attrs, &m->fields[0].token, sizeof(FieldSpec), m->nfields, st->field_attr);
+    if (status == OK)
+        status = names_extend(st, &st->auds, &m->audiences[0].name, sizeof(AudienceSpec), m->naudiences, st->aud_table);
+    if (status == OK) {
+        st->aud_mapping = PyMem_RawMalloc((size_t)(st->auds.n + 1) * sizeof(int));
+        status = st->aud_mapping == NULL ? ERR : OK;
     }
-    if (names_extend(st, &st->attrs, &m->fields[0].token, sizeof(FieldSpec), m->nfields, st->field_attr) < 0 ||
-        names_extend(st, &st->auds, &m->audiences[0].name, sizeof(AudienceSpec), m->naudiences, st->aud_table) < 0)
-        return ERR;
-    st->aud_mapping = PyMem_RawMalloc((size_t)(st->auds.n + 1) * sizeof(int));
-    if (st->aud_mapping == NULL) {
-        PyErr_NoMemory();
+    if (status != OK) {
+        detach_mapping(st);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
         return ERR;
     }
     for (Py_ssize_t i = 0; i < st->auds.n; i++) st->aud_mapping[i] = -1;
     for (Py_ssize_t i = 0; i < m->naudiences; i++) st->aud_mapping[st->aud_table[i]] = (int)i;
+    st->mapping = (Mapping *)Py_NewRef(m);
     return OK;
 }
 
@@ -1287,25 +1296,22 @@ static int parse_row(const Mapping *m, const uc *p, const uc *end, Row *row) {
                 switch (c) {
                 case '"': *out++ = '"'; break;
                 case '\\': *out++ = '\\'; break;
-                case '/': *out++ = '/'; break;
                 case 'b': *out++ = '\b'; break;
                 case 'f': *out++ = '\f'; break;
                 case 'n': *out++ = '\n'; break;
                 case 'r': *out++ = '\r'; break;
                 case 't': *out++ = '\t'; break;
                 case 'u': {
-                    if (e - s < 4) return PUNT;
-                    unsigned cp = hex4(s);
-                    s += 4;
-                    if (cp >= 0xD800 && cp < 0xDC00 && e - s >= 6 && s[0] == '\\' && s[1] == 'u') {
-                        unsigned low = hex4(s + 2);
-                        if (low < 0xDC00 || low > 0xDFFF) return PUNT;
-                        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-                        s += 6;
-                    } else if (cp >= 0xD800 && cp <= 0xDFFF) {
+                    /* Only the escapes orjson and the splitter write (control characters
+                     * without a short form): values, digests and identities are compared
+                     * as these bytes, so any other spelling goes to the reference. */
+                    if (e - s < 4 || s[0] != '0' || s[1] != '0' || (s[2] != '0' && s[2] != '1') ||
+                        !(is_digit(s[3]) || (s[3] >= 'a' && s[3] <= 'f')))
                         return PUNT;
-                    }
-                    out = put_utf8(out, cp);
+                    unsigned cp = hex4(s);
+                    if (cp == '\b' || cp == '\t' || cp == '\n' || cp == '\f' || cp == '\r') return PUNT;
+                    s += 4;
+                    *out++ = (char)cp;
                     break;
                 }
                 default:
@@ -1397,7 +1403,9 @@ static int email_ok(const uc *s, Py_ssize_t n) {
     return 0;
 }
 
-static int phone_normal(const uc *s, Py_ssize_t n, char *out, Py_ssize_t *len) {
+/* E.164 from `s` into `out` (room for `cap` bytes): 0 when it is not one or does not fit. */
+static int phone_normal(const uc *s, Py_ssize_t n, char *out, Py_ssize_t cap, Py_ssize_t *len) {
+    if (n < 0 || n > cap) return 0;
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uc c = s[i];
@@ -1447,9 +1455,10 @@ static int date_ok(const uc *s, Py_ssize_t n, int *year) {
 }
 
 /* YYYY-MM-DDTHH:MM:SS, optionally .fff or .ffffff, then Z, +00:00 or nothing (UTC). */
-static int datetime_ok(const uc *s, Py_ssize_t n, char *out, Py_ssize_t *len) {
+#define DATETIME_TEXT 27 /* YYYY-MM-DDTHH:MM:SS.ffffffZ */
+static int datetime_ok(const uc *s, Py_ssize_t n, char *out, Py_ssize_t cap, Py_ssize_t *len) {
     int year, h, mi, sec;
-    if (n < 19 || !date_ok(s, 10, &year) || s[10] != 'T' || s[13] != ':' || s[16] != ':' ||
+    if (cap < DATETIME_TEXT || n < 19 || !date_ok(s, 10, &year) || s[10] != 'T' || s[13] != ':' || s[16] != ':' ||
         !digits_at(s + 11, 2, &h) || !digits_at(s + 14, 2, &mi) || !digits_at(s + 17, 2, &sec) ||
         h > 23 || mi > 59 || sec > 59)
         return 0;
@@ -1521,8 +1530,9 @@ static int plain_number(const uc *s, Py_ssize_t n, int exponent) {
  * such a decimal is the shortest text that reads back as its double (DBL_DIG is 15), so
  * repr gives its digits without leading or trailing zeros. orjson writes the same.
  */
-static int canonical_decimal(const uc *s, Py_ssize_t n, char *out, Py_ssize_t *len) {
+static int canonical_decimal(const uc *s, Py_ssize_t n, char *out, Py_ssize_t cap, Py_ssize_t *len) {
     Py_ssize_t i = 0, k = 0;
+    if (n < 1 || n > cap - 4) return 0; /* at most a sign, "0." or ".0" more than `s` */
     if (s[i] == '+' || s[i] == '-') {
         if (s[i] == '-') out[k++] = '-';
         i++;
@@ -1563,13 +1573,18 @@ static int canonical_decimal(const uc *s, Py_ssize_t n, char *out, Py_ssize_t *l
 static int float_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
     char text[80];
     Py_ssize_t len;
-    if (!memchr(s, 'e', (size_t)n) && !memchr(s, 'E', (size_t)n) && canonical_decimal(s, n, text, &len))
+    if (!memchr(s, 'e', (size_t)n) && !memchr(s, 'E', (size_t)n) && canonical_decimal(s, n, text, (Py_ssize_t)sizeof text, &len))
         return put_number_json(typed, t, "f", text, len);
     return SLOW; /* exponents, more digits: the reference reads them */
 }
 
-static void lower_ascii(char *out, const uc *s, Py_ssize_t n) {
+/* `s` lower-cased (ASCII letters only) into `out`, which has room for `cap` bytes: 0 (and
+ * nothing written) when it does not fit. Every writer of a fixed buffer checks its own
+ * bound, whatever its callers checked. */
+static int lower_ascii(char *out, Py_ssize_t cap, const uc *s, Py_ssize_t n) {
+    if (n < 0 || n > cap) return 0;
     for (Py_ssize_t i = 0; i < n; i++) out[i] = (char)(s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i]);
+    return 1;
 }
 
 static int word_is(const char *lower, Py_ssize_t n, const char *word) {
@@ -1620,13 +1635,12 @@ static int fast_value(const FieldSpec *f, const uc *s, Py_ssize_t n, Buf *typed,
         if (code_points(s, n) > f->limit || (!is_ascii(s, n) && mojibake_pair(s, n))) return SLOW;
         return put_hashed_text(typed, t, s, n);
     case K_EMAIL:
-        if (n > 254 || !is_ascii(s, n)) return SLOW;
-        lower_ascii(work, s, n);
+        if (n > 254 || !is_ascii(s, n) || !lower_ascii(work, sizeof work, s, n)) return SLOW;
         if (!email_ok((const uc *)work, n)) return SLOW;
         return put_hashed_text(typed, t, (const uc *)work, n);
     case K_PHONE: {
         Py_ssize_t len;
-        if (n > 64 || !is_ascii(s, n) || !phone_normal(s, n, work, &len)) return SLOW;
+        if (n > 64 || !is_ascii(s, n) || !phone_normal(s, n, work, sizeof work, &len)) return SLOW;
         return put_hashed_text(typed, t, (const uc *)work, len);
     }
     case K_INTEGER: {
@@ -1649,8 +1663,7 @@ static int fast_value(const FieldSpec *f, const uc *s, Py_ssize_t n, Buf *typed,
         if (!plain_number(s, n, 0)) return SLOW;
         return float_value(typed, t, s, n);
     case K_BOOLEAN: {
-        if (n > 5) return SLOW;
-        lower_ascii(work, s, n);
+        if (n > 5 || !lower_ascii(work, sizeof work, s, n)) return SLOW;
         const char *json;
         if (word_is(work, n, "true") || word_is(work, n, "t") || word_is(work, n, "yes") ||
             word_is(work, n, "y") || word_is(work, n, "1"))
@@ -1674,7 +1687,7 @@ static int fast_value(const FieldSpec *f, const uc *s, Py_ssize_t n, Buf *typed,
     }
     case K_DATETIME: {
         Py_ssize_t len;
-        if (!datetime_ok(s, n, work, &len)) return SLOW;
+        if (!datetime_ok(s, n, work, sizeof work, &len)) return SLOW;
         return put_hashed_text(typed, t, (const uc *)work, len);
     }
     case K_ARRAY:
@@ -1812,14 +1825,11 @@ static int identity_of(const Mapping *m, Row *row) {
         fast = n <= 987;
         if (fast && buf_put(&row->id_text, (const char *)s, n) < 0) return ERR;
     } else if (m->identity_kind == ID_EMAIL) {
-        fast = n <= 254 && is_ascii(s, n);
-        if (fast) {
-            lower_ascii(work, s, n);
-            fast = email_ok((const uc *)work, n);
-        }
+        fast = n <= 254 && is_ascii(s, n) && lower_ascii(work, sizeof work, s, n) &&
+               email_ok((const uc *)work, n);
         if (fast && buf_put(&row->id_text, work, n) < 0) return ERR;
     } else {
-        fast = n <= 64 && is_ascii(s, n) && phone_normal(s, n, work, &len);
+        fast = n <= 64 && is_ascii(s, n) && phone_normal(s, n, work, sizeof work, &len);
         if (fast && buf_put(&row->id_text, work, len) < 0) return ERR;
     }
     if (!fast) {
@@ -1874,25 +1884,32 @@ static int suppressed_values(const Mapping *m, const Value *values, const char *
                              Py_ssize_t id_len, int *reason) {
     *reason = -1;
     if (!m->suppressions) return OK;
-    char email[256], phone[64];
+    /* An e-mail or phone identity is hashed where it is (the reference may have typed it:
+     * 254 characters can be about 1,000 bytes); only a column's address is copied. */
+    char email_work[256], phone_work[64];
+    const char *email = email_work, *phone = phone_work;
     Py_ssize_t email_len = 0, phone_len = 0;
     if (m->identity_kind == ID_EMAIL) {
-        memcpy(email, id_text, (size_t)(email_len = id_len));
+        email = id_text;
+        email_len = id_len;
     } else if (m->email_index >= 0 && !is_blank(&values[m->email_index])) {
         const Value *v = &values[m->email_index];
         Py_ssize_t a, b;
         strip(v->text, v->len, &a, &b);
-        if (b - a > 254 || !is_ascii(v->text + a, b - a)) return SLOW;
-        lower_ascii(email, v->text + a, email_len = b - a);
+        if (b - a > 254 || !is_ascii(v->text + a, b - a) ||
+            !lower_ascii(email_work, sizeof email_work, v->text + a, b - a))
+            return SLOW;
+        email_len = b - a;
     }
     if (m->identity_kind == ID_PHONE) {
-        memcpy(phone, id_text, (size_t)(phone_len = id_len));
+        phone = id_text;
+        phone_len = id_len;
     } else if (m->phone_index >= 0 && !is_blank(&values[m->phone_index])) {
         const Value *v = &values[m->phone_index];
         Py_ssize_t a, b;
         strip(v->text, v->len, &a, &b);
         if (b - a > 60 || !is_ascii(v->text + a, b - a) ||
-            !phone_normal(v->text + a, b - a, phone, &phone_len))
+            !phone_normal(v->text + a, b - a, phone_work, sizeof phone_work, &phone_len))
             return SLOW;
     }
     *reason = table_reason(m->email_table, email, email_len);
@@ -2003,8 +2020,7 @@ static int type_row(Mapping *m, Row *row, uint64_t *members, uint64_t *stated) {
         if (a == b) continue;
         char lower[16];
         int member = -1;
-        if (b - a <= 8 && is_ascii(v->text + a, b - a)) {
-            lower_ascii(lower, v->text + a, b - a);
+        if (b - a <= 8 && is_ascii(v->text + a, b - a) && lower_ascii(lower, sizeof lower, v->text + a, b - a)) {
             if (word_is(lower, b - a, "realized") || word_is(lower, b - a, "existing")) member = 1;
             else if (word_is(lower, b - a, "exited")) member = 0;
         } /* else not a status: non-ASCII text never lower-cases to one */
@@ -2028,12 +2044,11 @@ static int consent_granted(const Mapping *m, Row *row) {
     Py_ssize_t a, b;
     strip(v->text, v->len, &a, &b);
     if (a == b) return 0;
-    if (b - a <= 64 && is_ascii(v->text + a, b - a)) {
-        char lower[64];
-        lower_ascii(lower, v->text + a, b - a);
+    char folded[64];
+    if (b - a <= 64 && is_ascii(v->text + a, b - a) && lower_ascii(folded, sizeof folded, v->text + a, b - a)) {
         for (const char *g = m->granted_text.data, *end = g + m->granted_text.len; g < end;) {
             size_t n = strlen(g);
-            if ((Py_ssize_t)n == b - a && memcmp(g, lower, n) == 0) return 1;
+            if ((Py_ssize_t)n == b - a && memcmp(g, folded, n) == 0) return 1;
             g += n + 1;
         }
         return 0;
@@ -3392,7 +3407,7 @@ static int settle_line(Splitter *sp, const uc *p, uint64_t line_hash, const Line
         strip(identity, sp->lens[sp->identity_index], &a, &b);
         if (m->identity_kind == ID_EMAIL && b - a > 254) return OK;
         if (buf_reserve(&sp->key, b - a + 1) < 0) return ERR;
-        lower_ascii(sp->key.data, identity + a, b - a);
+        lower_ascii(sp->key.data, sp->key.cap, identity + a, b - a);
         int at[2] = {m->email_index, m->phone_index};
         for (int i = 0; i < 2; i++)
             if (at[i] >= 0) {
@@ -3908,7 +3923,7 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
                 status = ERR;
                 break;
             }
-            lower_ascii(sp->key.data, identity + a, b - a);
+            lower_ascii(sp->key.data, sp->key.cap, identity + a, b - a);
             ascii_key = (const uc *)sp->key.data;
             seen_key = xxh64(ascii_key, (size_t)(b - a));
         } else {

@@ -16,6 +16,7 @@ import pytest
 from devhost.fakes.braze import FakeBraze
 from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
+from tests.scenarios import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 # Import-time settings validation needs a value before any app module is imported; the
@@ -185,3 +186,11 @@ def running_app(app_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         yield app
     finally:
         app.stop()
+
+
+@pytest.fixture
+def scenario(running_app, storage, fake_braze):  # type: ignore[no-untyped-def]
+    def make(name: str) -> Scenario:
+        return Scenario(running_app, storage, fake_braze, name)
+
+    return make

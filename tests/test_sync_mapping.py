@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.sync.definitions import InputSpec, load_document
+from core.sync.definitions import FieldMapping, InputSpec, load_document
 from core.sync.engine import build_item
 from core.sync.mapping import RowMapper, RowRejected, looks_like_mojibake
 from core.sync.readers import FileRejected, RowReader, SourceRow
@@ -160,3 +160,18 @@ def test_destination_error_codes_carry_no_identifiers() -> None:
     )
     assert _reason_code("'ana.silva@example.com' is not valid") == "destination_is_not_valid"
     assert _reason_code("+31612345678") == "destination_error"
+
+
+def test_a_coercer_failing_unforeseen_rejects_the_row_instead_of_the_bucket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import core.sync.mapping as mapping_module
+
+    def broken(value: object) -> str:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(mapping_module, "_date", broken)
+    convert = mapping_module.coercer(FieldMapping(source="d", target="d", type="date"))
+    with pytest.raises(RowRejected) as caught:
+        convert("2026-01-01")
+    assert caught.value.code == "unreadable_value"

@@ -741,6 +741,9 @@ def test_json_line_states_and_repeated_records_give_the_same_results(
         b"name\nx\n",
         b"id,name\n\xff\n",
         b'"id\n,x\n',
+        b'x"y,"a\nb",id\nv,w,1\n',  # a quote inside a header field, a quoted line break
+        b"id,name,note,status\r\r\nA,b,c,realized\n",  # a bare CR ends the header line
+        b'id,"a"b\nx,\xff\n',  # a header csv reads its own way, then bytes not UTF-8
         gzip.compress(b"id,name,note,status\n" + b"A,b,c,realized\n" * 500)[:-40],  # cut short
     ],
 )
@@ -778,3 +781,109 @@ def test_held_pieces_span_segments_and_segments_go_once_nothing_in_them_is_held(
     assert arena.read(second) == b"ghijklmnopqrstu"
     arena.release(second)
     assert not any(arena._segments)
+
+
+def test_a_delimiter_of_more_than_one_byte_is_split_by_the_reference(
+    storage: Any, unique: str
+) -> None:
+    document = _sync_document(f"d{unique}", input={"delimiter": "\u00a7"})
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    data = "id\u00a7name\nA\u00a7x\nB\u00a7y\n".encode()
+    storage.blobs.create("segments", f"{sync.id}/f.csv", data, overwrite=True)
+    blob = storage.blobs.ref("segments", f"{sync.id}/f.csv")
+    splits = [
+        split_file(storage, sync, [blob], run_id=f"r{unique}{native}", buckets=4,
+                   in_memory_max_rows=10, held_max_bytes=0, native=native)
+        for native in (True, False)
+    ]  # fmt: skip
+    assert _held_lines(splits[0]) == _held_lines(splits[1])
+    assert sum(splits[0].counts) == 2
+
+
+def test_work_lines_spelled_otherwise_than_orjson_writes_them_go_to_the_reference(
+    storage: Any, braze: FakeBraze
+) -> None:
+    """Identities and digests are compared as the work line's bytes in C: `"\\u0041"` and
+    `"A"` are one profile to the reference, so C leaves such lines to it."""
+    document = {**_sync_document("native-escapes"), **CONFIGURATIONS["boolean-audiences"]}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rows = _random_rows(random.Random(12), 4)
+    plain = [orjson.dumps([n + 2, *row]) for n, row in enumerate(rows)]
+    spelled = plain[0].replace(b'"CRM-0"', b'"\\u0043RM-0"')
+    slash = plain[1].replace(b'"CRM-1"', b'"CRM\\/1"').replace(b"[3,", b"[10,")
+    lines = b"\n".join([*plain, spelled.replace(b"[2,", b"[9,"), slash])
+    native = _both(storage, braze, sync, lines + b"\n", None,  # type: ignore[arg-type]
+                   known=[r[0] for r in rows], suppressions=SuppressionSnapshot({}))  # fmt: skip
+    assert native.counts["rejected.duplicate_identity"] == 1
+
+
+def test_a_datetime_past_the_calendar_in_utc_rejects_its_row_on_both_paths(
+    storage: Any, braze: FakeBraze
+) -> None:
+    document = {**_sync_document("native-overflow"), **CONFIGURATIONS["boolean-audiences"]}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rows = _random_rows(random.Random(13), 6)
+    bought = FULL_COLUMNS.index("bought")
+    rows[1][bought] = "9999-12-31T23:59:59-01:00"
+    rows[2][bought] = "0001-01-01T00:00:00+01:00"
+    native = _both(storage, braze, sync, rows, None, known=[r[0] for r in rows],
+                   suppressions=SuppressionSnapshot({}))  # fmt: skip
+    assert native.counts["rejected.out_of_range"] == 2
+
+
+def test_rejected_values_holding_nul_keep_their_own_raw_text(
+    storage: Any, braze: FakeBraze
+) -> None:
+    document = {**_sync_document("native-nul"), **CONFIGURATIONS["boolean-audiences"]}
+    sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+    rows = _random_rows(random.Random(14), 6)
+    points = FULL_COLUMNS.index("points")
+    rows[1][points] = "1\x002"
+    rows[3][points] = "x\x00y\x00"
+    native = _both(storage, braze, sync, rows, None, known=[r[0] for r in rows],
+                   suppressions=SuppressionSnapshot({}))  # fmt: skip
+    written = list(csv.reader(io.StringIO(native.rejects_text.decode())))
+    by_line = {row[0]: row[3] for row in written}
+    assert by_line["3"].split(",")[points] == "1\x002"
+    assert by_line["5"].split(",")[points] == "x\x00y\x00"
+
+
+def test_a_long_address_identity_typed_by_the_reference_is_looked_up_where_it_is(
+    storage: Any, braze: FakeBraze
+) -> None:
+    """254 characters of an address can be about 1,000 bytes: C once copied such an
+    identity, unchanged since the last run, into a 256-byte buffer on its stack."""
+    rng = random.Random(15)
+    given = _scenario("native-long-address", "email-identity", rng, suppressed=True)
+    rows = given.rows[:20]
+    long_address = "\u00fc" * 200 + "@example.com"
+    rows[3][1] = long_address
+    known = [f"email:{row[1].strip().lower()}" for row in rows]
+    outcome = _both(storage, braze, given.sync, rows, None, known=known,
+                    suppressions=given.suppressions)  # fmt: skip
+    again = _both(storage, braze, given.sync, rows, outcome.state, known=known,
+                  suppressions=given.suppressions)  # fmt: skip
+    assert again.counts["unchanged"] >= 1 and again.counts["rejected"] == outcome.counts["rejected"]
+
+
+def test_a_state_processes_alike_whichever_mapping_came_before(storage: Any) -> None:
+    """A `State` keeps the tables of the mapping it last processed with; one attached
+    after another must not see the other's."""
+    from core.sync.native import native_mapping
+
+    rows = _random_rows(random.Random(16), 200)
+    lines = b"".join(orjson.dumps([n + 2, *row]) + b"\n" for n, row in enumerate(rows))
+    mappings = []
+    for name in ("boolean-audiences", "array-upsert-nulls"):
+        document = {**_sync_document(f"native-attach-{name}"), **CONFIGURATIONS[name]}
+        sync = parse_document({"version": 1, "syncs": [document]}).syncs[0]
+        mappings.append(
+            native_mapping(sync, RowMapper(sync, FULL_COLUMNS), SuppressionSnapshot({}), str)
+        )
+    alone = [SPEEDUPS.State(b"", True).process(m, lines, {}) for m in mappings]
+    shared = SPEEDUPS.State(b"", True)
+    first = shared.process(mappings[0], lines, {})
+    assert first[:4] == alone[0][:4]
+    fresh = SPEEDUPS.State(b"", True)
+    fresh.process(mappings[0], lines, {})
+    assert fresh.process(mappings[1], lines, {})[:4] == shared.process(mappings[1], lines, {})[:4]

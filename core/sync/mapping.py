@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import operator
 import re
@@ -25,6 +26,8 @@ import pycountry
 
 from core.sync.definitions import FieldMapping, FieldType, SyncDefinition
 from core.sync.readers import FileRejected
+
+log = logging.getLogger(__name__)
 
 CUSTOM_STRING_LIMIT = 255
 ARRAY_LIMIT = 100
@@ -177,7 +180,12 @@ def _datetime(value: Any) -> str:
         raise RowRejected("not_datetime", f"{text[:40]!r} is not an ISO-8601 time") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)  # Braze reads zone-less times as UTC too
-    return parsed.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    try:
+        in_utc = parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
+        message = f"{text[:40]!r} is outside years 1 to 9999 in UTC"
+        raise RowRejected("out_of_range", message) from None
+    return in_utc.isoformat().replace("+00:00", "Z")
 
 
 def _array(value: Any) -> list[Any]:
@@ -305,7 +313,28 @@ _STANDARD: dict[str, Callable[[Any], Any]] = {
 
 
 def coercer(mapping: FieldMapping) -> Callable[[Any], Any]:
-    """Raw value (never empty) to the typed value the destination receives."""
+    """Raw value (never empty) to the typed value the destination receives; a value a
+    coercer fails on in a way it did not foresee rejects the row (`unreadable_value`,
+    logged as an error without the value) instead of failing the bucket."""
+    convert = _type_coercer(mapping)
+
+    def guarded(value: Any) -> Any:
+        try:
+            return convert(value)
+        except RowRejected:
+            raise
+        except (ArithmeticError, ValueError, TypeError) as exc:
+            log.error(
+                "coercer for %s failed on a %s value: %s", mapping.target,
+                type(value).__name__, type(exc).__name__,
+            )  # fmt: skip
+            message = f"cannot read the value as {mapping.type}"
+            raise RowRejected("unreadable_value", message) from None
+
+    return guarded
+
+
+def _type_coercer(mapping: FieldMapping) -> Callable[[Any], Any]:
     standard = _STANDARD.get(mapping.target)
     if standard is not None:
         return standard

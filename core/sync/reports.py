@@ -204,11 +204,16 @@ class RejectsPart(StagedPart):
         if not rejects:
             return
         raw = io.StringIO()
-        csv.writer(raw, lineterminator=_NO_TEXT).writerows(values for *_, values in rejects)
-        raws = raw.getvalue().split(_NO_TEXT)
+        writer = csv.writer(raw, lineterminator="")
+        ends = []  # where each row's text ends: a value may hold any character, NUL too
+        for *_, values in rejects:
+            writer.writerow(values)
+            ends.append(raw.tell())
+        text = raw.getvalue()
+        raws = [text[start:end] for start, end in zip([0, *ends], ends, strict=False)]
         rows = [
-            [self.label(line), code, spreadsheet_safe(message), spreadsheet_safe(text)]
-            for (line, code, message, _), text in zip(rejects, raws, strict=False)
+            [self.label(line), code, spreadsheet_safe(message), spreadsheet_safe(raw_text)]
+            for (line, code, message, _), raw_text in zip(rejects, raws, strict=True)
         ]
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows(rows)
@@ -225,11 +230,6 @@ class RejectsPart(StagedPart):
 
 
 _TEXT_OR_NONE = {str, type(None)}
-
-
-_NO_TEXT = "\x00"
-"""No row's value holds it (both CSV readers refuse NUL), so it can end the rows of one
-writer's output."""
 
 
 def _written(buffer: io.StringIO, writer: Any, row: list[str]) -> str:
