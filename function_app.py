@@ -8,6 +8,7 @@ from functions import (
     log_export,
     push_api,
     push_dispatch,
+    run_endings,
     segment_arrival,
     segment_chunks,
     suppressions_api,
@@ -22,3 +23,4 @@ app.register_functions(log_export.bp)
 app.register_functions(currents.bp)
 app.register_functions(push_api.bp)
 app.register_functions(push_dispatch.bp)
+app.register_functions(run_endings.bp)

@@ -36,7 +36,17 @@ class RunStatus(StrEnum):
     RECEIVED = "received"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
+    PARTIALLY_FAILED = "partially_failed"
+    """Finished, but a part of the work could not be done (e.g. a poisoned chunk)."""
     FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in _ENDED
+
+
+_ENDED = frozenset({RunStatus.SUCCEEDED, RunStatus.PARTIALLY_FAILED, RunStatus.FAILED})
+OPEN_STATUSES = (RunStatus.RECEIVED, RunStatus.RUNNING)
 
 
 class RunRecord(TableEntity):
@@ -52,6 +62,13 @@ class RunRecord(TableEntity):
     counts: dict[str, int] = Field(default_factory=dict)
     detail: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    error_code: str | None = None
+    """Why a run failed, as a reason code (`poisoned`, `deadline_exceeded`, `not_utf8`, ...)."""
+    updated_at: datetime | None = None
+    """The run's last sign of life: every update and heartbeat sets it."""
+    idle_until: datetime | None = None
+    """A run that waits on purpose (a delayed retry round, parts of an export still to
+    land) is not stale before this time."""
 
     def public(self) -> dict[str, Any]:
         """The JSON shape served by the runs API."""
@@ -118,6 +135,9 @@ class RunLog:
         except EntityExists:
             existing = self.get(run_id)
             assert existing is not None
+            if existing.status == RunStatus.RECEIVED and status == RunStatus.RUNNING:
+                # a run reopened by an operator's retry, started again
+                return self.update(run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
             return existing
         return record
 
@@ -139,6 +159,7 @@ class RunLog:
                 raise LookupError(f"run {run_id} does not exist")
             updated = current.model_copy(deep=True)
             change(updated)
+            updated.updated_at = datetime.now(UTC)
             return updated
 
         result = self._table.mutate(*keys, apply)
@@ -153,6 +174,7 @@ class RunLog:
         counts: dict[str, int] | None = None,
         detail: dict[str, Any] | None = None,
         error: str | None = None,
+        error_code: str | None = None,
         now: datetime | None = None,
     ) -> RunRecord:
         def close(record: RunRecord) -> None:
@@ -163,8 +185,61 @@ class RunLog:
             if detail:
                 record.detail = {**record.detail, **detail}
             record.error = error
+            record.error_code = error_code if error is not None or error_code else None
+            record.idle_until = None
 
         return self.update(run_id, close)
+
+    def fail(
+        self, run_id: str, code: str, message: str, *, detail: dict[str, Any] | None = None
+    ) -> RunRecord:
+        """End an open run as failed with a reason; a run that has ended keeps its verdict."""
+
+        def close(record: RunRecord) -> None:
+            if record.status.ended:
+                return
+            record.status = RunStatus.FAILED
+            record.finished_at = datetime.now(UTC)
+            record.error = f"{code}: {message}" if not message.startswith(code) else message
+            record.error_code = code
+            record.idle_until = None
+            if detail:
+                record.detail = {**record.detail, **detail}
+
+        return self.update(run_id, close)
+
+    def attempt_failed(
+        self, run_id: str, code: str, message: str, *, attempt: int | None = None
+    ) -> RunRecord:
+        """An attempt of an open run failed and its trigger will try again: the run stays
+        open and says what happened (`detail.last_error`)."""
+
+        def note(record: RunRecord) -> None:
+            if record.status.ended:
+                return
+            record.detail = {
+                **record.detail,
+                "last_error": {
+                    "code": code, "message": message, "attempt": attempt,
+                    "at": datetime.now(UTC).isoformat(),
+                },
+            }  # fmt: skip
+
+        return self.update(run_id, note)
+
+    def heartbeat(self, run_id: str, *, idle_until: datetime | None = None) -> None:
+        """A sign of life from a long run (or one about to wait until `idle_until`)."""
+
+        def touch(record: RunRecord) -> None:
+            if idle_until is not None:
+                record.idle_until = idle_until
+
+        self.update(run_id, touch)
+
+    def open_runs(self, *, now: datetime | None = None, limit: int = 1000) -> Iterator[RunRecord]:
+        """Runs not ended yet (received or running), newest first, about a year back."""
+        for status in OPEN_STATUSES:
+            yield from self.recent(limit=limit, status=status, now=now)
 
     def recent(
         self,

@@ -27,6 +27,7 @@ from core.errors import ConfigError
 from core.export.aep import AepStreamingTarget
 from core.schedule import CronSchedule
 from core.storage.connection import StorageAccount, parse_connection_string
+from core.sync.readers import InputLimits
 
 
 class Settings(BaseSettings):
@@ -273,6 +274,36 @@ class Settings(BaseSettings):
         description="Profiles per queue message when a dispatch fans out.",
     )
 
+    max_line_bytes: int = Field(
+        default=4 << 20,
+        ge=1024,
+        le=256 << 20,
+        validation_alias="SWITCHBOARD_MAX_LINE_BYTES",
+        description="A segment file with a longer record (its bytes, line breaks included) "
+        "is rejected as a whole (line_too_long).",
+    )
+    max_field_bytes: int = Field(
+        default=1 << 20,
+        ge=256,
+        le=64 << 20,
+        validation_alias="SWITCHBOARD_MAX_FIELD_BYTES",
+        description="A CSV/TSV segment file with a longer field is rejected as a whole "
+        "(field_too_long).",
+    )
+    run_deadline_minutes: int = Field(
+        default=360,
+        ge=15,
+        le=10080,
+        validation_alias="SWITCHBOARD_RUN_DEADLINE_MINUTES",
+        description="A run with no sign of life for this long is ended as failed "
+        "(deadline_exceeded) by the run sweeper.",
+    )
+    run_sweep_schedule: str = Field(
+        default="0 */15 * * * *",
+        validation_alias="SWITCHBOARD_RUN_SWEEP_SCHEDULE",
+        description="NCRONTAB schedule of the run sweeper (six fields, UTC).",
+    )
+
     @field_validator("aep_streaming", mode="before")
     @classmethod
     def _json_or_unset(cls, value: object) -> object:
@@ -296,7 +327,7 @@ class Settings(BaseSettings):
         folder = value.strip().strip("/")
         return f"{folder}/" if folder else ""
 
-    @field_validator("log_export_schedule", "currents_schedule")
+    @field_validator("log_export_schedule", "currents_schedule", "run_sweep_schedule")
     @classmethod
     def _schedule_parses(cls, value: str) -> str:
         try:
@@ -339,6 +370,10 @@ class Settings(BaseSettings):
                 "managed-identity connection"
             )
         return self
+
+    @property
+    def input_limits(self) -> InputLimits:
+        return InputLimits(self.max_line_bytes, self.max_field_bytes)
 
     def storage_account(self) -> StorageAccount:
         if self.storage_connection is not None:

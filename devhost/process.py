@@ -16,14 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class HostProcess:
     def __init__(
-        self, env: dict[str, str], port: int, log_path: Path, *, blob_scan_interval: float = 0.2
-    ) -> None:
+        self, env: dict[str, str], port: int, log_path: Path, *, blob_scan_interval: float = 0.2,
+        app: Path | None = None,
+    ) -> None:  # fmt: skip
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        app_args = ["--app", str(app)] if app is not None else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "devhost", "serve", "--port", str(port),
-             "--blob-scan-interval", str(blob_scan_interval)],
+             "--blob-scan-interval", str(blob_scan_interval), *app_args],
             cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

@@ -136,6 +136,7 @@ class LocalServices:
         self.log_dir = Path(self._tmp.name)
         self.processes: list[ManagedProcess] = []
         self.env: dict[str, str] = {}
+        self._azurite_ports = (0, 0, 0)
 
     def start(self) -> dict[str, str]:
         if not AZURITE.exists():
@@ -152,8 +153,17 @@ class LocalServices:
             raise
         return self.env
 
-    def _start_azurite(self) -> None:
-        blob, queue, table = free_port(), free_port(), free_port()
+    def restart_azurite(self) -> None:
+        """Stop Azurite and start it again on the same ports (with a `data_dir`, on the same
+        data), as a storage outage does; for tests of what survives one."""
+        azurite = next(p for p in self.processes if p.name == "azurite")
+        azurite.stop()
+        self.processes.remove(azurite)
+        self._start_azurite(self._azurite_ports)
+
+    def _start_azurite(self, ports: tuple[int, int, int] | None = None) -> None:
+        blob, queue, table = ports or (free_port(), free_port(), free_port())
+        self._azurite_ports = (blob, queue, table)
         command = [
             "node", str(AZURITE), "--silent", "--skipApiVersionCheck", "--loose",
             "--disableTelemetry", "--blobHost", LOOPBACK, "--queueHost", LOOPBACK,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import azure.functions as func
 from pydantic import BaseModel, ValidationError
 
+from core.errors import StorageError
 from core.services import Services
 from core.settings import load_settings
 
@@ -38,6 +40,25 @@ def json_response(status: int, body: Any) -> func.HttpResponse:
 
 def error_response(status: int, code: str, message: str) -> func.HttpResponse:
     return json_response(status, {"error": {"code": code, "message": message}})
+
+
+def json_errors(
+    route: Callable[[func.HttpRequest], func.HttpResponse],
+) -> Callable[[func.HttpRequest], func.HttpResponse]:
+    """An exception escaping a route becomes a JSON 500 (503 for a storage failure worth
+    retrying) instead of the host's empty one; the exception itself is only logged."""
+
+    @functools.wraps(route)
+    def answer(req: func.HttpRequest) -> func.HttpResponse:
+        try:
+            return route(req)
+        except Exception as exc:
+            logging.getLogger("functions").exception("route %s failed", route.__name__)
+            if isinstance(exc, StorageError):
+                return error_response(503, "storage_unavailable", "storage failed; try again")
+            return error_response(500, "internal_error", "the request failed; see the logs")
+
+    return answer
 
 
 def parse_body(req: func.HttpRequest, model: type[M]) -> M | func.HttpResponse:

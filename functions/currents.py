@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import azure.functions as func
 
-from core.currents.discovery import FILES_QUEUE, ingest_queued, run_currents
-from core.currents.s3 import CurrentsObject
+from core.currents.discovery import (
+    FILES_QUEUE,
+    QueuedFile,
+    ingest_queued,
+    run_currents,
+    run_of_file,
+)
+from core.verdicts import verdict_on_failure
 from functions._wiring import SETTINGS, services
 
 bp = func.Blueprint()
@@ -20,4 +26,8 @@ def currents_timer(timer: func.TimerRequest) -> None:
 
 @bp.queue_trigger(arg_name="message", queue_name=FILES_QUEUE, connection="AzureWebJobsStorage")
 def currents_file(message: func.QueueMessage) -> None:
-    ingest_queued(services(), CurrentsObject.model_validate_json(message.get_body()))
+    file = QueuedFile.model_validate_json(message.get_body())
+    with verdict_on_failure(
+        services(), run_of_file(file), final=False, attempt=message.dequeue_count
+    ):
+        ingest_queued(services(), file)

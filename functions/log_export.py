@@ -8,7 +8,14 @@ import azure.functions as func
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from core.export.service import run_log_export
-from functions._wiring import SETTINGS, error_response, json_response, parse_body, services
+from functions._wiring import (
+    SETTINGS,
+    error_response,
+    json_errors,
+    json_response,
+    parse_body,
+    services,
+)
 
 bp = func.Blueprint()
 
@@ -31,6 +38,7 @@ class ExportRequest(BaseModel):
 
 
 @bp.route(route="log-export/run", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@json_errors
 def run_log_export_now(req: func.HttpRequest) -> func.HttpResponse:
     request = parse_body(req, ExportRequest)
     if isinstance(request, func.HttpResponse):

@@ -7,12 +7,13 @@ import azure.functions as func
 from core.events.store import EventStore
 from core.push.interactions import AppEventBatch, record_app_events
 from core.push.tokens import AppMismatch, TokenRegistration, TokenRegistry
-from functions._wiring import error_response, json_response, parse_body, services
+from functions._wiring import error_response, json_errors, json_response, parse_body, services
 
 bp = func.Blueprint()
 
 
 @bp.route(route="push/tokens", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@json_errors
 def register_push_token(req: func.HttpRequest) -> func.HttpResponse:
     request = parse_body(req, TokenRegistration)
     if isinstance(request, func.HttpResponse):
@@ -30,6 +31,7 @@ def register_push_token(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="push/events", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@json_errors
 def record_push_events(req: func.HttpRequest) -> func.HttpResponse:
     batch = parse_body(req, AppEventBatch)
     if isinstance(batch, func.HttpResponse):

@@ -17,12 +17,14 @@ from core.push.dispatch import (
     status,
 )
 from core.push.templates import TemplateInvalid
-from functions._wiring import error_response, json_response, parse_body, services
+from core.verdicts import verdict_on_failure
+from functions._wiring import error_response, json_errors, json_response, parse_body, services
 
 bp = func.Blueprint()
 
 
 @bp.route(route="push/send", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@json_errors
 def send_push(req: func.HttpRequest) -> func.HttpResponse:
     request = parse_body(req, DispatchRequest)
     if isinstance(request, func.HttpResponse):
@@ -44,6 +46,7 @@ def send_push(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(
     route="push/dispatches/{dispatch_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION
 )
+@json_errors
 def get_push_dispatch(req: func.HttpRequest) -> func.HttpResponse:
     dispatch_id = req.route_params.get("dispatch_id", "")
     found = status(services(), dispatch_id)
@@ -54,9 +57,17 @@ def get_push_dispatch(req: func.HttpRequest) -> func.HttpResponse:
 
 @bp.queue_trigger(arg_name="message", queue_name=PLAN_QUEUE, connection="AzureWebJobsStorage")
 def plan_push_dispatch(message: func.QueueMessage) -> None:
-    plan(services(), PlanMessage.model_validate_json(message.get_body()))
+    planned = PlanMessage.model_validate_json(message.get_body())
+    with verdict_on_failure(
+        services(), planned.dispatch_id, final=False, attempt=message.dequeue_count
+    ):
+        plan(services(), planned)
 
 
 @bp.queue_trigger(arg_name="message", queue_name=CHUNK_QUEUE, connection="AzureWebJobsStorage")
 def send_push_chunk(message: func.QueueMessage) -> None:
-    run_chunk(services(), ChunkMessage.model_validate_json(message.get_body()))
+    chunk = ChunkMessage.model_validate_json(message.get_body())
+    with verdict_on_failure(
+        services(), chunk.dispatch_id, final=False, attempt=message.dequeue_count
+    ):
+        run_chunk(services(), chunk)

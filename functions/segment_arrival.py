@@ -6,8 +6,10 @@ import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
 from core.containers import SEGMENTS
+from core.segments.arrival import run_of_blob
 from core.storage import BlobRef
 from core.sync.service import process_segment_file
+from core.verdicts import verdict_on_failure
 from functions._wiring import SETTINGS, services
 
 bp = func.Blueprint()
@@ -24,4 +26,6 @@ def segment_file_arrived(client: blob.BlobClient) -> None:
     ref = BlobRef(
         client.container_name, client.blob_name, str(props.etag), props.size, props.last_modified
     )
-    process_segment_file(services(), ref)
+    # The host retries a failing blob, then poisons it (functions/verdicts.py ends the run).
+    with verdict_on_failure(services(), lambda: run_of_blob(services(), ref), final=False):
+        process_segment_file(services(), ref)

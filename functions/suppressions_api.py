@@ -5,12 +5,13 @@ from __future__ import annotations
 import azure.functions as func
 
 from core.suppression import SuppressionChange, apply_operator_change, lookup
-from functions._wiring import error_response, json_response, parse_body, services
+from functions._wiring import error_response, json_errors, json_response, parse_body, services
 
 bp = func.Blueprint()
 
 
 @bp.route(route="suppressions", methods=["POST", "DELETE"], auth_level=func.AuthLevel.FUNCTION)
+@json_errors
 def change_suppression(req: func.HttpRequest) -> func.HttpResponse:
     change = parse_body(req, SuppressionChange)
     if isinstance(change, func.HttpResponse):
@@ -23,6 +24,7 @@ def change_suppression(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="suppressions/lookup", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@json_errors
 def lookup_suppression(req: func.HttpRequest) -> func.HttpResponse:
     change = parse_body(req, SuppressionChange)
     if isinstance(change, func.HttpResponse):

@@ -418,7 +418,9 @@ static int table_reason(const SuppressionTable *t, const char *address, Py_ssize
 
 enum Kind {
     K_STRING, K_EMAIL, K_PHONE, K_INTEGER, K_FLOAT, K_DECIMAL, K_BOOLEAN, K_DATE, K_DOB,
-    K_DATETIME, K_ARRAY, K_OTHER /* always the reference's coercer */
+    K_DATETIME, K_ARRAY, K_OTHER, /* always the reference's coercer */
+    K_TEXT,                       /* a string kept as sent, whitespace included */
+    K_KINDS
 };
 enum IdentityKind { ID_PLAIN, ID_EMAIL, ID_PHONE };
 
@@ -615,6 +617,11 @@ static PyObject *mapping_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         Py_INCREF(f->source);
         Py_INCREF(f->coerce);
+        if (f->kind < 0 || f->kind >= K_KINDS) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "unknown kind of value");
+            goto fail;
+        }
         if (f->memoize && (f->memo = PyMem_RawCalloc(MEMO_SLOTS, sizeof(Memo))) == NULL) {
             Py_DECREF(seq);
             no_memory();
@@ -1625,6 +1632,10 @@ static int array_value(Buf *typed, Typed *t, const uc *s, Py_ssize_t n) {
 }
 
 static int fast_value(const FieldSpec *f, const uc *s, Py_ssize_t n, Buf *typed, Typed *t) {
+    if (f->kind == K_TEXT) {
+        if (code_points(s, n) > f->limit || (!is_ascii(s, n) && mojibake_pair(s, n))) return SLOW;
+        return put_hashed_text(typed, t, s, n);
+    }
     Py_ssize_t a, b;
     strip(s, n, &a, &b);
     s += a;
@@ -2897,6 +2908,8 @@ typedef struct {
     Value *values;
     Py_ssize_t settled;
     int over;                  /* settled() was taken: the split is over */
+    Py_ssize_t max_record;     /* a longer record (bytes, line breaks included): PUNT */
+    Py_ssize_t max_field;      /* a longer field: PUNT (the reference rejects the file) */
 } Splitter;
 
 typedef struct {
@@ -3010,6 +3023,8 @@ static void splitter_dealloc(Splitter *sp) {
     Py_TYPE(sp)->tp_free((PyObject *)sp);
 }
 
+#define DEFAULT_FIELD_LIMIT (1 << 20)
+
 /* Splitter(columns, identity_index, delimiter, buckets, ready_bytes, identity_key) */
 static PyObject *splitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Py_ssize_t columns, ready_bytes;
@@ -3034,6 +3049,8 @@ static PyObject *splitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     sp->buckets = buckets;
     sp->ready_bytes = ready_bytes;
     sp->identity_key = Py_NewRef(identity_key);
+    sp->max_record = PY_SSIZE_T_MAX;
+    sp->max_field = DEFAULT_FIELD_LIMIT;
     sp->pending = PyMem_RawCalloc((size_t)buckets, sizeof(Buf));
     sp->counts = PyMem_RawCalloc((size_t)buckets, sizeof(Py_ssize_t));
     if (sp->pending == NULL || sp->counts == NULL) {
@@ -3043,7 +3060,6 @@ static PyObject *splitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     return (PyObject *)sp;
 }
 
-#define FIELD_LIMIT (1 << 20)
 
 /* Strict UTF-8 (what the reference's decoder takes): the length of valid text from p. */
 static Py_ssize_t utf8_valid(const uc *p, Py_ssize_t n) {
@@ -3144,7 +3160,7 @@ static int split_record(Splitter *sp, const uc *p, const uc *end, int final, con
             p = q;
         }
         sp->fields.len = out - sp->fields.data;
-        if (sp->fields.len - start > FIELD_LIMIT) return PUNT;
+        if (sp->fields.len - start > sp->max_field) return PUNT;
         if (add_field(sp, count, start) < 0) return ERR;
         if (p < end && *p == d) {
             p++;
@@ -3880,6 +3896,10 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
             int settled;
             status = settle_line(sp, p, ahead->hash, ahead->slot, text_end, last, &settled);
             if (status != OK) break;
+            if (settled && ahead->next - p > sp->max_record) {
+                status = PUNT; /* the reference rejects the file (line_too_long) */
+                break;
+            }
             if (settled) {
                 sp->settled++;
                 sp->settled_by_line++;
@@ -3890,9 +3910,11 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         }
         status = split_record(sp, p, text_end, last, &next, &count, &lines);
         if (status == SLOW) {
-            status = OK;
+            /* incomplete: more data is read unless it is too long already */
+            status = text_end - p > sp->max_record ? PUNT : OK;
             break;
         }
+        if (status == OK && next - p > sp->max_record) status = PUNT;
         if (status != OK) break;
         long long first = line;
         const uc *record = p;
@@ -3993,6 +4015,20 @@ done:
     return result;
 }
 
+/* limits(max_record, max_field): records (bytes, line breaks included) and fields longer
+ * than these are left to the reference, which rejects the file (split.InputLimits). */
+static PyObject *splitter_limits(Splitter *sp, PyObject *args) {
+    Py_ssize_t max_record, max_field;
+    if (!PyArg_ParseTuple(args, "nn", &max_record, &max_field)) return NULL;
+    if (max_record < 1 || max_field < 1) {
+        PyErr_SetString(PyExc_ValueError, "limits must be positive");
+        return NULL;
+    }
+    sp->max_record = max_record;
+    sp->max_field = max_field;
+    Py_RETURN_NONE;
+}
+
 /* line_seed(header): the header line of the part split next (without its line break):
  * the hash of each row's line is seeded with its hash, so a line hashes alike only under
  * the same columns. */
@@ -4033,6 +4069,8 @@ static PyMethodDef SPLITTER_METHODS[] = {
     {"feed", (PyCFunction)splitter_feed, METH_VARARGS,
      "feed(data, line, final) -> None or (consumed, line, malformed, ready, bad_utf8)"},
     {"drain", (PyCFunction)splitter_drain, METH_NOARGS, "drain() -> [(bucket, work lines)]"},
+    {"limits", (PyCFunction)splitter_limits, METH_VARARGS,
+     "limits(max_record, max_field): longer records and fields are left to the reference"},
     {"lines_begin", (PyCFunction)splitter_lines_begin, METH_O,
      "lines_begin(entries): the last run's line index entries come next (lines_add)"},
     {"lines_add", (PyCFunction)splitter_lines_add, METH_O,

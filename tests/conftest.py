@@ -16,6 +16,7 @@ import pytest
 from devhost.fakes.braze import FakeBraze
 from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
+from tests.helpers import eventually
 from tests.scenarios import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +44,28 @@ def local_services() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def storage(local_services: dict[str, str]):  # type: ignore[no-untyped-def]
+    """The session's Azurite. At the end of the session no run may be left open: every
+    run the tests started must have ended (succeeded, partially failed or failed)."""
     from core.storage import Storage
     from core.storage.connection import parse_connection_string
 
-    return Storage(parse_connection_string(local_services["AzureWebJobsStorage"]))
+    session_storage = Storage(parse_connection_string(local_services["AzureWebJobsStorage"]))
+    yield session_storage
+    assert_no_run_left_open(session_storage)
+
+
+def assert_no_run_left_open(storage: Any, timeout: float = 120) -> None:
+    """Runs still going (a host finishing a last file) get `timeout` seconds to end."""
+    from core.runs import RunLog
+
+    def open_runs() -> list[tuple[str, str, str, str | None]]:
+        found = RunLog(storage).open_runs()
+        return [(r.run_id, r.kind.value, r.status.value, r.source) for r in found]
+
+    try:
+        eventually(lambda: not open_runs(), timeout=timeout, interval=1)
+    except AssertionError:
+        raise AssertionError(f"runs left open at the end of the session: {open_runs()}") from None
 
 
 @pytest.fixture
@@ -63,7 +82,8 @@ def port() -> int:
 SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
-    "fanout", "dryrun", "mirror", "manifest", "push", "lookup-budget",
+    "fanout", "dryrun", "mirror", "manifest", "push", "lookup-budget", "early-manifest",
+    "manifest-deadline", "header-only", "long-line",
 )  # fmt: skip
 
 
@@ -78,8 +98,10 @@ def scenario_syncs(path: Path) -> Path:
         copy = {**base, "id": f"vip-{name}"}
         if name in ("upsert", "mirror"):
             copy["mode"] = name
-        if name == "manifest":
+        if name in ("manifest", "early-manifest"):
             copy["input"] = {"wait_for_manifest": True}
+        if name == "manifest-deadline":  # parts are awaited for three seconds
+            copy["input"] = {"wait_for_manifest": True, "parts_deadline_minutes": 0.05}
         if name == "fanout":
             copy["processing"] = {"rows_per_worker": 1000, "in_memory_max_rows": 100}
         if name == "lookup-budget":  # room for about half of 3,000 profiles' look-ups
@@ -194,3 +216,13 @@ def scenario(running_app, storage, fake_braze):  # type: ignore[no-untyped-def]
         return Scenario(running_app, storage, fake_braze, name)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def own_bucket(app_env: dict[str, str]) -> str:
+    """An S3 bucket of the test module's own (for a host whose Currents reads it alone)."""
+    from core.currents.s3 import s3_client
+
+    name = f"own-{uuid.uuid4().hex[:10]}"
+    s3_client(app_env["SWITCHBOARD_S3_ENDPOINT_URL"], "us-east-1").create_bucket(Bucket=name)
+    return name

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from typing import Any
 
 import requests
 
 from core.containers import SEGMENTS
 from tests.helpers import eventually
+
+ENDED = ("succeeded", "partially_failed", "failed")
 
 COLUMNS = [
     "crmId", "email", "firstName", "birthDate", "country", "points", "tier",
@@ -52,19 +55,26 @@ class Scenario:
     def land(self, data: bytes, suffix: str = ".csv", folder: str = "") -> dict[str, Any]:
         """Upload a file for this scenario's sync and wait for its run to finish."""
         self.files += 1
-        name = f"{self.sync}/{folder}export-{self.files:03d}{suffix}"
+        name = f"{self.sync}/{folder}export-{self.files:03d}-{uuid.uuid4().hex[:6]}{suffix}"
         self.storage.blobs.create(SEGMENTS, name, data, overwrite=True)
+        return self.wait_for(name)
+
+    def runs(self) -> list[dict[str, Any]]:
+        answer = requests.get(
+            f"{self.app.base_url}/api/runs", params={"sync_id": self.sync}, timeout=5
+        )
+        return list(answer.json()["runs"])
+
+    def wait_for(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        """The run of blob `name` once it has ended."""
 
         def finished() -> dict[str, Any] | None:
-            answer = requests.get(
-                f"{self.app.base_url}/api/runs", params={"sync_id": self.sync}, timeout=5
-            )
-            for run in answer.json()["runs"]:
-                if run["source"].endswith(name) and run["status"] in ("succeeded", "failed"):
+            for run in self.runs():
+                if run["source"].endswith(name) and run["status"] in ENDED:
                     return dict(run)
             return None
 
-        return eventually(finished, timeout=60)
+        return eventually(finished, timeout=timeout)
 
     def known(self, rows: list[dict[str, str]]) -> None:
         self.fake.configure(known_profiles=[r["crmId"] for r in rows])

@@ -304,8 +304,11 @@ def test_a_missing_bucket_fails_the_run_with_a_clear_error(currents_env: dict[st
 def test_a_host_killed_mid_file_ends_with_the_clean_run_store(
     host, storage, files, currents_env, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
+    from core.verdicts import sweep
+
     delivered = "users.messages.email.Delivery"
     big = files.put(delivered, files.records(delivered, range(60_000)))
+    before = {r["run_id"] for r in _runs(host)}
     doomed = HostProcess(currents_env, free_port(), tmp_path / "doomed.log")
     try:
         doomed.wait_ready()
@@ -316,12 +319,17 @@ def test_a_host_killed_mid_file_ends_with_the_clean_run_store(
     finally:
         doomed.stop()
     assert receipt(storage, big).status == FileStatus.PROCESSING  # type: ignore[union-attr]
+    [dead] = [r["run_id"] for r in _runs(host) if r["run_id"] not in before]
     time.sleep(5)  # the dead worker's claim runs out (SWITCHBOARD_CURRENTS_CLAIM_SECONDS)
     run = fire(host)
     assert run["counts"]["files.ingested"] == 1
     ids = {files.id_of(delivered, n) for n in range(60_000)}
     counts = stored_ids(storage)
     assert all(counts[i] == 1 for i in ids)
+    # The killed host's run: nothing ends it but the sweeper, once its deadline passes.
+    services = Services.from_settings(Settings(**currents_env))  # type: ignore[arg-type]
+    [swept] = sweep(services, now=datetime.now(UTC) + timedelta(days=1), only={dead})
+    assert swept.status == "failed" and swept.error_code == "deadline_exceeded"
 
 
 def test_listing_pages_through_folders_and_an_object_gone_before_reading_fails_clearly(
@@ -344,3 +352,32 @@ def test_listing_pages_through_folders_and_an_object_gone_before_reading_fails_c
     assert config is not None
     report = ingest_file(config.context(storage, files.s3), gone)
     assert report.outcome == "failed" and "NoSuchKey" in (report.error or "")
+
+
+def _zigzag_varint(value: int) -> bytes:
+    encoded, out = value << 1, bytearray()
+    while True:
+        byte = encoded & 0x7F
+        encoded >>= 7
+        out.append(byte | (0x80 if encoded else 0))
+        if not encoded:
+            return bytes(out)
+
+
+def test_an_avro_block_declaring_a_terabyte_is_refused_not_read(
+    storage, files, currents_env
+) -> None:  # type: ignore[no-untyped-def]
+    from core.currents.discovery import config_of
+    from core.currents.ingest import ingest_file
+
+    kind = "users.messages.email.Send"
+    valid = avro_bytes(kind, files.records(kind, range(3)))
+    header_end = valid.index(valid[-16:]) + 16  # the sync marker closes the header
+    _, rest = valid[:header_end], valid[header_end:]
+    count_and_size = _zigzag_varint(3) + _zigzag_varint(1 << 40)
+    broken = valid[:header_end] + count_and_size + rest[2:]
+    obj = files.put(kind, data=broken)
+    config = config_of(Services.from_settings(Settings(**currents_env)))  # type: ignore[arg-type]
+    assert config is not None
+    report = ingest_file(config.context(storage, files.s3), obj)
+    assert report.outcome == "failed" and "declares 1099511627776 bytes" in (report.error or "")

@@ -74,6 +74,31 @@ EXPECTED = {
         "queueTrigger",
         {"queueName": "currents-files", "connection": "AzureWebJobsStorage"},
     ),
+    "segment_manifest_wait": ("queueTrigger", {"queueName": "segment-manifests"}),
+    "retry_failed_run": (
+        "httpTrigger",
+        {"route": "runs/{run_id}/retry", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
+    "retry_run": ("queueTrigger", {"queueName": "run-retries"}),
+    "run_sweeper": (
+        "timerTrigger",
+        {"schedule": "0 */15 * * * *", "useMonitor": True, "runOnStartup": False},
+    ),
+    **{
+        f"poison_{name.replace('-', '_')}": ("queueTrigger", {"queueName": f"{name}-poison"})
+        for name in (
+            "segment-chunks",
+            "segment-manifests",
+            "currents-files",
+            "push-plans",
+            "push-chunks",
+            "run-retries",
+        )
+    },
+    "poison_webjobs_blobtrigger": (
+        "queueTrigger",
+        {"queueName": "webjobs-blobtrigger-poison", "connection": "AzureWebJobsStorage"},
+    ),
 }
 
 

@@ -378,6 +378,7 @@ def test_a_host_killed_mid_export_retries_to_the_same_files_as_a_clean_export(
     import signal
 
     from core.export.service import window_floor
+    from core.verdicts import sweep
     from devhost.process import HostProcess
     from devhost.services import free_port
     from tests.helpers import eventually
@@ -427,6 +428,8 @@ def test_a_host_killed_mid_export_retries_to_the_same_files_as_a_clean_export(
     mark = marks.get(container, "watermark")
     assert mark is not None and mark.entity.exported_through is None
     assert not storage.blobs.exists(container, window.manifest_name)
+    dead = mark.entity.lease_owner  # the killed run: nothing will end it but the sweeper
+    assert dead is not None and services.runs.get(dead).status == "running"
 
     time.sleep(5)  # the dead run's lease runs out
     with HostProcess(env, free_port(), tmp_path / "retry.log") as retry:
@@ -436,6 +439,8 @@ def test_a_host_killed_mid_export_retries_to_the_same_files_as_a_clean_export(
             timeout=60,
         )
     assert done >= window.end
+    [swept] = sweep(services, now=datetime.now(UTC) + timedelta(days=1), only={dead})
+    assert swept.status == "failed" and swept.error_code == "deadline_exceeded"
     records = check_window_files(storage, container, window)
     assert len(records["broadLog"]) == 30_000 and len(records["trackingLog"]) == 10_000
 

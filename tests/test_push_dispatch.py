@@ -25,8 +25,8 @@ from core.push.tokens import (
 )
 from core.storage.tables import safe_key
 from tests.helpers import eventually
+from tests.scenarios import people, to_csv
 from tests.test_push_api import apns_token, fcm_token, post
-from tests.test_segment_sync_e2e import people, to_csv
 
 pytestmark = pytest.mark.integration
 
@@ -327,7 +327,7 @@ def test_a_segment_audience_held_by_switchboard_is_a_target(
     fake_braze,
     push_fakes,  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.test_segment_sync_e2e import Scenario
+    from tests.scenarios import Scenario
 
     s = Scenario(running_app, storage, fake_braze, "push")
     rows = people(f"SEG{uuid.uuid4().hex[:4]}", 10)  # odd rows are in the vip audience

@@ -18,7 +18,7 @@ from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
 from tests.conftest import scenario_syncs
 from tests.helpers import eventually
-from tests.test_segment_sync_e2e import people, to_csv
+from tests.scenarios import people, to_csv
 
 pytestmark = pytest.mark.integration
 

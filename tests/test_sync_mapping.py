@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from core.sync.definitions import FieldMapping, InputSpec, load_document
 from core.sync.engine import build_item
 from core.sync.mapping import RowMapper, RowRejected, looks_like_mojibake
-from core.sync.readers import FileRejected, RowReader, SourceRow
+from core.sync.readers import (
+    DEFAULT_LIMITS,
+    BoundedLines,
+    FileRejected,
+    InputLimits,
+    RowReader,
+    SourceRow,
+)
 from core.sync.state import SyncState
 
 DOC = load_document(Path(__file__).parent / "data" / "syncs.yaml")
@@ -175,3 +184,86 @@ def test_a_coercer_failing_unforeseen_rejects_the_row_instead_of_the_bucket(
     with pytest.raises(RowRejected) as caught:
         convert("2026-01-01")
     assert caught.value.code == "unreadable_value"
+
+
+def _text_lines(data: bytes) -> list[str] | str:
+    try:
+        return list(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline=""))
+    except UnicodeDecodeError:
+        return "not_utf8"
+
+
+def _bounded_lines(data: bytes, chunk: int) -> list[str] | str:
+    class Chunks(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data, self.at = data, 0
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, size: int = -1) -> bytes:
+            piece = self.data[self.at : self.at + min(chunk, size if size > 0 else chunk)]
+            self.at += len(piece)
+            return piece
+
+    try:
+        return list(BoundedLines(Chunks(), InputLimits(1 << 20, 1 << 20)))  # type: ignore[arg-type]
+    except UnicodeDecodeError:
+        return "not_utf8"
+
+
+def test_bounded_lines_split_and_decode_as_the_text_reader_does() -> None:
+    import random
+
+    rng = random.Random(5)
+    pieces = [b"a", b",", b"\r", b"\n", b"\r\n", b'"', b"\xc3\xa9", b"\xef\xbb\xbf", b" ", b"\xff"]
+    for _ in range(3000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
+        if rng.random() < 0.8:
+            data = data.replace(b"\xff", b"")
+        expected = _text_lines(data)
+        for chunk in (1, 2, 3, 7, 1 << 20):
+            assert _bounded_lines(data, chunk) == expected, (data, chunk)
+
+
+def test_a_record_longer_than_the_limit_rejects_the_file_without_reading_it_whole() -> None:
+    try:
+        _limits_are_kept()
+    finally:  # the csv module's field limit is the process's
+        csv.field_size_limit(DEFAULT_LIMITS.max_field_bytes)
+
+
+def _limits_are_kept() -> None:
+    limits = InputLimits(max_line_bytes=64, max_field_bytes=32)
+    spec = VIP.input
+    ok = b"crmId,email\n" + b"A," + b"x" * 20 + b"\n"
+    assert len(list(RowReader(io.BytesIO(ok), spec, [], limits))) == 1
+
+    class Endless(io.RawIOBase):  # a line that never ends: read only as far as the limit
+        reads = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            self.reads += 1
+            assert self.reads * 1000 < 3 << 20  # it stops within a chunk or two of 1 MiB
+            data = b"crmId,email\nA," if self.reads == 1 else b"y" * 1000
+            buffer[: len(data)] = data
+            return len(data)
+
+    with pytest.raises(FileRejected) as caught:
+        list(RowReader(Endless(), spec, [], limits))  # type: ignore[arg-type]
+    assert caught.value.code == "line_too_long" and "line 2" in str(caught.value)
+    quoted = b'crmId,email\nA,"' + b"z\n" * 40 + b'"\n'  # short lines, one long record
+    with pytest.raises(FileRejected) as caught:
+        list(RowReader(io.BytesIO(quoted), spec, [], InputLimits(64, 4096)))
+    assert caught.value.code == "line_too_long"
+    wide = b"crmId,email\nA," + b"w" * 40 + b"\n"
+    with pytest.raises(FileRejected) as caught:
+        list(RowReader(io.BytesIO(wide), spec, [], InputLimits(4096, 32)))
+    assert caught.value.code == "field_too_long"
+    jsonl = InputSpec(format="jsonl")
+    with pytest.raises(FileRejected) as caught:
+        list(RowReader(io.BytesIO(b'{"a": "' + b"j" * 100 + b'"}\n'), jsonl, ["a"], limits))
+    assert caught.value.code == "line_too_long"

@@ -20,9 +20,10 @@ from core.currents.files import FINISHED, FileLedger, FileReceipt, due, format_d
 from core.currents.ingest import FileReport, IngestContext, ingest_file
 from core.currents.s3 import CurrentsObject, event_type_folders, list_folder, s3_client
 from core.errors import ConfigError, SwitchboardError
-from core.runs import RunKind, RunRecord, RunStatus
+from core.runs import RunKind, RunRecord, RunStatus, new_run_id
 from core.services import Services
 from core.storage import Storage
+from core.verdicts import RunRef, verdict_on_failure
 
 log = logging.getLogger(__name__)
 FILES_QUEUE = "currents-files"
@@ -101,10 +102,24 @@ def run_currents(
     s3: Any | None = None,
     now: datetime | None = None,
     config: CurrentsConfig | None = None,
+    run_id: str | None = None,
 ) -> RunRecord:
-    """One timer firing: discover, then ingest inline or fan out; recorded as a run."""
+    """One timer firing: discover, then ingest inline or fan out; recorded as a run
+    (`run_id`: an operator's retry of a failed one)."""
     config = config or config_of(services)
-    run = services.runs.start(RunKind.CURRENTS, source="timer")
+    run = services.runs.start(RunKind.CURRENTS, source="timer", run_id=run_id)
+    with verdict_on_failure(services, run.run_id, final=True):  # timers are not retried
+        return _run_currents(services, run, s3=s3, now=now, config=config)
+
+
+def _run_currents(
+    services: Services,
+    run: RunRecord,
+    *,
+    s3: Any | None,
+    now: datetime | None,
+    config: CurrentsConfig | None,
+) -> RunRecord:
     if config is None:
         return services.runs.finish(
             run.run_id, RunStatus.SUCCEEDED, counts={},
@@ -124,7 +139,7 @@ def run_currents(
     if len(files) > config.inline_files:
         for obj in files:
             if ledger.mark_queued(obj, moment):
-                services.storage.queues.send(FILES_QUEUE, obj)
+                services.storage.queues.send(FILES_QUEUE, queued_file(obj, moment))
                 counts["files.queued"] += 1
     else:
         context = config.context(services.storage, s3)
@@ -156,26 +171,58 @@ def summarise(reports: list[FileReport], counts: Counter[str]) -> Counter[str]:
     return summary
 
 
+class QueuedFile(CurrentsObject):
+    """The `currents-files` message: an object version, and the run that ingests it (the
+    same run on every delivery of the message)."""
+
+    run_id: str | None = None
+
+
+def queued_file(obj: CurrentsObject, now: datetime) -> QueuedFile:
+    run_id = new_run_id(now, seed=FileReceipt.row_for(obj))
+    return QueuedFile(**obj.model_dump(), run_id=run_id)
+
+
+def run_of_file(message: CurrentsObject) -> RunRef:
+    """The run of a queued file (a message queued before runs were named: a new one)."""
+    run_id = getattr(message, "run_id", None)
+    run_id = run_id or new_run_id(datetime.now(UTC), seed=FileReceipt.row_for(message))
+    return RunRef(run_id, RunKind.CURRENTS, f"queue {FILES_QUEUE}: {message.key}")
+
+
+def run_of_file_message(services: Services, body: bytes) -> RunRef:
+    return run_of_file(QueuedFile.model_validate_json(body))
+
+
 def ingest_queued(
     services: Services, message: CurrentsObject, *, s3: Any | None = None
 ) -> FileReport:
     """Queue worker: one file of a fanned-out backlog, reported as a run of its own."""
     config = config_of(services)
+    ref = run_of_file(message)
+    file = CurrentsObject.model_validate(message.model_dump()).model_dump()
+    run = services.runs.start(ref.kind, run_id=ref.run_id, source=ref.source, detail={"file": file})
+    if run.status.ended:  # delivered again after its run ended
+        return FileReport(message.key, message.event_type, outcome="skipped")
     if config is None:
         raise ConfigError("SWITCHBOARD_CURRENTS_BUCKET is not set; cannot ingest queued files")
     context = config.context(services.storage, s3 or client_for(services))
     report = ingest_file(context, message)
-    if report.outcome != "skipped":  # skipped: finished already, or another worker has it
-        summary = summarise([report], Counter())
+    detail = {
+        "bucket": message.bucket, "key": message.key,
+        "errors": [{"key": report.key, "error": report.error}] if report.error else [],
+        "generic_types": [report.event_type] if report.generic_type else [],
+    }  # fmt: skip
+    if report.outcome != "skipped":
         services.runs.finish(
-            services.runs.start(RunKind.CURRENTS, source=f"queue {FILES_QUEUE}").run_id,
-            RunStatus.SUCCEEDED, counts=dict(summary),
-            detail={
-                "bucket": message.bucket, "key": message.key,
-                "errors": [{"key": report.key, "error": report.error}] if report.error else [],
-                "generic_types": [report.event_type] if report.generic_type else [],
-            },
+            run.run_id, RunStatus.SUCCEEDED, counts=dict(summarise([report], Counter())),
+            detail=detail,
         )  # fmt: skip
+    elif context.ledger.finished(message):  # done by an earlier message of the same file
+        services.runs.finish(
+            run.run_id, RunStatus.SUCCEEDED, counts={}, detail={**detail, "skipped": "finished"}
+        )
+    # else another worker has the file now, under this same run (a redelivery): it ends it
     log.info(
         "currents file ingested",
         extra={"key": message.key, "outcome": report.outcome, **dict(report.counts)},

@@ -112,6 +112,26 @@ class FileLedger:
         """Take a file for processing; None if it is finished or another worker holds it."""
         return self._take(obj, now, FileStatus.PROCESSING, queued_ok=True)
 
+    def receipt(self, obj: CurrentsObject) -> FileReceipt | None:
+        found = self.receipts.get(FileReceipt.partition_for(obj), FileReceipt.row_for(obj))
+        return found.entity if found else None
+
+    def finished(self, obj: CurrentsObject) -> bool:
+        receipt = self.receipt(obj)
+        return receipt is not None and receipt.status in FINISHED
+
+    def reopen(self, obj: CurrentsObject) -> None:
+        """An operator's retry: a failed or quarantined file is due again, attempts reset."""
+
+        def change(current: FileReceipt | None) -> FileReceipt | None:
+            if current is None or current.status == FileStatus.DONE:
+                return None
+            return current.model_copy(
+                update={"status": FileStatus.FAILED, "attempts": 0, "claimed_until": None}
+            )
+
+        self.receipts.mutate(FileReceipt.partition_for(obj), FileReceipt.row_for(obj), change)
+
     def mark_queued(self, obj: CurrentsObject, now: datetime) -> bool:
         """Record that a queue message goes out for the file, unless one is out already."""
         return self._take(obj, now, FileStatus.QUEUED, queued_ok=False) is not None

@@ -95,6 +95,32 @@ def ingest_file(context: IngestContext, obj: CurrentsObject) -> FileReport:
     return report
 
 
+MAX_BLOCK_BYTES = 64 << 20
+"""An Avro block (its bytes as stored, before any codec) larger than this is corruption,
+not data: Braze writes blocks of a few MB at most. The file is quarantined rather than
+read, so a bad length field cannot make a worker allocate gigabytes."""
+
+
+class _BoundedReads:
+    """The object's stream, refusing a single read larger than `MAX_BLOCK_BYTES` (fastavro
+    reads a block, or a string, in one call of its declared length)."""
+
+    def __init__(self, body: Any, most: int = MAX_BLOCK_BYTES) -> None:
+        self._body = body
+        self._most = most
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > self._most:
+            raise UnreadableFile(
+                f"a block or value declares {size} bytes, more than {self._most}: corrupt Avro"
+            )
+        data: bytes = self._body.read(size)
+        return data
+
+    def close(self) -> None:
+        self._body.close()
+
+
 def _open(context: IngestContext, obj: CurrentsObject) -> Any:
     try:
         response = context.s3.get_object(Bucket=obj.bucket, Key=obj.key, IfMatch=obj.etag)
@@ -105,7 +131,7 @@ def _open(context: IngestContext, obj: CurrentsObject) -> Any:
         raise classify(exc, f"reading s3://{obj.bucket}/{obj.key}") from exc
     except BotoCoreError as exc:
         raise classify(exc, f"reading s3://{obj.bucket}/{obj.key}") from exc
-    return response["Body"]
+    return _BoundedReads(response["Body"])
 
 
 def _ingest(
@@ -118,6 +144,8 @@ def _ingest(
     try:
         try:
             reader = fastavro.reader(body)
+        except UnreadableFile:
+            raise
         except Exception as exc:
             raise UnreadableFile(f"not an Avro file: {type(exc).__name__}: {exc}"[:300]) from None
         schema = reader.writer_schema if isinstance(reader.writer_schema, dict) else {}
@@ -142,6 +170,8 @@ def _ingest(
             raise
         except (BotoCoreError, ClientError) as exc:
             raise classify(exc, f"reading s3://{obj.bucket}/{obj.key}") from exc
+        except UnreadableFile:
+            raise
         except Exception as exc:
             raise UnreadableFile(
                 f"corrupt Avro after {counts['records']} records: {type(exc).__name__}: {exc}"[:300]

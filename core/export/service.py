@@ -66,6 +66,7 @@ from core.services import Services
 from core.settings import Settings
 from core.storage import Storage
 from core.storage.tables import TableEntity
+from core.verdicts import verdict_on_failure
 
 log = logging.getLogger(__name__)
 WINDOW = timedelta(hours=4)
@@ -432,11 +433,25 @@ def run_log_export(
     window_start: datetime | None = None,
     source: str = "timer",
     options: ExportSettings | None = None,
+    run_id: str | None = None,
 ) -> ExportOutcome:
-    """Export every complete window not exported yet (or, forced, one given past window)."""
+    """Export every complete window not exported yet (or, forced, one given past window);
+    `run_id`: an operator's retry of a failed export run, which runs again under its id."""
     moment = now or datetime.now(UTC)
     options = options or ExportSettings.of(services)
-    run = services.runs.start(RunKind.LOG_EXPORT, source=source, now=moment)
+    run = services.runs.start(RunKind.LOG_EXPORT, source=source, now=moment, run_id=run_id)
+    with verdict_on_failure(services, run.run_id, final=True):  # no trigger retries it
+        return _run_log_export(services, run, moment, force, window_start, options)
+
+
+def _run_log_export(
+    services: Services,
+    run: RunRecord,
+    moment: datetime,
+    force: bool,
+    window_start: datetime | None,
+    options: ExportSettings,
+) -> ExportOutcome:
     watermarks = services.storage.tables.get(ExportWatermark)
     key = (options.container, "watermark")
     slot = window_floor(moment)
@@ -501,10 +516,10 @@ def run_log_export(
             detail={"skipped": refused.code},
         )  # fmt: skip
         return ExportOutcome(finished, refused.code)
-    except Exception as exc:
+    except Exception:
         _release(services, key, run.run_id, slot=None)
-        services.runs.finish(run.run_id, RunStatus.FAILED, counts=counts, error=str(exc)[:500])
-        raise
+        services.runs.update(run.run_id, lambda r: setattr(r, "counts", counts))
+        raise  # the run fails with the exception's reason (verdict_on_failure)
     _release(services, key, run.run_id, slot=None if force else slot)
     finished = services.runs.finish(
         run.run_id, RunStatus.SUCCEEDED, counts=counts,

@@ -50,6 +50,7 @@ from core.services import Services
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import Channel, SuppressionList, SuppressionSnapshot
 from core.sync.state import audience_members
+from core.verdicts import RunRef, poison_detail
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def plan(services: Services, message: PlanMessage) -> None:
     """Queue worker: cut the targets into chunks and queue them (safe to repeat)."""
     dispatch_id = message.dispatch_id
     run = services.runs.get(dispatch_id)
-    if run is None or run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+    if run is None or run.status.ended:
         return
     try:
         request = _load_request(services, dispatch_id)
@@ -638,6 +639,57 @@ def run_chunk(services: Services, message: ChunkMessage) -> None:
     elif isinstance(result, float):
         delay = min(int(result) + 1, 3600)
         services.storage.queues.send(CHUNK_QUEUE, message, delay_seconds=delay)
+        idle = datetime.now(UTC) + timedelta(seconds=delay)
+        services.runs.heartbeat(message.dispatch_id, idle_until=idle)  # waits on purpose
+
+
+def chunk_poisoned(services: Services, body: bytes, kept: str) -> list[RunRecord]:
+    """A chunk message the host gave up on: the chunk's profiles not sent yet are lost
+    (counted `lost`); the dispatch ends once its other chunks are done, partially failed."""
+    message = ChunkMessage.model_validate_json(body)
+    table: EntityTable[ChunkState] = services.storage.tables.get(ChunkState)
+    reason, _ = poison_detail(services, message.dispatch_id, f"{CHUNK_QUEUE}-poison", kept)
+
+    def lose(current: ChunkState | None) -> ChunkState | None:
+        if current is None or current.done:
+            return None
+        lost = max(current.profiles - current.next_index, 0)
+        counts = {**current.counts, "lost": current.counts.get("lost", 0) + lost}
+        return current.model_copy(update={"done": True, "counts": counts, "error": reason})
+
+    table.mutate(safe_key(message.dispatch_id), message.key, lose)
+    services.runs.attempt_failed(message.dispatch_id, "poisoned", f"{message.key}: {reason}")
+    run = finish_if_complete(services, message.dispatch_id)
+    return [run] if run is not None else []
+
+
+def retry_dispatch(services: Services, run: RunRecord) -> None:
+    """An operator's retry (core/retries.py): planned again if it never was; else each
+    chunk not finished, or poisoned, is queued again and resumes at its checkpoint."""
+    dispatch_id = run.run_id
+    if not run.detail.get("chunks"):
+        services.storage.queues.send(PLAN_QUEUE, PlanMessage(dispatch_id=dispatch_id))
+        return
+    table: EntityTable[ChunkState] = services.storage.tables.get(ChunkState)
+    queued = []
+    for row in _chunk_rows(services, dispatch_id):
+        if not row.row_key.startswith("chunk-") or (row.done and not row.counts.get("lost")):
+            continue
+        counts = {name: value for name, value in row.counts.items() if name != "lost"}
+        table.upsert(row.model_copy(update={"done": False, "error": None, "counts": counts,
+                                            "claimed_until": None}))  # fmt: skip
+        queued.append(int(row.row_key.removeprefix("chunk-")))
+    services.runs.update(dispatch_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
+    for chunk in queued:
+        services.storage.queues.send(
+            CHUNK_QUEUE, ChunkMessage(dispatch_id=dispatch_id, chunk=chunk)
+        )
+    if not queued:
+        finish_if_complete(services, dispatch_id)
+
+
+def run_of_dispatch(dispatch_id: str) -> RunRef:
+    return RunRef(dispatch_id, RunKind.PUSH_DISPATCH, "push dispatch")
 
 
 def _chunk_rows(services: Services, dispatch_id: str) -> list[ChunkState]:
@@ -661,19 +713,28 @@ def _summary(rows: list[ChunkState]) -> tuple[Counter[str], dict[str, str], int,
 
 def finish_if_complete(services: Services, dispatch_id: str) -> RunRecord | None:
     run = services.runs.get(dispatch_id)
-    if run is None or run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+    if run is None or run.status.ended:
         return run
     counts, stopped, chunks, done = _summary(_chunk_rows(services, dispatch_id))
     if chunks < int(run.detail.get("chunks", 0)) or done < chunks:
         return run
     apps = list(run.detail.get("apps", []))
     every_app_stopped = bool(apps) and all(a in stopped for a in apps)
+    status, code = RunStatus.SUCCEEDED, None
+    if every_app_stopped:
+        status, code = RunStatus.FAILED, "apps_stopped"
+    elif counts.get("lost"):  # a poisoned chunk's profiles
+        status, code = RunStatus.PARTIALLY_FAILED, "poisoned"
+    errors = [f"{a}: {e}" for a, e in stopped.items()]
+    if code == "poisoned":
+        errors.append(f"{counts['lost']} profiles were not sent: a chunk was poisoned")
     return services.runs.finish(
         dispatch_id,
-        RunStatus.FAILED if every_app_stopped else RunStatus.SUCCEEDED,
+        status,
         counts=dict(counts),
         detail={"stopped_apps": stopped} if stopped else None,
-        error="; ".join(f"{a}: {e}" for a, e in stopped.items()) or None,
+        error="; ".join(errors) or None,
+        error_code=code,
     )
 
 
@@ -685,7 +746,7 @@ def status(services: Services, dispatch_id: str) -> dict[str, Any] | None:
     counts, stopped, chunks, done = _summary(_chunk_rows(services, dispatch_id))
     answer = run.public()
     answer["dispatch_id"] = dispatch_id
-    if run.status not in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+    if not run.status.ended:
         answer["counts"] = dict(counts)
     answer["chunks"] = {"total": max(chunks, int(run.detail.get("chunks", 0))), "done": done}
     answer["stopped_apps"] = stopped

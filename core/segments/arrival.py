@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ClassVar
 
+from core.containers import SEGMENTS
 from core.errors import EntityExists
 from core.runs import RunKind, RunRecord, RunStatus, new_run_id
 from core.services import Services
 from core.storage import BlobRef
 from core.storage.tables import TableEntity, safe_key
+from core.verdicts import RunRef, json_body
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +113,34 @@ def mark_completed(services: Services, blob: BlobRef) -> None:
         return current.model_copy(update={"completed": True})
 
     receipts.mutate(safe_key(sync_id_of(blob.name)), receipt_key(blob), complete)
+
+
+def reopen(services: Services, blob: BlobRef) -> None:
+    """An operator's retry: the next delivery of this version runs again (same run)."""
+    receipts = services.storage.tables.get(SegmentReceipt)
+
+    def reopened(current: SegmentReceipt | None) -> SegmentReceipt | None:
+        if current is None or not current.completed:
+            return None
+        return current.model_copy(update={"completed": False})
+
+    receipts.mutate(safe_key(sync_id_of(blob.name)), receipt_key(blob), reopened)
+
+
+def run_of_blob(services: Services, blob: BlobRef) -> RunRef:
+    """The run of a segment blob version: its receipt's (recorded now if it has none)."""
+    run = accept(services, blob).run
+    return RunRef(run.run_id, run.kind, run.source or blob.path, run.sync_id, run.started_at)
+
+
+def run_of_poisoned_blob(services: Services, body: bytes) -> RunRef | None:
+    """The run of a blob the host gave up on (`webjobs-blobtrigger-poison`:
+    `{"FunctionId", "BlobType", "ContainerName", "BlobName", "ETag"}`)."""
+    message = json_body(body)
+    if message.get("ContainerName") != SEGMENTS:
+        return None
+    name, etag = message.get("BlobName"), message.get("ETag")
+    if not isinstance(name, str) or not isinstance(etag, str):
+        raise ValueError("a blob poison message names its blob and ETag")
+    # The storage SDK quotes ETags; the host's message may not.
+    return run_of_blob(services, BlobRef(SEGMENTS, name, f'"{etag.strip(chr(34))}"', 0))

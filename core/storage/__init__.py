@@ -18,6 +18,7 @@ from azure.storage.queue import QueueServiceClient
 from core.storage.blobs import CHUNK_BYTES, BlobRef, BlobStore
 from core.storage.connection import StorageAccount
 from core.storage.queues import QueueSender
+from core.storage.retry import sdk_retry_options
 from core.storage.tables import Tables
 
 __all__ = ["BlobRef", "ServiceHealth", "Storage"]
@@ -81,18 +82,23 @@ class Storage:
 
     def __init__(self, account: StorageAccount) -> None:
         self.account = account
+        retries = sdk_retry_options()
         self.blob_service = BlobServiceClient(
             account.blob_url,
             credential=account.credential("blob"),
             max_single_get_size=CHUNK_BYTES,
             max_chunk_get_size=CHUNK_BYTES,
             session=_pooled_session(),
+            **retries["blob"],
         )
         self.table_service = TableServiceClient(
-            account.table_url, credential=account.credential("table"), session=_pooled_session()
+            account.table_url,
+            credential=account.credential("table"),
+            session=_pooled_session(),
+            **retries["table"],
         )
         self.queue_service = QueueServiceClient(
-            account.queue_url, credential=account.credential("queue")
+            account.queue_url, credential=account.credential("queue"), **retries["queue"]
         )
         self.blobs = BlobStore(self.blob_service)
         self.tables = Tables(self.table_service)

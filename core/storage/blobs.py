@@ -304,6 +304,15 @@ class BlobStore:
             raise StorageError(f"blob {container}/{name} does not exist") from None
         return BlobRef(container, name, str(props.etag), int(props.size), props.last_modified)
 
+    def find(self, container: str, name: str) -> BlobRef | None:
+        """The blob's current version, or None when there is none."""
+        try:
+            return self.ref(container, name)
+        except StorageError:
+            if self.exists(container, name):
+                raise
+            return None
+
     def exists(self, container: str, name: str) -> bool:
         return bool(self.service.get_blob_client(container, name).exists())
 

@@ -3,8 +3,9 @@
 An entity type is a pydantic model with `partition_key` and `row_key` fields. Scalars are
 stored as native table properties; lists, dicts and nested models as JSON text. Writes are
 either create-only, unconditional, or guarded by the ETag read with them, so a lost race is
-always detected. Batches respect the service's transaction limits: one partition, at most
-100 operations and 4 MB per transaction.
+always detected; a write the service may or may not have applied (a connection lost on
+the way back) is retried (`core/storage/retry.py`). Batches respect the service's
+transaction limits: one partition, at most 100 operations and 4 MB per transaction.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from azure.data.tables import EdmType, EntityProperty, TableClient, TableService
 from pydantic import BaseModel
 
 from core.errors import ConcurrencyConflict, EntityExists, StorageError
+from core.storage.retry import retrying
 
 MAX_BATCH_OPERATIONS = 100
 # The service caps a transaction's payload at 4 MiB; keep headroom for the multipart framing.
@@ -136,7 +138,7 @@ class EntityTable(Generic[E]):
 
     def ensure(self) -> None:
         with contextlib.suppress(ResourceExistsError):
-            self._client.create_table()
+            retrying(self._client.create_table, what=f"{self.name} create")
 
     # -- single entities -------------------------------------------------------------
 
@@ -168,8 +170,9 @@ class EntityTable(Generic[E]):
 
     def insert(self, entity: E) -> str:
         """Create-only insert; raises EntityExists if the keys are taken. Returns the ETag."""
+        row = to_table_entity(entity)
         try:
-            meta = self._client.create_entity(to_table_entity(entity))
+            meta = retrying(lambda: self._client.create_entity(row), what=f"{self.name} insert")
         except ResourceExistsError:
             raise EntityExists(
                 f"table {self.name}: {entity.partition_key}/{entity.row_key} exists"
@@ -223,8 +226,8 @@ class EntityTable(Generic[E]):
         for _ in range(attempts):
             current = self.get(partition_key, row_key)
             updated = change(current.entity if current else None)
-            if updated is None:
-                return current
+            if updated is None or (current is not None and updated == current.entity):
+                return current  # nothing to change (or a write whose answer was lost landed)
             try:
                 if current is None:
                     return Versioned(updated, self.insert(updated))
@@ -259,7 +262,7 @@ class EntityTable(Generic[E]):
                 for row in chunk
             ]
             try:
-                self._client.submit_transaction(ops)
+                retrying(lambda: self._client.submit_transaction(ops), what=f"{self.name} batch")
             except ResourceExistsError:
                 raise EntityExists(f"table {self.name}: a batch entity exists") from None
             except HttpResponseError as exc:
@@ -302,7 +305,9 @@ class EntityTable(Generic[E]):
             else:
                 raise ValueError(f"unknown transaction operation {action!r}")
         try:
-            written = self._client.submit_transaction(ops)
+            written = retrying(
+                lambda: self._client.submit_transaction(ops), what=f"{self.name} transaction"
+            )
         except ResourceExistsError:
             raise EntityExists(f"table {self.name}: a transaction entity exists") from None
         except (ResourceModifiedError, ResourceNotFoundError):

@@ -73,6 +73,14 @@ class FieldMapping(Strict):
     max_length: int | None = Field(default=None, ge=1, le=255)
     send_nulls: bool = False
     labels: tuple[str, ...] = ()
+    whitespace: Literal["keep", "trim"] = Field(
+        default="keep",
+        description=(
+            "surrounding whitespace of a string value: keep it as the CDP sent it, or trim "
+            "it; coded values (standard fields with a format, numbers, dates, booleans) are "
+            "always read trimmed"
+        ),
+    )
 
     @field_validator("target")
     @classmethod
@@ -149,6 +157,13 @@ class InputSpec(Strict):
     format: FileFormat = FileFormat.CSV
     delimiter: str | None = Field(default=None, min_length=1, max_length=1)
     wait_for_manifest: bool = False
+    parts_deadline_minutes: float = Field(
+        default=60, gt=0, le=7 * 24 * 60,
+        description=(
+            "how long a manifest waits for the parts it lists to land (with the size it "
+            "gives) before its run ends as failed (parts_missing)"
+        ),
+    )  # fmt: skip
 
     @property
     def field_delimiter(self) -> str:

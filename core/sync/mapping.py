@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -99,14 +99,49 @@ def looks_like_mojibake(text: str) -> bool:
 
 
 # -- type coercers: raw value (str from CSV, or JSON value) -> typed value ---------------
+#
+# What each target type accepts, and nothing else (a reject `wrong_type` says what came):
+#   text (string; identities, coded standard fields)  a string; a JSON integer as its digits
+#   integer   ASCII digits with an optional sign; a JSON integer
+#   float / decimal  an ASCII decimal number (float: with an optional exponent); a JSON number
+#   boolean   true/t/yes/y/1 or false/f/no/n/0 in any case; a JSON boolean
+#   date / datetime  ISO-8601 text
+#   array     a JSON array; its JSON text; or text split at `|`
+#   object    a JSON object; its JSON text
+# Text is read as sent, except that values of coded formats (standard fields, numbers,
+# dates, booleans) and identities lose surrounding whitespace; a string field keeps it
+# unless its mapping says `whitespace: trim`. A value of whitespace only is empty.
+
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+_DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+_JSON_KINDS = {bool: "a boolean", list: "an array", dict: "an object", float: "a number"}
+
+
+def _kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), "an integer" if isinstance(value, int) else "a value")
+
+
+def wrong_type(value: Any, expected: str) -> RowRejected:
+    return RowRejected("wrong_type", f"expected {expected}, found {_kind(value)}")
 
 
 def _as_text(value: Any) -> str:
-    return value.strip() if isinstance(value, str) else str(value)
+    """A coded value's text, surrounding whitespace dropped (a JSON integer: its digits)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise wrong_type(value, "text")
 
 
-def _string(value: Any, limit: int) -> str:
-    text = _as_text(value)
+def _string(value: Any, limit: int, trim: bool) -> str:
+    if isinstance(value, str):
+        text = value.strip() if trim else value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        raise wrong_type(value, "text")
     if len(text) > limit:
         raise RowRejected("string_too_long", f"{len(text)} characters, at most {limit}")
     if looks_like_mojibake(text):
@@ -115,45 +150,53 @@ def _string(value: Any, limit: int) -> str:
 
 
 def _integer(value: Any) -> int:
-    if isinstance(value, bool):
-        raise RowRejected("not_integer", "a boolean is not an integer")
+    if isinstance(value, bool | float):
+        raise wrong_type(value, "an integer")
     if isinstance(value, int):
-        return value
-    text = _as_text(value)
-    try:
+        number = value
+    else:
+        text = _as_text(value)
+        if not _INTEGER.fullmatch(text):
+            raise RowRejected("not_integer", f"{text[:40]!r} is not an integer")
         number = int(text)
-    except ValueError:
-        raise RowRejected("not_integer", f"{text[:40]!r} is not an integer") from None
     if not -(2**63) <= number < 2**63:
         raise RowRejected("out_of_range", "integer outside 64-bit range")
     return number
 
 
 def _float(value: Any) -> float:
-    try:
-        number = float(value if isinstance(value, int | float) else _as_text(value))
-    except ValueError:
-        raise RowRejected("not_number", f"{str(value)[:40]!r} is not a number") from None
-    if isinstance(value, bool) or not math.isfinite(number):
+    if isinstance(value, bool):
+        raise wrong_type(value, "a number")
+    if isinstance(value, int | float):
+        number = float(value)
+    else:
+        text = _as_text(value)
+        if not _NUMBER.fullmatch(text):
+            raise RowRejected("not_number", f"{text[:40]!r} is not a number")
+        number = float(text)
+    if not math.isfinite(number):
         raise RowRejected("not_number", f"{str(value)[:40]!r} is not a finite number")
     return number
 
 
 def _decimal(value: Any) -> float:
     # Braze has no decimal type; the exact text is validated, then sent as a JSON number.
-    try:
-        number = Decimal(_as_text(value))
-    except InvalidOperation:
-        raise RowRejected("not_decimal", f"{str(value)[:40]!r} is not a decimal") from None
-    if not number.is_finite():
-        raise RowRejected("not_decimal", "decimal must be finite")
-    return float(number)
+    if isinstance(value, bool):
+        raise wrong_type(value, "a decimal")
+    if isinstance(value, int | float):
+        return _float(value)
+    text = _as_text(value)
+    if not _DECIMAL.fullmatch(text):
+        raise RowRejected("not_decimal", f"{text[:40]!r} is not a decimal")
+    return float(Decimal(text))
 
 
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    text = _as_text(value).lower()
+    if not isinstance(value, str):
+        raise wrong_type(value, "a boolean")
+    text = value.strip().lower()
     if text in _TRUE:
         return True
     if text in _FALSE:
@@ -162,7 +205,9 @@ def _boolean(value: Any) -> bool:
 
 
 def _date(value: Any) -> str:
-    text = _as_text(value)
+    if not isinstance(value, str):
+        raise wrong_type(value, "a YYYY-MM-DD date")
+    text = value.strip()
     try:
         parsed = date.fromisoformat(text)
     except ValueError:
@@ -173,7 +218,9 @@ def _date(value: Any) -> str:
 
 
 def _datetime(value: Any) -> str:
-    text = _as_text(value)
+    if not isinstance(value, str):
+        raise wrong_type(value, "an ISO-8601 time")
+    text = value.strip()
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -191,8 +238,8 @@ def _datetime(value: Any) -> str:
 def _array(value: Any) -> list[Any]:
     if isinstance(value, list):
         items = value
-    else:
-        text = _as_text(value)
+    elif isinstance(value, str):
+        text = value.strip()
         if text.startswith("["):
             try:
                 items = json.loads(text)
@@ -200,6 +247,8 @@ def _array(value: Any) -> list[Any]:
                 raise RowRejected("not_array", "array text is not valid JSON") from None
         else:
             items = [part.strip() for part in text.split("|") if part.strip()]
+    else:
+        raise wrong_type(value, "an array")
     if not isinstance(items, list):
         raise RowRejected("not_array", "value is not an array")
     if len(items) > ARRAY_LIMIT:
@@ -225,11 +274,13 @@ def _check_object_keys(value: Any) -> None:
 
 def _object(value: Any) -> dict[str, Any]:
     parsed = value
-    if not isinstance(value, dict):
+    if isinstance(value, str):
         try:
-            parsed = json.loads(_as_text(value))
+            parsed = json.loads(value)
         except json.JSONDecodeError:
             raise RowRejected("not_object", "object text is not valid JSON") from None
+    elif not isinstance(value, dict):
+        raise wrong_type(value, "an object")
     if not isinstance(parsed, dict):
         raise RowRejected("not_object", "value is not a JSON object")
     if len(json.dumps(parsed)) > OBJECT_BYTES_LIMIT:
@@ -339,8 +390,9 @@ def _type_coercer(mapping: FieldMapping) -> Callable[[Any], Any]:
     if standard is not None:
         return standard
     limit = mapping.max_length or CUSTOM_STRING_LIMIT
+    trim = mapping.whitespace == "trim"
     by_type: dict[FieldType, Callable[[Any], Any]] = {
-        FieldType.STRING: lambda v: _string(v, limit),
+        FieldType.STRING: lambda v: _string(v, limit, trim),
         FieldType.INTEGER: _integer,
         FieldType.FLOAT: _float,
         FieldType.DECIMAL: _decimal,
@@ -467,7 +519,8 @@ class RowMapper:
             status = values[position]
             if _is_empty(status):
                 continue
-            member = MEMBER_STATUSES.get(_as_text(status).lower())
+            text = status.strip().lower() if isinstance(status, str) else None
+            member = MEMBER_STATUSES.get(text) if text is not None else None
             if member is None:
                 raise RowRejected(
                     "invalid_membership_status", f"{name}: status must be realized/existing/exited"

@@ -24,8 +24,8 @@ from core.sync.state import SPEEDUPS, value_hash
 # Kinds of value as switchboard_sync.c numbers them (enum Kind).
 (
     _STRING, _EMAIL, _PHONE, _INTEGER, _FLOAT, _DECIMAL, _BOOLEAN, _DATE, _DOB, _DATETIME,
-    _ARRAY, _OTHER,
-) = range(12)  # fmt: skip
+    _ARRAY, _OTHER, _TEXT,
+) = range(13)  # fmt: skip
 _BY_TYPE = {
     FieldType.STRING: _STRING, FieldType.INTEGER: _INTEGER, FieldType.FLOAT: _FLOAT,
     FieldType.DECIMAL: _DECIMAL, FieldType.BOOLEAN: _BOOLEAN, FieldType.DATE: _DATE,
@@ -92,6 +92,8 @@ def native_mapping(
         kind = _BY_TARGET.get(
             target, _OTHER if target in _LOOKUP_TARGETS else _BY_TYPE[mapping.type]
         )
+        if kind == _STRING and mapping.whitespace == "keep":
+            kind = _TEXT  # read as sent: C does not strip it either
         limit = mapping.max_length or 255
         if kind == _DOB:
             limit = datetime.now(UTC).year

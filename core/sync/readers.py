@@ -9,8 +9,10 @@ is sent.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -22,8 +24,24 @@ from core.sync.definitions import FileFormat, InputSpec
 
 GZIP_MAGIC = b"\x1f\x8b"
 _READ_BYTES = 1 << 20
-# Field size guard: a CSV field larger than this is corrupt input, not data.
-csv.field_size_limit(1 << 20)
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """How large a record (its bytes in the file, line breaks included: a quoted line
+    break continues a record) and one CSV field may be. A file with a larger one is
+    rejected as a whole (`line_too_long`, `field_too_long`) as soon as it is met, before
+    anything is sent: a line that long is a broken export, and reading it whole would
+    take memory and time that grow with it. From SWITCHBOARD_MAX_LINE_BYTES and
+    SWITCHBOARD_MAX_FIELD_BYTES."""
+
+    max_line_bytes: int = 4 << 20
+    max_field_bytes: int = 1 << 20
+
+
+DEFAULT_LIMITS = InputLimits()
 
 
 class FileRejected(Exception):
@@ -58,26 +76,137 @@ def header_columns(header: list[str]) -> list[str]:
     return columns
 
 
+def too_long(limits: InputLimits, line: int) -> FileRejected:
+    return FileRejected(
+        "line_too_long",
+        f"the record at line {line} is longer than {limits.max_line_bytes} bytes "
+        "(SWITCHBOARD_MAX_LINE_BYTES); nothing was sent",
+    )
+
+
+class BoundedLines:
+    """The text lines of a byte stream, split as Python's text reader splits them with
+    `newline=""` (at CRLF, CR or LF, which stay on the line), each decoded as strict UTF-8
+    (a BOM at the start dropped), in linear time and memory bounded by the limits: once
+    the lines of one record (since `record_done`) pass `max_line_bytes`, it raises
+    `line_too_long` without reading the rest, unless the record's first bytes are not
+    UTF-8 (`UnicodeDecodeError`, as the text reader would raise)."""
+
+    def __init__(self, stream: IO[bytes], limits: InputLimits) -> None:
+        self._stream = stream
+        self._limits = limits
+        self._buffer = b""
+        self._at = 0
+        self._eof = False
+        self._record = 0  # bytes of the current record's lines so far
+        self._record_start = 1
+        self.line = 0
+        """Lines handed out (the number of the last one)."""
+        self._first = True
+
+    def record_done(self) -> None:
+        self._record = 0
+        self._record_start = self.line + 1
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        data = self._next_line()
+        if data is None:
+            raise StopIteration
+        self.line += 1
+        return data.decode("utf-8")
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._stream.read(_READ_BYTES)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buffer = self._buffer[self._at :] + chunk
+        self._at = 0
+        return True
+
+    def _start(self) -> None:
+        """Drop a BOM at the start of the file (read at least its three bytes first)."""
+        while len(self._buffer) < 3 and self._fill():
+            pass
+        self._buffer = self._buffer.removeprefix(_BOM)
+        self._first = False
+
+    def _next_line(self) -> bytes | None:
+        limit = self._limits.max_line_bytes
+        if self._first:
+            self._start()
+        while True:
+            found = _LINE_BREAK.search(self._buffer, self._at)
+            # A CR at the end of what was read may be the first half of a CRLF.
+            if found is not None and not (found.group() == b"\r" and found.end() == len(
+                    self._buffer) and not self._eof):  # fmt: skip
+                end = found.end()
+                if self._record + end - self._at > limit:
+                    self._refuse(self._buffer[self._at : self._at + limit - self._record + 1])
+                line = self._buffer[self._at : end]
+                self._record += len(line)
+                self._at = end
+                return line
+            if self._record + len(self._buffer) - self._at > limit:
+                self._refuse(self._buffer[self._at : self._at + limit - self._record + 1])
+            if not self._fill():
+                if self._at >= len(self._buffer):
+                    return None
+                line = self._buffer[self._at :]
+                if self._record + len(line) > limit:
+                    self._refuse(line[: limit - self._record + 1])
+                self._record += len(line)
+                self._at = len(self._buffer)
+                return line
+
+    def _refuse(self, head: bytes) -> None:
+        """The record is too long: its first bytes' UTF-8 is checked first."""
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        raise too_long(self._limits, self._record_start)
+
+
 class RowReader:
     """Iterates the rows of one file; `columns` names the values of each row."""
 
-    def __init__(self, stream: IO[bytes], spec: InputSpec, wanted: Sequence[str]) -> None:
+    def __init__(
+        self,
+        stream: IO[bytes],
+        spec: InputSpec,
+        wanted: Sequence[str],
+        limits: InputLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.spec = spec
-        self._text = io.TextIOWrapper(
-            decompressed(stream), encoding="utf-8-sig", errors="strict", newline=""
-        )
+        self.limits = limits
+        self._lines = BoundedLines(decompressed(stream), limits)
         self.columns: list[str]
         if spec.format == FileFormat.JSONL:
             self.columns = list(wanted)
         else:
-            self._csv = csv.reader(self._text, delimiter=spec.field_delimiter, strict=True)
+            csv.field_size_limit(limits.max_field_bytes)  # the process's: the same everywhere
+            self._csv = csv.reader(self._lines, delimiter=spec.field_delimiter, strict=True)
             try:
                 header = next(self._csv)
             except StopIteration:
                 raise FileRejected("empty_file", "file has no header line") from None
             except csv.Error as exc:
+                self._field_limit(exc, 1)
                 raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
+            self._lines.record_done()
             self.columns = header_columns(header)
+
+    def _field_limit(self, exc: csv.Error, line: int) -> None:
+        if "field larger than field limit" in str(exc):
+            raise FileRejected(
+                "field_too_long",
+                f"a field of the record at line {line} is longer than "
+                f"{self.limits.max_field_bytes} bytes (SWITCHBOARD_MAX_FIELD_BYTES); "
+                "nothing was sent",
+            )
 
     def __iter__(self) -> Iterator[SourceRow | tuple[int, str]]:
         """SourceRow per record, or (line, error message) for a record that cannot parse."""
@@ -89,6 +218,7 @@ class RowReader:
     def _csv_rows(self) -> Iterator[SourceRow | tuple[int, str]]:
         width = len(self.columns)
         reader = self._csv
+        lines = self._lines
         while True:
             start = reader.line_num + 1
             try:
@@ -96,8 +226,11 @@ class RowReader:
             except StopIteration:
                 return
             except csv.Error as exc:
+                self._field_limit(exc, start)
+                lines.record_done()
                 yield start, f"malformed CSV: {exc}"
                 continue
+            lines.record_done()
             if not values:
                 continue  # blank line
             if len(values) != width:
@@ -107,7 +240,8 @@ class RowReader:
 
     def _json_lines(self) -> Iterator[SourceRow | tuple[int, str]]:
         paths = [column.split(".") for column in self.columns]
-        for number, line in enumerate(self._text, start=1):
+        for number, line in enumerate(self._lines, start=1):
+            self._lines.record_done()
             if not line.strip():
                 continue
             try:

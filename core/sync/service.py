@@ -17,11 +17,12 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, Field
 
+from core.containers import SEGMENTS
 from core.destinations.base import Destination
 from core.destinations.registry import destination_for
 from core.errors import ConfigError, TerminalError
@@ -31,9 +32,9 @@ from core.services import Services
 from core.storage import BlobRef, Storage
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import SuppressionList
-from core.sync.definitions import SyncDefinition, SyncMode, mapping_fingerprint
+from core.sync.definitions import FileFormat, SyncDefinition, SyncMode, mapping_fingerprint
 from core.sync.engine import BatchStats, BucketWork, CheckpointLog, ChunkRunner
-from core.sync.manifest import is_manifest, listed_parts
+from core.sync.manifest import find_parts, is_manifest
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected
 from core.sync.reports import (
@@ -59,6 +60,8 @@ from core.sync.unchanged import UnchangedIndex
 log = logging.getLogger(__name__)
 _Fetched = TypeVar("_Fetched")
 CHUNK_QUEUE = "segment-chunks"
+MANIFEST_QUEUE = "segment-manifests"
+"""Manifests whose parts have not all landed yet, looked at again later (`ManifestWait`)."""
 _WRITERS = 4
 _FETCHERS = 2
 _FETCH_AHEAD = 4
@@ -67,6 +70,7 @@ _RESULTS_PER_TRANSACTION = 100
 _REJECTS_KEPT_BYTES = 16_000
 """A bucket's rejects up to this size go in its result (a table property holds 32,000
 UTF-16 code units) instead of a block staged for them: a request per bucket saved."""
+_MANIFEST_MAX_PAUSE = 300
 PREVIEW_FOLDER = "preview"
 """Files under `segments/{sync_id}/preview/` are dry runs: reported, never sent."""
 
@@ -136,9 +140,72 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
         log.info("segment file is handled through its manifest", extra={"blob": blob.name})
         return None
     accepted = arrival.accept(services, blob)
-    run = accepted.run
     if accepted.duplicate:
+        return accepted.run
+    return _run_file(services, blob, accepted.run)
+
+
+class ManifestWait(BaseModel):
+    """Queue message: a manifest's run, waiting for parts that have not all landed."""
+
+    run_id: str
+    manifest: str
+    """The manifest's name in the `segments` container."""
+    etag: str
+    attempt: int = 1
+
+
+def resume_manifest(services: Services, wait: ManifestWait) -> RunRecord | None:
+    """Queue worker: look for a waiting manifest's parts again; run it once they are all
+    there, or end it once the sync's `input.parts_deadline_minutes` has passed."""
+    run = services.runs.get(wait.run_id)
+    if run is None or run.status.ended:
         return run
+    listed = BlobRef(SEGMENTS, wait.manifest, wait.etag, 0)
+    blob = services.storage.blobs.find(SEGMENTS, wait.manifest)
+    if blob is None or blob.etag != wait.etag:
+        message = "the manifest was replaced or removed while its parts were awaited"
+        return _close(services, listed, run.run_id, RunStatus.FAILED, error=message,
+                      error_code="manifest_changed")  # fmt: skip
+    return _run_file(services, blob, run, attempt=wait.attempt + 1)
+
+
+def _wait_for_parts(
+    services: Services, sync: SyncDefinition, blob: BlobRef, run: RunRecord, missing: list[str],
+    attempt: int,
+) -> RunRecord:  # fmt: skip
+    """Park a manifest's run until its parts land: looked at again after a growing pause
+    (2 s, 4 s, ... at most 5 minutes), ended `parts_missing` after the deadline."""
+    now = datetime.now(UTC)
+    deadline = run.started_at + timedelta(minutes=sync.input.parts_deadline_minutes)
+    shown = ", ".join(missing[:10]) + (
+        f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    )
+    if now >= deadline:
+        message = (
+            f"{len(missing)} of the parts the manifest lists did not land (with the size it "
+            f"gives) within {sync.input.parts_deadline_minutes:g} minutes: {shown}"
+        )
+        return _close(services, blob, run.run_id, RunStatus.FAILED, error=message,
+                      error_code="parts_missing")  # fmt: skip
+    delay = min(
+        2**attempt, _MANIFEST_MAX_PAUSE, max(1, math.ceil((deadline - now).total_seconds()))
+    )
+    wait = ManifestWait(run_id=run.run_id, manifest=blob.name, etag=blob.etag, attempt=attempt)
+    services.storage.queues.send(MANIFEST_QUEUE, wait, delay_seconds=delay)
+
+    def waiting(record: RunRecord) -> None:
+        record.status = RunStatus.RUNNING
+        record.idle_until = now + timedelta(seconds=delay)
+        record.detail = {**record.detail, "waiting_for_parts": missing[:100],
+                         "parts_deadline": deadline.isoformat()}  # fmt: skip
+
+    log.info("manifest waits for its parts", extra={"run_id": run.run_id, "missing": len(missing)})
+    return services.runs.update(run.run_id, waiting)
+
+
+def _run_file(services: Services, blob: BlobRef, run: RunRecord, *, attempt: int = 1) -> RunRecord:
+    """The run of a segment file or manifest, from its sync's checks to its report."""
     sync_id = run.sync_id or ""
     try:
         sync = services.syncs().get(sync_id)
@@ -146,11 +213,23 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             raise ConfigError(f"no sync is declared with id {sync_id!r}")
         destination = destination_for(sync, services.settings)  # fails on missing credentials
     except ConfigError as exc:
-        return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
+        return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc),
+                      error_code="config_error")  # fmt: skip
     services.runs.update(run.run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
+    inputs = [blob]
+    if is_manifest(blob.name):
+        try:
+            parts = find_parts(services.storage, blob)
+        except FileRejected as exc:
+            return _close(services, blob, run.run_id, RunStatus.FAILED,
+                          error=f"{exc.code}: {exc}", error_code=exc.code)  # fmt: skip
+        if parts.missing:
+            return _wait_for_parts(services, sync, blob, run, parts.missing, attempt)
+        inputs = parts.found
+        if run.detail.get("waiting_for_parts"):
+            services.runs.update(run.run_id, lambda r: r.detail.pop("waiting_for_parts", None))
     unchanged: UnchangedIndex | None = None
     try:
-        inputs = listed_parts(services.storage, blob) if is_manifest(blob.name) else [blob]
         unchanged = unchanged_index(services, sync, destination.name, run.run_id)
         split = split_file(
             services.storage,
@@ -162,12 +241,14 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
             held_max_bytes=sync.processing.in_memory_max_mb << 20,
             native=services.settings.sync_native_buckets,
             unchanged=unchanged,
+            limits=services.settings.input_limits,
         )
     except (FileRejected, ConfigError) as exc:
         error = f"{exc.code}: {exc}" if isinstance(exc, FileRejected) else str(exc)
+        code = exc.code if isinstance(exc, FileRejected) else "config_error"
         if unchanged is not None:
             unchanged.stop()
-        return _close(services, blob, run.run_id, RunStatus.FAILED, error=error)
+        return _close(services, blob, run.run_id, RunStatus.FAILED, error=error, error_code=code)
     planned = planned_buckets(sync, split)
     if unchanged is not None:  # no state is read for a bucket whose rows were all settled
         unchanged.reader.narrow(b for b in planned if _needs_state(sync, split.work_rows(b)))
@@ -184,7 +265,9 @@ def process_segment_file(services: Services, blob: BlobRef) -> RunRecord | None:
                 unchanged=unchanged, record_results=False,
             )  # fmt: skip
         except (TerminalError, ConfigError) as exc:
-            return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc))
+            code = "terminal_error" if isinstance(exc, TerminalError) else "config_error"
+            return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc),
+                          error_code=code)  # fmt: skip
         return finalize(services, sync, plan, run.run_id, blob, finished)
     if unchanged is not None:
         unchanged.stop()  # the workers read their own
@@ -220,15 +303,17 @@ def process_chunk(services: Services, message: ChunkMessage) -> None:
     sync = services.syncs().get(plan.sync_id)
     blob = BlobRef(plan.blob_container, plan.blob_name, plan.blob_etag, 0)
     run = services.runs.get(message.run_id)
-    if run is not None and run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+    if run is not None and run.status.ended:
         return  # another chunk stopped the run (terminal error) or it is already done
     if sync is None:
-        _close(services, blob, message.run_id, RunStatus.FAILED, error="sync was removed")
+        _close(services, blob, message.run_id, RunStatus.FAILED, error="sync was removed",
+               error_code="config_error")  # fmt: skip
         return
     try:
         process_buckets(services, sync, plan, message.run_id, message.buckets, None)
     except (TerminalError, ConfigError) as exc:
-        _close(services, blob, message.run_id, RunStatus.FAILED, error=str(exc))
+        code = "terminal_error" if isinstance(exc, TerminalError) else "config_error"
+        _close(services, blob, message.run_id, RunStatus.FAILED, error=str(exc), error_code=code)
         return
     results: EntityTable[BucketResult] = services.storage.tables.get(BucketResult)
     finished = sum(1 for _ in results.query_partition(safe_key(message.run_id)))
@@ -288,6 +373,8 @@ def _needs_state(sync: SyncDefinition, work_rows: int) -> bool:
 def _bucket_groups(buckets: list[int], split: SplitResult, rows_per_worker: int) -> list[list[int]]:
     """Consecutive buckets per worker: their state lies together in the packs the last
     run wrote, so a worker reads it in few ranges."""
+    if not buckets:  # a header-only file, or one whose every row was malformed
+        return []
     workers = max(1, min(len(buckets), math.ceil(split.rows / rows_per_worker)))
     size = math.ceil(len(buckets) / workers)
     return [buckets[at : at + size] for at in range(0, len(buckets), size)]
@@ -371,7 +458,7 @@ def process_buckets(
     runner = ChunkRunner(
         storage, sync, RowMapper(sync, plan.columns), destination,
         unchanged.suppressions if unchanged else SuppressionList(storage).snapshot(),
-        run_id=run_id, worker=f"w{buckets[0]:04d}", on_bucket_done=bucket_done,
+        run_id=run_id, worker=f"w{buckets[0] if buckets else 0:04d}", on_bucket_done=bucket_done,
         dry_run=plan.preview, checkpoints=checkpoints,
         native=services.settings.sync_native_buckets,
     )  # fmt: skip
@@ -563,6 +650,7 @@ def finalize(
         "rows_settled_in_split": plan.settled_in_split,
         "rows_settled_by_line": plan.settled_by_line,
         "rows_per_second": round(counts.rows / seconds) if seconds > 0 else None,
+        **columns_report(sync, plan.columns),
     }
     if plan.preview:
         detail["preview"] = {
@@ -575,6 +663,25 @@ def finalize(
     )
 
 
+_COLUMNS_REPORTED = 100
+
+
+def columns_report(sync: SyncDefinition, columns: list[str]) -> dict[str, list[str]]:
+    """What the file held that the sync does not read, and the audience columns the sync
+    declares that the file lacks (an export may carry some of its audiences only). A
+    JSON Lines file has no header: its keys are not listed."""
+    if sync.input.format == FileFormat.JSONL:
+        return {}
+    read = set(RowMapper.wanted_columns(sync))
+    present = set(columns)
+    unmapped = [c for c in columns if c not in read]
+    missing = [s.column for s in sync.audiences.segments if s.column not in present]
+    report = {"unmapped_columns": unmapped[:_COLUMNS_REPORTED]}
+    if missing:
+        report["missing_optional_columns"] = missing[:_COLUMNS_REPORTED]
+    return report
+
+
 def _close(
     services: Services,
     blob: BlobRef,
@@ -584,15 +691,18 @@ def _close(
     counts: dict[str, int] | None = None,
     detail: dict[str, object] | None = None,
     error: str | None = None,
+    error_code: str | None = None,
 ) -> RunRecord:
     def close(record: RunRecord) -> None:
-        if record.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+        if record.status.ended:
             return  # a concurrent finisher closed it first
         record.status = status
         record.finished_at = datetime.now(UTC)
         record.counts = counts or record.counts
         record.detail = {**record.detail, **(detail or {})}
         record.error = error
+        record.error_code = error_code
+        record.idle_until = None
 
     record = services.runs.update(run_id, close)
     arrival.mark_completed(services, blob)

@@ -37,7 +37,15 @@ from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockStager, BlockWriter
 from core.sync.definitions import FileFormat, SyncDefinition
 from core.sync.mapping import RowMapper
-from core.sync.readers import FileRejected, RowReader, SourceRow, decompressed, header_columns
+from core.sync.readers import (
+    DEFAULT_LIMITS,
+    FileRejected,
+    InputLimits,
+    RowReader,
+    SourceRow,
+    decompressed,
+    header_columns,
+)
 from core.sync.state import SPEEDUPS
 from core.sync.unchanged import UnchangedIndex
 
@@ -376,8 +384,10 @@ def split_file(
     held_max_bytes: int,
     native: bool = True,
     unchanged: UnchangedIndex | None = None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> SplitResult:
-    """Read every part once; raises FileRejected when the input is unusable as a whole.
+    """Read every part once; raises FileRejected when the input is unusable as a whole
+    (a record or field over `limits` included).
 
     Rows of part n carry `n * LINE_STRIDE + line` as their line, so lines stay unique.
     CSV and TSV are split by C (native/switchboard_sync.c) when `native`; a file it does
@@ -385,9 +395,10 @@ def split_file(
     With `unchanged`, the C splitter settles rows acknowledged before exactly as they are
     (core/sync/unchanged.py).
     """
-    readers: list[_Reader] = [_read_parts]
+    readers: list[_Reader] = [functools.partial(_read_parts, limits=limits)]
     if native and SPEEDUPS is not None and _splits_natively(sync):
-        readers.insert(0, functools.partial(_read_parts_native, unchanged=unchanged))
+        native_read = functools.partial(_read_parts_native, unchanged=unchanged, limits=limits)
+        readers.insert(0, native_read)
     for read in readers:
         partitioner = _Partitioner(storage, run_id, buckets, in_memory_max_rows, held_max_bytes)
         try:
@@ -429,11 +440,15 @@ class ReferenceNeeded(Exception):
     """The C splitter met input it leaves to the reference (the file is split again)."""
 
 
-def read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes, bytes]:
+def read_header(
+    text: IO[bytes], delimiter: str, limits: InputLimits = DEFAULT_LIMITS
+) -> tuple[list[str], bytes, bytes]:
     """The header's columns, the bytes read after it, and the header line (without its
     line break: what the part's line hashes are seeded with)."""
     buffer = b""
     while b"\n" not in buffer:
+        if len(buffer) > limits.max_line_bytes:
+            raise ReferenceNeeded  # which rejects it, or says it is not UTF-8
         chunk = text.read(_READ_BYTES)
         if not chunk:
             break
@@ -442,8 +457,8 @@ def read_header(text: IO[bytes], delimiter: str) -> tuple[list[str], bytes, byte
     end = buffer.find(b"\n")
     line, rest = (buffer, b"") if end < 0 else (buffer[: end + 1], buffer[end + 1 :])
     header_line = line.removesuffix(b"\n").removesuffix(b"\r")
-    if line.count(b'"') % 2 or b"\r" in header_line:
-        raise ReferenceNeeded  # a quoted line break in the header, or a lone CR
+    if line.count(b'"') % 2 or b"\r" in header_line or len(line) > limits.max_line_bytes:
+        raise ReferenceNeeded  # a quoted line break in the header, a lone CR, too long
     try:
         header = next(
             csv.reader([header_line.decode("utf-8")], delimiter=delimiter, strict=True), None
@@ -465,6 +480,7 @@ def _read_parts_native(
     partitioner: _Partitioner,
     *,
     unchanged: UnchangedIndex | None = None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> SplitResult:
     result: SplitResult | None = None
     splitter: Any = None
@@ -473,13 +489,14 @@ def _read_parts_native(
         for part, blob in enumerate(blobs):
             # Chunks are fetched ahead: the requests overlap with the splitting.
             text = decompressed(storage.blobs.open_reader(blob, ahead=_READ_AHEAD_CHUNKS))
-            columns, data, header = read_header(text, sync.input.field_delimiter)
+            columns, data, header = read_header(text, sync.input.field_delimiter, limits)
             result = _part_result(result, sync, columns, buckets, blob)
             if splitter is None:
                 splitter = SPEEDUPS.Splitter(
                     len(columns), columns.index(sync.identity.column),
                     sync.input.field_delimiter, buckets, _PENDING_BYTES, identity_key,
                 )  # fmt: skip
+                splitter.limits(limits.max_line_bytes, limits.max_field_bytes)
                 settling = unchanged is not None and unchanged.attach(splitter, columns, buckets)
             splitter.line_seed(header)
             for malformed, ready in feed_splitter(splitter, text, data, part * LINE_STRIDE + 2):
@@ -568,14 +585,16 @@ def _read_parts(
     blobs: list[BlobRef],
     buckets: int,
     partitioner: _Partitioner,
+    *,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> SplitResult:
     result: SplitResult | None = None
     with _file_errors():
         for part, blob in enumerate(blobs):
-            # The text decoder reads ahead, so even the header line can raise a decode error.
             reader = RowReader(
-                storage.blobs.open_reader(blob), sync.input, RowMapper.wanted_columns(sync)
-            )
+                storage.blobs.open_reader(blob), sync.input, RowMapper.wanted_columns(sync),
+                limits,
+            )  # fmt: skip
             result = _part_result(result, sync, reader.columns, buckets, blob)
             identity_index = result.columns.index(sync.identity.column)
             offset = part * LINE_STRIDE

@@ -1118,9 +1118,14 @@ class StateStore:
         return "replace", pointer, queued.etag
 
     def _commit_one(self, table: EntityTable[BucketPointer], queued: _Queued) -> str | None:
+        operation = self._pointer_op(queued)
         try:
-            return table.transact([self._pointer_op(queued)])[0]
+            return table.transact([operation])[0]
         except (ConcurrencyConflict, EntityExists):
+            # Ours already, if an earlier attempt landed before its answer was lost.
+            found = table.get(operation[1].partition_key, operation[1].row_key)
+            if found is not None and found.entity.parts == operation[1].parts:
+                return found.etag
             return None
 
     def collect_garbage(self, keep_for: timedelta = timedelta(hours=1)) -> None:

@@ -1,0 +1,48 @@
+"""How runs end when their own trigger cannot say: poison queues, the sweeper, retries.
+
+One queue trigger per poison queue the host fills (`<queue>-poison`, and
+`webjobs-blobtrigger-poison` for blobs), the run sweeper's timer, and the worker of
+operator retries (`run-retries`). The logic is `core/verdicts.py` and `core/retries.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import azure.functions as func
+
+from core.retries import RETRY_QUEUE, RetryMessage, run_retry
+from core.verdicts import poison_queue_names, poisoned, sweep, verdict_on_failure
+from functions._wiring import SETTINGS, services
+
+bp = func.Blueprint()
+
+
+def _poison_handler(queue: str) -> Callable[[func.QueueMessage], None]:
+    def handle(message: func.QueueMessage) -> None:
+        poisoned(services(), queue, message.get_body())
+
+    return handle
+
+
+for _queue in poison_queue_names():
+    _name = "poison_" + _queue.removesuffix("-poison").replace("-", "_")
+    bp.function_name(name=_name)(
+        bp.queue_trigger(arg_name="message", queue_name=_queue, connection="AzureWebJobsStorage")(
+            _poison_handler(_queue)
+        )
+    )
+
+
+@bp.timer_trigger(
+    arg_name="timer", schedule=SETTINGS.run_sweep_schedule, run_on_startup=False, use_monitor=True
+)
+def run_sweeper(timer: func.TimerRequest) -> None:
+    sweep(services())
+
+
+@bp.queue_trigger(arg_name="message", queue_name=RETRY_QUEUE, connection="AzureWebJobsStorage")
+def retry_run(message: func.QueueMessage) -> None:
+    retry = RetryMessage.model_validate_json(message.get_body())
+    with verdict_on_failure(services(), retry.run_id, final=False, attempt=message.dequeue_count):
+        run_retry(services(), retry)
