@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ONLY ?=
+FUZZ_SECONDS ?= 120
+FUZZ_TEST_SECONDS ?= 8
+SANITIZE := .sanitize
 
-.PHONY: demo start test lint typecheck pytest bench clean
+.PHONY: demo start test lint typecheck pytest bench clean sanitize fuzz fuzz-short
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt native/switchboard_speedups.c native/switchboard_sync.c native/shared.h native/setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +44,25 @@ typecheck: deps
 pytest: deps
 	$(VENV)/bin/pytest
 
-test: lint typecheck pytest
+test: lint typecheck pytest fuzz-short
+
+# The C speedups under ASan/UBSan with libFuzzer coverage (clang, installed if missing).
+$(SANITIZE)/.built: $(VENV)/.installed native/switchboard_speedups.c native/switchboard_sync.c native/shared.h native/setup.py native/sanitize.sh
+	bash native/sanitize.sh
+	touch $@
+
+sanitize: $(SANITIZE)/.built
+
+# Every fuzz target for FUZZ_SECONDS each; findings fail it (fuzz/__main__.py).
+fuzz: sanitize
+	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
+
+# The short run `make test` includes.
+fuzz-short: sanitize
+	$(PY) -m fuzz --seconds $(FUZZ_TEST_SECONDS)
 
 bench: deps $(VENV)/.bench-installed
 	$(PY) -m devhost.services --fakes -- $(PY) -m bench $(ONLY)
 
 clean:
-	rm -rf $(VENV) .venv313 node_modules .azurite .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv313 node_modules .azurite .pytest_cache .mypy_cache .ruff_cache $(SANITIZE)

@@ -8,6 +8,7 @@ SwitchboardError
  |    +-- BlobAlreadyExists       create-only write found the blob already there
  |    +-- LeaseUnavailable        another writer holds the lease
  |    +-- MessageTooLarge         a queue message would exceed 64 KB
+ |    +-- CorruptState            stored sync state that cannot be read back
  +-- DeliveryError               an outbound call to a destination or provider failed
       +-- TransientError          retry later with backoff (5xx, timeouts, connection resets)
       |    +-- RateLimitedError    retry after the server's wait; never burns a retry attempt
@@ -47,6 +48,13 @@ class LeaseUnavailable(StorageError):
 
 class MessageTooLarge(StorageError):
     """A queue message would exceed the 64 KB Azure Storage limit."""
+
+
+class CorruptState(StorageError):
+    """Stored sync state that cannot be read back (damaged, cut short, or not ours): the
+    run stops before anything is sent for that bucket; a resync starts it over."""
+
+    code = "corrupt_state"
 
 
 class DeliveryError(SwitchboardError):

@@ -38,6 +38,7 @@ static void buf_free(Buf *b) {
 }
 
 static int buf_put(Buf *b, const char *s, Py_ssize_t n) {
+    if (n <= 0) return n < 0 ? -1 : 0; /* memcpy with a NULL source is undefined, even of 0 */
     if (buf_reserve(b, n) < 0) return -1;
     memcpy(b->data + b->len, s, (size_t)n);
     b->len += n;
@@ -106,26 +107,6 @@ static int put_json_bytes(Buf *b, const char *s, Py_ssize_t n) {
     return 0;
 }
 
-
-/* A code point as UTF-8 at `out`; returns the end. */
-static char *put_utf8(char *out, unsigned cp) {
-    if (cp < 0x80) {
-        *out++ = (char)cp;
-    } else if (cp < 0x800) {
-        *out++ = (char)(0xc0 | cp >> 6);
-        *out++ = (char)(0x80 | (cp & 0x3f));
-    } else if (cp < 0x10000) {
-        *out++ = (char)(0xe0 | cp >> 12);
-        *out++ = (char)(0x80 | (cp >> 6 & 0x3f));
-        *out++ = (char)(0x80 | (cp & 0x3f));
-    } else {
-        *out++ = (char)(0xf0 | cp >> 18);
-        *out++ = (char)(0x80 | (cp >> 12 & 0x3f));
-        *out++ = (char)(0x80 | (cp >> 6 & 0x3f));
-        *out++ = (char)(0x80 | (cp & 0x3f));
-    }
-    return out;
-}
 
 /* ---- SHA-256 (FIPS 180-4) ------------------------------------------------------------ */
 

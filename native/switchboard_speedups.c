@@ -18,6 +18,26 @@
 
 #include "shared.h"
 
+/* A code point as UTF-8 at `out`; returns the end. */
+static char *put_utf8(char *out, unsigned cp) {
+    if (cp < 0x80) {
+        *out++ = (char)cp;
+    } else if (cp < 0x800) {
+        *out++ = (char)(0xc0 | cp >> 6);
+        *out++ = (char)(0x80 | (cp & 0x3f));
+    } else if (cp < 0x10000) {
+        *out++ = (char)(0xe0 | cp >> 12);
+        *out++ = (char)(0x80 | (cp >> 6 & 0x3f));
+        *out++ = (char)(0x80 | (cp & 0x3f));
+    } else {
+        *out++ = (char)(0xf0 | cp >> 18);
+        *out++ = (char)(0x80 | (cp >> 12 & 0x3f));
+        *out++ = (char)(0x80 | (cp >> 6 & 0x3f));
+        *out++ = (char)(0x80 | (cp & 0x3f));
+    }
+    return out;
+}
+
 /* ---- outcomes ------------------------------------------------------------------------- */
 
 #define DONE 0

@@ -1229,6 +1229,7 @@ typedef struct {
 
 typedef struct {
     Value *values;
+    Value raw;   /* the record's text, when the work line carries it (len < 0: it does not) */
     Buf scratch; /* decoded values with escapes */
     Buf typed;   /* typed values' JSON and text */
     Buf id;      /* the identity as JSON */
@@ -1261,7 +1262,60 @@ static unsigned hex4(const uc *p) {
     return v;
 }
 
-/* `[line,"value",...]` as orjson.dumps wrote it; PUNT for anything but text values. */
+/* A JSON string token's text into `v`: as it is when it has no escapes, else decoded
+ * into `*out` (which has room: decoded text is never longer than its token). PUNT for
+ * escapes orjson and the splitter do not write. */
+static int decode_token(const uc *p, const uc *token_end, char **out, Value *v) {
+    v->token = p;
+    v->token_len = token_end - p;
+    const uc *s = p + 1, *e = token_end - 1;
+    if (!memchr(s, '\\', (size_t)(e - s))) {
+        v->text = s;
+        v->len = e - s;
+        return OK;
+    }
+    char *start = *out, *o = *out;
+    while (s < e) {
+        if (*s != '\\') {
+            *o++ = (char)*s++;
+            continue;
+        }
+        if (e - s < 2) return PUNT;
+        uc c = s[1];
+        s += 2;
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case 'b': *o++ = '\b'; break;
+        case 'f': *o++ = '\f'; break;
+        case 'n': *o++ = '\n'; break;
+        case 'r': *o++ = '\r'; break;
+        case 't': *o++ = '\t'; break;
+        case 'u': {
+            /* Only the escapes orjson and the splitter write (control characters
+             * without a short form): values, digests and identities are compared
+             * as these bytes, so any other spelling goes to the reference. */
+            if (e - s < 4 || s[0] != '0' || s[1] != '0' || (s[2] != '0' && s[2] != '1') ||
+                !(is_digit(s[3]) || (s[3] >= 'a' && s[3] <= 'f')))
+                return PUNT;
+            unsigned cp = hex4(s);
+            if (cp == '\b' || cp == '\t' || cp == '\n' || cp == '\f' || cp == '\r') return PUNT;
+            s += 4;
+            *o++ = (char)cp;
+            break;
+        }
+        default:
+            return PUNT;
+        }
+    }
+    v->text = (const uc *)start;
+    v->len = o - start;
+    *out = o;
+    return OK;
+}
+
+/* `[line,"value",...]` as orjson.dumps wrote it, maybe with the record's text after the
+ * values (split.work_rows); PUNT for anything but text values. */
 static int parse_row(const Mapping *m, const uc *p, const uc *end, Row *row) {
     if (p >= end || *p != '[') return PUNT;
     p++;
@@ -1276,58 +1330,16 @@ static int parse_row(const Mapping *m, const uc *p, const uc *end, Row *row) {
     }
     row->line = negative ? -line : line;
     row->scratch.len = 0;
+    row->raw.len = -1;
     if (buf_reserve(&row->scratch, end - p) < 0) return ERR;
     char *out = row->scratch.data;
-    for (Py_ssize_t i = 0; i < m->columns; i++) {
+    for (Py_ssize_t i = 0; i <= m->columns; i++) {
+        if (i == m->columns && (p >= end || *p != ',')) break; /* no record text */
         if (p >= end || *p != ',') return PUNT;
         p++;
         const uc *token_end = string_token(p, end);
         if (token_end == NULL) return PUNT;
-        Value *v = &row->values[i];
-        v->token = p;
-        v->token_len = token_end - p;
-        const uc *s = p + 1, *e = token_end - 1;
-        if (!memchr(s, '\\', (size_t)(e - s))) {
-            v->text = s;
-            v->len = e - s;
-        } else {
-            char *start = out;
-            while (s < e) {
-                if (*s != '\\') {
-                    *out++ = (char)*s++;
-                    continue;
-                }
-                if (e - s < 2) return PUNT;
-                uc c = s[1];
-                s += 2;
-                switch (c) {
-                case '"': *out++ = '"'; break;
-                case '\\': *out++ = '\\'; break;
-                case 'b': *out++ = '\b'; break;
-                case 'f': *out++ = '\f'; break;
-                case 'n': *out++ = '\n'; break;
-                case 'r': *out++ = '\r'; break;
-                case 't': *out++ = '\t'; break;
-                case 'u': {
-                    /* Only the escapes orjson and the splitter write (control characters
-                     * without a short form): values, digests and identities are compared
-                     * as these bytes, so any other spelling goes to the reference. */
-                    if (e - s < 4 || s[0] != '0' || s[1] != '0' || (s[2] != '0' && s[2] != '1') ||
-                        !(is_digit(s[3]) || (s[3] >= 'a' && s[3] <= 'f')))
-                        return PUNT;
-                    unsigned cp = hex4(s);
-                    if (cp == '\b' || cp == '\t' || cp == '\n' || cp == '\f' || cp == '\r') return PUNT;
-                    s += 4;
-                    *out++ = (char)cp;
-                    break;
-                }
-                default:
-                    return PUNT;
-                }
-            }
-            v->text = (const uc *)start;
-            v->len = out - start;
-        }
+        TRY(decode_token(p, token_end, &out, i < m->columns ? &row->values[i] : &row->raw));
         p = token_end;
     }
     if (p + 1 != end || *p != ']') return PUNT;
@@ -1957,9 +1969,14 @@ static int count_reason(Outcomes *o, const char *outcome, PyObject *reason) {
     return status;
 }
 
+/* A rejected row: (line, code, message, values, the record's text or None). */
 static int reject_row(const Mapping *m, Outcomes *o, Row *row) {
     PyObject *values = row_values(m, row);
-    PyObject *entry = values ? Py_BuildValue("LOON", row->line, row->code, row->message, values) : NULL;
+    PyObject *raw = values == NULL ? NULL : row->raw.len < 0 ? Py_NewRef(Py_None) : value_str(&row->raw);
+    PyObject *entry = values && raw ? Py_BuildValue("LOOOO", row->line, row->code, row->message, values, raw)
+                                    : NULL;
+    Py_XDECREF(values);
+    Py_XDECREF(raw);
     int status = entry == NULL || PyList_Append(o->rejects, entry) < 0 ? ERR : OK;
     if (status == OK) status = count_reason(o, "rejected", row->code);
     Py_XDECREF(entry);
@@ -3386,6 +3403,12 @@ static const uc *record_end(const uc *p, const uc *end, const uc **text_end, lon
     for (const uc *q = p;;) {
         const uc *newline = memchr(q, '\n', (size_t)(end - q));
         if (newline == NULL) return NULL;
+        /* A lone CR or a NUL: what split_record leaves to the reference, never settled
+         * (whatever a line index says: lines before and after would be numbered apart). */
+        if (memchr(q, 0, (size_t)(newline - q)) != NULL) return NULL;
+        for (const uc *cr = memchr(q, '\r', (size_t)(newline - q)); cr != NULL;
+             cr = memchr(cr + 1, '\r', (size_t)(newline - cr - 1)))
+            if (cr + 1 != newline) return NULL;
         for (const uc *x = memchr(q, '"', (size_t)(newline - q)); x != NULL;
              x = memchr(x + 1, '"', (size_t)(newline - x - 1)))
             quoted ^= 1;
@@ -3831,21 +3854,25 @@ static PyObject *splitter_settled(Splitter *sp, PyObject *unused) {
     return list;
 }
 
-/* The work line of the record encoded last: [line, value, ...] (split.work_rows). */
-static int put_work_line(Splitter *sp, Buf *b, long long line, Py_ssize_t count) {
+/* The work line of the record encoded last: [line, value, ...] (split.work_rows), and the
+ * record's text after the values when it holds a quote (it then differs from the values
+ * joined by the delimiter: a reject shows the original). */
+static int put_work_line(Splitter *sp, Buf *b, long long line, Py_ssize_t count, const uc *raw,
+                         Py_ssize_t raw_len) {
     char number[32];
     int n = snprintf(number, sizeof number, "[%lld", line);
-    if (buf_reserve(b, n + sp->tokens.len + 3) < 0) return ERR;
+    if (n < 0 || n >= (int)sizeof number || buf_reserve(b, n + sp->tokens.len + 3) < 0) return ERR;
     char *out = b->data + b->len;
     memcpy(out, number, (size_t)n);
     out += n;
     if (count) *out++ = ',';
     memcpy(out, sp->tokens.data, (size_t)sp->tokens.len);
     out += sp->tokens.len;
-    *out++ = ']';
-    *out++ = '\n';
     b->len = out - b->data;
-    return OK;
+    if (raw != NULL && memchr(raw, '"', (size_t)raw_len) != NULL) {
+        if (PUT(b, ",") < 0 || put_json_bytes(b, (const char *)raw, raw_len) < 0) return ERR;
+    }
+    return PUT(b, "]\n") < 0 ? ERR : OK;
 }
 
 /*
@@ -3921,11 +3948,15 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         line += lines;
         p = next;
         if (count == 0) continue; /* a blank line */
+        const uc *record_text = next; /* without its line break */
+        if (record_text > record && record_text[-1] == '\n') record_text--;
+        if (record_text > record && record_text[-1] == '\r') record_text--;
         if (count != sp->columns) {
             WITH_GIL({
                 PyObject *entry = Py_BuildValue(
-                    "(LN)", first,
-                    PyUnicode_FromFormat("expected %zd fields, found %zd", sp->columns, count));
+                    "(LNs#)", first,
+                    PyUnicode_FromFormat("expected %zd fields, found %zd", sp->columns, count),
+                    (const char *)record, (Py_ssize_t)(record_text - record));
                 if (entry == NULL || PyList_Append(malformed, entry) < 0) status = ERR;
                 Py_XDECREF(entry);
             });
@@ -3964,9 +3995,6 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
             break;
         }
         if (digested && sp->recording && sp->line_seed_set) {
-            const uc *record_text = next; /* without its line break */
-            if (record_text > record && record_text[-1] == '\n') record_text--;
-            if (record_text > record && record_text[-1] == '\r') record_text--;
             uint64_t line_hash = xxh64_seeded(record, (size_t)(record_text - record), sp->line_seed);
             if ((status = record_line(sp, line_hash, digest, seen_key)) != OK) break;
         }
@@ -3986,7 +4014,7 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         }
         Buf *pending = &sp->pending[bucket];
         if ((pending->cap == 0 && small_reserve(pending, 0) < 0) ||
-            put_work_line(sp, pending, first, count) != OK) {
+            put_work_line(sp, pending, first, count, record, record_text - record) != OK) {
             status = ERR;
             break;
         }

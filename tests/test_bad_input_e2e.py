@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import uuid
 import zlib
@@ -194,3 +196,36 @@ def test_the_report_lists_columns_the_sync_does_not_read_and_audiences_the_file_
     assert run["status"] == "succeeded" and run["counts"]["sent"] == 3, run
     assert run["detail"]["unmapped_columns"] == ["loyaltyTier", "note"]
     assert run["detail"]["missing_optional_columns"] == ["segmentMembership.ups.seg-lapsed.status"]
+
+
+def _rejects(storage: Any, run: dict[str, Any]) -> dict[str, list[str]]:
+    container, _, name = run["detail"]["rejects"].partition("/")
+    text = b"".join(storage.blobs.iter_chunks(storage.blobs.ref(container, name))).decode()
+    table = list(csv.reader(io.StringIO(text)))
+    assert table[0] == ["line", "reason_code", "message", "raw_row"]
+    return {row[0]: row for row in table[1:]}
+
+
+def test_the_rejects_file_keeps_each_rejected_record_as_it_was_in_the_file(
+    scenario, storage
+) -> None:  # type: ignore[no-untyped-def]
+    s = scenario("rejects")
+    token = uuid.uuid4().hex[:4]
+    header = to_csv([]).decode()
+    body = (
+        f'"RR{token}-1", "not an e-mail",Ana,1990-01-01,PT,1,gold,realized,\n'  # quoted
+        f"RR{token}-2,rr2@example.com,Bo,31/12/1990,PT,2,,,\n"  # unquoted: values joined
+        f'RR{token}-3,too,"few\n fields"\n'  # malformed, with a quoted line break
+    )
+    run = s.land((header + body).encode())
+    rejects = _rejects(storage, run)
+    assert rejects["2"][3] == f'"RR{token}-1", "not an e-mail",Ana,1990-01-01,PT,1,gold,realized,'
+    assert rejects["3"][3] == f"RR{token}-2,rr2@example.com,Bo,31/12/1990,PT,2,,,"
+    assert rejects["4"][1] == "malformed_row"
+    assert rejects["4"][3] == f'RR{token}-3,too,"few\n fields"'
+    t = scenario("x")
+    t.sync = "typed-json"
+    line = json.dumps({"id": f"RJ-{token}", "name": ["x"], "unmapped": {"kept": True}})
+    jsonl = t.land((line + "\n{broken\n").encode(), suffix=".jsonl")
+    kept = _rejects(storage, jsonl)
+    assert kept["1"][3] == line and kept["2"][3] == "{broken"

@@ -50,7 +50,7 @@ def test_csv_with_bom_gzip_and_quoted_newlines() -> None:
 
 def test_row_with_wrong_field_count_is_reported_with_its_line() -> None:
     result = rows(f"{HEADER}\nC1,a@x.io\nC2,b@x.io,B,,,,\n".encode())
-    assert result[0] == (2, "expected 7 fields, found 2")
+    assert result[0] == (2, "expected 7 fields, found 2", "C1,a@x.io")
     assert result[1].line == 3
 
 
@@ -61,7 +61,7 @@ def test_tsv_and_jsonl() -> None:
     got = rows(jsonl, InputSpec(format="jsonl"), ["id", "profile.email", "missing"])
     assert got[0].values == ["J1", "j@x.io", None]
     assert got[1][0] == 2 and "malformed JSON" in got[1][1]
-    assert got[2] == (3, "a JSON Lines record must be an object")
+    assert got[2] == (3, "a JSON Lines record must be an object", "[1]")
 
 
 def test_text_that_is_not_utf8_raises_while_reading() -> None:

@@ -30,15 +30,9 @@ from core.sync.state import SPEEDUPS, Snapshot, StateStore
 from core.sync.state_codec import TableIndex
 from core.sync.unchanged import SettledRows, UnchangedIndex
 from devhost.fakes.braze import FakeBraze
-from tests.test_sync_speedups import (
-    CONFIGURATIONS,
-    FULL_COLUMNS,
-    _changed,
-    _random_rows,
-    _run_bucket,
-    _scenario,
-    _sync_document,
-)
+from fuzz.syncs import CONFIGURATIONS, FULL_COLUMNS
+from fuzz.syncs import sync_document as _sync_document
+from tests.test_sync_speedups import _changed, _random_rows, _run_bucket, _scenario
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +134,7 @@ def test_rows_settled_in_the_split_end_as_the_bucket_would_end_them(
                     storage, braze, sync, split.lines, previous, native=native, known=known,
                     suppressions=suppressions,
                 )  # fmt: skip
-                assert outcome.received == expected.received
+                assert outcome.sent == expected.sent
                 assert outcome.counts == expected.counts
                 assert outcome.rejects == expected.rejects
                 assert outcome.checkpoints == expected.checkpoints

@@ -255,7 +255,7 @@ class ChunkRunner:
         if not (native and self._process_native(work, lines)):
             work.state.use_reference()
             seen = work.state.mark_seen(settled.index, settled.state_etag) if settled else set()
-            self._process(work, work_rows(lines), seen)
+            self._process(work, work_rows(lines, len(self.mapper.columns)), seen)
             if self.sync.mode == SyncMode.MIRROR:
                 self._mirror_absent(work, seen)
 
@@ -379,7 +379,7 @@ class ChunkRunner:
             self._last_report = now
 
     def _reject(self, work: BucketWork, entry: SourceRow, code: str, message: str) -> None:
-        work.rejects.add(entry.line, code, message, entry.values)
+        work.rejects.add(entry.line, code, message, entry.values, entry.raw)
         work.counts.add(Outcome.REJECTED, code)
 
     def _suppressed(self, row: MappedRow) -> str | None:

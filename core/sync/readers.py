@@ -56,6 +56,13 @@ class FileRejected(Exception):
 class SourceRow:
     line: int
     values: Sequence[Any]
+    raw: str | None = None
+    """The record's text as in the file (without its line break), where it is not the
+    values joined by the delimiter: a CSV record with a quote, a JSON Lines line."""
+
+
+Malformed = tuple[int, str, str]
+"""A record that cannot be read as a row: (line, what is wrong, its text as in the file)."""
 
 
 def decompressed(stream: IO[bytes]) -> IO[bytes]:
@@ -103,10 +110,20 @@ class BoundedLines:
         self.line = 0
         """Lines handed out (the number of the last one)."""
         self._first = True
+        self._texts: list[str] = []
 
     def record_done(self) -> None:
         self._record = 0
         self._record_start = self.line + 1
+        self._texts = []
+
+    def record_text(self) -> str:
+        """The text of the record's lines handed out since `record_done`, without the last
+        line break."""
+        text = "".join(self._texts)
+        if text.endswith("\r\n"):
+            return text[:-2]
+        return text[:-1] if text.endswith(("\n", "\r")) else text
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -116,7 +133,9 @@ class BoundedLines:
         if data is None:
             raise StopIteration
         self.line += 1
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
+        self._texts.append(text)
+        return text
 
     def _fill(self) -> bool:
         if self._eof:
@@ -208,14 +227,14 @@ class RowReader:
                 "nothing was sent",
             )
 
-    def __iter__(self) -> Iterator[SourceRow | tuple[int, str]]:
-        """SourceRow per record, or (line, error message) for a record that cannot parse."""
+    def __iter__(self) -> Iterator[SourceRow | Malformed]:
+        """SourceRow per record, or (line, error message, text) for one that cannot parse."""
         if self.spec.format == FileFormat.JSONL:
             yield from self._json_lines()
         else:
             yield from self._csv_rows()
 
-    def _csv_rows(self) -> Iterator[SourceRow | tuple[int, str]]:
+    def _csv_rows(self) -> Iterator[SourceRow | Malformed]:
         width = len(self.columns)
         reader = self._csv
         lines = self._lines
@@ -227,33 +246,37 @@ class RowReader:
                 return
             except csv.Error as exc:
                 self._field_limit(exc, start)
+                text = lines.record_text()
                 lines.record_done()
-                yield start, f"malformed CSV: {exc}"
+                yield start, f"malformed CSV: {exc}", text
                 continue
+            text = lines.record_text()
             lines.record_done()
             if not values:
                 continue  # blank line
             if len(values) != width:
-                yield start, f"expected {width} fields, found {len(values)}"
+                yield start, f"expected {width} fields, found {len(values)}", text
                 continue
-            yield SourceRow(start, values)
+            yield SourceRow(start, values, text if '"' in text else None)
 
-    def _json_lines(self) -> Iterator[SourceRow | tuple[int, str]]:
+    def _json_lines(self) -> Iterator[SourceRow | Malformed]:
         paths = [column.split(".") for column in self.columns]
         for number, line in enumerate(self._lines, start=1):
+            text = self._lines.record_text()
             self._lines.record_done()
             if not line.strip():
                 continue
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                yield number, f"malformed JSON: {exc.msg} at column {exc.colno}"
+                yield number, f"malformed JSON: {exc.msg} at column {exc.colno}", text
                 continue
             if not isinstance(record, dict):
-                yield number, "a JSON Lines record must be an object"
+                yield number, "a JSON Lines record must be an object", text
                 continue
-            yield SourceRow(number, [_lookup(record, column, path) for column, path in
-                                     zip(self.columns, paths, strict=True)])  # fmt: skip
+            values = [_lookup(record, column, path) for column, path in
+                      zip(self.columns, paths, strict=True)]  # fmt: skip
+            yield SourceRow(number, values, text)
 
 
 def _lookup(record: dict[str, Any], column: str, path: list[str]) -> Any:

@@ -167,7 +167,10 @@ def commit_parts(
 
 
 class RejectsPart(StagedPart):
-    """Rejected rows of one part of a run (a bucket, or the split pass)."""
+    """Rejected rows of one part of a run (a bucket, or the split pass). `raw_row` is the
+    record as it is in the file: its text where the reader kept it (a CSV record with a
+    quote, a JSON Lines line, a malformed record), else its values joined by the file's
+    delimiter, which is the same text for a record without quotes."""
 
     def __init__(
         self,
@@ -177,54 +180,55 @@ class RejectsPart(StagedPart):
         columns: Sequence[str],
         part: int,
         label: Callable[[int], str] = str,
+        delimiter: str = ",",
     ) -> None:
         super().__init__(blobs, REJECTS, rejects_name(sync_id, run_id), part)
         self.columns = list(columns)
         self.label = label
-        # One writer per kind of line, over a buffer emptied for each (a writer per row was
-        # most of a reject's cost).
+        self.delimiter = delimiter
+        # One writer over a buffer emptied for each line (a writer per row was most of a
+        # reject's cost).
         self._line = io.StringIO()
         self._lines = csv.writer(self._line, lineterminator="\n")
-        self._raw_line = io.StringIO()
-        self._raw_lines = csv.writer(self._raw_line, lineterminator="")
 
-    def _raw(self, values: Sequence[Any] | str) -> str:
+    def _raw(self, values: Sequence[Any] | str, raw: str | None) -> str:
+        if raw is not None:
+            return raw
         if isinstance(values, str):
             return values
         if set(map(type, values)) <= _TEXT_OR_NONE:  # the usual: a CSV row's texts
-            return _written(
-                self._raw_line, self._raw_lines, ["" if v is None else v for v in values]
-            )
+            return self.delimiter.join("" if v is None else v for v in values)
         return json.dumps(dict(zip(self.columns, values, strict=False)), ensure_ascii=False)
 
-    def add_texts(self, rejects: list[tuple[int, str, str, list[str]]]) -> None:
+    def add_texts(self, rejects: list[tuple[int, str, str, list[str], str | None]]) -> None:
         """Many rejected rows whose values are all text (as C gives them): the same lines
         as `add` gives each, written by one writer call for all of them (a call per row was
         most of a reject's cost)."""
         if not rejects:
             return
-        raw = io.StringIO()
-        writer = csv.writer(raw, lineterminator="")
-        ends = []  # where each row's text ends: a value may hold any character, NUL too
-        for *_, values in rejects:
-            writer.writerow(values)
-            ends.append(raw.tell())
-        text = raw.getvalue()
-        raws = [text[start:end] for start, end in zip([0, *ends], ends, strict=False)]
+        join = self.delimiter.join
         rows = [
-            [self.label(line), code, spreadsheet_safe(message), spreadsheet_safe(raw_text)]
-            for (line, code, message, _), raw_text in zip(rejects, raws, strict=True)
-        ]
+            [self.label(line), code, spreadsheet_safe(message),
+             spreadsheet_safe(join(values) if raw is None else raw)]
+            for line, code, message, values, raw in rejects
+        ]  # fmt: skip
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows(rows)
         self.write(out.getvalue().encode("utf-8"), rows=len(rows))
 
-    def add(self, line: int, code: str, message: str, values: Sequence[Any] | str) -> None:
+    def add(
+        self,
+        line: int,
+        code: str,
+        message: str,
+        values: Sequence[Any] | str,
+        raw: str | None = None,
+    ) -> None:
         row = [
             self.label(line),
             code,
             spreadsheet_safe(message),
-            spreadsheet_safe(self._raw(values)),
+            spreadsheet_safe(self._raw(values, raw)),
         ]
         self.write(_written(self._line, self._lines, row).encode("utf-8"))
 

@@ -331,10 +331,10 @@ def plan_run(
 ) -> RunPlan:
     split_rejects = RejectsPart(
         services.storage.blobs, sync.id, run_id, split.columns, part=0,
-        label=lambda line: line_label(line, inputs),
+        label=lambda line: line_label(line, inputs), delimiter=sync.input.field_delimiter,
     )  # fmt: skip
-    for line, message in split.malformed:
-        split_rejects.add(line, "malformed_row", message, "")
+    for line, message, text in split.malformed:
+        split_rejects.add(line, "malformed_row", message, text)
     preview = sync.dry_run or PREVIEW_FOLDER in blob.name.split("/")[1:-1]
     plan = RunPlan(
         partition_key=safe_key(run_id),
@@ -585,6 +585,7 @@ def _run_buckets(
             rejects = RejectsPart(
                 storage.blobs, sync.id, run_id, plan.columns, part=bucket + 1,
                 label=lambda line: line_label(line, plan.inputs),
+                delimiter=sync.input.field_delimiter,
             )  # fmt: skip
             preview = (
                 PreviewPart(storage.blobs, sync.id, run_id, part=bucket) if plan.preview else None

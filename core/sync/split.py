@@ -41,6 +41,7 @@ from core.sync.readers import (
     DEFAULT_LIMITS,
     FileRejected,
     InputLimits,
+    Malformed,
     RowReader,
     SourceRow,
     decompressed,
@@ -85,7 +86,7 @@ class SplitResult:
     buckets: int
     rows: int = 0
     counts: list[int] = field(default_factory=list)
-    malformed: list[tuple[int, str]] = field(default_factory=list)
+    malformed: list[Malformed] = field(default_factory=list)
     in_memory: HeldWork | None = None
     """Each bucket's work, when it all fit in memory (else it is in work blobs)."""
     work_blobs: dict[int, str] = field(default_factory=dict)
@@ -181,7 +182,7 @@ class _BucketFile:
 
     def add(self, row: SourceRow) -> int:
         """The row as a work line; returns the line's size."""
-        line = orjson.dumps([row.line, *row.values])
+        line = work_line(row)
         self.pending += line
         self.pending += b"\n"
         if len(self.pending) >= _PENDING_BYTES:
@@ -353,7 +354,7 @@ class _Partitioner:
         if self.memory is not None:
             for bucket, rows in enumerate(self.memory):
                 for row in rows:
-                    self.memory_lines[bucket] += orjson.dumps([row.line, *row.values]) + b"\n"
+                    self.memory_lines[bucket] += work_line(row) + b"\n"
             self.work_bytes = [len(lines) for lines in self.memory_lines]
             return HeldWork([bytes(lines) for lines in self.memory_lines])
         held = [self.files[b].held if b in self.files else [] for b in range(self.buckets)]
@@ -526,7 +527,7 @@ def _read_parts_native(
 
 def feed_splitter(
     splitter: Any, text: IO[bytes], data: bytes, line: int, read_bytes: int = _READ_BYTES
-) -> Iterator[tuple[list[tuple[int, str]], list[tuple[int, bytes]]]]:
+) -> Iterator[tuple[list[Malformed], list[tuple[int, bytes]]]]:
     """Feed the rest of a part (`data`, then `text`) to a switchboard_sync.Splitter, a
     chunk at a time; yields each chunk's (malformed rows, work lines ready per bucket).
     Raises ReferenceNeeded for input the splitter leaves to the reference, and
@@ -600,10 +601,10 @@ def _read_parts(
             offset = part * LINE_STRIDE
             for entry in reader:
                 if isinstance(entry, tuple):
-                    result.malformed.append((offset + entry[0], entry[1]))
+                    result.malformed.append((offset + entry[0], entry[1], entry[2]))
                     continue
                 if offset:
-                    entry = SourceRow(offset + entry.line, entry.values)
+                    entry = SourceRow(offset + entry.line, entry.values, entry.raw)
                 bucket = bucket_of(identity_key(entry.values[identity_index]), buckets)
                 result.counts[bucket] += 1
                 partitioner.add(bucket, entry)
@@ -646,11 +647,19 @@ def inflate_work(data: bytes) -> bytes:
     return lines
 
 
-def work_rows(lines: bytes) -> Iterator[SourceRow]:
-    """The rows of a work blob's lines, one by one."""
+def work_line(row: SourceRow) -> bytes:
+    """`[line, value, ...]`, and the record's text after the values when it has one."""
+    if row.raw is None:
+        return orjson.dumps([row.line, *row.values])
+    return orjson.dumps([row.line, *row.values, row.raw])
+
+
+def work_rows(lines: bytes, width: int) -> Iterator[SourceRow]:
+    """The rows of a work blob's lines (of `width` values each), one by one."""
     for line in io.BytesIO(lines):
         line_number, *values = orjson.loads(line)
-        yield SourceRow(line_number, values)
+        raw = values.pop() if len(values) > width else None
+        yield SourceRow(line_number, values, raw)
 
 
 def delete_work(storage: Storage, run_id: str) -> None:

@@ -46,7 +46,13 @@ import orjson
 from azure.storage.blob import BlobBlock
 from xxhash import xxh64_digest
 
-from core.errors import ConcurrencyConflict, ConfigError, EntityExists, StorageError
+from core.errors import (
+    ConcurrencyConflict,
+    ConfigError,
+    CorruptState,
+    EntityExists,
+    StorageError,
+)
 from core.storage import Storage
 from core.storage.blobs import BlobRef, BlockWriter
 from core.storage.tables import EntityTable, TableEntity, safe_key
@@ -156,14 +162,19 @@ class ProfileState:
         self._audiences: set[str] | None = None if stored else set()
 
     def _parse(self) -> None:
-        if self._tables is not None:
-            self._hashes, self._audiences = state_codec.read_tail(
-                self._stored, self._at, self._tables
-            )
-        else:  # a line of format 5 or before
-            hashes, audiences = orjson.loads(memoryview(self._stored)[self._at :])
-            self._hashes = {name: bytes.fromhex(h) for name, h in hashes.items()}
-            self._audiences = set(audiences)
+        """Read when first needed (most profiles never are); a damaged record raises
+        CorruptState then, as a damaged section does when the state is read."""
+        try:
+            if self._tables is not None:
+                self._hashes, self._audiences = state_codec.read_tail(
+                    self._stored, self._at, self._tables
+                )
+            else:  # a line of format 5 or before
+                hashes, audiences = orjson.loads(memoryview(self._stored)[self._at :])
+                self._hashes = {name: bytes.fromhex(h) for name, h in hashes.items()}
+                self._audiences = set(audiences)
+        except _UNREADABLE as exc:
+            raise CorruptState(f"a stored profile cannot be read ({type(exc).__name__})") from None
         self._stored, self._verbatim = b"", False
 
     @property
@@ -540,6 +551,10 @@ def _profiles(text: bytes, same_mapping: bool) -> dict[str, ProfileState]:
                 same_mapping, part.tables,
             )  # fmt: skip
     return profiles
+
+
+_UNREADABLE = (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError)
+"""What reading a damaged state text raises (orjson's errors are ValueErrors)."""
 
 
 def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
@@ -1054,7 +1069,13 @@ class StateStore:
         (switchboard_sync.State) rather than in Python."""
         if inflated is None:
             return _decode(b"", self.fingerprint, native)
-        state = _decode(inflated[0], self.fingerprint, native)
+        try:
+            state = _decode(inflated[0], self.fingerprint, native)
+        except _UNREADABLE as exc:
+            raise CorruptState(
+                f"sync state {self.sync_id}/{self.destination} cannot be read "
+                f"({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
         state.etag, state.layout = inflated[1], inflated[2]
         return state
 
