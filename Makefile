@@ -9,7 +9,7 @@ FUZZ_SECONDS ?= 120
 FUZZ_TEST_SECONDS ?= 8
 SANITIZE := .sanitize
 
-.PHONY: demo start test lint typecheck pytest bench clean sanitize fuzz fuzz-short
+.PHONY: demo start test lint typecheck pytest bench clean sanitize fuzz fuzz-short test-loaded
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt native/switchboard_speedups.c native/switchboard_sync.c native/shared.h native/setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ pytest: deps
 	$(VENV)/bin/pytest
 
 test: lint typecheck pytest fuzz-short
+
+# The suite three times in a row beside a second suite running on the same cores (the
+# check that no test depends on timing or load; scripts/loaded-check.sh).
+test-loaded: deps
+	bash scripts/loaded-check.sh
 
 # The C speedups under ASan/UBSan with libFuzzer coverage (clang, installed if missing).
 $(SANITIZE)/.built: $(VENV)/.installed native/switchboard_speedups.c native/switchboard_sync.c native/shared.h native/setup.py native/sanitize.sh

@@ -69,6 +69,9 @@ class BlobTriggerWatcher:
         self.scan_interval = scan_interval
         self.failures: dict[tuple[str, str], int] = {}
         self.in_flight: set[tuple[str, str]] = set()
+        self.idle_scans = 0
+        """Scans that found nothing to do, with nothing running: a test waits for these
+        rather than for time to pass."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -91,7 +94,10 @@ class BlobTriggerWatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.scan()
+                dispatched = self.scan()
+                with self._lock:
+                    if not dispatched and not self.in_flight:
+                        self.idle_scans += 1
             except Exception:
                 log.exception("scan of %s failed", self.container)
             self._stop.wait(self.scan_interval)

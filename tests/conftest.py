@@ -16,7 +16,7 @@ import pytest
 from devhost.fakes.braze import FakeBraze
 from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
-from tests.helpers import eventually
+from tests.helpers import assert_no_personal_data, eventually
 from tests.scenarios import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +208,7 @@ def running_app(app_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         yield app
     finally:
         app.stop()
+    assert_no_personal_data(app.log_path)  # after every end-to-end test of the session
 
 
 @pytest.fixture

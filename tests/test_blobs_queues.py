@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +16,7 @@ from pydantic import BaseModel
 
 from core.errors import BlobAlreadyExists, LeaseUnavailable, MessageTooLarge, StorageError
 from core.storage.blobs import CHUNK_BYTES, BlockStager, deterministic_name, read_ahead
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -196,8 +196,9 @@ def test_chunks_read_ahead_pass_errors_on_and_stop_when_closed() -> None:
         list(read_ahead(chunks(5), 3))
     taken.clear()
     ahead = read_ahead(chunks(None), 2)
-    time.sleep(0.3)  # read ahead before anything is taken, at most `depth` (and one in hand)
+    # Read ahead before anything is taken: `depth` queued and one in hand, then it waits.
+    eventually(lambda: len(taken) >= 3)
     assert len(taken) <= 4
     ahead.close()  # type: ignore[attr-defined]
-    time.sleep(0.3)
-    assert len(taken) <= 4 and not any(t.name == "read-ahead" for t in threading.enumerate())
+    eventually(lambda: not any(t.name == "read-ahead" for t in threading.enumerate()))
+    assert len(taken) <= 4  # and its thread is gone: no more is taken

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -80,6 +79,13 @@ def test_http_routes_methods_and_errors(host: DevHost) -> None:
     assert requests.get(f"{base}/api/boom", timeout=5).status_code == 500
 
 
+def idle_scans(host: DevHost, function: str, more: int) -> None:
+    """Wait until the blob watcher has scanned `more` times more with nothing to do."""
+    watcher = host.blob_watchers[function]
+    start = watcher.idle_scans
+    eventually(lambda: watcher.idle_scans >= start + more, timeout=60)
+
+
 @pytest.mark.integration
 def test_blob_trigger_fires_once_per_name_and_etag(host: DevHost, storage, unique: str) -> None:  # type: ignore[no-untyped-def]
     def calls(function: str) -> list[dict]:
@@ -87,13 +93,13 @@ def test_blob_trigger_fires_once_per_name_and_etag(host: DevHost, storage, uniqu
 
     storage.blobs.create("inbox", f"{unique}/one.txt", b"hello")
     eventually(lambda: calls("inbox_blob"))
-    time.sleep(1.0)  # several more scans: still one call
+    idle_scans(host, "inbox_blob", 3)  # several more scans with nothing to do: still one call
     assert [c["name"] for c in calls("inbox_blob")] == [f"inbox/{unique}/one.txt"]
     storage.blobs.create("inbox", f"{unique}/one.txt", b"hello again", overwrite=True)
     eventually(lambda: len(calls("inbox_blob")) == 2)
     assert calls("inbox_blob")[1]["size"] == len(b"hello again")
     storage.blobs.create("inbox", f"{unique}-not-in-a-folder.txt", b"x")
-    time.sleep(0.6)
+    idle_scans(host, "inbox_blob", 2)
     assert len(calls("inbox_blob")) == 2
 
 
@@ -121,7 +127,7 @@ def test_existing_blobs_fire_at_start_and_receipts_survive_restart(
     second = DevHost(APP, port=port, blob_scan_interval=0.2, host_id=unique)
     second.start()
     try:
-        time.sleep(1.0)
+        idle_scans(second, "inbox_blob", 3)  # it has looked, and found its receipt
         names = [c["name"] for c in mine(second.module.calls("inbox_blob"))]
         assert names == [f"inbox/{unique}/before-start.txt"]  # once, across both hosts
     finally:
@@ -144,7 +150,7 @@ def test_failing_blob_goes_to_poison_after_threshold(host: DevHost, storage, uni
 
     entry = eventually(poisoned)[0]
     assert entry["ContainerName"] == "inbox" and entry["FunctionId"].endswith("inbox_blob")
-    time.sleep(0.6)
+    idle_scans(host, "inbox_blob", 2)
     assert attempts() == 2
 
 

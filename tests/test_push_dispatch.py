@@ -378,7 +378,6 @@ def test_fifty_thousand_targets_fan_out_through_the_queue(
     # Registered in bulk through the registry's table (the route is tested above).
     storage.tables.get(ProfileDevices).write_batch(rows, parallel=16)
     before = len(push_fakes.apns.state.delivered)
-    started = time.monotonic()
     answer = post(
         running_app,
         "push/send",
@@ -389,7 +388,8 @@ def test_fifty_thousand_targets_fan_out_through_the_queue(
             "defaults": {"first_name": "friend"},
         },
     )
-    assert answer.status_code == 202 and time.monotonic() - started < 10  # answered at once
+    assert answer.status_code == 202
+    assert answer.json()["status"] == "received"  # answered at once: sent later, by workers
     result = wait(running_app, answer.json()["dispatch_id"], timeout=300)
     assert result["status"] == "succeeded"
     assert result["chunks"] == {"total": 25, "done": 25}

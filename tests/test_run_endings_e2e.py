@@ -27,7 +27,7 @@ from core.storage.connection import parse_connection_string
 from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
 from tests.conftest import assert_no_run_left_open
-from tests.helpers import eventually
+from tests.helpers import assert_no_personal_data, eventually
 from tests.scenarios import people, to_csv
 from tests.test_currents_e2e import Files
 
@@ -90,6 +90,7 @@ def faulty(
         yield host
     finally:
         host.stop()
+    assert_no_personal_data(host.log_path)
 
 
 def runs(host: HostProcess, **params: str) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from devhost.faultproxy import FaultProxy
 from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
 from tests.conftest import assert_no_run_left_open
-from tests.helpers import eventually
+from tests.helpers import assert_no_personal_data, eventually
 from tests.scenarios import Scenario, people, to_csv
 from tests.test_currents_e2e import Files, stored_ids
 from tests.test_log_export import Events, read_blob
@@ -100,6 +100,10 @@ def host(
         **app_env,
         "AzureWebJobsStorage": outage.proxied,
         "SWITCHBOARD_CURRENTS_BUCKET": own_bucket,
+        # A queue message received while its answer is lost stays invisible for the
+        # function timeout (the host's lease), a failed one for the visibility timeout.
+        "AzureFunctionsJobHost__functionTimeout": "00:01:00",
+        "AzureFunctionsJobHost__extensions__queues__visibilityTimeout": "00:00:02",
     }
     process = HostProcess(env, free_port(), tmp_path_factory.mktemp("outage-host") / "log")
     try:
@@ -107,6 +111,7 @@ def host(
         yield process
     finally:
         process.stop()
+    assert_no_personal_data(process.log_path)
 
 
 def _normalised(profiles: dict[str, Any], prefix: str) -> list[Any]:
@@ -141,8 +146,11 @@ def test_a_segment_run_through_resetting_connections_ends_as_a_clean_one(
     outage.proxies["table"].configure(reset_every=23)
     outage.proxies["blob"].configure(reset_every=17)
     outage.proxies["queue"].configure(reset_every=7)
+    name = f"{faulty.sync}/resets-{uuid.uuid4().hex[:6]}.csv"
     try:
-        run = faulty.land(to_csv(faulty_rows), suffix=".csv")
+        ostorage.blobs.create(SEGMENTS, name, to_csv(faulty_rows))
+        # Duplicated and lost messages cost retries and leases: patience, not a deadline.
+        run = faulty.wait_for(name, timeout=300)
     finally:
         outage.faults(reset_every=0)
     assert run["status"] == "succeeded" and run["counts"]["sent"] == 2500, run
@@ -162,7 +170,7 @@ def test_a_segment_run_survives_a_storage_restart_in_its_middle(
         ostorage.blobs.create(SEGMENTS, name, to_csv(faulty_rows))
         eventually(lambda: len(faulty.received_for(faulty_rows)) >= 150, timeout=60)
         outage.restart()
-        run = faulty.wait_for(name, timeout=120)
+        run = faulty.wait_for(name, timeout=300)
     finally:
         fake_braze.configure(latency_seconds=0.0)
     assert run["status"] == "succeeded" and run["counts"]["rows"] == 3000, run

@@ -218,11 +218,13 @@ def ingest_queued(
             run.run_id, RunStatus.SUCCEEDED, counts=dict(summarise([report], Counter())),
             detail=detail,
         )  # fmt: skip
-    elif context.ledger.finished(message):  # done by an earlier message of the same file
+    else:  # done by an earlier message of the same file, or another worker has it now
+        skipped = "finished" if context.ledger.finished(message) else "held by another worker"
+        # (a redelivery of this message while its first delivery still works: that one's
+        # finish comes later and says what it did)
         services.runs.finish(
-            run.run_id, RunStatus.SUCCEEDED, counts={}, detail={**detail, "skipped": "finished"}
+            run.run_id, RunStatus.SUCCEEDED, counts={}, detail={**detail, "skipped": skipped}
         )
-    # else another worker has the file now, under this same run (a redelivery): it ends it
     log.info(
         "currents file ingested",
         extra={"key": message.key, "outcome": report.outcome, **dict(report.counts)},

@@ -9,10 +9,8 @@ is sent.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -24,8 +22,6 @@ from core.sync.definitions import FileFormat, InputSpec
 
 GZIP_MAGIC = b"\x1f\x8b"
 _READ_BYTES = 1 << 20
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -83,39 +79,33 @@ def header_columns(header: list[str]) -> list[str]:
     return columns
 
 
-def too_long(limits: InputLimits, line: int) -> FileRejected:
+def too_long(limit: int, line: int) -> FileRejected:
     return FileRejected(
         "line_too_long",
-        f"the record at line {line} is longer than {limits.max_line_bytes} bytes "
+        f"the record at line {line} is longer than {limit} bytes "
         "(SWITCHBOARD_MAX_LINE_BYTES); nothing was sent",
     )
 
 
 class BoundedLines:
-    """The text lines of a byte stream, split as Python's text reader splits them with
-    `newline=""` (at CRLF, CR or LF, which stay on the line), each decoded as strict UTF-8
-    (a BOM at the start dropped), in linear time and memory bounded by the limits: once
-    the lines of one record (since `record_done`) pass `max_line_bytes`, it raises
-    `line_too_long` without reading the rest, unless the record's first bytes are not
-    UTF-8 (`UnicodeDecodeError`, as the text reader would raise)."""
+    """The text lines of a byte stream as Python's text reader gives them with `newline=""`
+    (split at CRLF, CR or LF, which stay on the line; strict UTF-8, a BOM at the start
+    dropped), read no further than the limits allow: once the lines of one record (since
+    `record_done`) pass `max_line_bytes`, it raises `line_too_long` without reading the
+    rest of the line. A line is read with a size bound, so memory stays bounded and the
+    time linear however long it is."""
 
     def __init__(self, stream: IO[bytes], limits: InputLimits) -> None:
-        self._stream = stream
-        self._limits = limits
-        self._buffer = b""
-        self._at = 0
-        self._eof = False
-        self._record = 0  # bytes of the current record's lines so far
-        self._record_start = 1
-        self.line = 0
-        """Lines handed out (the number of the last one)."""
-        self._first = True
+        self._text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+        self._limit = limits.max_line_bytes
+        self._done = False
         self._texts: list[str] = []
+        self.quoted = False
+        """Whether a line of the current record holds a quote."""
+        self._lines = self._read()
 
     def record_done(self) -> None:
-        self._record = 0
-        self._record_start = self.line + 1
-        self._texts = []
+        self._done = True
 
     def record_text(self) -> str:
         """The text of the record's lines handed out since `record_done`, without the last
@@ -126,67 +116,31 @@ class BoundedLines:
         return text[:-1] if text.endswith(("\n", "\r")) else text
 
     def __iter__(self) -> Iterator[str]:
-        return self
+        return self._lines
 
-    def __next__(self) -> str:
-        data = self._next_line()
-        if data is None:
-            raise StopIteration
-        self.line += 1
-        text = data.decode("utf-8")
-        self._texts.append(text)
-        return text
-
-    def _fill(self) -> bool:
-        if self._eof:
-            return False
-        chunk = self._stream.read(_READ_BYTES)
-        if not chunk:
-            self._eof = True
-            return False
-        self._buffer = self._buffer[self._at :] + chunk
-        self._at = 0
-        return True
-
-    def _start(self) -> None:
-        """Drop a BOM at the start of the file (read at least its three bytes first)."""
-        while len(self._buffer) < 3 and self._fill():
-            pass
-        self._buffer = self._buffer.removeprefix(_BOM)
-        self._first = False
-
-    def _next_line(self) -> bytes | None:
-        limit = self._limits.max_line_bytes
-        if self._first:
-            self._start()
+    def _read(self) -> Iterator[str]:
+        readline, limit, texts = self._text.readline, self._limit, self._texts
+        record = 0  # bytes of the current record's lines so far
+        first = line_number = 1  # the current record's first line, the next line's
         while True:
-            found = _LINE_BREAK.search(self._buffer, self._at)
-            # A CR at the end of what was read may be the first half of a CRLF.
-            if found is not None and not (found.group() == b"\r" and found.end() == len(
-                    self._buffer) and not self._eof):  # fmt: skip
-                end = found.end()
-                if self._record + end - self._at > limit:
-                    self._refuse(self._buffer[self._at : self._at + limit - self._record + 1])
-                line = self._buffer[self._at : end]
-                self._record += len(line)
-                self._at = end
-                return line
-            if self._record + len(self._buffer) - self._at > limit:
-                self._refuse(self._buffer[self._at : self._at + limit - self._record + 1])
-            if not self._fill():
-                if self._at >= len(self._buffer):
-                    return None
-                line = self._buffer[self._at :]
-                if self._record + len(line) > limit:
-                    self._refuse(line[: limit - self._record + 1])
-                self._record += len(line)
-                self._at = len(self._buffer)
-                return line
-
-    def _refuse(self, head: bytes) -> None:
-        """The record is too long: its first bytes' UTF-8 is checked first."""
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-        raise too_long(self._limits, self._record_start)
+            if self._done:  # a record ended: the next line starts the next one
+                self._done = False
+                record, first = 0, line_number
+                texts.clear()
+                self.quoted = False
+            # At most the bound's worth of characters (a character is one byte or more),
+            # and two for a line break: a longer line is refused on its first part.
+            line = readline(limit - record + 2)
+            if not line:
+                return
+            record += len(line) if line.isascii() else len(line.encode("utf-8"))
+            if record > limit:
+                raise too_long(limit, first)
+            line_number += 1
+            texts.append(line)
+            if '"' in line:
+                self.quoted = True
+            yield line
 
 
 class RowReader:
@@ -250,14 +204,15 @@ class RowReader:
                 lines.record_done()
                 yield start, f"malformed CSV: {exc}", text
                 continue
-            text = lines.record_text()
-            lines.record_done()
-            if not values:
-                continue  # blank line
-            if len(values) != width:
+            if len(values) != width and values:
+                text = lines.record_text()
+                lines.record_done()
                 yield start, f"expected {width} fields, found {len(values)}", text
                 continue
-            yield SourceRow(start, values, text if '"' in text else None)
+            raw = lines.record_text() if lines.quoted else None
+            lines.record_done()
+            if values:  # else a blank line
+                yield SourceRow(start, values, raw)
 
     def _json_lines(self) -> Iterator[SourceRow | Malformed]:
         paths = [column.split(".") for column in self.columns]
