@@ -147,14 +147,21 @@ class SuppressionUpdate:
     def row_key(self) -> str:
         return f"{address_hash(self.address)}:{self.reason.value}"
 
+    def supersedes(self, at: datetime, active: bool) -> bool:
+        """Whether this update wins over a change made `at` (suppressing if `active`):
+        the later one wins; at the same time, suppressing wins over lifting, so that the
+        order two simultaneous changes arrive in never lifts a suppression."""
+        return self.at > at or (self.at == at and self.active and not active)
+
     def applied_to(self, current: Suppression | None) -> Suppression | None:
         """The row after this update, or None if it changes nothing.
 
-        The latest change wins by its own time, not by when it is applied: a lift is kept
-        as an inactive row, so an older suppression arriving later does not resurrect it,
-        and applying the same update twice changes nothing.
+        The latest change wins by its own time, not by when it is applied (and of two at
+        the same time, the suppression): a lift is kept as an inactive row, so an older
+        suppression arriving later does not resurrect it, and applying the same update
+        twice changes nothing.
         """
-        if current is not None and current.as_of() >= self.at:
+        if current is not None and not self.supersedes(current.as_of(), current.active):
             return None
         keep_since = current is not None and current.active and self.active
         return Suppression(

@@ -23,6 +23,7 @@ from core.events.store import EventStore
 from core.services import Services
 from core.settings import Settings
 from devhost.fakes.currents import (
+    BRAND_NUMBER,
     EVENT_TYPES,
     avro_bytes,
     currents_key,
@@ -390,3 +391,56 @@ def test_an_avro_block_declaring_a_terabyte_is_refused_not_read(
     assert config is not None
     report = ingest_file(config.context(storage, files.s3), obj)
     assert report.outcome == "failed" and "declares 1099511627776 bytes" in (report.error or "")
+
+
+def _lookup(host: HostProcess, channel: str, address: str) -> list[str]:
+    answer = requests.post(
+        f"{host.base_url}/api/suppressions/lookup",
+        json={"channel": channel, "address": address},
+        timeout=5,
+    )
+    return list(answer.json()["reasons"])
+
+
+def test_an_unsubscribe_and_a_subscribe_in_the_same_second_suppress_in_either_order(
+    host, files
+) -> None:  # type: ignore[no-untyped-def]
+    """Each in its own file, ingested one after the other, in both orders."""
+    moment = int(time.time()) - 300
+    unsubscribe = "users.messages.email.Unsubscribe"
+    change = "users.behaviors.subscription.GlobalStateChange"
+
+    def put(kind: str, address: str) -> None:
+        values = {"channel": "email", "subscription_status": "Subscribed"} if kind == change else {}
+        salt = files.salt + address
+        files.put(kind, [record_for(kind, 1, moment, salt=salt, email_address=address, **values)])
+
+    tag = uuid.uuid4().hex[:8]
+    for n, order in enumerate(((unsubscribe, change), (change, unsubscribe))):
+        address = f"tie{n}-{tag}@example.com"
+        for kind in order:
+            put(kind, address)
+            fire(host)
+        assert _lookup(host, "email", address) == ["unsubscribe"], order
+
+
+def test_a_stop_keyword_suppresses_the_person_never_the_brand_number(host, storage, files) -> None:  # type: ignore[no-untyped-def]
+    moment = int(time.time()) - 300
+    people = {}
+    for n, channel in enumerate(("sms", "whatsapp", "rcs")):
+        kind = f"users.messages.{channel}.InboundReceive"
+        number = f"+316{uuid.uuid4().int % 10**8:08d}"
+        people[channel] = number
+        files.put(kind, [record_for(kind, n, moment, salt=files.salt, user_phone_number=number,
+                                    message_body="STOP", action="Unsubscribed")])  # fmt: skip
+    # A message that matched no keyword changes nothing.
+    bystander = f"+316{uuid.uuid4().int % 10**8:08d}"
+    kind = "users.messages.sms.InboundReceive"
+    files.put(kind, [record_for(kind, 9, moment, salt=files.salt, user_phone_number=bystander,
+                                message_body="hello", action="None")])  # fmt: skip
+    fire(host)  # four files: they may be queued and taken by the file workers
+    wait_finished(storage, files.objects)
+    for channel, number in people.items():
+        assert _lookup(host, "phone", number) == ["unsubscribe"], channel
+    assert _lookup(host, "phone", bystander) == []
+    assert _lookup(host, "phone", BRAND_NUMBER) == []

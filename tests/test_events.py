@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import fastavro
 import pytest
 
 from core.currents.mapping import KNOWN_TYPES, event_type_from_schema, kind_of, to_event
@@ -13,7 +15,7 @@ from core.events.effects import SuppressionBatch, suppression_change
 from core.events.model import EngagementEvent, EventChannel, EventType, epoch_millis
 from core.events.store import EventStore, hour_key
 from core.suppression import Channel, Reason, SuppressionList
-from devhost.fakes.currents import EVENT_TYPES, record_for, schema_for
+from devhost.fakes.currents import BRAND_NUMBER, EVENT_TYPES, avro_bytes, record_for, schema_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +33,117 @@ def test_every_generated_type_maps_to_a_valid_canonical_event(event_type: str) -
     assert event.type is KNOWN_TYPES[event_type].type
     assert event.stored() == stored  # the fast path writes exactly the model's stored form
     assert event_type_from_schema(schema_for(event_type)) == event_type
+
+
+def _through_avro(kind: str, record: dict) -> dict:
+    """A record as Braze's writer schema carries it: written and read back as Avro."""
+    (read,) = fastavro.reader(io.BytesIO(avro_bytes(kind, [record])))
+    return to_event(dict(read), kind, kind_of(kind))
+
+
+# Which field holds the person's number, by family (currents-avro-fields.md, addendum).
+_PERSON_PHONE = {"InboundReceive": "user_phone_number", "ShortLinkClick": "user_phone_number"}
+_PHONE_TYPES = [
+    kind for kind in EVENT_TYPES
+    if any("phone_number" in f["name"] for f in schema_for(kind)["fields"])
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", _PHONE_TYPES)
+def test_the_event_phone_is_the_person_never_the_brand(kind: str) -> None:
+    person = f"+316{uuid.uuid4().int % 10**8:08d}"
+    name = kind.rpartition(".")[2]
+    field = _PERSON_PHONE.get(name) or (
+        "user_phone_number" if name == "Click" else
+        "phone_number" if "subscription" in kind else "to_phone_number"
+    )  # fmt: skip
+    record = record_for(kind, 3, 1_800_000_000, salt=uuid.uuid4().hex, **{field: person})
+    event = _through_avro(kind, record)
+    assert event["phone"] == person
+    assert BRAND_NUMBER not in (event.get("phone"), event.get("email"))
+    if "inbound_phone_number" in record:
+        assert event["raw"]["inbound_phone_number"] == BRAND_NUMBER  # kept, as the brand's
+
+
+def test_inbound_keywords_change_the_person_number_and_nothing_else() -> None:
+    person = f"+316{uuid.uuid4().int % 10**8:08d}"
+    for channel in ("sms", "whatsapp", "rcs"):
+        kind = f"users.messages.{channel}.InboundReceive"
+        for action, active in (("Unsubscribed", True), ("subscribed", False)):
+            event = _stored(kind, user_phone_number=person, action=action)
+            change = suppression_change(event)
+            assert change is not None and change.channel is Channel.PHONE
+            assert (change.address, change.reason, change.active) == (
+                person,
+                Reason.UNSUBSCRIBE,
+                active,
+            )
+        for action in ("None", None):
+            assert (
+                suppression_change(_stored(kind, user_phone_number=person, action=action)) is None
+            )
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["users.messages.pushnotification.TokenStateChange",
+     "users.behaviors.pushnotification.TokenStateChange"],
+)  # fmt: skip
+def test_millisecond_times_are_kept(kind: str) -> None:
+    seconds = 1_800_000_000
+    written = "users.messages.pushnotification.TokenStateChange"  # the writer schema's name
+    record = record_for(written, 1, seconds, salt=uuid.uuid4().hex, time_ms=seconds * 1000 + 457)
+    (read,) = fastavro.reader(io.BytesIO(avro_bytes(written, [record])))
+    event = to_event(dict(read), kind, kind_of(kind))
+    assert event["occurred_at"] == seconds * 1000 + 457 and "time_ms" not in event.get("raw", {})
+    assert EngagementEvent.model_validate(event).occurred_at.microsecond == 457_000
+    # A time_ms that is not the same second as `time` is not trusted over it; it is kept.
+    record["time_ms"] = (seconds + 3600) * 1000
+    event = to_event(record, kind, kind_of(kind))
+    assert event["occurred_at"] == seconds * 1000 and event["raw"]["time_ms"] == record["time_ms"]
+
+
+def _tie(address: str, phone: bool, at: int) -> tuple[dict, dict]:
+    """A suppressing event and a lifting one at the same second, for the same address."""
+    salt = uuid.uuid4().hex
+    change = "users.behaviors.subscription.GlobalStateChange"
+    if phone:
+        inbound = "users.messages.sms.InboundReceive"
+        stop = record_for(
+            inbound, 1, at, salt=salt, user_phone_number=address, action="Unsubscribed"
+        )
+        lift = record_for(change, 2, at, salt=salt, channel="sms", channel_identifier=address,
+                          subscription_status="Subscribed")  # fmt: skip
+        return to_event(stop, inbound, kind_of(inbound)), to_event(lift, change, kind_of(change))
+    unsubscribe = "users.messages.email.Unsubscribe"
+    stop = record_for(unsubscribe, 1, at, salt=salt, email_address=address)
+    lift = record_for(change, 2, at, salt=salt, email_address=address, channel="email",
+                      subscription_status="Subscribed")  # fmt: skip
+    return to_event(stop, unsubscribe, kind_of(unsubscribe)), to_event(
+        lift, change, kind_of(change)
+    )
+
+
+@pytest.mark.parametrize("phone", [False, True], ids=["email", "phone"])
+def test_simultaneous_changes_end_suppressed_in_any_order(storage, phone: bool) -> None:  # type: ignore[no-untyped-def]
+    suppressions = SuppressionList(storage)
+    channel = Channel.PHONE if phone else Channel.EMAIL
+    for together in (True, False):  # in one file, or in two files one after the other
+        for reverse in (False, True):
+            tag = uuid.uuid4()
+            address = f"+316{tag.int % 10**8:08d}" if phone else f"tie-{tag.hex[:10]}@example.com"
+            stop, lift = _tie(address, phone, 1_800_000_000)
+            events = [lift, stop] if reverse else [stop, lift]
+            for events_of_batch in [events] if together else [[e] for e in events]:
+                batch = SuppressionBatch()
+                for event in events_of_batch:
+                    batch.offer(event)
+                batch.apply(suppressions)
+            assert suppressions.reasons(channel, address) == [Reason.UNSUBSCRIBE]
+            # A lift one millisecond later does lift it.
+            later = suppression_change({**lift, "occurred_at": lift["occurred_at"] + 1})
+            assert later is not None and suppressions.apply(later)
+            assert suppressions.reasons(channel, address) == []
 
 
 def test_mapping_keeps_unknown_fields_raw_and_channels_from_subscriptions() -> None:

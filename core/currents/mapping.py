@@ -88,6 +88,9 @@ KNOWN_TYPES: dict[str, EventKind] = {
         EventKind(_T.SUBSCRIPTION_GROUP_CHANGED, _C.NONE),
     "users.behaviors.pushnotification.TokenStateChange":
         EventKind(_T.PUSH_TOKEN_CHANGED, _C.PUSH),
+    # The name in the v10 writer schemas (braze.md lists it under behaviors).
+    "users.messages.pushnotification.TokenStateChange":
+        EventKind(_T.PUSH_TOKEN_CHANGED, _C.PUSH),
     "users.behaviors.CustomEvent": EventKind(_T.CUSTOM_EVENT, _C.NONE),
     "users.behaviors.Purchase": EventKind(_T.PURCHASE, _C.NONE),
 }  # fmt: skip
@@ -104,9 +107,13 @@ _CANONICAL = {
     "user_id": "braze_id",
     "external_user_id": "external_id",
     "email_address": "email",
+    # The person's number in each family (currents-avro-fields.md, addendum):
+    # `to_phone_number` on messages sent to them, `user_phone_number` on what they sent or
+    # clicked, `phone_number` on subscription and profile changes. `inbound_phone_number` and
+    # `from_phone_number` are the brand's own numbers: kept in raw, never the person's.
     "phone_number": "phone",
     "to_phone_number": "phone",
-    "inbound_phone_number": "phone",
+    "user_phone_number": "phone",
     "push_token": "push_token",
     "app_id": "app_id",
     "platform": "platform",
@@ -124,6 +131,7 @@ _CANONICAL = {
     "subscription_group_id": "subscription_group_id",
 }
 _NOT_KEPT = frozenset({"id", "time"})
+_MILLIS_FIELD = "time_ms"
 
 
 def kind_of(event_type: str) -> EventKind:
@@ -161,7 +169,7 @@ def to_event(record: dict[str, Any], event_type: str, kind: EventKind) -> dict[s
         "source_type": event_type,
         "type": kind.type_name,
         "channel": kind.channel_name,
-        "occurred_at": moment * 1000,
+        "occurred_at": _millis(moment, record.get(_MILLIS_FIELD)),
     }
     raw: dict[str, Any] = {}
     canonical = _CANONICAL
@@ -175,9 +183,19 @@ def to_event(record: dict[str, Any], event_type: str, kind: EventKind) -> dict[s
             raw[name] = value
     if kind.names_its_channel:
         _subscription_address(event, raw)
+    if raw.get(_MILLIS_FIELD) == event["occurred_at"]:
+        del raw[_MILLIS_FIELD]  # it is the event's time
     if raw:
         event["raw"] = raw
     return event
+
+
+def _millis(seconds: int, millis: object) -> int:
+    """The event's time in epoch milliseconds: `time_ms` where a type has it and it is the
+    same second as `time` (a `time_ms` that disagrees stays in raw), else `time` x 1000."""
+    if type(millis) is int and millis // 1000 == seconds:
+        return millis
+    return seconds * 1000
 
 
 def _subscription_address(event: dict[str, Any], raw: dict[str, Any]) -> None:

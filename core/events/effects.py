@@ -6,10 +6,15 @@
     global subscription: Unsubscribed   -> suppress (unsubscribe) on that channel's address
     global subscription: Subscribed /
                          Opted In       -> lift the unsubscribe (never a hard bounce)
+    SMS / WhatsApp inbound message whose keyword Braze acted on (`action`):
+                         unsubscribed   -> suppress (unsubscribe) the sender's number
+                         subscribed     -> lift that unsubscribe
 
 Every change carries the event's own time: the suppression list keeps the latest change
-per address and reason, so the order of events decides, not the order they arrive in.
-Subscription-group changes are per group, not global, and change nothing here.
+per address and reason, so the order of events decides, not the order they arrive in;
+of two changes at the same time the suppression wins, in whichever order they arrive.
+Subscription-group changes are per group, not global, and change nothing here; an
+opt-out keyword is the person's own word and suppresses the number on every list.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ _DIRECT = {
 }
 _UNSUBSCRIBED = frozenset({"unsubscribed"})
 _SUBSCRIBED = frozenset({"subscribed", "opted in", "opted_in", "optedin"})
+_PHONE_CHANNELS = (EventChannel.SMS, EventChannel.WHATSAPP, EventChannel.RCS)
+# Braze's `action` on an inbound message: what its keyword did (`none`: no keyword).
+_KEYWORD_ACTIONS = {"unsubscribed": True, "subscribed": False}
 
 
 def _address(event: dict[str, object]) -> tuple[Channel, str] | None:
@@ -35,9 +43,7 @@ def _address(event: dict[str, object]) -> tuple[Channel, str] | None:
     try:
         if channel == EventChannel.EMAIL and isinstance(event.get("email"), str):
             return Channel.EMAIL, normalise_email(str(event["email"]))
-        if channel in (EventChannel.SMS, EventChannel.WHATSAPP) and isinstance(
-            event.get("phone"), str
-        ):
+        if channel in _PHONE_CHANNELS and isinstance(event.get("phone"), str):
             return Channel.PHONE, normalise_phone(str(event["phone"]))
     except RowRejected:
         return None
@@ -60,6 +66,13 @@ def suppression_change(event: dict[str, object]) -> SuppressionUpdate | None:
         else:
             return None
         reason = Reason.UNSUBSCRIBE
+    elif kind == EventType.INBOUND_RECEIVED:
+        raw = event.get("raw")
+        action = raw.get("action") if isinstance(raw, dict) else None
+        keyword = _KEYWORD_ACTIONS.get(str(action).strip().lower())
+        if keyword is None:
+            return None
+        reason, active = Reason.UNSUBSCRIBE, keyword
     else:
         return None
     target = _address(event)
@@ -88,7 +101,7 @@ class SuppressionBatch:
         self.offered += 1
         key = (change.channel, change.address, change.reason)
         current = self.latest.get(key)
-        if current is None or change.at > current.at:
+        if current is None or change.supersedes(current.at, current.active):
             self.latest[key] = change
 
     def apply(self, suppressions: SuppressionList) -> int:

@@ -24,6 +24,7 @@ _MESSAGE_IDS = (
 _EMAIL = ("ip_pool", "esp", "from_domain")
 _AD = ("ad_id", "ad_id_type")
 _TO = ("email_address",)
+_INBOUND = ("campaign_id", "subscription_group_id", "message_body", "action", "app_group_id")
 
 # Event type -> (required string fields beyond id/user_id, optional string fields, others)
 _SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], list[dict[str, Any]]]] = {
@@ -85,12 +86,32 @@ _SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], list[dict[str, Any]]]]
     "users.messages.sms.Rejection": (
         ("to_phone_number",), (*_MESSAGE_IDS, "error", "provider_error_code"), []
     ),
+    # Inbound: `user_phone_number` is the person who wrote, `inbound_phone_number` the
+    # brand's number they wrote to; clicks carry the person's number as `user_phone_number`.
     "users.messages.sms.InboundReceive": (
-        ("inbound_phone_number",), ("campaign_id", "message_body", "action", "app_group_id"), []
+        ("inbound_phone_number", "user_phone_number"), _INBOUND, []
     ),
-    "users.messages.sms.ShortLinkClick": (("to_phone_number",), (*_MESSAGE_IDS, "url"), []),
+    "users.messages.sms.ShortLinkClick": (
+        ("user_phone_number",), (*_MESSAGE_IDS, "url", "short_url", "user_agent"), []
+    ),
     "users.messages.sms.Abort": (("to_phone_number",), (*_MESSAGE_IDS, "abort_type"), []),
     "users.messages.sms.Retry": (("to_phone_number",), _MESSAGE_IDS, []),
+    "users.messages.whatsapp.InboundReceive": (
+        ("inbound_phone_number", "user_phone_number"), _INBOUND, []
+    ),
+    "users.messages.whatsapp.Click": (
+        ("user_phone_number",), (*_MESSAGE_IDS, "url", "short_url", "user_agent"), []
+    ),
+    "users.messages.rcs.InboundReceive": (
+        ("inbound_phone_number", "user_phone_number"), _INBOUND, []
+    ),
+    "users.messages.rcs.Click": (("user_phone_number",), (*_MESSAGE_IDS, "url", "button_id"), []),
+    "users.messages.pushnotification.TokenStateChange": (
+        ("app_id",),
+        ("platform", "device_id", "push_token", "push_token_state_change_type",
+         "push_token_foreground_push_disabled"),
+        [{"name": "time_ms", "type": ["null", "long"], "default": None}],
+    ),
     "users.behaviors.subscription.GlobalStateChange": (
         ("subscription_status",),
         ("email_address", "state_change_source", "channel", "app_id", "campaign_id",
@@ -110,6 +131,8 @@ _SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...], list[dict[str, Any]]]]
     ),
 }  # fmt: skip
 EVENT_TYPES = tuple(_SPECS)
+BRAND_NUMBER = "+3197010000000"
+"""The brand's own number people text (a Dutch machine-to-machine range)."""
 
 
 def schema_for(event_type: str, *, extra_fields: Iterable[str] = ()) -> dict[str, Any]:
@@ -161,7 +184,8 @@ def record_for(
         "app_id": "app-ios",
         "platform": "ios",
         "to_phone_number": f"+3161{number % 10_000_000:07d}",
-        "inbound_phone_number": f"+3161{number % 10_000_000:07d}",
+        "user_phone_number": f"+3161{number % 10_000_000:07d}",
+        "inbound_phone_number": BRAND_NUMBER,
         "subscription_status": "Unsubscribed",
         "subscription_group_id": "sg-news",
         "name": "viewed_item",
@@ -173,6 +197,8 @@ def record_for(
         record[name] = defaults.get(name, f"{name}-{number}")
     if any(f["name"] == "price" for f in others):
         record["price"] = 9.5
+    if any(f["name"] == "time_ms" for f in others):
+        record["time_ms"] = moment * 1000 + number % 1000
     if event_type.endswith("email.Click"):
         record["url"] = "https://example.com/offer"
     if event_type.endswith(("email.Bounce", "email.SoftBounce")):
