@@ -2310,6 +2310,11 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Py_s
         int granted = consent_granted(m, row);
         if (granted < 0) return ERR;
         if (!granted) {
+            if (e->flags & E_PRESENT) { /* a withdrawal: the reference takes our audiences back */
+                Profile *profile;
+                TRY(entry_profile(st, e, &profile));
+                if (profile->owned) return PUNT;
+            }
             TRY(withhold(o, row, digest));
             count_suppressed(o, -1);
             return OK;
@@ -2498,9 +2503,11 @@ static int acknowledge(State *st, const Item *item) {
             return ERR;
     }
     profile->owned = (profile->owned | item->added) & ~item->removed;
-    if (!item->removal) { /* a removal keeps the digest of the row last acknowledged */
+    if (!item->removal) {
         memcpy(e->digest, item->digest, 8);
         e->flags |= E_DIGEST;
+    } else { /* the destination no longer holds what the last row said: diff it next time */
+        e->flags &= ~E_DIGEST;
     }
     e->flags |= E_REWRITE;
     if (!(e->flags & E_PRESENT)) {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,8 +83,34 @@ SCENARIOS = (
     "identical", "changes", "exited", "suppressed", "rejects", "not-utf8", "clean",
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
     "fanout", "dryrun", "mirror", "manifest", "push", "lookup-budget", "early-manifest",
-    "manifest-deadline", "header-only", "long-line",
+    "manifest-deadline", "header-only", "long-line", "gov-blocked", "gov-drop",
+    "gov-dataset", "consent-aep", "consent-withdrawn",
 )  # fmt: skip
+
+
+def _labelled(fields: list[dict[str, Any]], labels: dict[str, list[str]]) -> list[dict[str, Any]]:
+    return [{**f, "labels": labels[f["target"]]} if f["target"] in labels else f for f in fields]
+
+
+# Scenario syncs under the governance of tests/data/syncs.yaml, as a user would label them.
+GOVERNED: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    # Loyalty points are a partner's data that may not go to a third party.
+    "gov-blocked": lambda s: {**s, "fields": _labelled(s["fields"], {"loyalty_points": ["C2"]})},
+    # The country is a broad location: dropped for targeting; `tier` carries one of the two
+    # labels a match-all policy needs, so it still goes.
+    "gov-drop": lambda s: {
+        **s, "fields": _labelled(s["fields"], {"country": ["S2"], "tier": ["crm-internal"]}),
+    },
+    # The whole export (as a dataset) may not go to a third party.
+    "gov-dataset": lambda s: {**s, "labels": ["C2"]},
+    # AEP's consent field, one permission.
+    "consent-aep": lambda s: {
+        **s, "consent": {"channel": "email", "column": "consents.marketing.email.val"},
+    },
+    "consent-withdrawn": lambda s: {
+        **s, "consent": {"channel": "email", "column": "consents.marketing.email.val"},
+    },
+}  # fmt: skip
 
 
 def scenario_syncs(path: Path) -> Path:
@@ -108,6 +134,8 @@ def scenario_syncs(path: Path) -> Path:
             copy["processing"] = {"in_memory_max_rows": 100, "unchanged_lookup_mb": 0.07}
         if name == "storm-5xx":
             copy["destination"] = {"type": "braze", "max_attempts": 8}
+        if name in GOVERNED:
+            copy = GOVERNED[name](copy)
         document["syncs"].append(copy)
     path.write_text(yaml.safe_dump(document))
     return path

@@ -291,6 +291,10 @@ def test_mirror_takes_back_memberships_of_profiles_absent_from_a_full_export(sce
     assert "audience_vip" not in profiles["MI-00006"]  # never ours: never sent
     again = s.land(to_csv(rows[:5]))
     assert "mirror.removed" not in again["counts"]  # taken back once
+    # Back in the export exactly as they were: their memberships are given back.
+    back = s.land(to_csv(rows))
+    assert back["counts"]["sent"] == 3 and back["counts"]["unchanged"] == 7
+    assert [s.profiles(rows)[f"MI-{i:05d}"]["audience_vip"] for i in (5, 7, 9)] == [True] * 3
 
 
 def test_split_export_runs_once_when_its_manifest_lands(scenario, storage, running_app) -> None:  # type: ignore[no-untyped-def]

@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import ConfigError
+from core.governance import Governance, Sent, Verdict, action_id, evaluate, label_id
 from core.push.apps import PushApp
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = (1,)
 _SYNC_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -39,6 +52,16 @@ _RESERVED_TARGETS = {"external_id", "braze_id", "user_alias", "_update_existing_
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Labels = Annotated[
+    tuple[str, ...],
+    Field(description="data usage labels (Adobe's C1-C12, I1, I2, S1, S2, ... or custom)"),
+]
+
+
+def _labels(value: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(label_id(name) for name in value)
 
 
 class FieldType(StrEnum):
@@ -72,7 +95,7 @@ class FieldMapping(Strict):
     required: bool = False
     max_length: int | None = Field(default=None, ge=1, le=255)
     send_nulls: bool = False
-    labels: tuple[str, ...] = ()
+    labels: Labels = ()
     whitespace: Literal["keep", "trim"] = Field(
         default="keep",
         description=(
@@ -81,6 +104,8 @@ class FieldMapping(Strict):
             "always read trimmed"
         ),
     )
+
+    _labels = field_validator("labels")(_labels)
 
     @field_validator("target")
     @classmethod
@@ -111,12 +136,18 @@ class Identity(Strict):
     column: str = Field(min_length=1, description="source column holding the identity")
     namespace: str = Field(min_length=1, description="CDP identity namespace, e.g. crmId")
     destination_key: Literal["external_id", "braze_id", "email", "phone"] = "external_id"
+    labels: Labels = ()
+
+    _labels = field_validator("labels")(_labels)
 
 
 class AudienceSegment(Strict):
     id: str = Field(min_length=1, description="segment id in segmentMembership.<ns>.<id>")
     name: str = Field(min_length=1, description="audience name in the destination")
     namespace: str = "ups"
+    labels: Labels = ()
+
+    _labels = field_validator("labels")(_labels)
 
     @property
     def column(self) -> str:
@@ -133,16 +164,83 @@ class Audiences(Strict):
         return f"{self.attribute_prefix}{segment.name}"
 
 
+ConsentChannel = Literal["email", "sms", "push", "whatsapp"]
+# AEP's consent values (consents.marketing.<channel>.val), lower-cased as rows are read.
+AEP_CONSENT_VALUES = {
+    "y": "yes, opted in", "n": "no, opted out", "p": "pending verification",
+    "u": "unknown", "dy": "default of yes", "dn": "default of no",
+    "li": "legitimate interest", "ct": "contract", "cp": "compliance with a legal obligation",
+    "vi": "vital interest of the individual", "pi": "public interest",
+}  # fmt: skip
+_NEVER_GRANTED = ("n", "dn", "p", "u")
+_MARKETING_CONSENT = re.compile(r"^consents\.marketing\.([A-Za-z]+)\.val$")
+# Braze profile attributes that carry one channel's marketing permission.
+_SUBSCRIPTION_TARGETS = {"email_subscribe": "email", "push_subscribe": "push"}
+
+
+def consent_channel_of(column: str) -> str | None:
+    """`consents.marketing.sms.val` -> `sms`: the channel an AEP consent column is about."""
+    found = _MARKETING_CONSENT.match(column)
+    return found.group(1).lower() if found else None
+
+
 class Consent(Strict):
-    channel: Literal["email", "push", "sms"]
+    """The one marketing permission a sync carries (a list never mixes them)."""
+
+    channel: ConsentChannel
     column: str | None = Field(
-        default=None, description="column with the consent value; unset means not checked"
+        default=None,
+        description=(
+            "column with the consent value, e.g. consents.marketing.email.val; unset means "
+            "not checked"
+        ),
     )
-    granted_values: tuple[str, ...] = ("y", "yes", "true", "1", "opted_in", "subscribed", "in")
+    granted_values: tuple[str, ...] = Field(
+        default=("y", "dy", "yes", "true", "1", "opted_in", "subscribed", "in"),
+        description=(
+            "values that grant it (any case): AEP's y and dy (a default of yes), and common "
+            "spellings of yes; add li, ct, cp, vi or pi to send on another legal basis"
+        ),
+    )
+
+    @field_validator("granted_values")
+    @classmethod
+    def _grants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        lowered = tuple(v.strip().lower() for v in value)
+        for refused in _NEVER_GRANTED:
+            if refused in lowered:
+                raise ValueError(
+                    f"{refused!r} cannot grant consent: in AEP it means "
+                    f"{AEP_CONSENT_VALUES[refused]!r}"
+                )
+        if not any(lowered):
+            raise ValueError("at least one value must grant consent")
+        return lowered
+
+    @model_validator(mode="after")
+    def _one_channel(self) -> Consent:
+        about = consent_channel_of(self.column or "")
+        if about is not None and about != self.channel:
+            raise ValueError(
+                f"column {self.column!r} is the {about} permission but channel is "
+                f"{self.channel!r}: a sync carries exactly one marketing permission"
+            )
+        return self
 
 
 class BrazeDestination(Strict):
+    MARKETING_ACTIONS: ClassVar[tuple[str, ...]] = ("email_targeting", "export_to_third_party")
+    """What sending profiles to Braze always is, whatever a sync adds."""
+
     type: Literal["braze"] = "braze"
+    marketing_actions: tuple[str, ...] = Field(
+        default=(), description="marketing actions this sync performs besides Braze's own"
+    )
+
+    @field_validator("marketing_actions")
+    @classmethod
+    def _action_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(action_id(name) for name in value)
     batch_size: int = Field(default=75, ge=1, le=75, description="objects per /users/track")
     max_body_bytes: int = Field(default=3_900_000, ge=10_000, le=4_000_000)
     requests_per_second: float = Field(default=50.0, gt=0)
@@ -210,6 +308,9 @@ class Processing(Strict):
 class SyncDefinition(Strict):
     id: str
     description: str = ""
+    labels: Labels = Field(
+        default=(), description="labels of the whole export (as on a dataset): all it sends"
+    )
     input: InputSpec = InputSpec()
     identity: Identity
     fields: tuple[FieldMapping, ...] = ()
@@ -226,12 +327,72 @@ class SyncDefinition(Strict):
         description="a repeated identity in one file is rejected; the first row is used",
     )
 
+    _labels = field_validator("labels")(_labels)
+
     @field_validator("id")
     @classmethod
     def _id_shape(cls, value: str) -> str:
         if not _SYNC_ID.match(value):
             raise ValueError("must be 2-63 characters of a-z, 0-9 and '-' (it is a blob prefix)")
         return value
+
+    @field_validator("consent", mode="before")
+    @classmethod
+    def _one_consent(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            raise ValueError(
+                "a sync carries exactly one marketing permission: give one consent "
+                "(channel and column), and one sync per permission"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_permission(self) -> SyncDefinition:
+        """Nothing the sync sends or reads is another channel's marketing permission."""
+        channels: dict[str, str] = {}
+        if self.consent is not None:
+            channels[self.consent.channel] = "consent.channel"
+        for index, mapping in enumerate(self.fields):
+            about = _SUBSCRIPTION_TARGETS.get(mapping.target) or consent_channel_of(mapping.source)
+            if about is not None:
+                channels.setdefault(about, f"fields[{index}]")
+        if len(channels) > 1:
+            named = ", ".join(f"{channel} ({where})" for channel, where in channels.items())
+            raise ValueError(
+                f"mixes marketing permissions: {named}; a sync (one list in the destination) "
+                "carries exactly one"
+            )
+        return self
+
+    def marketing_actions(self) -> tuple[str, ...]:
+        spec = self.destination
+        return tuple(dict.fromkeys((*spec.MARKETING_ACTIONS, *spec.marketing_actions)))
+
+    def sent(self) -> list[Sent]:
+        """Everything the sync sends to its destination, with its source and labels."""
+        common = set(self.labels)
+        items = [
+            Sent("identity", self.identity.destination_key, self.identity.column,
+                 frozenset(common.union(self.identity.labels))),
+        ]  # fmt: skip
+        items += [
+            Sent("field", m.target, m.source, frozenset(common.union(m.labels)))
+            for m in self.fields
+        ]
+        items += [
+            Sent("audience", s.name, s.column, frozenset(common.union(s.labels)))
+            for s in self.audiences.segments
+        ]
+        return items
+
+    def without(self, dropped: frozenset[tuple[str, str]]) -> SyncDefinition:
+        """This sync less the fields and audiences a drop policy keeps from leaving."""
+        if not dropped:
+            return self
+        fields = tuple(m for m in self.fields if ("field", m.target) not in dropped)
+        segments = tuple(s for s in self.audiences.segments if ("audience", s.name) not in dropped)
+        audiences = self.audiences.model_copy(update={"segments": segments})
+        return self.model_copy(update={"fields": fields, "audiences": audiences})
 
     @model_validator(mode="after")
     def _targets_unique(self) -> SyncDefinition:
@@ -254,11 +415,25 @@ class SyncDefinition(Strict):
         return self
 
 
+@dataclass(frozen=True)
+class GovernedSync:
+    """A sync as the policies let it run: `sync` less what is dropped; blocked or not."""
+
+    sync: SyncDefinition
+    verdict: Verdict
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.verdict.blocked)
+
+
 class SyncDocument(Strict):
     version: int
+    governance: Governance = Governance()
     syncs: tuple[SyncDefinition, ...]
     push_apps: tuple[PushApp, ...] = ()
     """Mobile apps for push (tokens, dispatch); see core/push/apps.py."""
+    _governed: dict[str, GovernedSync] = PrivateAttr(default_factory=dict)
 
     @field_validator("version")
     @classmethod
@@ -278,8 +453,42 @@ class SyncDocument(Strict):
                 raise ValueError(f"{kind} ids must be unique: {duplicated}")
         return self
 
+    @model_validator(mode="after")
+    def _governed_syncs(self) -> SyncDocument:
+        """Labels and actions checked against the catalog; each sync's verdict computed."""
+        problems = self.governance.problems()
+        known_labels = self.governance.known_labels()
+        known_actions = self.governance.known_actions()
+        for sync in self.syncs:
+            labels = {label for item in sync.sent() for label in item.labels}
+            for label in sorted(labels - known_labels):
+                problems.append(
+                    f"sync {sync.id!r}: unknown label {label!r} (declare custom labels in "
+                    "governance.labels)"
+                )
+            for action in sync.destination.marketing_actions:
+                if action not in known_actions:
+                    problems.append(f"sync {sync.id!r}: unknown marketing action {action!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        for sync in self.syncs:
+            verdict = evaluate(
+                self.governance, sync.id, sync.destination.type, sync.marketing_actions(),
+                sync.sent(),
+            )  # fmt: skip
+            self._governed[sync.id] = GovernedSync(sync.without(verdict.dropped_names), verdict)
+        return self
+
     def get(self, sync_id: str) -> SyncDefinition | None:
-        return next((s for s in self.syncs if s.id == sync_id), None)
+        """The sync as it runs: less the fields and audiences a drop policy keeps back."""
+        governed = self._governed.get(sync_id)
+        return governed.sync if governed else None
+
+    def governed(self, sync_id: str) -> GovernedSync | None:
+        return self._governed.get(sync_id)
+
+    def blocked(self) -> list[GovernedSync]:
+        return [g for g in self._governed.values() if g.blocked]
 
     def push_app(self, app_id: str) -> PushApp | None:
         return next((a for a in self.push_apps if a.id == app_id), None)
@@ -320,7 +529,8 @@ def parse_document(data: Any) -> SyncDocument:
 
 
 def load_document(path: Path) -> SyncDocument:
-    """Read a YAML or JSON sync document; ConfigError says what and where."""
+    """Read a YAML or JSON sync document; ConfigError says what and where. A sync a policy
+    blocks is an error in the log here, and its runs end blocked, sending nothing."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -329,4 +539,10 @@ def load_document(path: Path) -> SyncDocument:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"sync definitions {path} are not valid YAML/JSON: {exc}") from None
-    return parse_document(data)
+    document = parse_document(data)
+    for governed in document.blocked():
+        log.error(
+            "sync %r is blocked by policy: %s", governed.sync.id,
+            "; ".join(v.sentence() for v in governed.verdict.blocked),
+        )  # fmt: skip
+    return document

@@ -81,6 +81,9 @@ class _Pending:
     digest: bytes
     item: dict[str, Any]
     encoded: bytes = b""
+    withdrawal: bool = False
+    """The audiences we added, taken back from a row that withdrew consent (counted
+    already as suppressed: the row itself sends nothing)."""
 
 
 class _Items:
@@ -201,6 +204,7 @@ class ChunkRunner:
         worker: str,
         on_bucket_done: Callable[[BucketWork], None],
         dry_run: bool = False,
+        blocked_by: str | None = None,
         checkpoints: CheckpointLog | None = None,
         native: bool = True,
     ) -> None:
@@ -212,7 +216,9 @@ class ChunkRunner:
         self.run_id = run_id
         self.worker = worker
         self.on_bucket_done = on_bucket_done
-        self.dry_run = dry_run
+        self.blocked_by = blocked_by
+        """A policy that blocks the sync: rows that would be sent end blocked_by_policy."""
+        dry_run = self.dry_run = dry_run or blocked_by is not None
         self.send_nulls = frozenset(m.target for m in sync.fields if m.send_nulls)
         self._names = ([t for t, _, _, _ in mapper.fields], [name for name, _ in mapper.audiences])
         self._checkpoints = checkpoints or CheckpointLog(storage)
@@ -352,7 +358,12 @@ class ChunkRunner:
             )  # fmt: skip
             if withheld:
                 reason = _NO_CONSENT
-                state.withhold(identity, digest)
+                known = state.profiles.get(identity)
+                if known is not None and known.audiences:
+                    removal = Change({}, (), tuple(sorted(known.audiences)))
+                    self._queue(work, entry.line, identity, removal, digest, withdrawal=True)
+                else:  # once taken back (_settle), the row is held back like any other
+                    state.withhold(identity, digest)
             if reason is not None:
                 counts.add(Outcome.SUPPRESSED, reason)
                 continue
@@ -398,11 +409,17 @@ class ChunkRunner:
     # -- batching ----------------------------------------------------------------------
 
     def _queue(
-        self, work: BucketWork, line: int, identity: str, change: Change, digest: bytes
-    ) -> None:
+        self, work: BucketWork, line: int, identity: str, change: Change, digest: bytes,
+        *, withdrawal: bool = False,
+    ) -> None:  # fmt: skip
+        if self.blocked_by is not None:
+            if line > 0 and not withdrawal:  # a row to send (mirror removals are not rows)
+                work.counts.add(Outcome.BLOCKED_BY_POLICY, self.blocked_by)
+            return
         pending = _Pending(
-            work, line, identity, change, digest, build_item(self.sync, identity, change)
-        )
+            work, line, identity, change, digest, build_item(self.sync, identity, change),
+            withdrawal=withdrawal,
+        )  # fmt: skip
         if work.preview is not None:
             self._preview(work, pending)
             return
@@ -449,13 +466,15 @@ class ChunkRunner:
         assert work.preview is not None
         work.preview.add(pending.line, pending.item)
         known = pending.identity in work.state.profiles
-        if pending.line > 0:
+        if pending.line > 0 and not pending.withdrawal:
             work.diff["profiles_updated" if known else "profiles_new"] += 1
         for name in pending.change.attributes:
             work.diff[f"attribute.{name}"] += 1
         work.diff["memberships_added"] += len(pending.change.added)
         work.diff["memberships_removed"] += len(pending.change.removed)
-        if pending.line > 0:
+        if pending.withdrawal:
+            work.diff["consent_withdrawals"] += 1
+        elif pending.line > 0:
             work.counts.add(Outcome.WOULD_SEND)
 
     def _flush(self) -> None:
@@ -499,6 +518,16 @@ class ChunkRunner:
 
     def _settle(self, pending: _Pending, result: list[Any]) -> None:
         counts = pending.bucket.counts
+        if pending.withdrawal:  # the row is counted (no consent); this is its removal
+            if not result:
+                state = pending.bucket.state
+                state.acknowledge(pending.identity, pending.change, None)
+                state.withhold(pending.identity, pending.digest)
+            # Not taken back: not held back either, so the next run tries again.
+            counts.reasons[
+                "consent.audiences_removed" if not result else "consent.removal_failed"
+            ] += 1
+            return
         if pending.line < 0:  # a mirror removal: not a row of the file
             if not result:
                 pending.bucket.state.acknowledge(pending.identity, pending.change, None)

@@ -38,6 +38,8 @@ class Outcome(StrEnum):
     REJECTED = "rejected"
     UNMATCHED = "unmatched"
     SUPPRESSED = "suppressed"
+    BLOCKED_BY_POLICY = "blocked_by_policy"
+    """A governance policy blocks the sync: the row would have been sent."""
     FAILED = "failed"
 
 

@@ -97,6 +97,13 @@ class RunPlan(TableEntity):
     """Rows the split settled (core/sync/unchanged.py), of them `settled_by_line` unparsed."""
     settled_by_line: int = 0
     preview: bool = False
+    blocked_by: str | None = None
+    """The policy that blocks the sync (core/governance.py): nothing is sent or kept."""
+
+    @property
+    def sends(self) -> bool:
+        """Whether the run sends and keeps state: not a preview, not blocked."""
+        return not self.preview and self.blocked_by is None
 
 
 class BucketResult(TableEntity):
@@ -336,6 +343,8 @@ def plan_run(
     for line, message, text in split.malformed:
         split_rejects.add(line, "malformed_row", message, text)
     preview = sync.dry_run or PREVIEW_FOLDER in blob.name.split("/")[1:-1]
+    governed = services.syncs().governed(sync.id)
+    blocked = governed.verdict.blocked if governed is not None else ()
     plan = RunPlan(
         partition_key=safe_key(run_id),
         row_key="plan",
@@ -353,6 +362,7 @@ def plan_run(
         settled_in_split=sum(split.settled),
         settled_by_line=split.settled_by_line,
         preview=preview,
+        blocked_by=blocked[0].policy if blocked else None,
     )
     services.storage.tables.get(RunPlan).upsert(plan)
     return plan
@@ -424,12 +434,12 @@ def process_buckets(
             preview_blocks=preview_blocks,
         )
         snapshot = None
-        if not plan.preview and work.state.dirty:  # a dry run changes no state
+        if plan.sends and work.state.dirty:  # a dry or blocked run changes no state
             snapshot = states.snapshot(
                 work.number, work.state, run_id=run_id, result=result.model_dump()
             )
         etag = work.state.etag
-        loaded = etag is not None and snapshot is None and not plan.preview
+        loaded = etag is not None and snapshot is None and plan.sends
         loaded_index = work.state.index() if loaded else None
         # `committed` waits for the pack's next commit, with the buckets before it: it
         # holds the bucket's number and index, not its state or text.
@@ -459,7 +469,7 @@ def process_buckets(
         storage, sync, RowMapper(sync, plan.columns), destination,
         unchanged.suppressions if unchanged else SuppressionList(storage).snapshot(),
         run_id=run_id, worker=f"w{buckets[0] if buckets else 0:04d}", on_bucket_done=bucket_done,
-        dry_run=plan.preview, checkpoints=checkpoints,
+        dry_run=plan.preview, blocked_by=plan.blocked_by, checkpoints=checkpoints,
         native=services.settings.sync_native_buckets,
     )  # fmt: skip
     indexes = states.index_writer(run_id)
@@ -476,7 +486,7 @@ def process_buckets(
             unchanged.stop()
         pack.close()  # the buckets finished before an error count too
     recorded.flush()
-    if not plan.preview:
+    if plan.sends:
         indexes.close()  # after every write is done: it names the snapshots written
         states.collect_garbage()
     return recorded.results
@@ -640,6 +650,8 @@ def finalize(
     delete_work(services.storage, run_id)
     started = services.runs.get(run_id)
     seconds = (datetime.now(UTC) - started.started_at).total_seconds() if started else 0.0
+    governed = services.syncs().governed(sync.id)
+    kept_back = {v.sent.source for v in governed.verdict.dropped} if governed else set()
     detail: dict[str, Any] = {
         "rejects": rejects,
         "batches_sent": stats.sent,
@@ -651,14 +663,24 @@ def finalize(
         "rows_settled_in_split": plan.settled_in_split,
         "rows_settled_by_line": plan.settled_by_line,
         "rows_per_second": round(counts.rows / seconds) if seconds > 0 else None,
-        **columns_report(sync, plan.columns),
+        **columns_report(sync, plan.columns, kept_back),
     }
     if plan.preview:
         detail["preview"] = {
             "diff": dict(sorted(diff.items())),
             "objects": commit_preview(services.storage.blobs, sync.id, run_id, preview_blocks),
         }
+    if governed is not None and governed.verdict.report():
+        detail["governance"] = governed.verdict.report()
     log.info("segment sync finished", extra={"run_id": run_id, **counts.outcomes})
+    if plan.blocked_by is not None:
+        blocked = governed.verdict.blocked if governed is not None else ()
+        reasons = "; ".join(v.sentence() for v in blocked) or f"policy {plan.blocked_by!r}"
+        return _close(
+            services, blob, run_id, RunStatus.FAILED, counts=counts.as_dict(), detail=detail,
+            error=f"blocked by policy, nothing was sent: {reasons}",
+            error_code="blocked_by_policy",
+        )  # fmt: skip
     return _close(
         services, blob, run_id, RunStatus.SUCCEEDED, counts=counts.as_dict(), detail=detail
     )
@@ -667,13 +689,16 @@ def finalize(
 _COLUMNS_REPORTED = 100
 
 
-def columns_report(sync: SyncDefinition, columns: list[str]) -> dict[str, list[str]]:
-    """What the file held that the sync does not read, and the audience columns the sync
-    declares that the file lacks (an export may carry some of its audiences only). A
-    JSON Lines file has no header: its keys are not listed."""
+def columns_report(
+    sync: SyncDefinition, columns: list[str], kept_back: set[str] | None = None
+) -> dict[str, list[str]]:
+    """What the file held that the sync does not read (less the columns a policy keeps
+    back: they are reported with it), and the audience columns the sync declares that the
+    file lacks (an export may carry some of its audiences only). A JSON Lines file has no
+    header: its keys are not listed."""
     if sync.input.format == FileFormat.JSONL:
         return {}
-    read = set(RowMapper.wanted_columns(sync))
+    read = set(RowMapper.wanted_columns(sync)) | (kept_back or set())
     present = set(columns)
     unmapped = [c for c in columns if c not in read]
     missing = [s.column for s in sync.audiences.segments if s.column not in present]

@@ -196,7 +196,7 @@ class ProfileState:
         """The attribute and audience names it holds."""
         return self.hashes.keys(), self.audiences
 
-    def set_digest(self, digest: bytes) -> None:
+    def set_digest(self, digest: bytes | None) -> None:
         self.digest = digest
         self._verbatim = False
         self.changed = True
@@ -358,15 +358,16 @@ class SyncState:
         return Change(changed, added, removed, changed_hashes)
 
     def acknowledge(self, identity: str, change: Change, digest: bytes | None) -> None:
-        """Record what the destination applied; `digest` None keeps the raw digest."""
+        """Record what the destination applied: a row's change (`digest`: its raw digest),
+        or audiences taken back from a profile (None: its last row no longer says what the
+        destination holds, so the next row is diffed rather than settled as unchanged)."""
         self._changed = True
         profile = self.profiles.setdefault(identity, ProfileState())
         profile.changed = True
         profile.hashes.update(change.hashes)
         profile.audiences.update(change.added)
         profile.audiences.difference_update(change.removed)
-        if digest is not None:
-            profile.set_digest(digest)
+        profile.set_digest(digest)
 
     def remember_digest(self, identity: str, digest: bytes) -> None:
         """An unchanged row: its raw form may differ (e.g. 'existing' for 'realized')."""
