@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import uuid
-from typing import Any
 
 import pytest
 
@@ -131,5 +130,3 @@ def test_a_consent_withdrawal_takes_back_the_audiences_we_added(scenario) -> Non
     fourth = s.land(_consent_csv(rows, ["y"] * 6))
     assert fourth["counts"]["sent"] == 1 and fourth["counts"]["unchanged"] == 5
     assert s.profiles(rows)[rows[1]["crmId"]]["audience_vip"] is True
-
-

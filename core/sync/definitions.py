@@ -241,6 +241,7 @@ class BrazeDestination(Strict):
     @classmethod
     def _action_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(action_id(name) for name in value)
+
     batch_size: int = Field(default=75, ge=1, le=75, description="objects per /users/track")
     max_body_bytes: int = Field(default=3_900_000, ge=10_000, le=4_000_000)
     requests_per_second: float = Field(default=50.0, gt=0)

@@ -9,6 +9,7 @@ is sent.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 from collections.abc import Iterator, Sequence
@@ -107,6 +108,26 @@ class BoundedLines:
     def record_done(self) -> None:
         self._done = True
 
+    def header_before(self, exc: UnicodeDecodeError, delimiter: str) -> list[str] | None:
+        """The header record, when the byte that is not UTF-8 (met while reading it: the
+        text reader decodes a chunk ahead of the lines it gives) lies past its end; else
+        None."""
+        try:
+            before = self._text.buffer.tell() - len(exc.object)
+        except (OSError, ValueError, AttributeError):
+            return None
+        if before not in (0, len(codecs.BOM_UTF8)):
+            return None  # a header longer than the first chunk: its start is not in `exc`
+        # The decoder is given the first chunk less its BOM, if it has one.
+        encoding = "utf-8" if before else "utf-8-sig"
+        text = io.StringIO(bytes(exc.object[: exc.start]).decode(encoding), newline="")
+        try:
+            header = next(csv.reader(text, delimiter=delimiter, strict=True))
+        except (StopIteration, csv.Error):
+            return None
+        whole = text.getvalue()[: text.tell()].endswith(("\n", "\r"))
+        return header if whole else None
+
     def record_text(self) -> str:
         """The text of the record's lines handed out since `record_done`, without the last
         line break."""
@@ -155,6 +176,7 @@ class RowReader:
     ) -> None:
         self.spec = spec
         self.limits = limits
+        self._undecodable: UnicodeDecodeError | None = None
         self._lines = BoundedLines(decompressed(stream), limits)
         self.columns: list[str]
         if spec.format == FileFormat.JSONL:
@@ -166,6 +188,13 @@ class RowReader:
                 header = next(self._csv)
             except StopIteration:
                 raise FileRejected("empty_file", "file has no header line") from None
+            except UnicodeDecodeError as exc:
+                # Past a whole header, the header's own problems come first (file order,
+                # as the C splitter meets them): the bad byte is raised by the first row.
+                header = self._lines.header_before(exc, spec.field_delimiter)
+                if header is None:
+                    raise
+                self._undecodable = exc
             except csv.Error as exc:
                 self._field_limit(exc, 1)
                 raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
@@ -183,6 +212,8 @@ class RowReader:
 
     def __iter__(self) -> Iterator[SourceRow | Malformed]:
         """SourceRow per record, or (line, error message, text) for one that cannot parse."""
+        if self._undecodable is not None:
+            raise self._undecodable
         if self.spec.format == FileFormat.JSONL:
             yield from self._json_lines()
         else:
