@@ -191,10 +191,10 @@ class RowReader:
             except UnicodeDecodeError as exc:
                 # Past a whole header, the header's own problems come first (file order,
                 # as the C splitter meets them): the bad byte is raised by the first row.
-                header = self._lines.header_before(exc, spec.field_delimiter)
-                if header is None:
+                before = self._lines.header_before(exc, spec.field_delimiter)
+                if before is None:
                     raise
-                self._undecodable = exc
+                header, self._undecodable = before, exc
             except csv.Error as exc:
                 self._field_limit(exc, 1)
                 raise FileRejected("bad_header", f"header line is not valid CSV: {exc}") from None
