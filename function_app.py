@@ -6,6 +6,7 @@ from functions import (
     currents,
     http_api,
     log_export,
+    privacy_api,
     push_api,
     push_dispatch,
     run_endings,
@@ -24,3 +25,4 @@ app.register_functions(currents.bp)
 app.register_functions(push_api.bp)
 app.register_functions(push_dispatch.bp)
 app.register_functions(run_endings.bp)
+app.register_functions(privacy_api.bp)

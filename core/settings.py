@@ -303,6 +303,14 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_RUN_SWEEP_SCHEDULE",
         description="NCRONTAB schedule of the run sweeper (six fields, UTC).",
     )
+    audit_retention_days: int = Field(
+        default=400,
+        ge=31,
+        le=3650,
+        validation_alias="SWITCHBOARD_AUDIT_RETENTION_DAYS",
+        description="How long the exclusion audit trail keeps a record (whole months are "
+        "dropped once all of the month is older).",
+    )
 
     @field_validator("aep_streaming", mode="before")
     @classmethod

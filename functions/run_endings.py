@@ -1,8 +1,9 @@
 """How runs end when their own trigger cannot say: poison queues, the sweeper, retries.
 
 One queue trigger per poison queue the host fills (`<queue>-poison`, and
-`webjobs-blobtrigger-poison` for blobs), the run sweeper's timer, and the worker of
-operator retries (`run-retries`). The logic is `core/verdicts.py` and `core/retries.py`.
+`webjobs-blobtrigger-poison` for blobs), the run sweeper's timer (which also drops audit
+months past their retention), and the worker of operator retries (`run-retries`). The
+logic is `core/verdicts.py`, `core/retries.py` and `core/audit.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 import azure.functions as func
 
+from core.audit import AuditLog
 from core.retries import RETRY_QUEUE, RetryMessage, run_retry
 from core.verdicts import poison_queue_names, poisoned, sweep, verdict_on_failure
 from functions._wiring import SETTINGS, services
@@ -39,6 +41,7 @@ for _queue in poison_queue_names():
 )
 def run_sweeper(timer: func.TimerRequest) -> None:
     sweep(services())
+    AuditLog(services().storage).purge(retention_days=SETTINGS.audit_retention_days)
 
 
 @bp.queue_trigger(arg_name="message", queue_name=RETRY_QUEUE, connection="AzureWebJobsStorage")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from core.destinations.base import BatchResult, Destination
+from core.destinations.base import BatchResult, Destination, ItemFailure
 from core.destinations.braze import BrazeDestination
 from core.suppression import SuppressionSnapshot
 from core.sync.definitions import InputSpec, SyncDefinition, mapping_fingerprint
@@ -151,6 +152,8 @@ class BucketOutcome:
     checkpoints: list[dict[str, list[Any]]] = field(default_factory=list)
     rejects_text: bytes = b""
     """The rejects file part's lines as written."""
+    exclusions: list[Any] = field(default_factory=list)
+    """The rows kept back, for the audit trail, in order."""
 
 
 class CheckpointsKept(CheckpointLog):
@@ -190,15 +193,20 @@ class RejectsKept(RejectsPart):
 
 
 class AcceptingDestination:
-    """Braze's wire format, every object of every batch acknowledged, in memory: what the
-    sync engine sends is the comparison here, not a destination's answers."""
+    """Braze's wire format, every object of every batch acknowledged (or, with
+    `unmatched_one_in`, about one in that many answered as a profile Braze does not know,
+    chosen by the object's bytes), in memory: what the sync engine sends is the comparison
+    here, not a destination's answers."""
 
     name = "braze"
 
-    def __init__(self, batch_size: int = 7, max_body_bytes: int = 2500) -> None:
+    def __init__(
+        self, batch_size: int = 7, max_body_bytes: int = 2500, unmatched_one_in: int = 0
+    ) -> None:
         self.max_batch_objects = batch_size
         self.max_body_bytes = max_body_bytes
         self._braze = BrazeDestination("http://unused.invalid", "unused", batch_size=batch_size)
+        self._unmatched = unmatched_one_in
         self.sent: list[Any] = []
 
     def encode(self, item: dict[str, Any]) -> bytes:
@@ -206,7 +214,12 @@ class AcceptingDestination:
 
     def send_batch(self, items: list[bytes]) -> BatchResult:
         self.sent += [orjson.loads(item) for item in items]
-        return BatchResult()
+        if not self._unmatched:
+            return BatchResult()
+        return BatchResult(failures={
+            index: ItemFailure(index, True, "user not found")
+            for index, item in enumerate(items) if zlib.crc32(item) % self._unmatched == 0
+        })  # fmt: skip
 
 
 def run_bucket(
@@ -244,17 +257,19 @@ def run_bucket(
     if len(done) != 1:
         raise Divergence(f"the bucket was done {len(done)} times")
     return BucketOutcome(
-        sent(), work.counts.as_dict(), rejects.added, done[0], checkpoints.records, rejects.text
-    )
+        sent(), work.counts.as_dict(), rejects.added, done[0], checkpoints.records, rejects.text,
+        sorted(work.exclusions, key=repr),
+    )  # fmt: skip
 
 
 def compare_buckets(native: BucketOutcome, reference: BucketOutcome) -> BucketOutcome:
     """They must agree in every respect: the objects sent, counts, rejects (as given and as
-    written), checkpoints, the state's bytes."""
+    written), checkpoints, the state's bytes, the rows kept back."""
     same("objects sent", native.sent, reference.sent)
     same("counts", native.counts, reference.counts)
     same("rejects", native.rejects, reference.rejects)
     same("rejects written", native.rejects_text, reference.rejects_text)
     same("checkpoints", native.checkpoints, reference.checkpoints)
     same("state", native.state, reference.state)
+    same("exclusions", native.exclusions, reference.exclusions)
     return native

@@ -150,10 +150,12 @@ def _lines(rows: list[list[str]]) -> bytes:
     return b"".join(orjson.dumps([n + 2, *row]) + b"\n" for n, row in enumerate(rows))
 
 
-def _both(sync: Any, lines: bytes, previous: bytes | None, suppressions: Any) -> BucketOutcome:
+def _both(
+    sync: Any, lines: bytes, previous: bytes | None, suppressions: Any, unmatched_one_in: int = 0
+) -> BucketOutcome:
     outcomes = []
     for native in (True, False):
-        destination = AcceptingDestination()
+        destination = AcceptingDestination(unmatched_one_in=unmatched_one_in)
         outcomes.append(run_bucket(
             _storage(), sync, FULL_COLUMNS, lines, previous, destination,
             destination.sent.copy, native=native, suppressions=suppressions,
@@ -177,7 +179,11 @@ def bucket(data: bytes) -> None:
     for _ in range(taken.byte() % 4):
         row, column = taken.byte() % len(changed), 1 + taken.byte() % (len(FULL_COLUMNS) - 1)
         changed[row][column] = _rows(taken, 1, row)[0][column]
-    _both(sync, _lines(changed + _rows(taken, taken.byte() % 3, 50)), first.state, suppressions)
+    # The next run's destination does not know some profiles (update_only: unmatched).
+    _both(
+        sync, _lines(changed + _rows(taken, taken.byte() % 3, 50)), first.state, suppressions,
+        unmatched_one_in=taken.byte() % 4,
+    )  # fmt: skip
 
 
 # -- stored state ------------------------------------------------------------------------

@@ -726,6 +726,7 @@ typedef struct {
 
 typedef struct {
     Py_ssize_t line;
+    Py_ssize_t row_at; /* the row's offset in the work lines processed (-1: a removal) */
     Py_ssize_t entry;
     Py_ssize_t off, len; /* the encoded object in `items` */
     Py_ssize_t changes, nchanges; /* in `changes` */
@@ -756,6 +757,7 @@ typedef struct {
     Py_ssize_t *added_order; /* new profiles in the order they were acknowledged */
     Py_ssize_t nadded, added_cap;
     int changed;
+    Py_ssize_t row_at; /* the offset of the row processed now, in the work lines */
     Mapping *mapping;
     NameTable attrs, auds; /* the last section's tables, then the mapping's names added */
     Buf names;             /* the JSON of names added */
@@ -1950,6 +1952,8 @@ typedef struct {
     Py_ssize_t unchanged, no_consent;
     Py_ssize_t *suppressed; /* by reason index */
     Buf withheld;           /* identity length, identity, digest: rows held back for consent */
+    Buf excluded;           /* (row offset, reason index or -1 for consent): rows kept back */
+    Py_ssize_t row_at;      /* the offset of the row processed now */
     PyObject *reasons;      /* dict "outcome.reason" -> count, for what Python counted */
     PyObject *rejects;      /* list of (line, code, message, values) */
 } Outcomes;
@@ -1993,10 +1997,17 @@ static int withhold(Outcomes *o, const Row *row, const uc digest[8]) {
     return OK;
 }
 
+/* A row kept back (for the audit trail): a suppression reason's index, or -1 (consent). */
+static int exclude(Outcomes *o, Py_ssize_t reason) {
+    Py_ssize_t entry[2] = {o->row_at, reason};
+    return buf_put(&o->excluded, (const char *)entry, sizeof entry) < 0 ? ERR : OK;
+}
+
 /* A row held back: for a suppression reason (an index), else for lack of consent. */
-static void count_suppressed(Outcomes *o, int reason) {
+static int count_suppressed(Outcomes *o, int reason) {
     if (reason >= 0) o->suppressed[reason]++;
     else o->no_consent++;
+    return exclude(o, reason);
 }
 
 /* The reference's answer for a row whose address C leaves to it (the GIL is held). */
@@ -2007,6 +2018,11 @@ static int suppressed_raw_by_reference(const Mapping *m, Row *row, Outcomes *o, 
     if (found == NULL) return ERR;
     *suppressed = found != Py_None;
     int status = *suppressed ? count_reason(o, "suppressed", found) : OK;
+    if (status == OK && *suppressed) {
+        Py_ssize_t index = PySequence_Index(m->reasons, found);
+        if (index < 0) PyErr_Clear(); /* a reason C's list lacks: recorded as unknown (-2) */
+        status = exclude(o, index < 0 ? -2 : index);
+    }
     Py_DECREF(found);
     return status;
 }
@@ -2192,6 +2208,7 @@ static int diff_and_queue(State *st, Mapping *m, Row *row, Py_ssize_t index, con
     if (grow((void **)&st->items, &st->items_cap, st->nitems + 1, sizeof(Item)) < 0) return ERR;
     Item *item = &st->items[st->nitems++];
     item->line = row->line;
+    item->row_at = st->row_at;
     item->entry = index;
     item->changes = first_change;
     item->nchanges = st->nchanges - first_change;
@@ -2272,8 +2289,7 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Py_s
             TRY(status);
             if (suppressed) return OK;
         } else if (reason >= 0) {
-            count_suppressed(o, reason);
-            return OK;
+            return count_suppressed(o, reason);
         }
         o->unchanged++;
         return OK;
@@ -2292,9 +2308,11 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Py_s
             status = suppressed_raw_by_reference(m, row, o, &suppressed);
         gil_give(row);
         TRY(status);
-        if (again) {
+        if (again) { /* its first holding back was recorded; a suppression is recorded anew */
             TRY(withhold(o, row, digest));
-            if (!suppressed) count_suppressed(o, reason);
+            if (suppressed) return OK;
+            if (reason >= 0) return count_suppressed(o, reason);
+            o->no_consent++;
             return OK;
         }
     }
@@ -2316,14 +2334,10 @@ static int process_row(State *st, Mapping *m, Row *row, PyObject *withheld, Py_s
                 if (profile->owned) return PUNT;
             }
             TRY(withhold(o, row, digest));
-            count_suppressed(o, -1);
-            return OK;
+            return count_suppressed(o, -1);
         }
     }
-    if (reason >= 0) {
-        count_suppressed(o, reason);
-        return OK;
-    }
+    if (reason >= 0) return count_suppressed(o, reason);
     int queued;
     TRY(diff_and_queue(st, m, row, index, digest, members, stated, &queued));
     if (!queued) {
@@ -2373,8 +2387,25 @@ static PyObject *withheld_list(const Outcomes *o) {
     return list;
 }
 
+/* The rows kept back, as [(offset in the work lines, reason)]: a suppression reason, or
+ * "no_consent" (or "unknown" for a reason the mapping's list lacks). */
+static PyObject *excluded_list(const Mapping *m, const Outcomes *o) {
+    Py_ssize_t n = o->excluded.len / (Py_ssize_t)(2 * sizeof(Py_ssize_t));
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list && i < n; i++) {
+        Py_ssize_t entry[2];
+        memcpy(entry, o->excluded.data + i * (Py_ssize_t)sizeof entry, sizeof entry);
+        PyObject *reason = entry[1] >= 0 ? Py_NewRef(PyList_GET_ITEM(m->reasons, entry[1]))
+                           : PyUnicode_FromString(entry[1] == -1 ? "no_consent" : "unknown");
+        PyObject *pair = reason ? Py_BuildValue("(nN)", entry[0], reason) : NULL;
+        if (pair == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, pair);
+    }
+    return list;
+}
+
 /* process(mapping, data, withheld) -> None when the bucket is for the reference, else
- * (unchanged, reasons, rejects, withheld_now, items). */
+ * (unchanged, reasons, rejects, withheld_now, items, excluded). */
 /* Below this much work a bucket keeps the GIL: its rows take less time than taking the
  * GIL back (up to the switch interval, 5 ms, per row that needs Python) while the
  * fetching and writing threads run Python. */
@@ -2391,7 +2422,7 @@ static PyObject *state_process(State *st, PyObject *args) {
     }
     Row row = {0};
     Outcomes o = {0};
-    PyObject *result = NULL, *withheld_now = NULL;
+    PyObject *result = NULL, *withheld_now = NULL, *excluded = NULL;
     row.values = PyMem_RawCalloc((size_t)m->columns + 1, sizeof(Value));
     row.fields = PyMem_RawCalloc((size_t)m->nfields + 1, sizeof(Typed));
     o.reasons = PyDict_New();
@@ -2411,6 +2442,7 @@ static PyObject *state_process(State *st, PyObject *args) {
         const uc *line = p;
         p = newline ? newline + 1 : end;
         if (line == line_end) continue;
+        o.row_at = st->row_at = line - (const uc *)data.buf;
         status = parse_row(m, line, line_end, &row);
         if (status == OK) status = process_row(st, m, &row, withheld, withheld_size, &o);
     }
@@ -2420,16 +2452,20 @@ static PyObject *state_process(State *st, PyObject *args) {
     if (status == PUNT) {
         result = Py_NewRef(Py_None);
     } else if (status == OK) {
-        if (merge_counts(m, &o) == OK && (withheld_now = withheld_list(&o)) != NULL)
-            result = Py_BuildValue("nOOOn", o.unchanged, o.reasons, o.rejects, withheld_now, st->nitems);
+        if (merge_counts(m, &o) == OK && (withheld_now = withheld_list(&o)) != NULL &&
+            (excluded = excluded_list(m, &o)) != NULL)
+            result = Py_BuildValue("nOOOnO", o.unchanged, o.reasons, o.rejects, withheld_now, st->nitems,
+                                   excluded);
     }
 done:
     row_free(&row);
     Py_XDECREF(o.reasons);
     Py_XDECREF(o.rejects);
     Py_XDECREF(withheld_now);
+    Py_XDECREF(excluded);
     PyMem_RawFree(o.suppressed);
     buf_free(&o.withheld);
+    buf_free(&o.excluded);
     PyBuffer_Release(&data);
     return result;
 }
@@ -2471,6 +2507,20 @@ static PyObject *state_encoded(State *st, PyObject *args) {
         PyObject *item = PyBytes_FromStringAndSize(st->encoded.data + st->items[i].off, st->items[i].len);
         if (item == NULL) Py_CLEAR(list);
         else PyList_SET_ITEM(list, i - start, item);
+    }
+    return list;
+}
+
+/* row_offsets(start, end): each item's row offset in the work lines it came from (-1 for
+ * a removal), for the audit trail of items the destination did not apply. */
+static PyObject *state_row_offsets(State *st, PyObject *args) {
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "nn", &start, &end) || range_of(st, start, end) < 0) return NULL;
+    PyObject *list = PyList_New(end - start);
+    for (Py_ssize_t i = start; list && i < end; i++) {
+        PyObject *at = PyLong_FromSsize_t(st->items[i].row_at);
+        if (at == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i - start, at);
     }
     return list;
 }
@@ -2580,6 +2630,7 @@ static PyObject *state_mirror(State *st, PyObject *unused) {
         item->changes = st->nchanges;
         item->removed = profile->owned;
         item->removal = 1;
+        item->row_at = -1;
         if (put_item(st, st->mapping, item, (const char *)entry_id(st, e), e->id_len, NULL) != OK)
             return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }
@@ -2828,6 +2879,8 @@ static PyMethodDef STATE_METHODS[] = {
      "take(start, objects, size, max_objects, max_bytes) -> (end, size)"},
     {"encoded", (PyCFunction)state_encoded, METH_VARARGS, "encoded(start, end) -> [bytes]"},
     {"keys", (PyCFunction)state_keys, METH_VARARGS, "keys(bucket, start, end) -> [checkpoint key]"},
+    {"row_offsets", (PyCFunction)state_row_offsets, METH_VARARGS,
+     "row_offsets(start, end) -> [offset of each item's row in its work lines, -1 for a removal]"},
     {"settle", (PyCFunction)state_settle, METH_VARARGS,
      "settle(start, end, failed) -> (rows applied, removals applied, failed removals)"},
     {"mirror", (PyCFunction)state_mirror, METH_NOARGS, "mirror() -> items, or None"},
@@ -2925,6 +2978,7 @@ typedef struct {
     int recording_settled;     /* those of rows settled by their line too (else a delta's) */
     Py_ssize_t settled_by_line; /* rows settled from their line's hash alone */
     Buf line_out;              /* its line index entries, until taken */
+    Buf excluded;              /* settled rows kept back: reason, length, text (until taken) */
     uint64_t *seen;            /* a Bloom filter of the identity keys split so far */
     Table seen_table;
     uint64_t seen_mask;        /* its size in 512-bit blocks, minus one */
@@ -3039,6 +3093,7 @@ static void splitter_dealloc(Splitter *sp) {
     PyMem_RawFree(sp->lens);
     PyMem_RawFree(sp->key.data);
     PyMem_RawFree(sp->line_out.data);
+    PyMem_RawFree(sp->excluded.data);
     PyMem_RawFree(sp->tokens.data);
     PyMem_RawFree(sp->token_at);
     PyMem_RawFree(sp->token_len);
@@ -3296,6 +3351,17 @@ static int bucket_of_key(void *context) {
     return (int)(key_hash(k->key, k->len) % (uint64_t)k->buckets);
 }
 
+/* A settled row that is suppressed: its reason index and its record's text, for the audit
+ * trail (Splitter.excluded). */
+static int exclude_settled(Splitter *sp, int reason, const uc *record, Py_ssize_t len) {
+    if (reason < 0) return OK; /* unchanged, or held back again: its first holding back was recorded */
+    Py_ssize_t head[2] = {reason, len};
+    if (buf_put(&sp->excluded, (const char *)head, sizeof head) < 0 ||
+        buf_put(&sp->excluded, (const char *)record, len) < 0)
+        return ERR;
+    return OK;
+}
+
 /* The row settled in its bucket's tally: a profile acknowledged as it is (unchanged), or a
  * row held back for lack of consent again, or, either way, suppressed for `reason`. */
 static int settle_counted(Splitter *sp, int bucket, int withheld, const uc digest[8], int reason) {
@@ -3318,7 +3384,7 @@ static int settle_counted(Splitter *sp, int bucket, int withheld, const uc diges
  * bucket. `*bucket` is the digest's bucket when it has one (-1: hash the identity).
  */
 static int settle_row(Splitter *sp, const uc *identity, Py_ssize_t identity_len, const uc digest[8],
-                      int *bucket, int *settled) {
+                      const uc *record, Py_ssize_t record_len, int *bucket, int *settled) {
     *settled = 0;
     *bucket = -1;
     const Mapping *m = sp->mapping;
@@ -3337,6 +3403,7 @@ static int settle_row(Splitter *sp, const uc *identity, Py_ssize_t identity_len,
         if (suppressed_values(m, sp->values, (const char *)identity, identity_len, &reason) == SLOW) return OK;
     }
     *settled = 1;
+    TRY(exclude_settled(sp, reason, record, record_len));
     return settle_counted(sp, *bucket, ref & WITHHELD_FLAG, digest, reason);
 }
 
@@ -3435,10 +3502,11 @@ static const uc *record_end(const uc *p, const uc *end, const uc **text_end, lon
  * the Bloom filter is asked with the profile's key), and, when addresses are suppressed,
  * the row is parsed after all to look its addresses up. Anything less certain goes on.
  */
-static int settle_line(Splitter *sp, const uc *p, uint64_t line_hash, const LineSlot *slot,
-                       const uc *end, int final, int *settled) {
+static int settle_line(Splitter *sp, const uc *p, const uc *next_record, uint64_t line_hash,
+                       const LineSlot *slot, const uc *end, int final, int *settled) {
     *settled = 0;
     if (slot == NULL || seen_before(sp, slot->seen_lo)) return OK;
+    unsigned ref = sp->directory->refs[slot->digest_at];
     const Mapping *m = sp->mapping;
     int reason = -1;
     if (m->suppressions) {
@@ -3463,7 +3531,10 @@ static int settle_line(Splitter *sp, const uc *p, uint64_t line_hash, const Line
         if (suppressed_values(m, sp->values, sp->key.data, b - a, &reason) == SLOW) return OK;
     }
     *settled = 1;
-    unsigned ref = sp->directory->refs[slot->digest_at];
+    const uc *record_end = next_record;
+    if (record_end > p && record_end[-1] == '\n') record_end--;
+    if (record_end > p && record_end[-1] == '\r') record_end--;
+    TRY(exclude_settled(sp, reason, p, record_end - p));
     uc digest[8];
     put_be64(digest, sp->directory->keys[slot->digest_at]);
     TRY(settle_counted(sp, ref & ~WITHHELD_FLAG, ref & WITHHELD_FLAG, digest, reason));
@@ -3812,6 +3883,27 @@ static PyObject *splitter_take_lines(Splitter *sp, PyObject *unused) {
  * {"suppressed.<reason>": rows}) of the rows settled; once, at the end: the splitter lets
  * go of its look-up tables, and of each bucket's digests as they are handed over, so they
  * are never held twice. */
+/* excluded() -> [(reason, record text)]: the settled rows kept back since the last call
+ * (a suppression reason, or "no_consent"), for the audit trail. */
+static PyObject *splitter_excluded(Splitter *sp, PyObject *unused) {
+    (void)unused;
+    PyObject *list = PyList_New(0);
+    for (Py_ssize_t at = 0; list && at < sp->excluded.len;) {
+        Py_ssize_t head[2];
+        memcpy(head, sp->excluded.data + at, sizeof head);
+        at += (Py_ssize_t)sizeof head;
+        PyObject *reason = head[0] >= 0 && sp->mapping != NULL
+                               ? Py_NewRef(PyList_GET_ITEM(sp->mapping->reasons, head[0]))
+                               : PyUnicode_FromString("no_consent");
+        PyObject *entry = reason ? Py_BuildValue("(Ny#)", reason, sp->excluded.data + at, head[1]) : NULL;
+        at += head[1];
+        if (entry == NULL || PyList_Append(list, entry) < 0) Py_CLEAR(list);
+        Py_XDECREF(entry);
+    }
+    sp->excluded.len = 0;
+    return list;
+}
+
 static PyObject *splitter_settled(Splitter *sp, PyObject *unused) {
     if (sp->over) {
         PyErr_SetString(PyExc_ValueError, "settled() was taken already");
@@ -3928,7 +4020,7 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
         Ahead *ahead = sp->lines != NULL && sp->line_seed_set ? ring_take(sp, &ring, p, text_end) : NULL;
         if (ahead != NULL && ahead->slot != NULL) {
             int settled;
-            status = settle_line(sp, p, ahead->hash, ahead->slot, text_end, last, &settled);
+            status = settle_line(sp, p, ahead->next, ahead->hash, ahead->slot, text_end, last, &settled);
             if (status != OK) break;
             if (settled && ahead->next - p > sp->max_record) {
                 status = PUNT; /* the reference rejects the file (line_too_long) */
@@ -4011,7 +4103,7 @@ static PyObject *splitter_feed(Splitter *sp, PyObject *args) {
          * another is its duplicate). */
         if (sp->index != NULL && digested && sp->index[bucket].present && !seen_before(sp, seen_key)) {
             int settled, home = bucket;
-            status = settle_row(sp, ascii_key, b - a, digest, &bucket, &settled);
+            status = settle_row(sp, ascii_key, b - a, digest, record, record_text - record, &bucket, &settled);
             if (status != OK) break;
             if (settled) {
                 sp->settled++;
@@ -4119,6 +4211,8 @@ static PyMethodDef SPLITTER_METHODS[] = {
     {"counts", (PyCFunction)splitter_counts, METH_NOARGS, "counts() -> rows per bucket"},
     {"use_index", (PyCFunction)splitter_use_index, METH_VARARGS,
      "use_index(mapping, digests, lines): settle rows acknowledged before exactly as they are"},
+    {"excluded", (PyCFunction)splitter_excluded, METH_NOARGS,
+     "excluded() -> [(reason, record text)]: settled rows kept back since the last call"},
     {"settled", (PyCFunction)splitter_settled, METH_NOARGS,
      "settled() -> per bucket None or (digests, withheld digests, unchanged, suppressed reasons)"},
     {NULL, NULL, 0, NULL},

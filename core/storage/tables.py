@@ -131,9 +131,11 @@ def _wrap(exc: HttpResponseError, action: str, table: str) -> StorageError:
 class EntityTable(Generic[E]):
     """All operations on one table, typed by its entity model."""
 
-    def __init__(self, service: TableServiceClient, model: type[E]) -> None:
+    def __init__(
+        self, service: TableServiceClient, model: type[E], name: str | None = None
+    ) -> None:
         self.model = model
-        self.name = model.table_name
+        self.name = name or model.table_name
         self._client: TableClient = service.get_table_client(self.name)
 
     def ensure(self) -> None:
@@ -420,9 +422,27 @@ class Tables:
         self.service = service
         self._ensured: set[str] = set()
 
-    def get(self, model: type[E]) -> EntityTable[E]:
-        table = EntityTable(self.service, model)
+    def get(self, model: type[E], name: str | None = None) -> EntityTable[E]:
+        """The model's table, or one of its kind named `name` (tables per period)."""
+        table = EntityTable(self.service, model, name)
         if table.name not in self._ensured:
             table.ensure()
             self._ensured.add(table.name)
         return table
+
+    def existing(self, model: type[E], name: str) -> EntityTable[E]:
+        """A table of the model's kind that is not created if it is missing (reads)."""
+        return EntityTable(self.service, model, name)
+
+    def names(self, prefix: str) -> list[str]:
+        """The names of the account's tables that start with `prefix`, sorted."""
+        found = self.service.query_tables(
+            "TableName ge @lo and TableName lt @hi",
+            parameters={"lo": prefix, "hi": prefix + "~"},
+        )
+        return sorted(table.name for table in found)
+
+    def drop(self, name: str) -> None:
+        """Delete a whole table (a missing one is no error)."""
+        retrying(lambda: self.service.delete_table(name), what=f"{name} delete")
+        self._ensured.discard(name)

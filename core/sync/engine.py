@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from core.audit import Exclusion, exclusion
 from core.destinations.base import Destination
 from core.storage import Storage
 from core.storage.tables import EntityTable, TableEntity, safe_key
@@ -81,6 +82,8 @@ class _Pending:
     digest: bytes
     item: dict[str, Any]
     encoded: bytes = b""
+    contact: tuple[str | None, str | None] = (None, None)
+    """The row's e-mail and phone, for the audit trail if the destination does not apply it."""
     withdrawal: bool = False
     """The audiences we added, taken back from a row that withdrew consent (counted
     already as suppressed: the row itself sends nothing)."""
@@ -159,6 +162,10 @@ class BucketWork:
     """Dry runs: new and updated profiles, changed attributes, membership moves."""
     in_flight: int = 0
     rows_done: bool = False
+    exclusions: list[Exclusion] = field(default_factory=list)
+    """Every row kept out of the send, for the audit trail (core/audit.py)."""
+    lines: bytes = b""
+    """The work lines C processed: excluded rows and unapplied items point into them."""
 
 
 def build_item(sync: SyncDefinition, identity: str, change: Change) -> dict[str, Any]:
@@ -274,7 +281,7 @@ class ChunkRunner:
         outcome = work.state.native.process(self.native, data, work.state.withheld)
         if outcome is None:
             return False  # input C does not take: the whole bucket runs on the reference
-        unchanged, reasons, rejects, withheld_now, items = outcome
+        unchanged, reasons, rejects, withheld_now, items, excluded = outcome
         if self.sync.mode == SyncMode.MIRROR:
             items = work.state.native.mirror()  # with removals for absent profiles
             if items is None:
@@ -282,6 +289,9 @@ class ChunkRunner:
         _add_counts(work.counts, unchanged, reasons)
         work.rejects.add_texts(rejects)
         work.state.withheld_now.update(withheld_now)
+        work.lines = data
+        for offset, reason in excluded:
+            self._exclude_at(work, offset, Outcome.SUPPRESSED, reason)
         self._report_progress(unchanged + sum(reasons.values()) + items)
         work.stats.native = 1
         self._add_native(_NativeItems(work), items)
@@ -340,11 +350,20 @@ class ChunkRunner:
                 reason = self._suppressed_raw(values)
                 if reason:
                     counts.add(Outcome.SUPPRESSED, reason)
+                    self._exclude(
+                        work, identity, mapper.contact(values), Outcome.SUPPRESSED, reason
+                    )
                 else:
                     unchanged_raw += 1
                 continue
             if state.withheld_again(identity, digest):
-                counts.add(Outcome.SUPPRESSED, self._suppressed_raw(values) or _NO_CONSENT)
+                # Held back again as it was: recorded when first held back (or suppressed now).
+                reason = self._suppressed_raw(values)
+                counts.add(Outcome.SUPPRESSED, reason or _NO_CONSENT)
+                if reason:
+                    self._exclude(
+                        work, identity, mapper.contact(values), Outcome.SUPPRESSED, reason
+                    )
                 continue
             try:
                 row = mapper.map(values)
@@ -366,15 +385,41 @@ class ChunkRunner:
                     state.withhold(identity, digest)
             if reason is not None:
                 counts.add(Outcome.SUPPRESSED, reason)
+                self._exclude(work, identity, (row.email, row.phone), Outcome.SUPPRESSED, reason)
                 continue
             change = state.diff(identity, row.attributes, row.memberships, self.send_nulls)
             if change.empty:
                 state.remember_digest(identity, digest)
                 counts.add(Outcome.UNCHANGED)
                 continue
-            self._queue(work, entry.line, identity, change, digest)
+            if self.blocked_by is not None:
+                counts.add(Outcome.BLOCKED_BY_POLICY, self.blocked_by)
+                self._exclude(
+                    work, identity, (row.email, row.phone), Outcome.BLOCKED_BY_POLICY,
+                    self.blocked_by,
+                )  # fmt: skip
+                continue
+            self._queue(work, entry.line, identity, change, digest, contact=(row.email, row.phone))
         counts.add(Outcome.UNCHANGED, times=unchanged_raw)
         self._report_progress(number % _PROGRESS_CHECK_ROWS)
+
+    def _exclude(
+        self, work: BucketWork, identity: str, contact: tuple[str | None, str | None],
+        outcome: Outcome, rule: str,
+    ) -> None:  # fmt: skip
+        """A row kept out of the send, for the audit trail."""
+        work.exclusions.append(exclusion(identity, *contact, outcome.value, rule))
+
+    def _exclude_at(self, work: BucketWork, offset: int, outcome: Outcome, rule: str) -> None:
+        """A row C kept out, by its offset in the bucket's work lines."""
+        if offset < 0:
+            return
+        end = work.lines.find(b"\n", offset)
+        line = work.lines[offset : end + 1 if end >= 0 else len(work.lines)]
+        for entry in work_rows(line, len(self.mapper.columns)):
+            values = entry.values
+            identity = self.mapper.identity(values)
+            self._exclude(work, identity, self.mapper.contact(values), outcome, rule)
 
     def _report_progress(self, new_rows: int) -> None:
         """Log rows and rows/s every _PROGRESS_EVERY_SECONDS (counts only: no identities)."""
@@ -410,15 +455,13 @@ class ChunkRunner:
 
     def _queue(
         self, work: BucketWork, line: int, identity: str, change: Change, digest: bytes,
-        *, withdrawal: bool = False,
+        *, withdrawal: bool = False, contact: tuple[str | None, str | None] = (None, None),
     ) -> None:  # fmt: skip
         if self.blocked_by is not None:
-            if line > 0 and not withdrawal:  # a row to send (mirror removals are not rows)
-                work.counts.add(Outcome.BLOCKED_BY_POLICY, self.blocked_by)
-            return
+            return  # removals (mirror, withdrawal) wait too: a blocked sync sends nothing
         pending = _Pending(
             work, line, identity, change, digest, build_item(self.sync, identity, change),
-            withdrawal=withdrawal,
+            contact=contact, withdrawal=withdrawal,
         )  # fmt: skip
         if work.preview is not None:
             self._preview(work, pending)
@@ -510,11 +553,21 @@ class ChunkRunner:
         counts.add(Outcome.SENT, times=rows)
         if removals:
             counts.reasons["mirror.removed"] += removals
+        unmatched: list[int] = []
         for index, result in failed.items():
             if index in failed_removals:
                 counts.reasons["mirror.failed"] += 1
             else:
                 self._count_failure(counts, result)
+                if result[0]:
+                    unmatched.append(index)
+        if unmatched:
+            offsets = items.state.row_offsets(span.start, span.end)
+            for index in unmatched:
+                self._exclude_at(
+                    items.work, offsets[index - span.start], Outcome.UNMATCHED,
+                    "not_in_destination",
+                )  # fmt: skip
 
     def _settle(self, pending: _Pending, result: list[Any]) -> None:
         counts = pending.bucket.counts
@@ -538,6 +591,11 @@ class ChunkRunner:
             counts.add(Outcome.SENT)
         else:
             self._count_failure(counts, result)
+            if result[0]:
+                self._exclude(
+                    pending.bucket, pending.identity, pending.contact, Outcome.UNMATCHED,
+                    "not_in_destination",
+                )  # fmt: skip
 
     @staticmethod
     def _count_failure(counts: OutcomeCounts, result: list[Any]) -> None:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, Field
 
+from core.audit import AuditLog, AuditWriter, identity_kind
 from core.containers import SEGMENTS
 from core.destinations.base import Destination
 from core.destinations.registry import destination_for
@@ -55,7 +56,7 @@ from core.sync.split import (
     upload_held_work,
 )
 from core.sync.state import StateStore, SyncState
-from core.sync.unchanged import UnchangedIndex
+from core.sync.unchanged import UnchangedIndex, settled_exclusions
 
 log = logging.getLogger(__name__)
 _Fetched = TypeVar("_Fetched")
@@ -236,8 +237,20 @@ def _run_file(services: Services, blob: BlobRef, run: RunRecord, *, attempt: int
         if run.detail.get("waiting_for_parts"):
             services.runs.update(run.run_id, lambda r: r.detail.pop("waiting_for_parts", None))
     unchanged: UnchangedIndex | None = None
+    audit: AuditWriter | None = None
     try:
         unchanged = unchanged_index(services, sync, destination.name, run.run_id)
+        if unchanged is not None and not _is_preview(sync, blob):
+            audit = AuditWriter(
+                services.storage, audit_source(sync), run.run_id,
+                identity_kind(sync.identity.destination_key),
+            )  # fmt: skip
+            writer = audit
+
+            def excluded(columns: list[str], found: list[tuple[str, bytes]]) -> None:
+                writer.add(settled_exclusions(sync, columns, found))
+
+            unchanged.on_excluded = excluded
         split = split_file(
             services.storage,
             sync,
@@ -256,6 +269,9 @@ def _run_file(services: Services, blob: BlobRef, run: RunRecord, *, attempt: int
         if unchanged is not None:
             unchanged.stop()
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=error, error_code=code)
+    finally:
+        if audit is not None:
+            audit.close()
     planned = planned_buckets(sync, split)
     if unchanged is not None:  # no state is read for a bucket whose rows were all settled
         unchanged.reader.narrow(b for b in planned if _needs_state(sync, split.work_rows(b)))
@@ -342,7 +358,7 @@ def plan_run(
     )  # fmt: skip
     for line, message, text in split.malformed:
         split_rejects.add(line, "malformed_row", message, text)
-    preview = sync.dry_run or PREVIEW_FOLDER in blob.name.split("/")[1:-1]
+    preview = _is_preview(sync, blob)
     governed = services.syncs().governed(sync.id)
     blocked = governed.verdict.blocked if governed is not None else ()
     plan = RunPlan(
@@ -366,6 +382,14 @@ def plan_run(
     )
     services.storage.tables.get(RunPlan).upsert(plan)
     return plan
+
+
+def _is_preview(sync: SyncDefinition, blob: BlobRef) -> bool:
+    return sync.dry_run or PREVIEW_FOLDER in blob.name.split("/")[1:-1]
+
+
+def audit_source(sync: SyncDefinition) -> str:
+    return f"sync:{sync.id}"
 
 
 def planned_buckets(sync: SyncDefinition, split: SplitResult) -> list[int]:
@@ -418,6 +442,7 @@ def process_buckets(
     )
     results: EntityTable[BucketResult] = storage.tables.get(BucketResult)
     run_key = safe_key(run_id)
+    audit, kind = AuditLog(storage), identity_kind(sync.identity.destination_key)
 
     def bucket_done(work: BucketWork) -> None:
         reject_blocks, stage_rejects, rejects_kept = work.rejects.finish_small(_REJECTS_KEPT_BYTES)
@@ -450,9 +475,13 @@ def process_buckets(
             indexes.add(number, state_etag, index)
             recorded.add(result)
 
+        exclusions = work.exclusions if not plan.preview else []
+
         def write() -> None:
             # In this order: the result marks the bucket finished, so it goes last, once
             # the bucket's state is committed.
+            if exclusions:
+                audit.record(audit_source(sync), run_id, exclusions, identity_kind=kind)
             stage_rejects()
             if stage_preview is not None:
                 stage_preview()

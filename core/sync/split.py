@@ -506,11 +506,13 @@ def _read_parts_native(
                     partitioner.add_lines(bucket, lines, splitter.rows)
                 if unchanged is not None:
                     unchanged.keep_lines(splitter)
+                    unchanged.take_excluded(splitter, columns)
         assert result is not None and splitter is not None  # at least one part
         for bucket, lines in splitter.drain():
             partitioner.add_lines(bucket, lines, splitter.rows)
         if unchanged is not None:
             unchanged.keep_lines(splitter)
+            unchanged.take_excluded(splitter, result.columns)
             unchanged.commit_lines()
         result.counts = splitter.counts()
         if settling:

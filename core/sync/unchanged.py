@@ -34,19 +34,23 @@ to the same totals.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from core.audit import Exclusion, exclusion
 from core.errors import StorageError
 from core.storage.blobs import BlockStager, BlockWriter
 from core.suppression import SuppressionSnapshot
 from core.sync.definitions import SyncDefinition
 from core.sync.lines import LineIndex
-from core.sync.mapping import RowMapper
+from core.sync.mapping import RowMapper, RowRejected
 from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
 from core.sync.state import SPEEDUPS, DigestIndex, StateReader, StateStore
@@ -175,6 +179,8 @@ class UnchangedIndex:
         self._prefetching = False
         self._stager: BlockStager | None = None
         self._writer: BlockWriter | None = None
+        self.on_excluded: Callable[[list[str], list[tuple[str, bytes]]], None] | None = None
+        """Where the suppressed rows settled here go (reason, record text): the audit."""
 
     def attach(self, splitter: Any, columns: list[str], buckets: int) -> bool:
         """Have a switchboard_sync.Splitter settle what it can and keep this file's lines
@@ -274,6 +280,12 @@ class UnchangedIndex:
         if self._writer is not None:
             self._writer.write(splitter.take_lines())
 
+    def take_excluded(self, splitter: Any, columns: list[str]) -> None:
+        """Hand the suppressed rows the splitter settled so far to `on_excluded`."""
+        found = splitter.excluded()
+        if found and self.on_excluded is not None:
+            self.on_excluded(columns, found)
+
     def commit_lines(self) -> None:
         """The file is split: its line index is the one the next run reads."""
         if self._writer is not None and self._stager is not None:
@@ -296,6 +308,25 @@ class UnchangedIndex:
             for bucket, entry in enumerate(splitter.settled())
             if entry is not None
         }
+
+
+def settled_exclusions(
+    sync: SyncDefinition, columns: list[str], found: list[tuple[str, bytes]]
+) -> list[Exclusion]:
+    """The suppressed rows the split settled (reason, record text) as audit exclusions."""
+    mapper = RowMapper(sync, columns)
+    delimiter = sync.input.field_delimiter
+    exclusions = []
+    for reason, text in found:
+        try:
+            values = next(csv.reader(io.StringIO(text.decode(), newline=""), delimiter=delimiter))
+            identity = mapper.identity(values)
+            contact = mapper.contact(values)
+        except (csv.Error, RowRejected, StopIteration, IndexError, UnicodeDecodeError):
+            log.warning("a settled row could not be read back for the audit trail")
+            continue
+        exclusions.append(exclusion(identity, *contact, "suppressed", reason))
+    return exclusions
 
 
 def _never_called(values: list[str]) -> str | None:
