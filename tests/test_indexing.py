@@ -80,6 +80,10 @@ EXPECTED = {
         {"route": "runs/{run_id}/retry", "methods": ["POST"], "authLevel": "FUNCTION"},
     ),
     "retry_run": ("queueTrigger", {"queueName": "run-retries"}),
+    "audit_lookup": (
+        "httpTrigger",
+        {"route": "audit/lookup", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
     "run_sweeper": (
         "timerTrigger",
         {"schedule": "0 */15 * * * *", "useMonitor": True, "runOnStartup": False},
