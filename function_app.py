@@ -7,6 +7,7 @@ from functions import (
     http_api,
     log_export,
     privacy_api,
+    privacy_erasure,
     push_api,
     push_dispatch,
     run_endings,
@@ -26,3 +27,4 @@ app.register_functions(push_api.bp)
 app.register_functions(push_dispatch.bp)
 app.register_functions(run_endings.bp)
 app.register_functions(privacy_api.bp)
+app.register_functions(privacy_erasure.bp)

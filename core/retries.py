@@ -160,9 +160,18 @@ def _no_check(services: Services, run: RunRecord) -> None:
     return None
 
 
+def _resubmit(services: Services, run: RunRecord) -> None:
+    raise RetryRefused(
+        409, "resubmit",
+        "an erasure's identifiers are not kept: submit the request again "
+        "(POST /api/privacy/erasure)",
+    )  # fmt: skip
+
+
 _KINDS: dict[RunKind, RetryKind] = {
     RunKind.SEGMENT_SYNC: RetryKind(_check_segment, _retry_segment),
     RunKind.CURRENTS: RetryKind(_check_currents, _retry_currents),
     RunKind.LOG_EXPORT: RetryKind(_no_check, _retry_export),
     RunKind.PUSH_DISPATCH: RetryKind(_no_check, _retry_dispatch),
+    RunKind.PRIVACY_ERASURE: RetryKind(_resubmit, _resubmit),
 }

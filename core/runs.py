@@ -30,6 +30,7 @@ class RunKind(StrEnum):
     LOG_EXPORT = "log_export"
     CURRENTS = "currents"
     PUSH_DISPATCH = "push_dispatch"
+    PRIVACY_ERASURE = "privacy_erasure"
 
 
 class RunStatus(StrEnum):

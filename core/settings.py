@@ -303,6 +303,14 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_RUN_SWEEP_SCHEDULE",
         description="NCRONTAB schedule of the run sweeper (six fields, UTC).",
     )
+    erasure_wait_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        validation_alias="SWITCHBOARD_ERASURE_WAIT_SECONDS",
+        description="How long an erasure waits before it looks again while segment syncs "
+        "or push dispatches run (it waits at most 60 times).",
+    )
     audit_retention_days: int = Field(
         default=400,
         ge=31,

@@ -147,6 +147,7 @@ def _poison_queues() -> dict[str, PoisonHandler]:
     """Each poison queue and what a message on it ends: the flows' handlers, listed here
     (no discovery by naming convention)."""
     from core.currents.discovery import FILES_QUEUE, run_of_file_message
+    from core.privacy.erasure import ERASURE_QUEUE
     from core.push.dispatch import CHUNK_QUEUE as PUSH_CHUNKS
     from core.push.dispatch import PLAN_QUEUE, chunk_poisoned
     from core.retries import RETRY_QUEUE
@@ -162,7 +163,16 @@ def _poison_queues() -> dict[str, PoisonHandler]:
         f"{PLAN_QUEUE}-poison": _failing(_named("dispatch_id", RunKind.PUSH_DISPATCH)),
         f"{PUSH_CHUNKS}-poison": chunk_poisoned,
         f"{RETRY_QUEUE}-poison": _failing(_named("run_id", None)),
+        f"{ERASURE_QUEUE}-poison": _failing(_named("run_id", RunKind.PRIVACY_ERASURE)),
     }
+
+
+def _unkept_queues() -> frozenset[str]:
+    """Poison queues whose messages are not kept: they carry personal data (an erasure
+    request's identifiers)."""
+    from core.privacy.erasure import ERASURE_QUEUE
+
+    return frozenset({f"{ERASURE_QUEUE}-poison"})
 
 
 def poison_queue_names() -> list[str]:
@@ -175,7 +185,9 @@ def poisoned(services: Services, queue: str, body: bytes) -> list[RunRecord]:
     handle = _poison_queues().get(queue)
     if handle is None:
         raise ConfigError(f"no handler for poison queue {queue!r}")
-    kept = _keep(services, queue, body)
+    kept = f"{POISON_CONTAINER}/{queue}/(not kept)" if queue in _unkept_queues() else (
+        _keep(services, queue, body)
+    )  # fmt: skip
     try:
         return handle(services, body, kept)
     except (ValueError, ValidationError) as exc:  # kept, and said: nothing else to do

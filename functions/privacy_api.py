@@ -1,10 +1,12 @@
-"""Operator routes for privacy: the exclusion audit trail (`core/audit.py`)."""
+"""Operator routes for privacy: the exclusion audit trail (`core/audit.py`) and erasure
+requests (`core/privacy/erasure.py`)."""
 
 from __future__ import annotations
 
 import azure.functions as func
 
 from core.audit import AuditQuery, lookup_answer
+from core.privacy.erasure import ErasureRequest, request_erasure
 from functions._wiring import (
     SETTINGS,
     error_response,
@@ -30,3 +32,18 @@ def audit_lookup(req: func.HttpRequest) -> func.HttpResponse:
     except ValueError as exc:
         return error_response(400, "bad_subject", str(exc))
     return json_response(200, answer)
+
+
+@bp.route(route="privacy/erasure", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@json_errors
+def erasure(req: func.HttpRequest) -> func.HttpResponse:
+    """A person's data out of every store: `{"profile_ids", "emails", "phones", "reference"}`
+    -> 202 with the run (identifiers by hash only) and where to follow it."""
+    request = parse_body(req, ErasureRequest)
+    if isinstance(request, func.HttpResponse):
+        return request
+    try:
+        run = request_erasure(services(), request)
+    except ValueError as exc:
+        return error_response(400, "bad_subject", str(exc))
+    return json_response(202, {**run.public(), "status_url": f"/api/runs/{run.run_id}"})

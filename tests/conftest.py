@@ -84,7 +84,7 @@ SCENARIOS = (
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
     "fanout", "dryrun", "mirror", "manifest", "push", "lookup-budget", "early-manifest",
     "manifest-deadline", "header-only", "long-line", "gov-blocked", "gov-drop",
-    "gov-dataset", "consent-aep", "consent-withdrawn",
+    "gov-dataset", "consent-aep", "consent-withdrawn", "erasure",
 )  # fmt: skip
 
 
@@ -219,6 +219,7 @@ def app_env(
         "SWITCHBOARD_CURRENTS_MAX_ATTEMPTS": "2",
         "SWITCHBOARD_CURRENTS_CLAIM_SECONDS": "5",
         "SWITCHBOARD_CURRENTS_SCHEDULE": "0 0 0 1 1 *",
+        "SWITCHBOARD_ERASURE_WAIT_SECONDS": "1",
         # The log export starts at this session's window, not at other tests' far windows.
         "SWITCHBOARD_EXPORT_START": datetime.now(UTC).strftime("%Y-%m-%dT%H:00:00+00:00"),
         "SWITCHBOARD_SYNCS_FILE": str(syncs),

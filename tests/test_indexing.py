@@ -80,6 +80,11 @@ EXPECTED = {
         {"route": "runs/{run_id}/retry", "methods": ["POST"], "authLevel": "FUNCTION"},
     ),
     "retry_run": ("queueTrigger", {"queueName": "run-retries"}),
+    "erasure": (
+        "httpTrigger",
+        {"route": "privacy/erasure", "methods": ["POST"], "authLevel": "FUNCTION"},
+    ),
+    "privacy_erasure": ("queueTrigger", {"queueName": "privacy-erasures"}),
     "audit_lookup": (
         "httpTrigger",
         {"route": "audit/lookup", "methods": ["POST"], "authLevel": "FUNCTION"},
@@ -97,6 +102,7 @@ EXPECTED = {
             "push-plans",
             "push-chunks",
             "run-retries",
+            "privacy-erasures",
         )
     },
     "poison_webjobs_blobtrigger": (

@@ -460,6 +460,10 @@ class BlobStore:
             stager=stager,
         )
 
+    def containers(self) -> list[str]:
+        """The account's container names."""
+        return [item.name for item in self.service.list_containers()]
+
     def list(self, container: str, prefix: str | None = None) -> Iterator[BlobRef]:
         client = self.service.get_container_client(container)
         try:

@@ -478,7 +478,7 @@ class Snapshot:
         return self.body if self.compressed else state_codec.compress(self.body)
 
 
-_BINARY_START = b'{"version":6,'
+BINARY_START = b'{"version":6,'
 """How a format-6 state starts (state._encode writes the version first)."""
 
 
@@ -510,6 +510,10 @@ def _encode(state: SyncState, *, changed_only: bool = False) -> bytes:
     )  # fmt: skip
     records = (profile.record(identity, out) for identity, profile in written)
     return state_codec.section(header, out.tables, records)
+
+
+encode_state = _encode
+"""The whole snapshot of a state (for writers outside a run: core/sync/state_erasure.py)."""
 
 
 def _tables_out(state: SyncState) -> Tables:
@@ -560,7 +564,7 @@ _UNREADABLE = (ValueError, KeyError, IndexError, TypeError, AttributeError, Over
 
 def _decode(text: bytes, fingerprint: str, native: bool) -> SyncState:
     header: dict[str, Any]
-    found = list(state_codec.sections(text)) if text.startswith(_BINARY_START) else []
+    found = list(state_codec.sections(text)) if text.startswith(BINARY_START) else []
     version = found[0].header.get("version") if found else state_codec.header_version(text)
     if not text:  # nothing stored yet
         header, tables = {"fingerprint": fingerprint, "version": FORMAT_VERSION}, Tables()

@@ -1,0 +1,245 @@
+"""Erasure (GDPR Art. 17): a person's data taken out of every store Switchboard keeps.
+
+    POST /api/privacy/erasure -> run (kind privacy_erasure) -> queue `privacy-erasures`
+      -> worker: wait while segment syncs or push dispatches run
+         -> sync delta state (core/sync/state_erasure.py)
+         -> push devices and tokens
+         -> stored events (core/events/event_erasure.py)
+         -> files: rejects, previews, exports, quarantine, dispatch lists, kept poison
+            messages (records taken out, core/privacy/scrub.py); landed segment files and
+            work files that hold them are deleted (a segment file rewritten would land again)
+         -> tables: run results' kept rejects, run details; the audit trail's records
+         -> suppression entries keep their hash only (the masked hint goes), so the
+            person is still never messaged
+      -> the run records what was removed, and the identifiers by hash only.
+
+The identifiers travel in the queue message only (deleted once handled; a poisoned one is
+not kept, see core/verdicts.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.audit import AuditLog
+from core.events.event_erasure import erase_events
+from core.events.store import EVENTS_CONTAINER, EventStore
+from core.privacy.person import Matcher, Person
+from core.privacy.scrub import scrub_file, scrub_text
+from core.push.tokens import ProfileDevices, PushToken, profile_partition
+from core.runs import RunKind, RunRecord, RunStatus
+from core.services import Services
+from core.storage.tables import EntityTable, safe_key
+from core.suppression import Channel, Suppression, address_hash
+from core.sync.state import STATE_CONTAINER
+from core.sync.state_erasure import erase_from_states
+
+log = logging.getLogger(__name__)
+ERASURE_QUEUE = "privacy-erasures"
+_MOST_WAITS = 60
+"""Waits (`SWITCHBOARD_ERASURE_WAIT_SECONDS` each) for runs that touch the same stores;
+then it goes ahead (a run that read state before the erasure fails at its commit and is
+retried)."""
+# Containers whose blobs are deleted whole when they hold the person: a landed segment file
+# (rewritten, it would land again as a new file) and a run's work files.
+_DELETED_WHOLE = frozenset({"segments", "sync-work"})
+# Handled by their own stores (above), or holding no personal data of their own.
+_NOT_SCRUBBED = frozenset({STATE_CONTAINER, EVENTS_CONTAINER, "azure-webjobs-hosts",
+                           "azure-webjobs-secrets"})  # fmt: skip
+_BUSY_KINDS = (RunKind.SEGMENT_SYNC, RunKind.PUSH_DISPATCH)
+
+
+class ErasureRequest(BaseModel):
+    """The route's body: at least one identifier, each as the CDP or ESP knows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile_ids: list[str] = Field(default_factory=list, max_length=50)
+    emails: list[str] = Field(default_factory=list, max_length=50)
+    phones: list[str] = Field(default_factory=list, max_length=50)
+    reference: str = Field(
+        default="", max_length=200, description="the requester's own id of the request"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> ErasureRequest:
+        if not (self.profile_ids or self.emails or self.phones):
+            raise ValueError("give at least one of profile_ids, emails or phones")
+        return self
+
+    def person(self) -> Person:
+        """ValueError for an address that is not one."""
+        return Person.of(profile_ids=self.profile_ids, emails=self.emails, phones=self.phones)
+
+
+class ErasureMessage(BaseModel):
+    run_id: str
+    request: ErasureRequest
+    waits: int = 0
+
+
+def request_erasure(services: Services, request: ErasureRequest) -> RunRecord:
+    """Record the request (identifiers by hash only) and queue its work."""
+    person = request.person()
+    run = services.runs.start(
+        RunKind.PRIVACY_ERASURE, status=RunStatus.RECEIVED, source="POST /api/privacy/erasure",
+        detail={"subjects": person.hashes(), "reference": request.reference},
+    )  # fmt: skip
+    services.storage.queues.send(ERASURE_QUEUE, ErasureMessage(run_id=run.run_id, request=request))
+    log.info("erasure requested", extra={"run_id": run.run_id})
+    return run
+
+
+def run_erasure(services: Services, message: ErasureMessage) -> RunRecord | None:
+    """Queue worker: the erasure, once no run that writes the same stores is under way."""
+    run = services.runs.get(message.run_id)
+    if run is None or run.status.ended:
+        return run
+    busy = [r.run_id for r in services.runs.open_runs() if r.kind in _BUSY_KINDS]
+    if busy and message.waits < _MOST_WAITS:
+        later = message.model_copy(update={"waits": message.waits + 1})
+        pause = services.settings.erasure_wait_seconds
+        services.storage.queues.send(ERASURE_QUEUE, later, delay_seconds=pause)
+        until = datetime.now(UTC) + timedelta(seconds=2 * pause)
+
+        def waiting(record: RunRecord) -> None:
+            record.status, record.idle_until = RunStatus.RUNNING, until
+            record.detail = {**record.detail, "waiting_for_runs": busy[:20]}
+
+        return services.runs.update(run.run_id, waiting)
+    services.runs.update(run.run_id, lambda r: setattr(r, "status", RunStatus.RUNNING))
+    person = message.request.person()
+    counts = erase(services, person, run.run_id)
+    return services.runs.finish(
+        run.run_id, RunStatus.SUCCEEDED, counts=dict(sorted(counts.items())),
+        detail={"waiting_for_runs": None, "waited": message.waits},
+    )  # fmt: skip
+
+
+def erase(services: Services, person: Person, run_id: str) -> Counter[str]:
+    """Every step; what each removed. Safe to repeat (a retried message finds less)."""
+    storage = services.storage
+    matcher = person.matcher()
+    counts: Counter[str] = Counter()
+    counts.update(erase_from_states(storage, matcher, run_id))
+    counts.update(_push_registrations(services, person))
+    counts.update(erase_events(EventStore(storage), matcher))
+    counts.update(_files(services, matcher))
+    counts.update(_tables(services, matcher))
+    audit = AuditLog(storage)
+    counts["audit.records"] += sum(audit.forget(kind, value) for kind, value in person.subjects())
+    counts["suppressions.hints_erased"] += _suppression_hints(services, person)
+    log.info("erasure done", extra={"run_id": run_id, **counts})
+    return counts
+
+
+def _push_registrations(services: Services, person: Person) -> Counter[str]:
+    """A profile's devices, and the token rows that point at it (found through them)."""
+    counts: Counter[str] = Counter()
+    tables = services.storage.tables
+    devices: EntityTable[ProfileDevices] = tables.get(ProfileDevices)
+    tokens: EntityTable[PushToken] = tables.get(PushToken)
+    for profile_id in sorted(person.profile_ids):
+        found = devices.get(profile_partition(profile_id), safe_key(profile_id))
+        if found is None:
+            continue
+        for device in found.entity.devices.items:
+            token = tokens.get(device.app_id, device.token_hash)
+            if token is not None and token.entity.profile_id == profile_id:
+                tokens.delete(device.app_id, device.token_hash)
+                counts["push.tokens"] += 1
+        devices.delete(found.entity.partition_key, found.entity.row_key)
+        counts["push.profiles"] += 1
+    return counts
+
+
+def _files(services: Services, matcher: Matcher) -> Counter[str]:
+    """Every other container's files: records about the person taken out, or (landed and
+    work files, and files that cannot be read by record) the file deleted."""
+    counts: Counter[str] = Counter()
+    blobs = services.storage.blobs
+    for container in sorted(blobs.containers()):
+        if container in _NOT_SCRUBBED:
+            continue
+        for ref in list(blobs.list(container)):
+            found = blobs.read_versioned(container, ref.name)
+            if found is None:
+                continue
+            if container in _DELETED_WHOLE:
+                if scrub_file(ref.name, found[0], matcher) is not None:
+                    blobs.delete(container, ref.name)
+                    counts[f"files.{container}.deleted"] += 1
+                continue
+            scrubbed = scrub_file(ref.name, found[0], matcher)
+            if scrubbed is None:
+                continue
+            if scrubbed.data is None:
+                blobs.delete(container, ref.name)
+                counts[f"files.{container}.deleted"] += 1
+            else:
+                blobs.create(container, ref.name, scrubbed.data, overwrite=True)
+                counts[f"files.{container}.records"] += scrubbed.removed
+    return counts
+
+
+def _tables(services: Services, matcher: Matcher) -> Counter[str]:
+    """Text properties of run tables that may quote rows (kept rejects, run details)."""
+    from core.runs import RunRecord as Runs
+    from core.sync.service import BucketResult
+
+    counts: Counter[str] = Counter()
+    for model in (BucketResult, Runs):
+        table: EntityTable[Any] = services.storage.tables.get(model)
+        for row in list(table.query("")):
+            changed = _scrub_entity(row, matcher)
+            if changed:
+                table.upsert(row.model_validate(changed))
+                counts[f"tables.{model.table_name}"] += 1
+    return counts
+
+
+def _scrub_entity(row: BaseModel, matcher: Matcher) -> dict[str, Any] | None:
+    data = row.model_dump()
+    if not matcher.in_value(data):
+        return None
+    for name, value in data.items():
+        if name in ("partition_key", "row_key"):
+            continue
+        if isinstance(value, str) and matcher.in_text(value):
+            data[name] = scrub_text(value, matcher)[0]
+        elif isinstance(value, dict | list) and matcher.in_value(value):
+            data[name] = _without(value, matcher)
+    return data
+
+
+def _without(value: Any, matcher: Matcher) -> Any:
+    if isinstance(value, list):
+        return [_without(v, matcher) for v in value if not matcher.in_value(v)]
+    if isinstance(value, dict):
+        return {k: _without(v, matcher) for k, v in value.items() if not matcher.in_text(str(k))}
+    if isinstance(value, str) and matcher.in_text(value):
+        return scrub_text(value, matcher)[0]
+    return value
+
+
+def _suppression_hints(services: Services, person: Person) -> int:
+    """The person stays suppressed, by hash only: the masked hint goes."""
+    table: EntityTable[Suppression] = services.storage.tables.get(Suppression)
+    erased = 0
+    for channel, values in ((Channel.EMAIL, person.emails), (Channel.PHONE, person.phones),
+                            (Channel.PUSH, person.profile_ids)):  # fmt: skip
+        for value in values:
+            prefix = address_hash(value)
+            for row in list(
+                table.query_partition(channel.value, row_from=f"{prefix}:", row_before=f"{prefix};")
+            ):
+                if row.hint or row.source.startswith("operator: "):
+                    row.hint, row.source = "", row.source.split(":", 1)[0]
+                    table.upsert(row)
+                    erased += 1
+    return erased
