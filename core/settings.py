@@ -309,7 +309,14 @@ class Settings(BaseSettings):
         le=3600,
         validation_alias="SWITCHBOARD_ERASURE_WAIT_SECONDS",
         description="How long an erasure waits before it looks again while segment syncs "
-        "or push dispatches run (it waits at most 60 times).",
+        "or push dispatches run.",
+    )
+    erasure_max_wait_seconds: int = Field(
+        default=3600,
+        ge=0,
+        le=86400,
+        validation_alias="SWITCHBOARD_ERASURE_MAX_WAIT_SECONDS",
+        description="How long an erasure waits in all for runs under way before it goes ahead.",
     )
     audit_retention_days: int = Field(
         default=400,

@@ -220,6 +220,7 @@ def app_env(
         "SWITCHBOARD_CURRENTS_CLAIM_SECONDS": "5",
         "SWITCHBOARD_CURRENTS_SCHEDULE": "0 0 0 1 1 *",
         "SWITCHBOARD_ERASURE_WAIT_SECONDS": "1",
+        "SWITCHBOARD_ERASURE_MAX_WAIT_SECONDS": "20",
         # The log export starts at this session's window, not at other tests' far windows.
         "SWITCHBOARD_EXPORT_START": datetime.now(UTC).strftime("%Y-%m-%dT%H:00:00+00:00"),
         "SWITCHBOARD_SYNCS_FILE": str(syncs),

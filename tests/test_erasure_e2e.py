@@ -162,7 +162,7 @@ def test_an_erasure_leaves_no_trace_of_the_person_outside_the_hashed_suppression
         run = requests.get(f"{running_app.base_url}/api/runs/{run_id}", timeout=10).json()
         return dict(run) if run["status"] in ENDED else None
 
-    run = eventually(ended, timeout=120)
+    run = eventually(ended, timeout=180)  # after runs other tests left under way, at most
     assert run["status"] == "succeeded", run
     counts = run["counts"]
     assert counts["sync_state.profiles"] >= 1 and counts["events.removed"] >= 1

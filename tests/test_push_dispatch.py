@@ -312,6 +312,22 @@ def test_bad_dispatch_requests_get_a_json_4xx(running_app) -> None:  # type: ign
             404,
             "unknown_audience",
         ),
+        (  # a sync a policy blocks (tests/data/syncs.yaml): no pushes to its audiences either
+            {
+                "template": TEMPLATE,
+                "targets": {"segment": {"sync_id": "vip-gov-blocked", "audience": "vip"}},
+            },
+            409,
+            "blocked_by_policy",
+        ),
+        (  # an audience collected under the e-mail permission is not pushed to
+            {
+                "template": TEMPLATE,
+                "targets": {"segment": {"sync_id": "vip-consent-aep", "audience": "vip"}},
+            },
+            409,
+            "wrong_permission",
+        ),
     ]
     for body, status, code in cases:
         answer = post(running_app, "push/send", body)

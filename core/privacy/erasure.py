@@ -41,10 +41,9 @@ from core.sync.state_erasure import erase_from_states
 
 log = logging.getLogger(__name__)
 ERASURE_QUEUE = "privacy-erasures"
-_MOST_WAITS = 60
-"""Waits (`SWITCHBOARD_ERASURE_WAIT_SECONDS` each) for runs that touch the same stores;
-then it goes ahead (a run that read state before the erasure fails at its commit and is
-retried)."""
+_ALIVE = timedelta(minutes=15)
+"""A run with no sign of life for this long is not waited for (a lost one: the sweeper
+ends it); nor is one waiting on purpose (a manifest's parts)."""
 # Containers whose blobs are deleted whole when they hold the person: a landed segment file
 # (rewritten, it would land again as a new file) and a run's work files.
 _DELETED_WHOLE = frozenset({"segments", "sync-work"})
@@ -100,10 +99,12 @@ def run_erasure(services: Services, message: ErasureMessage) -> RunRecord | None
     run = services.runs.get(message.run_id)
     if run is None or run.status.ended:
         return run
-    busy = [r.run_id for r in services.runs.open_runs() if r.kind in _BUSY_KINDS]
-    if busy and message.waits < _MOST_WAITS:
+    settings = services.settings
+    busy = _runs_under_way(services, datetime.now(UTC))
+    waited = message.waits * settings.erasure_wait_seconds
+    if busy and waited < settings.erasure_max_wait_seconds:
         later = message.model_copy(update={"waits": message.waits + 1})
-        pause = services.settings.erasure_wait_seconds
+        pause = settings.erasure_wait_seconds
         services.storage.queues.send(ERASURE_QUEUE, later, delay_seconds=pause)
         until = datetime.now(UTC) + timedelta(seconds=2 * pause)
 
@@ -119,6 +120,22 @@ def run_erasure(services: Services, message: ErasureMessage) -> RunRecord | None
         run.run_id, RunStatus.SUCCEEDED, counts=dict(sorted(counts.items())),
         detail={"waiting_for_runs": None, "waited": message.waits},
     )  # fmt: skip
+
+
+def _runs_under_way(services: Services, now: datetime) -> list[str]:
+    """Segment syncs and push dispatches that may be writing the stores an erasure rewrites
+    (a run after a request goes ahead once these are done, or once the wait is over: one
+    that read state before the erasure fails at its commit and is retried)."""
+    busy = []
+    for run in services.runs.open_runs(now=now):
+        if run.kind not in _BUSY_KINDS or run.status != RunStatus.RUNNING:
+            continue
+        if run.idle_until is not None and run.idle_until > now:
+            continue
+        alive = max(t for t in (run.started_at, run.updated_at) if t is not None)
+        if now - alive < _ALIVE:
+            busy.append(run.run_id)
+    return busy
 
 
 def erase(services: Services, person: Person, run_id: str) -> Counter[str]:

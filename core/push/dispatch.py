@@ -49,6 +49,7 @@ from core.runs import RunKind, RunRecord, RunStatus, new_run_id
 from core.services import Services
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import Channel, SuppressionList, SuppressionSnapshot
+from core.sync.definitions import SyncDefinition, SyncDocument
 from core.sync.state import audience_members
 from core.verdicts import RunRef, poison_detail
 
@@ -180,6 +181,27 @@ def _blob(dispatch_id: str, name: str) -> str:
 # -- accept --------------------------------------------------------------------------
 
 
+def _governed_audience(document: SyncDocument, sync: SyncDefinition, audience: str) -> None:
+    """An audience a policy keeps back, or one collected under another channel's marketing
+    permission, is not pushed to (a list carries one permission)."""
+    governed = document.governed(sync.id)
+    if governed is not None:
+        violations = [*governed.verdict.blocked] + [
+            v
+            for v in governed.verdict.dropped
+            if (v.sent.kind, v.sent.name) == ("audience", audience)
+        ]
+        if violations:
+            reasons = "; ".join(v.sentence() for v in violations)
+            raise DispatchRejected(409, "blocked_by_policy", f"sync {sync.id}: {reasons}")
+    if sync.consent is not None and sync.consent.channel != "push":
+        raise DispatchRejected(
+            409, "wrong_permission",
+            f"sync {sync.id} carries the {sync.consent.channel} marketing permission; a push "
+            "dispatch needs an audience collected under the push permission",
+        )  # fmt: skip
+
+
 def accept(services: Services, request: DispatchRequest) -> tuple[RunRecord, bool]:
     """Check and record a dispatch request and queue its planning; (run, created)."""
     document = services.syncs()
@@ -200,6 +222,7 @@ def accept(services: Services, request: DispatchRequest) -> tuple[RunRecord, boo
             raise DispatchRejected(
                 404, "unknown_sync", f"no sync is declared with id {segment.sync_id!r}"
             )
+        _governed_audience(document, sync, segment.audience)
         if segment.audience not in [s.name for s in sync.audiences.segments]:
             raise DispatchRejected(
                 404, "unknown_audience", f"sync {sync.id} has no audience {segment.audience!r}"
