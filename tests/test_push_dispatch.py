@@ -129,6 +129,12 @@ def test_a_personalised_dispatch_reaches_every_active_device_and_switches_dead_o
     assert counts["profiles.skipped.no_push_consent"] == 1  # Dee
     assert counts["profiles.skipped.suppressed"] == 1  # Eve
     assert counts["profiles.skipped.no_active_device"] == 1  # Fay has none
+    # Kept out by a rule: in the audit trail, by profile id.
+    for who, rule in ((dee, "no_push_consent"), (eve, "manual_blocklist")):
+        audit = post(running_app, "audit/lookup", {"profile_id": who}).json()
+        assert [(e["source"], e["run_id"], e["rule"]) for e in audit["exclusions"]] == [
+            ("push", result["run_id"], rule)
+        ]
     assert counts["messages.sent"] == 3 and counts["messages.dead_token"] == 2, result
     assert counts["devices.deactivated"] == 2
 

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Self
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.audit import AuditLog, Exclusion, exclusion
 from core.errors import BlobAlreadyExists, ConfigError, EntityExists, TransientError
 from core.events.model import EventChannel, EventType, epoch_millis
 from core.events.store import EventStore
@@ -359,6 +360,8 @@ class ChunkRunner:
         self.registry = TokenRegistry(services.storage)
         self.store = EventStore(services.storage)
         self.stopped: dict[str, str] = {}
+        self.excluded: list[Exclusion] = []
+        """This slice's profiles kept out by a rule (for the audit trail)."""
         """app id -> why it is stopped (configuration error), for this dispatch."""
         self.providers: dict[str, PushProvider] = {}
         self.message: DispatchMessage | None = None
@@ -507,7 +510,8 @@ class ChunkRunner:
             events.append(self._event(device, profile_id, result))
             if result.status == "dead_token":
                 dead.append((device, result))
-        await asyncio.to_thread(self._record, events, dead, counts, first)
+        excluded, self.excluded = self.excluded, []
+        await asyncio.to_thread(self._record, events, dead, counts, first, excluded)
         if later:
             attributes_of = {entry[0]: entry[1] for entry in entries}
             retry = [[p, attributes_of[p], hashes] for p, hashes in later.items()]
@@ -555,6 +559,10 @@ class ChunkRunner:
                 reason = skipped.reason
         if reason is not None:
             counts[f"profiles.skipped.{reason}"] += 1
+            if reason in ("suppressed", "no_push_consent") and self.round == 0:
+                found = self.suppressed.reason_for(Channel.PUSH, profile_id)
+                rule = found.value if reason == "suppressed" and found else reason
+                self.excluded.append(exclusion(profile_id, None, None, "suppressed", rule))
             return []
         counts["profiles.targeted"] += 1
         messages = []
@@ -597,8 +605,11 @@ class ChunkRunner:
                 return profile_id, device, outcome
 
     def _record(self, events: list[dict[str, Any]], dead: list[tuple[Device, SendOutcome]],
-                counts: Counter[str], first: int) -> None:  # fmt: skip
-        """Store a slice's events (one segment) and switch its dead tokens off."""
+                counts: Counter[str], first: int, excluded: list[Exclusion]) -> None:  # fmt: skip
+        """Store a slice's events (one segment), the profiles it kept out (the audit trail)
+        and switch its dead tokens off."""
+        if excluded:
+            AuditLog(self.services.storage).record("push", self.dispatch_id, excluded)
         if events:
             segment = f"push-{self.dispatch_id}-{self.chunk_key}-{first:07d}"
             writer = self.store.writer(SOURCE, segment)
