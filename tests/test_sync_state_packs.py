@@ -281,3 +281,34 @@ def test_state_split_into_another_bucket_count_is_refused_by_name(
     with pytest.raises(ConfigError, match=r"split into 8 buckets.*state_buckets is 16"):
         StateStore(storage, unique, "braze", "f", 16).stored_buckets()
     assert list(StateStore(storage, unique, "braze", "").stored_buckets()) == [3]  # a reader
+
+
+def test_an_erasure_takes_the_person_out_and_counts_state_whose_pack_is_gone(
+    storage: Any, unique: str
+) -> None:
+    """One sync's state points at a pack that is not there (lost, or deleted by hand): an
+    erasure still takes the person out of every other sync's state, and says how many
+    buckets it could not read."""
+    from core.privacy.person import Person
+    from core.sync.state_erasure import erase_from_states
+
+    rng = random.Random(21)
+    lost = StateStore(storage, f"{unique}-lost", "braze", "f")
+    _write_all(lost, {b: _text(b, 5, rng) for b in range(3)}, "r1")
+    for part in {p.blob for s in lost.stored_buckets().values() for p in s.layout.parts}:
+        storage.blobs.delete(STATE_CONTAINER, lost.folder + part)
+    states, *_ = _stored(storage, f"{unique}-kept", 22, 4, 6)
+    person = Person.of(profile_ids=["B2-3"])
+
+    counts = erase_from_states(storage, person.matcher(), f"erasure-{unique}")
+
+    assert counts["sync_state.buckets_unreadable"] >= 3
+    assert counts["sync_state.profiles"] == 1
+    stored = states.stored_buckets()
+    reader = states.reader(stored, sorted(stored))
+    for bucket in sorted(stored):
+        state = states.decode(reader.take(bucket), native=False)
+        expected = {f"B{bucket}-{i}" for i in range(6)} - {"B2-3"}
+        assert set(state.profiles) == expected
+    names = [ref.name for ref in storage.blobs.list(STATE_CONTAINER, f"{unique}-kept/")]
+    assert len(names) == 1 and "erasure-" in names[0]  # the old pack, with them in it, gone

@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.audit import AuditLog
+from core.errors import ConcurrencyConflict
 from core.events.event_erasure import erase_events
 from core.events.store import EVENTS_CONTAINER, EventStore
 from core.privacy.person import Matcher, Person
@@ -34,6 +35,7 @@ from core.privacy.scrub import scrub_file, scrub_text
 from core.push.tokens import ProfileDevices, PushToken, profile_partition
 from core.runs import RunKind, RunRecord, RunStatus
 from core.services import Services
+from core.storage.blobs import BlobStore
 from core.storage.tables import EntityTable, safe_key
 from core.suppression import Channel, Suppression, address_hash
 from core.sync.state import STATE_CONTAINER
@@ -184,24 +186,32 @@ def _files(services: Services, matcher: Matcher) -> Counter[str]:
         if container in _NOT_SCRUBBED:
             continue
         for ref in list(blobs.list(container)):
-            found = blobs.read_versioned(container, ref.name)
-            if found is None:
-                continue
-            if container in _DELETED_WHOLE:
-                if scrub_file(ref.name, found[0], matcher) is not None:
-                    blobs.delete(container, ref.name)
-                    counts[f"files.{container}.deleted"] += 1
-                continue
-            scrubbed = scrub_file(ref.name, found[0], matcher)
-            if scrubbed is None:
-                continue
-            if scrubbed.data is None:
-                blobs.delete(container, ref.name)
-                counts[f"files.{container}.deleted"] += 1
-            else:
-                blobs.create(container, ref.name, scrubbed.data, overwrite=True)
-                counts[f"files.{container}.records"] += scrubbed.removed
+            for attempt in range(_ATTEMPTS):
+                try:
+                    counts.update(_file(blobs, container, ref.name, matcher))
+                    break
+                except ConcurrencyConflict:  # written meanwhile: read it again
+                    if attempt == _ATTEMPTS - 1:
+                        raise
     return counts
+
+
+_ATTEMPTS = 3
+
+
+def _file(blobs: BlobStore, container: str, name: str, matcher: Matcher) -> Counter[str]:
+    found = blobs.read_versioned(container, name)
+    if found is None:
+        return Counter()  # gone meanwhile
+    data, etag = found
+    scrubbed = scrub_file(name, data, matcher)
+    if scrubbed is None:
+        return Counter()
+    if container in _DELETED_WHOLE or scrubbed.data is None:
+        blobs.delete(container, name)
+        return Counter({f"files.{container}.deleted": 1})
+    blobs.write_versioned(container, name, scrubbed.data, etag)
+    return Counter({f"files.{container}.records": scrubbed.removed})
 
 
 def _tables(services: Services, matcher: Matcher) -> Counter[str]:
@@ -213,10 +223,15 @@ def _tables(services: Services, matcher: Matcher) -> Counter[str]:
     for model in (BucketResult, Runs):
         table: EntityTable[Any] = services.storage.tables.get(model)
         for row in list(table.query("")):
-            changed = _scrub_entity(row, matcher)
-            if changed:
-                table.upsert(row.model_validate(changed))
-                counts[f"tables.{model.table_name}"] += 1
+            if _scrub_entity(row, matcher) is None:
+                continue
+
+            def scrubbed(current: Any) -> Any:  # read again: a run may be writing it
+                changed = None if current is None else _scrub_entity(current, matcher)
+                return None if changed is None else current.model_validate(changed)
+
+            table.mutate(row.partition_key, row.row_key, scrubbed)
+            counts[f"tables.{model.table_name}"] += 1
     return counts
 
 
@@ -255,8 +270,18 @@ def _suppression_hints(services: Services, person: Person) -> int:
             for row in list(
                 table.query_partition(channel.value, row_from=f"{prefix}:", row_before=f"{prefix};")
             ):
-                if row.hint or row.source.startswith("operator: "):
-                    row.hint, row.source = "", row.source.split(":", 1)[0]
-                    table.upsert(row)
+                if _hinted(row):
+                    table.mutate(row.partition_key, row.row_key, _unhinted)
                     erased += 1
     return erased
+
+
+def _hinted(row: Suppression) -> bool:
+    return bool(row.hint) or row.source.startswith("operator: ")
+
+
+def _unhinted(current: Suppression | None) -> Suppression | None:
+    """The entry as it is now, without its hint (read again: ingestion may be writing it)."""
+    if current is None or not _hinted(current):
+        return None
+    return current.model_copy(update={"hint": "", "source": current.source.split(":", 1)[0]})
