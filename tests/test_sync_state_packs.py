@@ -18,13 +18,15 @@ from core.sync.state import STATE_CONTAINER, Snapshot, StateStore, StoredBucket
 pytestmark = pytest.mark.integration
 
 
-def _text(bucket: int, profiles: int, rng: random.Random, run: str = "r1") -> bytes:
+def _text(
+    bucket: int, profiles: int, rng: random.Random, run: str = "r1", prefix: str = "B"
+) -> bytes:
     """A snapshot text: a header and `profiles` lines of random hashes (incompressible,
     like real ones)."""
     header = orjson.dumps({"version": 5, "fingerprint": "f", "run": run, "result": {}})
     lines = [
         b"%s\t%s\t%s" % (
-            rng.randbytes(8).hex().encode(), orjson.dumps(f"B{bucket}-{i}"),
+            rng.randbytes(8).hex().encode(), orjson.dumps(f"{prefix}{bucket}-{i}"),
             orjson.dumps([{"email": rng.randbytes(8).hex()}, []]),
         )
         for i in range(profiles)
@@ -297,8 +299,9 @@ def test_an_erasure_takes_the_person_out_and_counts_state_whose_pack_is_gone(
     _write_all(lost, {b: _text(b, 5, rng) for b in range(3)}, "r1")
     for part in {p.blob for s in lost.stored_buckets().values() for p in s.layout.parts}:
         storage.blobs.delete(STATE_CONTAINER, lost.folder + part)
-    states, *_ = _stored(storage, f"{unique}-kept", 22, 4, 6)
-    person = Person.of(profile_ids=["B2-3"])
+    states = StateStore(storage, f"{unique}-kept", "braze", "f")
+    _write_all(states, {b: _text(b, 6, rng, prefix=unique) for b in range(4)}, "r1")
+    person = Person.of(profile_ids=[f"{unique}2-3"])
 
     counts = erase_from_states(storage, person.matcher(), f"erasure-{unique}")
 
@@ -308,7 +311,7 @@ def test_an_erasure_takes_the_person_out_and_counts_state_whose_pack_is_gone(
     reader = states.reader(stored, sorted(stored))
     for bucket in sorted(stored):
         state = states.decode(reader.take(bucket), native=False)
-        expected = {f"B{bucket}-{i}" for i in range(6)} - {"B2-3"}
+        expected = {f"{unique}{bucket}-{i}" for i in range(6)} - {f"{unique}2-3"}
         assert set(state.profiles) == expected
     names = [ref.name for ref in storage.blobs.list(STATE_CONTAINER, f"{unique}-kept/")]
     assert len(names) == 1 and "erasure-" in names[0]  # the old pack, with them in it, gone
