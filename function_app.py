@@ -14,6 +14,7 @@ from functions import (
     segment_arrival,
     segment_chunks,
     suppressions_api,
+    webhooks,
 )
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
@@ -28,3 +29,4 @@ app.register_functions(push_dispatch.bp)
 app.register_functions(run_endings.bp)
 app.register_functions(privacy_api.bp)
 app.register_functions(privacy_erasure.bp)
+app.register_functions(webhooks.bp)

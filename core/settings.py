@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Literal
 
 from pydantic import (
@@ -327,6 +328,67 @@ class Settings(BaseSettings):
         "dropped once all of the month is older).",
     )
 
+    webhook_standard_secrets: SecretStr | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_WEBHOOK_STANDARD_SECRETS",
+        description="Standard Webhooks signing secrets (whsec_...), space-separated: two "
+        "during a rotation. Unset: /api/webhooks/standard answers 404.",
+    )
+    webhook_sendgrid_public_keys: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_WEBHOOK_SENDGRID_PUBLIC_KEYS",
+        description="SendGrid Signed Event Webhook verification keys (base64, as SendGrid "
+        "shows them), space-separated: old and new while re-keying.",
+    )
+    webhook_mailgun_signing_keys: SecretStr | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_WEBHOOK_MAILGUN_SIGNING_KEYS",
+        description="Mailgun Webhook Signing Keys, space-separated.",
+    )
+    webhook_twilio_auth_tokens: SecretStr | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_WEBHOOK_TWILIO_AUTH_TOKENS",
+        description="Twilio Auth Tokens (primary, and secondary while promoting it).",
+    )
+    webhook_twilio_url: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_WEBHOOK_TWILIO_URL",
+        description="The webhook URL exactly as entered at Twilio (Twilio signs it; behind a "
+        "proxy it differs from what the app sees).",
+    )
+    webhook_sns_topic_arns: str | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_WEBHOOK_SNS_TOPIC_ARNS",
+        description="SNS topics whose SES notifications are accepted, space-separated.",
+    )
+    webhook_sns_cert_url_pattern: str = Field(
+        default=r"https://sns\.[a-zA-Z0-9\-]{3,}\.amazonaws\.com(\.cn)?/[^?#]+\.pem",
+        validation_alias="SWITCHBOARD_WEBHOOK_SNS_CERT_URL_PATTERN",
+        description="Regular expression a SigningCertURL must match whole before it is fetched.",
+    )
+    webhook_sns_max_age_seconds: int = Field(
+        default=3600,
+        ge=60,
+        le=86400,
+        validation_alias="SWITCHBOARD_WEBHOOK_SNS_MAX_AGE_SECONDS",
+        description="Oldest SNS message accepted (its Timestamp is the first attempt's, so "
+        "at least the subscription's retry window).",
+    )
+    webhook_tolerance_seconds: int = Field(
+        default=300,
+        ge=30,
+        le=3600,
+        validation_alias="SWITCHBOARD_WEBHOOK_TOLERANCE_SECONDS",
+        description="How far a signed webhook timestamp may be from now, either way.",
+    )
+    webhook_retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        validation_alias="SWITCHBOARD_WEBHOOK_RETENTION_DAYS",
+        description="How long raw webhook deliveries are kept after they were processed.",
+    )
+
     @field_validator("aep_streaming", mode="before")
     @classmethod
     def _json_or_unset(cls, value: object) -> object:
@@ -359,7 +421,19 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("s3_endpoint_url", "braze_rest_endpoint", "apns_endpoint", "fcm_endpoint")
+    @field_validator("webhook_sns_cert_url_pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator(
+        "s3_endpoint_url", "braze_rest_endpoint", "apns_endpoint", "fcm_endpoint",
+        "webhook_twilio_url",
+    )  # fmt: skip
     @classmethod
     def _endpoint_is_url(cls, value: str | None) -> str | None:
         if not value:

@@ -154,6 +154,7 @@ def _poison_queues() -> dict[str, PoisonHandler]:
     from core.segments.arrival import run_of_poisoned_blob
     from core.sync.service import CHUNK_QUEUE as SEGMENT_CHUNKS
     from core.sync.service import MANIFEST_QUEUE
+    from core.webhooks.deliveries import DELIVERY_QUEUE
 
     return {
         BLOB_POISON_QUEUE: _failing(run_of_poisoned_blob),
@@ -164,6 +165,7 @@ def _poison_queues() -> dict[str, PoisonHandler]:
         f"{PUSH_CHUNKS}-poison": chunk_poisoned,
         f"{RETRY_QUEUE}-poison": _failing(_named("run_id", None)),
         f"{ERASURE_QUEUE}-poison": _failing(_named("run_id", RunKind.PRIVACY_ERASURE)),
+        f"{DELIVERY_QUEUE}-poison": _failing(_named("run_id", RunKind.WEBHOOK_DELIVERY)),
     }
 
 

@@ -89,6 +89,11 @@ EXPECTED = {
         "httpTrigger",
         {"route": "audit/lookup", "methods": ["POST"], "authLevel": "FUNCTION"},
     ),
+    "webhook": (
+        "httpTrigger",
+        {"route": "webhooks/{provider}", "methods": ["POST"], "authLevel": "ANONYMOUS"},
+    ),
+    "webhook_delivery": ("queueTrigger", {"queueName": "webhook-deliveries"}),
     "run_sweeper": (
         "timerTrigger",
         {"schedule": "0 */15 * * * *", "useMonitor": True, "runOnStartup": False},
@@ -103,6 +108,7 @@ EXPECTED = {
             "push-chunks",
             "run-retries",
             "privacy-erasures",
+            "webhook-deliveries",
         )
     },
     "poison_webjobs_blobtrigger": (

@@ -3,6 +3,8 @@
     email hard bounce                   -> suppress (hard_bounce)
     email unsubscribe                   -> suppress (unsubscribe)
     email spam complaint                -> suppress (spam_complaint)
+    SMS / WhatsApp / RCS unsubscribe    -> suppress (unsubscribe) the number (a provider's
+                                           opt-out error, e.g. Twilio 21610)
     global subscription: Unsubscribed   -> suppress (unsubscribe) on that channel's address
     global subscription: Subscribed /
                          Opted In       -> lift the unsubscribe (never a hard bounce)
@@ -54,7 +56,10 @@ def suppression_change(event: dict[str, object]) -> SuppressionUpdate | None:
     """The change one event (stored form) makes, if any."""
     kind = event.get("type")
     if kind in _DIRECT:
-        if event.get("channel") != EventChannel.EMAIL:
+        channel = event.get("channel")
+        if channel != EventChannel.EMAIL and not (
+            kind == EventType.UNSUBSCRIBED and channel in _PHONE_CHANNELS
+        ):
             return None
         reason, active = _DIRECT[EventType(str(kind))], True
     elif kind == EventType.SUBSCRIPTION_CHANGED:

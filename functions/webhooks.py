@@ -1,0 +1,49 @@
+"""Provider webhooks: `POST /api/webhooks/{provider}` (core/webhooks/receive.py) and the
+worker that turns kept deliveries into events (core/webhooks/processing.py).
+
+Anonymous: providers cannot send function keys, which is why every provider's signature
+is mandatory and an unconfigured provider answers 404.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import azure.functions as func
+
+from core.webhooks.deliveries import DELIVERY_QUEUE, DeliveryMessage
+from core.webhooks.hook import InboundRequest
+from core.webhooks.processing import process_delivery
+from core.webhooks.providers import configured_providers
+from core.webhooks.receive import WebhookReceiver
+from functions._wiring import SETTINGS, services
+
+bp = func.Blueprint()
+
+
+@functools.cache
+def receiver() -> WebhookReceiver:
+    return WebhookReceiver(services().storage, configured_providers(SETTINGS))
+
+
+@bp.route(route="webhooks/{provider}", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def webhook(req: func.HttpRequest) -> func.HttpResponse:
+    request = InboundRequest(
+        method=req.method,
+        url=req.url,
+        headers={k.lower(): v for k, v in req.headers.items()},
+        body=req.get_body() or b"",
+        query=dict(req.params),
+    )
+    answer = receiver().receive(req.route_params.get("provider", ""), request)
+    return func.HttpResponse(
+        json.dumps(answer.body), status_code=answer.status, mimetype="application/json",
+        headers=answer.headers,
+    )  # fmt: skip
+
+
+@bp.queue_trigger(arg_name="message", queue_name=DELIVERY_QUEUE, connection="AzureWebJobsStorage")
+def webhook_delivery(message: func.QueueMessage) -> None:
+    delivery = DeliveryMessage.model_validate_json(message.get_body())
+    process_delivery(services(), receiver().providers, delivery)
