@@ -165,6 +165,46 @@ def braze() -> Iterator[FakeBraze]:
     fake.stop()
 
 
+@dataclass
+class WebhookSenders:
+    """Senders signing with the keys the app's settings hold (devhost/fakes/webhook_senders.py)."""
+
+    standard: Any
+    sendgrid: Any
+    mailgun: Any
+    twilio: Any
+    sns: Any
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def webhook_senders() -> Iterator[WebhookSenders]:
+    from devhost.fakes.webhook_senders import (
+        MailgunSender,
+        SendGridSender,
+        SnsSender,
+        StandardSender,
+        TwilioSender,
+    )
+
+    twilio_url = "https://switchboard.example.com/api/webhooks/twilio"
+    senders = WebhookSenders(
+        StandardSender(), SendGridSender(), MailgunSender(), TwilioSender(twilio_url),
+        SnsSender().start(), {},
+    )  # fmt: skip
+    senders.env.update({
+        "SWITCHBOARD_WEBHOOK_STANDARD_SECRETS": senders.standard.secret,
+        "SWITCHBOARD_WEBHOOK_SENDGRID_PUBLIC_KEYS": senders.sendgrid.public_key,
+        "SWITCHBOARD_WEBHOOK_MAILGUN_SIGNING_KEYS": senders.mailgun.key,
+        "SWITCHBOARD_WEBHOOK_TWILIO_AUTH_TOKENS": senders.twilio.token,
+        "SWITCHBOARD_WEBHOOK_TWILIO_URL": twilio_url,
+        "SWITCHBOARD_WEBHOOK_SNS_TOPIC_ARNS": senders.sns.topic_arn,
+        "SWITCHBOARD_WEBHOOK_SNS_CERT_URL_PATTERN": senders.sns.CERT_URL_PATTERN,
+    })  # fmt: skip
+    yield senders
+    senders.sns.stop()
+
+
 @pytest.fixture(scope="session")
 def push_fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PushFakes]:
     """Fake APNs and FCM over TLS, the credentials the app's settings hold for them, and
@@ -200,6 +240,7 @@ def app_env(
     local_services: dict[str, str],
     fake_braze,
     push_fakes: PushFakes,
+    webhook_senders: WebhookSenders,
     tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
 ) -> dict[str, str]:
     from core.currents.s3 import s3_client
@@ -227,6 +268,7 @@ def app_env(
         "SWITCHBOARD_BRAZE_REST_ENDPOINT": fake_braze.url,
         "SWITCHBOARD_BRAZE_API_KEY": fake_braze.state.api_key,
         **push_fakes.env,
+        **webhook_senders.env,
     }
 
 

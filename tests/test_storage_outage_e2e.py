@@ -27,6 +27,8 @@ from core.services import Services
 from core.settings import Settings
 from core.storage import Storage
 from core.storage.connection import azurite_connection_string, parse_connection_string
+from core.suppression import Channel, Reason, SuppressionList
+from core.webhooks.deliveries import DeliveryRecord
 from devhost.faultproxy import FaultProxy
 from devhost.process import HostProcess
 from devhost.services import LocalServices, free_port
@@ -239,3 +241,39 @@ def test_a_log_export_survives_a_storage_restart_in_its_middle(
     assert again.run.status == "succeeded"
     assert {name: read_blob(ostorage, container, name) for name in names} == first
     assert Counter(len(data) > 0 for data in first.values())[True] == 2
+
+
+def test_a_webhook_delivery_while_storage_fails_is_sent_again_and_lands_once(  # type: ignore[no-untyped-def]
+    host: HostProcess, outage: Outage, ostorage: Storage, webhook_senders
+) -> None:
+    """Storage down: the provider is told to send again (503, Retry-After). Kept but not
+    queued (the queue service down): the same, and the provider's retry queues it."""
+    from devhost.fakes.webhook_senders import SendGridSender
+    from tests.test_webhooks_e2e import post
+
+    emails = [f"outage-{n}-{uuid.uuid4().hex[:8]}@example.com" for n in range(2)]
+    batches = [webhook_senders.sendgrid.request([SendGridSender.event("unsubscribe", e)])
+               for e in emails]  # fmt: skip
+    for batch, down in zip(
+        batches, (outage.proxies.values(), [outage.proxies["queue"]]), strict=True
+    ):
+        for proxy in down:
+            proxy.configure(down=True)
+        try:
+            answer = post(host, "sendgrid", batch)
+        finally:
+            outage.faults(down=False)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "storage_unavailable"
+        assert answer.headers["Retry-After"]
+    kept = ostorage.blobs.list("webhooks", "sendgrid/")
+    assert len(list(kept)) == 1  # the second: kept, never queued
+    for batch in batches:  # SendGrid sends each again
+        assert post(host, "sendgrid", batch).status_code == 200
+    suppressions = SuppressionList(ostorage)
+    for email in emails:
+        eventually(lambda e=email: suppressions.reasons(Channel.EMAIL, e) == [Reason.UNSUBSCRIBE],
+                   timeout=60)  # fmt: skip
+    rows = list(ostorage.tables.get(DeliveryRecord).query_partition("sendgrid"))
+    assert [r.status for r in rows] == ["done", "done"]
+    assert sum(r.counts["stored"] for r in rows) == 2

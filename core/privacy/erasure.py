@@ -6,8 +6,9 @@
          -> push devices and tokens
          -> stored events (core/events/event_erasure.py)
          -> files: rejects, previews, exports, quarantine, dispatch lists, kept poison
-            messages (records taken out, core/privacy/scrub.py); landed segment files and
-            work files that hold them are deleted (a segment file rewritten would land again)
+            messages (records taken out, core/privacy/scrub.py); landed segment files,
+            work files and kept webhook deliveries that hold them are deleted (a segment
+            file rewritten would land again)
          -> tables: run results' kept rejects, run details; the audit trail's records
          -> suppression entries keep their hash only (the masked hint goes), so the
             person is still never messaged
@@ -23,6 +24,7 @@ import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,6 +42,7 @@ from core.storage.tables import EntityTable, safe_key
 from core.suppression import Channel, Suppression, address_hash
 from core.sync.state import STATE_CONTAINER
 from core.sync.state_erasure import erase_from_states
+from core.webhooks.deliveries import WEBHOOKS_CONTAINER
 
 log = logging.getLogger(__name__)
 ERASURE_QUEUE = "privacy-erasures"
@@ -47,8 +50,9 @@ _ALIVE = timedelta(minutes=15)
 """A run with no sign of life for this long is not waited for (a lost one: the sweeper
 ends it); nor is one waiting on purpose (a manifest's parts)."""
 # Containers whose blobs are deleted whole when they hold the person: a landed segment file
-# (rewritten, it would land again as a new file) and a run's work files.
-_DELETED_WHOLE = frozenset({"segments", "sync-work"})
+# (rewritten, it would land again as a new file), a run's work files and kept webhook
+# deliveries (a provider's exact bytes, read by their provider only).
+_DELETED_WHOLE = frozenset({"segments", "sync-work", WEBHOOKS_CONTAINER})
 # Handled by their own stores (above), or holding no personal data of their own.
 _NOT_SCRUBBED = frozenset({STATE_CONTAINER, EVENTS_CONTAINER, "azure-webjobs-hosts",
                            "azure-webjobs-secrets"})  # fmt: skip
@@ -204,6 +208,8 @@ def _file(blobs: BlobStore, container: str, name: str, matcher: Matcher) -> Coun
     if found is None:
         return Counter()  # gone meanwhile
     data, etag = found
+    if container == WEBHOOKS_CONTAINER:  # form bodies (Twilio) carry numbers URL-encoded
+        data += b"\n" + unquote_to_bytes(data.replace(b"+", b" "))
     scrubbed = scrub_file(name, data, matcher)
     if scrubbed is None:
         return Counter()
