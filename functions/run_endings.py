@@ -15,6 +15,7 @@ import azure.functions as func
 from core.audit import AuditLog
 from core.retries import RETRY_QUEUE, RetryMessage, run_retry
 from core.verdicts import poison_queue_names, poisoned, sweep, verdict_on_failure
+from core.webhooks.deliveries import purge_processed
 from functions._wiring import SETTINGS, services
 
 bp = func.Blueprint()
@@ -42,6 +43,7 @@ for _queue in poison_queue_names():
 def run_sweeper(timer: func.TimerRequest) -> None:
     sweep(services())
     AuditLog(services().storage).purge(retention_days=SETTINGS.audit_retention_days)
+    purge_processed(services().storage, retention_days=SETTINGS.webhook_retention_days)
 
 
 @bp.queue_trigger(arg_name="message", queue_name=RETRY_QUEUE, connection="AzureWebJobsStorage")

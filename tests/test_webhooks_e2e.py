@@ -6,7 +6,7 @@ and stays kept."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -22,6 +22,7 @@ from core.webhooks.deliveries import (
     DeliveryRecord,
     blob_name,
     metadata_for,
+    purge_processed,
 )
 from core.webhooks.hook import digest
 from devhost.fakes.webhook_senders import SendGridSender, SnsSender, StandardSender, TwilioSender
@@ -207,3 +208,22 @@ def test_an_erasure_takes_kept_deliveries_and_their_events_but_keeps_the_stop(  
     assert not storage.blobs.exists(WEBHOOKS_CONTAINER, kept[0])
     assert all(e.get("phone") != person for e in stored_events(storage, "twilio"))
     assert reasons(storage, Channel.PHONE, person) == [Reason.UNSUBSCRIBE]  # still never texted
+
+
+def test_processed_deliveries_go_after_the_retention_and_unprocessed_ones_stay(  # type: ignore[no-untyped-def]
+    running_app, storage, webhook_senders
+) -> None:
+    email = f"kept-{uuid.uuid4().hex[:8]}@example.com"
+    batch = webhook_senders.sendgrid.request([SendGridSender.event("delivered", email)])
+    assert post(running_app, "sendgrid", batch).status_code == 200
+    key = digest("sendgrid", digest(batch[1]))
+    table = storage.tables.get(DeliveryRecord)
+    eventually(lambda: (r := table.get("sendgrid", key)) and r.entity.status == "done", timeout=60)
+    waiting = blob_name("standard", digest("standard", uuid.uuid4().hex))
+    storage.blobs.create(WEBHOOKS_CONTAINER, waiting, b"{}")  # kept, never processed
+    later = datetime.now(UTC) + timedelta(days=31)
+    assert purge_processed(storage, retention_days=30, now=later) >= 1
+    assert table.get("sendgrid", key) is None
+    assert not storage.blobs.exists(WEBHOOKS_CONTAINER, blob_name("sendgrid", key))
+    assert storage.blobs.exists(WEBHOOKS_CONTAINER, waiting)
+    storage.blobs.delete(WEBHOOKS_CONTAINER, waiting)

@@ -8,6 +8,8 @@
           queue message)
     queue webhook-deliveries  {provider, digest, blob, run_id}
 
+Processed deliveries are deleted by the run sweeper after SWITCHBOARD_WEBHOOK_RETENTION_DAYS.
+
 `digest` is the SHA-256 of the provider and its delivery id, so the blob name is the
 idempotency key: a second delivery with the same id finds the first one's blob.
 """
@@ -17,14 +19,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import UTC, datetime
+import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
+from core.storage import Storage
 from core.storage.tables import TableEntity
 from core.webhooks.hook import StoredDelivery
 
+log = logging.getLogger(__name__)
 WEBHOOKS_CONTAINER = "webhooks"
 DELIVERY_QUEUE = "webhook-deliveries"
 
@@ -81,3 +86,18 @@ def delivery_from(provider: str, body: bytes, metadata: dict[str, Any]) -> Store
         headers=json.loads(metadata["headers"]),
         body=body,
     )
+
+
+def purge_processed(storage: Storage, *, retention_days: int, now: datetime | None = None) -> int:
+    """Kept deliveries processed longer ago than the retention, and their rows, deleted
+    (a delivery not processed yet is never purged). Returns how many went."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+    table = storage.tables.get(DeliveryRecord)
+    purged = 0
+    for row in list(table.query("processed_at lt @cutoff", {"cutoff": cutoff})):
+        storage.blobs.delete(WEBHOOKS_CONTAINER, row.blob)
+        table.delete(row.partition_key, row.row_key)
+        purged += 1
+    if purged:
+        log.info("webhook deliveries past retention deleted", extra={"deliveries": purged})
+    return purged
