@@ -22,6 +22,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from core.containers import SEGMENTS
 from core.currents.s3 import s3_client
 from core.errors import ConfigError
@@ -31,6 +33,7 @@ from core.services import Services
 from core.settings import load_settings
 from core.storage import Storage
 from devhost.fakes.currents import avro_bytes, currents_key, put_file, record_for
+from devhost.fakes.webhook_senders import SendGridSender, TwilioSender
 from devhost.process import HostProcess
 from devhost.services import free_port
 
@@ -83,6 +86,7 @@ def main() -> int:
     )
     env = {
         **os.environ,
+        **SENDERS.env(),
         "SWITCHBOARD_CURRENTS_BUCKET": CURRENTS_BUCKET,
         "SWITCHBOARD_CURRENTS_PREFIX": CURRENTS_PREFIX,
         "SWITCHBOARD_CURRENTS_INLINE_FILES": "10",  # the demo's six files in the timer itself
@@ -221,11 +225,75 @@ def currents(host: HostProcess, storage: Storage) -> list[str]:
     ]
 
 
+class _Senders:
+    """A SendGrid and a Twilio account of the demo's own: their keys go into the app's
+    settings, and they sign what they send (devhost/fakes/webhook_senders.py)."""
+
+    TWILIO_URL = "https://switchboard.example.com/api/webhooks/twilio"
+
+    def __init__(self) -> None:
+        self.sendgrid = SendGridSender()
+        self.twilio = TwilioSender(self.TWILIO_URL)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "SWITCHBOARD_WEBHOOK_SENDGRID_PUBLIC_KEYS": self.sendgrid.public_key,
+            "SWITCHBOARD_WEBHOOK_TWILIO_AUTH_TOKENS": self.twilio.token,
+            "SWITCHBOARD_WEBHOOK_TWILIO_URL": self.TWILIO_URL,
+        }
+
+
+SENDERS = _Senders()
+
+
+def webhooks(host: HostProcess, storage: Storage) -> list[str]:
+    """A signed SendGrid bounce and a Twilio STOP become events and suppression entries."""
+    heading("6. HTTP: provider webhooks (a SendGrid bounce, a Twilio STOP reply)")
+    url = f"{host.base_url}/api/webhooks"
+    bounce = SendGridSender.event("bounce", "hard.bounce@example.com", type="bounce",
+                                  reason="550 5.1.1 The email account does not exist")  # fmt: skip
+    headers, body = SENDERS.sendgrid.request([bounce])
+    answer = requests.post(f"{url}/sendgrid", data=body, headers=headers, timeout=30)
+    print(f"POST /api/webhooks/sendgrid (signed, 1 event) -> {answer.status_code} {answer.text}")
+    forged = requests.post(f"{url}/sendgrid", data=body.replace(b"550", b"250"), headers=headers,
+                           timeout=30)  # fmt: skip
+    print(f"the same with one byte changed -> {forged.status_code} {forged.text}")
+    headers, body = SENDERS.twilio.request(TwilioSender.inbound("+31612345678", "STOP"))
+    stop = requests.post(f"{url}/twilio", data=body, headers=headers, timeout=30)
+    print(f"POST /api/webhooks/twilio (an incoming STOP) -> {stop.status_code} {stop.text}")
+    if (answer.status_code, forged.status_code, stop.status_code) != (200, 401, 200):
+        raise DemoFailed("the webhooks were not answered 200, 401, 200")
+    lookups = []
+    for channel, address in (("email", "hard.bounce@example.com"), ("phone", "+31612345678")):
+
+        def suppressed(c: str = channel, a: str = address) -> dict[str, Any] | None:
+            _, found = call("POST", f"{host.base_url}/api/suppressions/lookup",
+                            {"channel": c, "address": a})  # fmt: skip
+            return found if found["reasons"] else None
+
+        found = wait_for(f"the {channel} suppression", suppressed)
+        lookups.append(f"{found['address']}: {', '.join(found['reasons'])}")
+    show("suppression list, updated from the webhooks:", lookups)
+    now = datetime.now(UTC)
+    events = [
+        e for e in EventStore(storage).read_window(
+            now.replace(minute=0, second=0, microsecond=0), now + timedelta(hours=1))
+        if e.source.startswith("webhook:")
+    ]  # fmt: skip
+    show("their events in the event store:", [
+        f"{e.source:16} {e.channel.value:5} {e.type.value:16} {e.event_id[:28]}…" for e in events
+    ])  # fmt: skip
+    if len(events) != 2:
+        raise DemoFailed(f"expected 2 webhook events, found {len(events)}")
+    return ["HTTP   POST /api/webhooks/sendgrid, /twilio -> a hard bounce and a STOP suppressed, "
+            "2 events stored; a forged request refused (401)"]  # fmt: skip
+
+
 def push(host: HostProcess, storage: Storage) -> list[str]:
     """Tokens registered, one personalised dispatch to APNs and FCM, a dead token off."""
     api, trust = f"{host.base_url}/api", os.environ["SWITCHBOARD_PUSH_CA_FILE"]
     apns, fcm = os.environ["SWITCHBOARD_APNS_ENDPOINT"], os.environ["SWITCHBOARD_FCM_ENDPOINT"]
-    heading("6. HTTP: apps register push tokens (POST /api/push/tokens)")
+    heading("7. HTTP: apps register push tokens (POST /api/push/tokens)")
     devices = [
         ("demo-shop-ios", "ios", "CRM-0001", secrets.token_hex(32)),
         ("demo-shop-android", "android", "CRM-0001", "d" + secrets.token_urlsafe(120)),
@@ -241,7 +309,7 @@ def push(host: HostProcess, storage: Storage) -> list[str]:
     call("POST", f"{apns}/_fake/config", {"unregistered": {dead: gone_at}}, trust=trust)
     print(f"(fake) APNs now answers 410 Unregistered for CRM-0002's token {dead[:4]}…{dead[-4:]}")
 
-    heading("7. HTTP: a journey posts one personalised dispatch (POST /api/push/send)")
+    heading("8. HTTP: a journey posts one personalised dispatch (POST /api/push/send)")
     request = {
         "campaign_id": "demo-points-reminder",
         "template": {"title": "Hi {{ first_name }}",
@@ -284,7 +352,7 @@ def push(host: HostProcess, storage: Storage) -> list[str]:
     if counts.get("messages.sent") != 3 or counts.get("devices.deactivated") != 1:
         raise DemoFailed(f"expected 3 pushes sent and one dead token switched off, got {counts}")
 
-    heading("8. HTTP: the app reports the push was opened (POST /api/push/events)")
+    heading("9. HTTP: the app reports the push was opened (POST /api/push/events)")
     opened = {"app_id": "demo-shop-ios", "platform": "ios", "events": [{
         "id": f"open-{dispatch_id}", "type": "open", "profile_id": "CRM-0001",
         "occurred_at": datetime.now(UTC).isoformat(), "dispatch_id": dispatch_id,
@@ -302,7 +370,7 @@ def push(host: HostProcess, storage: Storage) -> list[str]:
 
 def log_export(host: HostProcess, storage: Storage) -> list[str]:
     """The export timer through the host, then the window holding the Currents events."""
-    heading("9. Timer: the four-hourly log export fires (through the host's admin API)")
+    heading("10. Timer: the four-hourly log export fires (through the host's admin API)")
     fired = fire_timer(host, "log_export_timer", "log_export")
     print(f"run {fired['run_id']}: {json.dumps(fired['counts'])} {json.dumps(fired['detail'])}")
     print("(the current four-hour window is not complete yet, so it is not exported now)")
@@ -375,6 +443,8 @@ def run(host: HostProcess, storage: Storage) -> int:
     summary.append(f"BLOB   export 2 -> run {second['run_id']}: {brief(second)}")
 
     summary += currents(host, storage)
+
+    summary += webhooks(host, storage)
 
     summary += push(host, storage)
 
