@@ -49,7 +49,9 @@ class DevHost:
             if function.trigger_type not in supported:
                 raise HostError(f"{function.name}: {function.trigger_type} is not hosted locally")
         self.executor = ThreadPoolExecutor(
-            max_workers=self.config.blob_parallelism + self.config.queue_batch_size,
+            max_workers=self.config.blob_parallelism
+            + self.config.queue_batch_size
+            + self.config.queue_new_batch_threshold,
             thread_name_prefix="invoke",
         )
         self.blob_watchers: dict[str, BlobTriggerWatcher] = {}

@@ -59,6 +59,13 @@ def compile_route(template: str) -> re.Pattern[str]:
     return re.compile(f"^{pattern}/?$", re.IGNORECASE)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # A burst of connections (providers' webhooks) waits in the backlog instead of being
+    # reset: the socketserver default of 5 is far below what the Functions front end takes.
+    request_queue_size = 256
+
+
 @dataclass
 class Route:
     function: HostedFunction
@@ -141,8 +148,7 @@ class HttpFrontEnd:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s - %s", self.address_string(), format % args)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server((host, port), Handler)
         self.host = host
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

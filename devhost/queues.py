@@ -1,6 +1,7 @@
 """Queue triggers: polling with the host's dequeue, retry and poison-queue rules.
 
-Messages are fetched in batches of `batchSize`, kept invisible while the function runs,
+Messages are fetched in batches of `batchSize`, and another batch once fewer than
+`newBatchThreshold` of them still run (as the host does); kept invisible while the function runs,
 deleted on success and made visible again after `visibilityTimeout` on failure. A message
 that has failed `maxDequeueCount` times moves to `<queue>-poison`. Empty polls back off
 exponentially up to `maxPollingInterval`.
@@ -13,7 +14,7 @@ import binascii
 import contextlib
 import logging
 import threading
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -42,6 +43,8 @@ class QueueTriggerWatcher:
         # Invisible for the whole function timeout, like the host's renewed lease.
         self.lease_seconds = int(max(30.0, config.function_timeout))
         self._stop = threading.Event()
+        self._room = threading.Condition()
+        self._in_flight = 0
         self._thread = threading.Thread(
             target=self._loop, name=f"queue:{function.name}", daemon=True
         )
@@ -59,6 +62,11 @@ class QueueTriggerWatcher:
     def _loop(self) -> None:
         delay = _MIN_POLL_SECONDS
         while not self._stop.is_set():
+            with self._room:  # the host fetches more once fewer than newBatchThreshold run
+                while self._in_flight > self.config.queue_new_batch_threshold:
+                    self._room.wait(timeout=1)
+                    if self._stop.is_set():
+                        return
             try:
                 handled = self.poll_once()
             except Exception:
@@ -67,18 +75,27 @@ class QueueTriggerWatcher:
             delay = (
                 _MIN_POLL_SECONDS if handled else min(delay * 2, self.config.max_polling_interval)
             )
-            self._stop.wait(delay)
+            if not handled:
+                self._stop.wait(delay)
 
     def poll_once(self) -> int:
-        """Fetch one batch, run it to completion; returns the number of messages handled."""
+        """Fetch one batch and hand it to the executor; returns the number of messages."""
         messages = list(
             self.queue.receive_messages(
                 max_messages=self.config.queue_batch_size, visibility_timeout=self.lease_seconds
             )
         )
-        futures: list[Future[None]] = [self.executor.submit(self._handle, m) for m in messages]
-        wait(futures)
+        for message in messages:
+            with self._room:
+                self._in_flight += 1
+            future: Future[None] = self.executor.submit(self._handle, message)
+            future.add_done_callback(self._finished)
         return len(messages)
+
+    def _finished(self, _: Future[None]) -> None:
+        with self._room:
+            self._in_flight -= 1
+            self._room.notify_all()
 
     def _decode(self, content: Any) -> bytes:
         raw = content.encode() if isinstance(content, str) else bytes(content)

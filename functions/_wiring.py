@@ -18,6 +18,8 @@ from pydantic import BaseModel, ValidationError
 from core.errors import StorageError
 from core.services import Services
 from core.settings import load_settings
+from core.webhooks.hook import WebhookProvider
+from core.webhooks.providers import configured_providers
 
 M = TypeVar("M", bound=BaseModel)
 SETTINGS = load_settings()
@@ -30,6 +32,11 @@ logging.getLogger("botocore").setLevel(logging.WARNING)
 @functools.cache
 def services() -> Services:
     return Services.from_settings(SETTINGS)
+
+
+@functools.cache
+def webhook_providers() -> dict[str, WebhookProvider]:
+    return configured_providers(SETTINGS)
 
 
 def json_response(status: int, body: Any) -> func.HttpResponse:

@@ -16,7 +16,8 @@ from core.audit import AuditLog
 from core.retries import RETRY_QUEUE, RetryMessage, run_retry
 from core.verdicts import poison_queue_names, poisoned, sweep, verdict_on_failure
 from core.webhooks.deliveries import purge_processed
-from functions._wiring import SETTINGS, services
+from core.webhooks.processing import run_batches
+from functions._wiring import SETTINGS, services, webhook_providers
 
 bp = func.Blueprint()
 
@@ -44,6 +45,7 @@ def run_sweeper(timer: func.TimerRequest) -> None:
     sweep(services())
     AuditLog(services().storage).purge(retention_days=SETTINGS.audit_retention_days)
     purge_processed(services().storage, retention_days=SETTINGS.webhook_retention_days)
+    run_batches(services(), webhook_providers())  # after a batcher lost with its lease
 
 
 @bp.queue_trigger(arg_name="message", queue_name=RETRY_QUEUE, connection="AzureWebJobsStorage")

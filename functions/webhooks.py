@@ -15,16 +15,15 @@ import azure.functions as func
 from core.webhooks.deliveries import DELIVERY_QUEUE, DeliveryMessage
 from core.webhooks.hook import InboundRequest
 from core.webhooks.processing import process_delivery
-from core.webhooks.providers import configured_providers
 from core.webhooks.receive import WebhookReceiver
-from functions._wiring import SETTINGS, services
+from functions._wiring import services, webhook_providers
 
 bp = func.Blueprint()
 
 
 @functools.cache
 def receiver() -> WebhookReceiver:
-    return WebhookReceiver(services().storage, configured_providers(SETTINGS))
+    return WebhookReceiver(services().storage, webhook_providers())
 
 
 @bp.route(route="webhooks/{provider}", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
@@ -46,4 +45,4 @@ def webhook(req: func.HttpRequest) -> func.HttpResponse:
 @bp.queue_trigger(arg_name="message", queue_name=DELIVERY_QUEUE, connection="AzureWebJobsStorage")
 def webhook_delivery(message: func.QueueMessage) -> None:
     delivery = DeliveryMessage.model_validate_json(message.get_body())
-    process_delivery(services(), receiver().providers, delivery)
+    process_delivery(services(), webhook_providers(), delivery)

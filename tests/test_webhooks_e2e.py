@@ -5,6 +5,7 @@ and stays kept."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,6 +15,8 @@ import requests
 
 from core.events.store import EventStore
 from core.runs import RunKind, RunLog, RunStatus, new_run_id
+from core.services import Services
+from core.settings import Settings
 from core.suppression import Channel, Reason, SuppressionList
 from core.webhooks.deliveries import (
     DELIVERY_QUEUE,
@@ -25,6 +28,7 @@ from core.webhooks.deliveries import (
     purge_processed,
 )
 from core.webhooks.hook import digest
+from core.webhooks.processing import PendingDelivery, run_batches
 from devhost.fakes.webhook_senders import SendGridSender, SnsSender, StandardSender, TwilioSender
 from tests.helpers import eventually
 
@@ -42,13 +46,15 @@ def reasons(storage: Any, channel: Channel, address: str) -> list[Reason]:
 
 
 def stored_events(storage: Any, provider: str) -> list[dict[str, Any]]:
-    """Every stored event of a provider's webhook segments (this session's)."""
+    """Every stored event of a provider's webhooks (this session's)."""
     store, found = EventStore(storage), []
-    for ref in storage.blobs.list("events", f"segments/webhook-{provider}/"):
-        entry = store.placed(ref.name.rsplit("/", 1)[1].removesuffix(".jsonl.gz"))
+    for ref in storage.blobs.list("events", "segments/webhooks/"):
+        entry = store.placed(
+            ref.name.rsplit("/", 1)[1].removesuffix(".jsonl.gz").removesuffix(".kept")
+        )
         if entry is not None:
             found += list(store.read_segment_stored(entry))
-    return found
+    return [e for e in found if e["source"] == f"webhook:{provider}"]
 
 
 def test_a_sendgrid_bounce_becomes_an_event_and_a_suppression_once(  # type: ignore[no-untyped-def]
@@ -69,11 +75,11 @@ def test_a_sendgrid_bounce_becomes_an_event_and_a_suppression_once(  # type: ign
     assert post(running_app, "sendgrid", batch).json()["status"] == "accepted"
     key = digest("sendgrid", digest(batch[1]))
 
-    def processed() -> DeliveryRecord | None:
+    def batched() -> DeliveryRecord | None:
         row = storage.tables.get(DeliveryRecord).get("sendgrid", key)
         return row.entity if row is not None and row.entity.status == "done" else None
 
-    assert eventually(processed, timeout=60).counts["duplicates"] == 1
+    assert eventually(batched, timeout=60).counts["events"] == 1
     mine = f"sendgrid:{events[0]['sg_event_id']}"
     found = [e for e in stored_events(storage, "sendgrid") if e["event_id"] == mine]
     assert len(found) == 1 and found[0]["type"] == "bounced_hard"
@@ -179,7 +185,10 @@ def test_a_kept_delivery_that_cannot_be_read_fails_its_run_and_stays(  # type: i
     run_id = new_run_id(now, seed=f"webhook:{key}")
     storage.queues.send(DELIVERY_QUEUE, DeliveryMessage(provider="standard", digest=key,
                                                         blob=blob, run_id=run_id))  # fmt: skip
-    run = eventually(lambda: RunLog(storage).get(run_id), timeout=60)
+    run = eventually(
+        lambda: (r := RunLog(storage).get(run_id)) is not None and r.status.ended and r,
+        timeout=60,
+    )
     assert run.kind == RunKind.WEBHOOK_DELIVERY and run.status == RunStatus.FAILED
     assert run.error_code == "malformed_delivery"
     assert storage.blobs.exists(WEBHOOKS_CONTAINER, blob)
@@ -227,3 +236,36 @@ def test_processed_deliveries_go_after_the_retention_and_unprocessed_ones_stay( 
     assert not storage.blobs.exists(WEBHOOKS_CONTAINER, blob_name("sendgrid", key))
     assert storage.blobs.exists(WEBHOOKS_CONTAINER, waiting)
     storage.blobs.delete(WEBHOOKS_CONTAINER, waiting)
+
+
+def test_a_batch_that_crashed_is_finished_under_its_own_id(  # type: ignore[no-untyped-def]
+    running_app, storage, local_services
+) -> None:
+    """Rows marked with a batch id whose segment never became visible (the batcher died):
+    the next batcher (the host's, or this one) stores that batch, under that id, once."""
+    batch_id = f"20261207T000000-{uuid.uuid4().hex[:8]}"
+    pending = storage.tables.get(PendingDelivery)
+    rows = []
+    for n in range(3):
+        event = {"event_id": f"standard:crashed-{batch_id}-{n}", "source": "webhook:standard",
+                 "source_type": "email.delivered", "type": "delivered", "channel": "email",
+                 "occurred_at": int(datetime.now(UTC).timestamp() * 1000)}  # fmt: skip
+        key = digest("standard", f"crashed-{batch_id}-{n}")
+        rows.append(PendingDelivery(
+            partition_key="pending", row_key=f"standard:{key}", provider="standard",
+            digest=key, blob=blob_name("standard", key), batch=batch_id,
+            events=json.dumps(event) + "\n", counts={"events": 1},
+        ))  # fmt: skip
+    pending.write_batch(rows)
+    run_batches(Services.from_settings(Settings(**local_services)), {})  # type: ignore[arg-type]
+    ledger = storage.tables.get(DeliveryRecord)
+
+    def finished() -> bool:
+        found = [ledger.get("standard", r.digest) for r in rows]
+        return all(f is not None and f.entity.batch == batch_id for f in found)
+
+    eventually(finished, timeout=60)
+    stored = [e["event_id"] for e in stored_events(storage, "standard")]
+    for n in range(3):
+        assert stored.count(f"standard:crashed-{batch_id}-{n}") == 1
+    assert all(pending.get("pending", r.row_key) is None for r in rows)

@@ -43,6 +43,7 @@ from core.suppression import Channel, Suppression, address_hash
 from core.sync.state import STATE_CONTAINER
 from core.sync.state_erasure import erase_from_states
 from core.webhooks.deliveries import WEBHOOKS_CONTAINER
+from core.webhooks.processing import PendingDelivery
 
 log = logging.getLogger(__name__)
 ERASURE_QUEUE = "privacy-erasures"
@@ -221,12 +222,13 @@ def _file(blobs: BlobStore, container: str, name: str, matcher: Matcher) -> Coun
 
 
 def _tables(services: Services, matcher: Matcher) -> Counter[str]:
-    """Text properties of run tables that may quote rows (kept rejects, run details)."""
+    """Text properties of tables that may quote rows (kept rejects, run details, webhook
+    events waiting for their batch)."""
     from core.runs import RunRecord as Runs
     from core.sync.service import BucketResult
 
     counts: Counter[str] = Counter()
-    for model in (BucketResult, Runs):
+    for model in (BucketResult, Runs, PendingDelivery):
         table: EntityTable[Any] = services.storage.tables.get(model)
         for row in list(table.query("")):
             if _scrub_entity(row, matcher) is None:

@@ -289,6 +289,7 @@ class BlobStore:
     def __init__(self, service: BlobServiceClient) -> None:
         self.service = service
         self._ensured: set[str] = set()
+        self._lease_blobs: set[tuple[str, str]] = set()
 
     def ensure_container(self, container: str) -> None:
         if container in self._ensured:
@@ -481,10 +482,15 @@ class BlobStore:
             raise ValueError("blob leases last 15 to 60 seconds")
         self.ensure_container(container)
         client = self.service.get_blob_client(container, name)
-        with suppress(ResourceExistsError):
-            client.upload_blob(b"", overwrite=False)
+        if (container, name) not in self._lease_blobs:
+            with suppress(ResourceExistsError):
+                client.upload_blob(b"", overwrite=False)
+            self._lease_blobs.add((container, name))
         try:
             raw = client.acquire_lease(lease_duration=seconds)
+        except ResourceNotFoundError:  # deleted since: create it again next time
+            self._lease_blobs.discard((container, name))
+            raise
         except HttpResponseError as exc:
             if exc.status_code == 409:
                 raise LeaseUnavailable(

@@ -281,9 +281,10 @@ class EntityTable(Generic[E]):
     def transact(self, operations: list[tuple[str, E, str | None]]) -> list[str]:
         """One atomic transaction on one partition; the entities' new ETags, in order.
 
-        Operations are `("create", entity, None)`, `("upsert", entity, None)` or
-        `("replace", entity, etag)`. Nothing is written unless every operation succeeds:
-        a taken key raises EntityExists, a changed ETag ConcurrencyConflict.
+        Operations are `("create", entity, None)`, `("upsert", entity, None)`,
+        `("replace", entity, etag)` or `("delete", entity, None)`. Nothing is written unless
+        every operation succeeds: a taken key raises EntityExists, a changed ETag (or a
+        deleted entity already gone) ConcurrencyConflict.
         """
         ops: list[Any] = []
         for action, entity, etag in operations:
@@ -292,6 +293,8 @@ class EntityTable(Generic[E]):
                 ops.append(("create", row))
             elif action == "upsert":
                 ops.append(("upsert", row, {"mode": UpdateMode.REPLACE}))
+            elif action == "delete":
+                ops.append(("delete", row))
             elif action == "replace" and etag is not None:
                 ops.append(
                     (
@@ -325,7 +328,7 @@ class EntityTable(Generic[E]):
                     f"table {self.name}: a transaction entity changed concurrently"
                 ) from None
             raise _wrap(exc, "transaction", self.name) from exc
-        return [str(meta["etag"]) for meta in written]
+        return [str(meta.get("etag", "")) for meta in written]  # a delete has none
 
     # -- queries ---------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
     blob  webhooks/{provider}/{digest}    the body's exact bytes; metadata:
           received time, the URL, the headers the provider needs again, the body's SHA-256
           and the delivery id (base64url)
-    table webhookdeliveries  PK provider, RK digest: received / processing / done / failed,
-          with counts (written by the worker only: the answer costs one blob write and one
-          queue message)
+    table webhookdeliveries  PK provider, RK digest: done / gone / failed, with counts and
+          the batch (written by the worker only: the answer costs one blob write and one
+          queue message); table webhookpending holds the deliveries whose effects are
+          applied and whose events wait for a batch (core/webhooks/processing.py)
     queue webhook-deliveries  {provider, digest, blob, run_id}
 
 Processed deliveries are deleted by the run sweeper after SWITCHBOARD_WEBHOOK_RETENTION_DAYS.
@@ -47,12 +48,14 @@ class DeliveryRecord(TableEntity):
 
     table_name: ClassVar[str] = "webhookdeliveries"
 
-    status: str = "received"
-    attempts: int = 0
-    claimed_until: datetime | None = None
+    status: str = "done"
+    """done (in the event store), gone (erased before it was handled), failed."""
     blob: str = ""
     processed_at: datetime | None = None
     counts: dict[str, int] = Field(default_factory=dict)
+    """The delivery's events, suppression changes and invalid items."""
+    batch: str | None = None
+    """The event segment its events went into (`webhooks-{batch}`)."""
     error: str | None = None
 
 
@@ -90,11 +93,12 @@ def delivery_from(provider: str, body: bytes, metadata: dict[str, Any]) -> Store
 
 def purge_processed(storage: Storage, *, retention_days: int, now: datetime | None = None) -> int:
     """Kept deliveries processed longer ago than the retention, and their rows, deleted
-    (a delivery not processed yet is never purged). Returns how many went."""
+    (one not processed yet, or failed, is never purged). Returns how many went."""
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
     table = storage.tables.get(DeliveryRecord)
     purged = 0
-    for row in list(table.query("processed_at lt @cutoff", {"cutoff": cutoff})):
+    query = "processed_at lt @cutoff and (status eq 'done' or status eq 'gone')"
+    for row in list(table.query(query, {"cutoff": cutoff})):
         storage.blobs.delete(WEBHOOKS_CONTAINER, row.blob)
         table.delete(row.partition_key, row.row_key)
         purged += 1

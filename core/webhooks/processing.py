@@ -1,31 +1,55 @@
-"""The working side: one kept delivery becomes events and suppression changes, once.
+"""The working side: kept deliveries become suppression changes at once, and events in
+batches.
 
-    claim (table row, expiring) -> read the kept body -> provider.events
-    -> one event segment per delivery (`webhook-{provider}-{digest}`), deduplicated on the
-       provider's event ids across deliveries -> suppression changes (core/events/effects.py,
-       the same rules as Currents) -> row done, with counts
+Per delivery (a queue message each, any number at once):
 
-A crash anywhere before `done` leaves the claim to expire; the next attempt writes the
-same segment again (the event store finds its own claims) and offers the same changes
-(the suppression list keeps the latest change per address, so again is the same).
-A kept body its provider cannot read (it could when it was answered: a provider changed
-its format, or the module did) is not retried: it fails its run at once and stays kept.
+    read the kept body -> provider.events -> suppression changes (core/events/effects.py,
+    the same rules as Currents) -> a row in the pending index (with the events, when small)
+
+Each step is safe to repeat (suppression changes carry their event's time; the row is
+create-only), so a delivery handled twice, or again after a crash, changes nothing more.
+
+Then, in batches (one batcher at a time, under a blob lease; whichever worker gets it):
+
+    pending rows (up to BATCH) -> each row marked with the batch id -> one event segment
+    `webhooks-{batch id}` of their events (deduplicated on the providers' event ids)
+    -> ledger rows `done` (transactions of 100) -> pending rows deleted (the same)
+
+A batch that crashed is finished under the same id with the same rows (they carry it), so
+the event store finds its own claims. Per-delivery segments were the first design: the
+event store's placement is one guarded transaction per segment and its dedup shards are
+shared by an hour's segments, so thousands of one-event segments from concurrent workers
+spent their time in retries (`bench/RESULTS.md`, webhooks).
+
+After its batches a batcher lets go of the lease and looks once more: a row written while
+it held the lease (by a worker that then could not get it) is taken by it or by whoever
+holds the lease next, so no row waits for the next delivery. The run sweeper runs a batch
+too, for a worker lost while holding the lease. Per delivery that is a blob read, an
+insert and (for a few) a suppression transaction; a batch of hundreds costs a handful.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import uuid
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
-from core.errors import ConfigError, TransientError
+import orjson
+from pydantic import Field
+
+from core.errors import ConcurrencyConflict, ConfigError, EntityExists, LeaseUnavailable
 from core.events.effects import SuppressionBatch
 from core.events.store import EventStore
 from core.runs import RunKind
 from core.services import Services
-from core.storage.tables import EntityTable
+from core.storage.tables import EntityTable, TableEntity
 from core.suppression import SuppressionList
 from core.webhooks.deliveries import (
     WEBHOOKS_CONTAINER,
@@ -36,131 +60,206 @@ from core.webhooks.deliveries import (
 from core.webhooks.hook import Malformed, WebhookProvider
 
 log = logging.getLogger(__name__)
-CLAIM = timedelta(minutes=5)
+BATCH = 500
+_LEASE_BLOB = "_batcher/lease"
+_PARALLEL_READS = 8
+_PENDING = "pending"
+_MAX_BATCHES_PER_HOLD = 20
+_INLINE_EVENTS = 32 << 10  # table string properties hold 64 KiB
+
+
+class PendingDelivery(TableEntity):
+    """Table `webhookpending`: PK `pending`, RK `{provider}:{digest}`; the batch it is in."""
+
+    table_name: ClassVar[str] = "webhookpending"
+
+    provider: str
+    digest: str
+    blob: str
+    batch: str | None = None
+    events: str | None = None
+    """The delivery's events as JSON Lines when small (else read again from the blob)."""
+    counts: dict[str, int] = Field(default_factory=dict)
 
 
 @dataclass
 class DeliveryReport:
     outcome: str
-    """done, skipped (done before, or held by another worker), gone, failed."""
+    """pending (its effects applied, its events to a batch), gone (erased or past
+    retention before it was handled), failed (unreadable)."""
     counts: Counter[str] = field(default_factory=Counter)
 
 
 def process_delivery(
-    services: Services,
-    providers: Mapping[str, WebhookProvider],
-    message: DeliveryMessage,
-    *,
-    now: datetime | None = None,
+    services: Services, providers: Mapping[str, WebhookProvider], message: DeliveryMessage
+) -> DeliveryReport:
+    """Queue worker: one delivery's effects, then any batches waiting."""
+    report = _effects(services, providers, message)
+    run_batches(services, providers)
+    return report
+
+
+def _effects(
+    services: Services, providers: Mapping[str, WebhookProvider], message: DeliveryMessage
 ) -> DeliveryReport:
     provider = providers.get(message.provider)
     if provider is None:
         raise ConfigError(f"webhook provider {message.provider!r} is no longer configured")
-    table: EntityTable[DeliveryRecord] = services.storage.tables.get(DeliveryRecord)
-    moment = now or datetime.now(UTC)
-    claimed = _claim(table, message, moment)
-    if claimed is None:
-        return DeliveryReport("skipped")
+    ledger: EntityTable[DeliveryRecord] = services.storage.tables.get(DeliveryRecord)
     found = services.storage.blobs.read_with_metadata(WEBHOOKS_CONTAINER, message.blob)
-    if found is None:  # erased, or past retention, before it was processed
-        _finish(table, message, "gone", Counter())
+    if found is None:  # erased, or past retention, before it was handled
+        _record(ledger, message, "gone", Counter())
         return DeliveryReport("gone")
     delivery = delivery_from(message.provider, found[0], found[2])
     try:
         parsed = provider.events(delivery)
     except Malformed as exc:
-        _finish(table, message, "failed", Counter(), str(exc))
+        _record(ledger, message, "failed", Counter(), str(exc))
         run = services.runs.start(RunKind.WEBHOOK_DELIVERY, run_id=message.run_id,
                                   source=f"webhook {message.provider}")  # fmt: skip
         services.runs.fail(run.run_id, "malformed_delivery", str(exc),
                            detail={"blob": f"{WEBHOOKS_CONTAINER}/{message.blob}"})  # fmt: skip
         return DeliveryReport("failed")
-    try:
-        counts = _store(services, message, parsed.events)
-    except Exception:
-        _release(table, message)
-        raise
-    counts.update({f"invalid.{k}": v for k, v in parsed.invalid.items()})
-    _finish(table, message, "done", counts)
-    return DeliveryReport("done", counts)
-
-
-def _store(
-    services: Services, message: DeliveryMessage, events: list[dict[str, object]]
-) -> Counter[str]:
-    store = EventStore(services.storage)
-    source = f"webhook-{message.provider}"
-    writer = store.writer(source, f"{source}-{message.digest}")
     suppressions = SuppressionBatch()
-    for event in events:
-        if writer.add(event):
-            suppressions.offer(event)
-    placed = writer.place()
-    counts: Counter[str] = Counter(events=len(events), stored=placed.stats.stored)
-    counts["duplicates"] = placed.stats.duplicates_in_segment + placed.stats.duplicates_in_store
+    for event in parsed.events:
+        suppressions.offer(event)
+    counts: Counter[str] = Counter(events=len(parsed.events))
     counts["suppression.changes"] = len(suppressions.latest)
     counts["suppression.rows_changed"] = suppressions.apply(SuppressionList(services.storage))
-    return counts
+    counts.update({f"invalid.{k}": v for k, v in parsed.invalid.items()})
+    lines = b"".join(orjson.dumps(e) + b"\n" for e in parsed.events).decode()
+    pending: EntityTable[PendingDelivery] = services.storage.tables.get(PendingDelivery)
+    with contextlib.suppress(EntityExists):  # handled before: the same row
+        pending.insert(PendingDelivery(
+            partition_key=_PENDING, row_key=f"{message.provider}:{message.digest}",
+            provider=message.provider, digest=message.digest, blob=message.blob,
+            events=lines if len(lines) <= _INLINE_EVENTS else None, counts=dict(counts),
+        ))  # fmt: skip
+    return DeliveryReport("pending", counts)
 
 
-def _claim(
-    table: EntityTable[DeliveryRecord], message: DeliveryMessage, now: datetime
-) -> DeliveryRecord | None:
-    """The row, now ours for CLAIM; None when it is done. TransientError while another
-    worker holds it (the message comes back after the host's visibility timeout)."""
-    taken: list[DeliveryRecord] = []
-
-    def take(current: DeliveryRecord | None) -> DeliveryRecord | None:
-        taken.clear()
-        if current is not None and current.status in ("done", "failed", "gone"):
-            return None
-        if current is not None and current.claimed_until and current.claimed_until > now:
-            raise TransientError("another worker is processing this delivery")
-        row = current or DeliveryRecord(
-            partition_key=message.provider, row_key=message.digest, blob=message.blob
-        )
-        updated = row.model_copy(
-            update={"status": "processing", "attempts": row.attempts + 1,
-                    "claimed_until": now + CLAIM}
-        )  # fmt: skip
-        taken.append(updated)
-        return updated
-
-    table.mutate(message.provider, message.digest, take)
-    return taken[0] if taken else None
-
-
-def _release(table: EntityTable[DeliveryRecord], message: DeliveryMessage) -> None:
-    def release(current: DeliveryRecord | None) -> DeliveryRecord | None:
-        if current is None or current.status != "processing":
-            return None
-        return current.model_copy(update={"claimed_until": None})
-
-    try:
-        table.mutate(message.provider, message.digest, release)
-    except Exception:  # the claim expires by itself
-        log.exception("could not release a webhook delivery claim")
-
-
-def _finish(
-    table: EntityTable[DeliveryRecord],
+def _record(
+    ledger: EntityTable[DeliveryRecord],
     message: DeliveryMessage,
     status: str,
     counts: Counter[str],
     error: str | None = None,
 ) -> None:
-    def finish(current: DeliveryRecord | None) -> DeliveryRecord:
-        row = current or DeliveryRecord(
-            partition_key=message.provider, row_key=message.digest, blob=message.blob
-        )
-        return row.model_copy(
-            update={"status": status, "claimed_until": None, "processed_at": datetime.now(UTC),
-                    "counts": dict(counts), "error": error}
-        )  # fmt: skip
-
-    table.mutate(message.provider, message.digest, finish)
+    row = DeliveryRecord(
+        partition_key=message.provider, row_key=message.digest, blob=message.blob,
+        status=status, processed_at=datetime.now(UTC), counts=dict(counts), error=error,
+    )  # fmt: skip
+    try:
+        ledger.insert(row)
+    except EntityExists:
+        return  # handled by another worker meanwhile
     log.info(
-        "webhook delivery processed",
+        "webhook delivery handled",
         extra={"provider": message.provider, "digest": message.digest, "status": status,
                **{k: v for k, v in counts.items() if "." not in k}},
     )  # fmt: skip
+
+
+_batching = threading.Event()
+"""Set while a worker of this process holds the batcher's lease."""
+
+
+def run_batches(services: Services, providers: Mapping[str, WebhookProvider]) -> int:
+    """Batches of pending deliveries into the event store while the lease is ours (none
+    when another worker holds it); returns the deliveries batched.
+
+    A worker that finds this process's batcher running leaves its row to it: the batcher
+    clears its flag before it looks for rows one last time, so a row written before the
+    flag was seen set is always found."""
+    pending: EntityTable[PendingDelivery] = services.storage.tables.get(PendingDelivery)
+    batched = 0
+    while not _batching.is_set():
+        try:
+            with services.storage.blobs.lease(WEBHOOKS_CONTAINER, _LEASE_BLOB, seconds=60):
+                _batching.set()
+                try:
+                    for _ in range(_MAX_BATCHES_PER_HOLD):
+                        done = _one_batch(services, providers, pending)
+                        batched += done
+                        if done == 0:
+                            break
+                finally:
+                    _batching.clear()
+        except LeaseUnavailable:
+            return batched  # another process's batcher looks again after it lets go
+        if _first(pending) is None:  # a row written while the lease was held: take it
+            return batched
+    return batched
+
+
+def _first(pending: EntityTable[PendingDelivery]) -> PendingDelivery | None:
+    return next(iter(pending.query_partition(_PENDING)), None)
+
+
+def _one_batch(
+    services: Services,
+    providers: Mapping[str, WebhookProvider],
+    pending: EntityTable[PendingDelivery],
+) -> int:
+    rows = []
+    for row in pending.query_partition(_PENDING):
+        rows.append(row)
+        if len(rows) >= BATCH:
+            break
+    if not rows:
+        return 0
+    unfinished = sorted({r.batch for r in rows if r.batch})
+    if unfinished:  # a batch that crashed: the same id, the same rows
+        batch_id = unfinished[0]
+        rows = [r for r in pending.query_partition(_PENDING) if r.batch == batch_id]
+    else:
+        batch_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        rows = [r.model_copy(update={"batch": batch_id}) for r in rows]
+        pending.write_batch(rows)
+    counts = _store(services, providers, batch_id, rows)
+    now = datetime.now(UTC)
+    ledger: EntityTable[DeliveryRecord] = services.storage.tables.get(DeliveryRecord)
+    ledger.write_batch(
+        DeliveryRecord(partition_key=r.provider, row_key=r.digest, blob=r.blob, status="done",
+                       processed_at=now, counts=r.counts, batch=batch_id)
+        for r in rows
+    )  # fmt: skip
+    for start in range(0, len(rows), 100):
+        chunk = rows[start : start + 100]
+        try:
+            pending.transact([("delete", r, None) for r in chunk])
+        except ConcurrencyConflict:  # some went with an earlier attempt
+            for r in chunk:
+                pending.delete(r.partition_key, r.row_key)
+    log.info("webhook batch stored", extra={"batch": batch_id, "deliveries": len(rows), **counts})
+    return len(rows)
+
+
+def _store(
+    services: Services,
+    providers: Mapping[str, WebhookProvider],
+    batch_id: str,
+    rows: list[PendingDelivery],
+) -> dict[str, Any]:
+    blobs = services.storage.blobs
+
+    def events_of(row: PendingDelivery) -> list[dict[str, Any]]:
+        if row.events is not None:
+            return [orjson.loads(line) for line in row.events.splitlines()]
+        provider = providers.get(row.provider)
+        found = blobs.read_with_metadata(WEBHOOKS_CONTAINER, row.blob)
+        if provider is None or found is None:  # not configured now, or erased meanwhile
+            return []
+        try:
+            return provider.events(delivery_from(row.provider, found[0], found[2])).events
+        except Malformed:
+            return []
+
+    writer = EventStore(services.storage).writer("webhooks", f"webhooks-{batch_id}")
+    with ThreadPoolExecutor(_PARALLEL_READS) as pool:
+        for events in pool.map(events_of, rows):
+            for event in events:
+                writer.add(event)
+    stats = writer.place().stats
+    return {"stored": stats.stored,
+            "duplicates": stats.duplicates_in_segment + stats.duplicates_in_store}  # fmt: skip

@@ -142,8 +142,7 @@ class WebhookReceiver:
             self.refusals[f"{provider.name}.replayed"] += 1
             log.warning("webhook refused", extra={"provider": provider.name, "refusal": "replayed"})
             return _error(401, Forged.code, "this signature was already used for another body")
-        record = self.storage.tables.get(DeliveryRecord).get(provider.name, key)
-        if record is None or record.entity.status not in ("done", "failed"):
+        if self.storage.tables.get(DeliveryRecord).get(provider.name, key) is None:
             self.storage.queues.send(DELIVERY_QUEUE, message)  # perhaps never queued
         return Answer(200, {"status": "duplicate", "delivery": key[:16]})
 
