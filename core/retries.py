@@ -11,6 +11,8 @@ work stopped rather than starting over:
 - log export: the export again; every window after the watermark is exported.
 - push dispatch: planned again if it never was, else its unfinished and poisoned chunks
   are queued again (a lost chunk's profiles are sent from its checkpoint).
+- webhook delivery: the kept delivery handled again (its message from the run, or from
+  the poison container).
 """
 
 from __future__ import annotations
@@ -168,10 +170,40 @@ def _resubmit(services: Services, run: RunRecord) -> None:
     )  # fmt: skip
 
 
+def _delivery(services: Services, run: RunRecord) -> Any:
+    """A failed webhook delivery's message: in the run (unreadable) or kept (poisoned)."""
+    from core.verdicts import read_kept
+    from core.webhooks.deliveries import DeliveryMessage
+
+    if "delivery" in run.detail:
+        return DeliveryMessage.model_validate(run.detail["delivery"])
+    kept = run.detail.get("poison_message")
+    body = read_kept(services, kept) if isinstance(kept, str) else None
+    if body is None:
+        raise RetryRefused(409, "nothing_to_retry", "the delivery's message was not kept")
+    return DeliveryMessage.model_validate_json(body)
+
+
+def _check_webhook(services: Services, run: RunRecord) -> None:
+    _delivery(services, run)
+
+
+def _retry_webhook(services: Services, run: RunRecord) -> None:
+    from core.webhooks.processing import process_delivery
+    from core.webhooks.providers import configured_providers
+
+    report = process_delivery(services, configured_providers(services.settings),
+                              _delivery(services, run))  # fmt: skip
+    if report.outcome != "failed":  # failed: its run failed again, saying why
+        services.runs.finish(run.run_id, RunStatus.SUCCEEDED, counts=dict(report.counts),
+                             detail={"outcome": report.outcome})  # fmt: skip
+
+
 _KINDS: dict[RunKind, RetryKind] = {
     RunKind.SEGMENT_SYNC: RetryKind(_check_segment, _retry_segment),
     RunKind.CURRENTS: RetryKind(_check_currents, _retry_currents),
     RunKind.LOG_EXPORT: RetryKind(_no_check, _retry_export),
     RunKind.PUSH_DISPATCH: RetryKind(_no_check, _retry_dispatch),
     RunKind.PRIVACY_ERASURE: RetryKind(_resubmit, _resubmit),
+    RunKind.WEBHOOK_DELIVERY: RetryKind(_check_webhook, _retry_webhook),
 }

@@ -175,6 +175,8 @@ class WebhookSenders:
     twilio: Any
     sns: Any
     env: dict[str, str]
+    retired: dict[str, Any]
+    """A second key per provider that takes keys, also configured (a rotation under way)."""
 
 
 @pytest.fixture(scope="session")
@@ -191,12 +193,17 @@ def webhook_senders() -> Iterator[WebhookSenders]:
     senders = WebhookSenders(
         StandardSender(), SendGridSender(), MailgunSender(), TwilioSender(twilio_url),
         SnsSender().start(), {},
+        {"standard": StandardSender(), "sendgrid": SendGridSender(), "mailgun": MailgunSender(),
+         "twilio": TwilioSender(twilio_url)},
     )  # fmt: skip
+    old = senders.retired
     senders.env.update({
-        "SWITCHBOARD_WEBHOOK_STANDARD_SECRETS": senders.standard.secret,
-        "SWITCHBOARD_WEBHOOK_SENDGRID_PUBLIC_KEYS": senders.sendgrid.public_key,
-        "SWITCHBOARD_WEBHOOK_MAILGUN_SIGNING_KEYS": senders.mailgun.key,
-        "SWITCHBOARD_WEBHOOK_TWILIO_AUTH_TOKENS": senders.twilio.token,
+        "SWITCHBOARD_WEBHOOK_STANDARD_SECRETS":
+            f"{old['standard'].secret} {senders.standard.secret}",
+        "SWITCHBOARD_WEBHOOK_SENDGRID_PUBLIC_KEYS":
+            f"{old['sendgrid'].public_key} {senders.sendgrid.public_key}",
+        "SWITCHBOARD_WEBHOOK_MAILGUN_SIGNING_KEYS": f"{senders.mailgun.key},{old['mailgun'].key}",
+        "SWITCHBOARD_WEBHOOK_TWILIO_AUTH_TOKENS": f"{senders.twilio.token} {old['twilio'].token}",
         "SWITCHBOARD_WEBHOOK_TWILIO_URL": twilio_url,
         "SWITCHBOARD_WEBHOOK_SNS_TOPIC_ARNS": senders.sns.topic_arn,
         "SWITCHBOARD_WEBHOOK_SNS_CERT_URL_PATTERN": senders.sns.CERT_URL_PATTERN,

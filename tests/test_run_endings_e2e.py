@@ -266,3 +266,23 @@ def test_a_run_that_did_not_fail_cannot_be_retried(faulty) -> None:  # type: ign
     if done:
         again = requests.post(f"{faulty.base_url}/api/runs/{done[0]['run_id']}/retry", timeout=5)
         assert again.status_code == 409 and again.json()["error"]["code"] == "not_failed"
+
+
+def test_a_webhook_delivery_that_keeps_failing_ends_poisoned_and_a_retry_handles_it(
+    faulty, fstorage, faults, webhook_senders
+) -> None:  # type: ignore[no-untyped-def]
+    from core.suppression import Channel, Reason, SuppressionList
+    from devhost.fakes.webhook_senders import SendGridSender
+    from tests.test_webhooks_e2e import post
+
+    email = f"poisoned-{uuid.uuid4().hex[:8]}@example.com"
+    faults(**{"webhook-delivery": "sendgrid"})
+    made = webhook_senders.sendgrid.request([SendGridSender.event("unsubscribe", email)])
+    assert post(faulty, "sendgrid", made).status_code == 200  # kept before the answer
+    failed = run_where(faulty, lambda r: r["error_code"] == "poisoned", kind="webhook_delivery")
+    assert failed["detail"]["poison_message"].startswith("poison/webhook-deliveries-poison/")
+    assert SuppressionList(fstorage).reasons(Channel.EMAIL, email) == []
+    faults()
+    again = retry(faulty, failed["run_id"])
+    assert again["counts"]["suppression.changes"] == 1
+    assert SuppressionList(fstorage).reasons(Channel.EMAIL, email) == [Reason.UNSUBSCRIBE]

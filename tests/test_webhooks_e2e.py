@@ -29,7 +29,13 @@ from core.webhooks.deliveries import (
 )
 from core.webhooks.hook import digest
 from core.webhooks.processing import PendingDelivery, run_batches
-from devhost.fakes.webhook_senders import SendGridSender, SnsSender, StandardSender, TwilioSender
+from devhost.fakes.webhook_senders import (
+    MailgunSender,
+    SendGridSender,
+    SnsSender,
+    StandardSender,
+    TwilioSender,
+)
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -269,3 +275,82 @@ def test_a_batch_that_crashed_is_finished_under_its_own_id(  # type: ignore[no-u
     for n in range(3):
         assert stored.count(f"standard:crashed-{batch_id}-{n}") == 1
     assert all(pending.get("pending", r.row_key) is None for r in rows)
+
+
+def _requests_of(senders: Any) -> dict[str, dict[str, Any]]:
+    """Per provider, built fresh: a valid request from the current key and from the other
+    configured one, a forged, a stale and a malformed one (None: not applicable)."""
+    tag = uuid.uuid4().hex[:8]
+    email = f"each-{tag}@example.com"
+    stale_at = int(datetime.now(UTC).timestamp()) - 3600
+    standard_event = StandardSender.event("email.delivered", {"email": email, "id": tag})
+    sendgrid_events = [SendGridSender.event("delivered", email)]
+    mailgun_event = MailgunSender.event("delivered", email)
+    twilio_params = TwilioSender.status("+31611112222", "delivered")
+    sns = senders.sns
+    bounce = SnsSender.bounce([email])
+    forged_sns = SnsSender().envelope(bounce)
+    forged_sns["SigningCertURL"] = sns.cert_url
+    old = senders.retired
+    return {
+        "standard": {
+            "valid": senders.standard.request(standard_event),
+            "other_key": old["standard"].request(standard_event),
+            "forged": StandardSender().request(standard_event),
+            "stale": senders.standard.request(standard_event, at=stale_at),
+            "malformed": senders.standard.request({}, body=b"[not json"),
+        },
+        "sendgrid": {
+            "valid": senders.sendgrid.request(sendgrid_events),
+            "other_key": old["sendgrid"].request(sendgrid_events),
+            "forged": SendGridSender().request(sendgrid_events),
+            "stale": senders.sendgrid.request(sendgrid_events, at=stale_at),
+            "malformed": senders.sendgrid.request(body=b'{"an": "object"}'),
+        },
+        "mailgun": {
+            "valid": senders.mailgun.request(mailgun_event),
+            "other_key": old["mailgun"].request(mailgun_event),
+            "forged": MailgunSender().request(mailgun_event),
+            "stale": senders.mailgun.request(mailgun_event, at=stale_at),
+            "malformed": senders.mailgun.request({}, body=b"signature=1"),
+        },
+        "twilio": {
+            "valid": senders.twilio.request(twilio_params),
+            "other_key": old["twilio"].request(twilio_params),
+            "forged": TwilioSender(senders.twilio.url).request(twilio_params),
+            "stale": None,  # Twilio signs no time
+            "malformed": senders.twilio.request({"AccountSid": "AC1"}),
+        },
+        "ses": {
+            "valid": sns.request(sns.envelope(bounce)),
+            "other_key": sns.request(sns.envelope(bounce, version="1")),
+            "forged": sns.request(forged_sns),
+            "stale": sns.request(sns.envelope(bounce, at=datetime.now(UTC) - timedelta(hours=3))),
+            "malformed": sns.request(sns.envelope("not an SES notification")),
+        },
+    }
+
+
+@pytest.mark.parametrize("provider", ["standard", "sendgrid", "mailgun", "twilio", "ses"])
+def test_each_provider_through_the_host(  # type: ignore[no-untyped-def]
+    running_app, webhook_senders, provider
+) -> None:
+    """Valid (with either key of a rotation), sent again (a duplicate), forged, stale,
+    malformed and oversized requests of one provider, as its own sender makes them."""
+    made = _requests_of(webhook_senders)[provider]
+    first = post(running_app, provider, made["valid"])
+    assert first.status_code == 200 and first.json()["status"] == "accepted", first.text
+    again = post(running_app, provider, made["valid"])
+    assert again.status_code == 200 and again.json()["status"] == "duplicate", again.text
+    rotated = post(running_app, provider, made["other_key"])
+    assert rotated.status_code == 200, rotated.text
+    expected = {"forged": (401, "bad_signature"), "stale": (401, "stale_timestamp"),
+                "malformed": (400, "malformed_body")}  # fmt: skip
+    for name, (status, code) in expected.items():
+        if made[name] is None:
+            continue
+        answer = post(running_app, provider, made[name])
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), name
+    headers, _ = made["valid"]
+    huge = post(running_app, provider, (headers, b"{" + b" " * (4 << 20) + b"}"))
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"

@@ -118,7 +118,8 @@ def _effects(
         run = services.runs.start(RunKind.WEBHOOK_DELIVERY, run_id=message.run_id,
                                   source=f"webhook {message.provider}")  # fmt: skip
         services.runs.fail(run.run_id, "malformed_delivery", str(exc),
-                           detail={"blob": f"{WEBHOOKS_CONTAINER}/{message.blob}"})  # fmt: skip
+                           detail={"blob": f"{WEBHOOKS_CONTAINER}/{message.blob}",
+                                   "delivery": message.model_dump()})  # fmt: skip
         return DeliveryReport("failed")
     suppressions = SuppressionBatch()
     for event in parsed.events:

@@ -21,6 +21,7 @@ import core.currents.discovery
 import core.export.service
 import core.push.dispatch
 import core.sync.service
+import core.webhooks.processing
 
 
 class InjectedFault(RuntimeError):
@@ -63,6 +64,10 @@ def _always(wanted: Any, *_: Any, **__: Any) -> bool:
     return bool(wanted)
 
 
+def _provider_named(name: str, services: Any, providers: Any, message: Any) -> bool:
+    return bool(message.provider == name)
+
+
 def _chunk_numbered(number: int, runner: Any) -> bool:
     return bool(runner.chunk_key == f"chunk-{number:05d}")
 
@@ -74,6 +79,7 @@ _faulty(core.currents.discovery, "discover", "currents-timer", _always)
 _faulty(core.export.service, "_due_windows", "export", _always)
 _faulty(core.push.dispatch, "_frozen_targets", "push-plan", _always)
 _faulty(core.push.dispatch.ChunkRunner, "run", "push-chunk", _chunk_numbered)
+_faulty(core.webhooks.processing, "_effects", "webhook-delivery", _provider_named)
 
 # The real app, loaded by path after the faults are in place (the host loaded this file
 # under the name `function_app`).
