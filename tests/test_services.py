@@ -54,16 +54,17 @@ def test_services_run_a_command_and_leave_nothing_behind() -> None:
         "conn = os.environ['AzureWebJobsStorage']; "
         "s3 = os.environ['SWITCHBOARD_S3_ENDPOINT_URL']; "
         "urllib.request.urlopen(s3).close(); "
-        "print('BlobEndpoint=http://127.0.0.1' in conn, flush=True); time.sleep(2); sys.exit(3)"
+        "print('BlobEndpoint=http://127.0.0.1' in conn, flush=True); "
+        "sys.stdin.read(); sys.exit(3)"  # runs until the test closes its stdin
     )
     manager = subprocess.Popen(
         [sys.executable, "-m", "devhost.services", "--", sys.executable, "-c", probe],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     started = eventually(
         lambda: descendants(manager.pid) if len(descendants(manager.pid)) >= 3 else set()
     )
-    output, _ = manager.communicate(timeout=60)
+    output, _ = manager.communicate(input="", timeout=60)
     assert manager.returncode == 3  # the command's own exit status
     assert "True" in output
     assert alive(started) == set()
