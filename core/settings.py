@@ -1,5 +1,8 @@
 """The one place that reads the environment.
 
+Past 500 lines by design: every setting is one field here (the only reader of the
+environment; the README's settings table is checked against it).
+
 Every app setting Switchboard understands is a field here, named exactly as it appears in
 the Azure portal, `local.settings.json` and `local.settings.example.json`. `load_settings()`
 validates all of them at once and raises `ConfigError` naming each bad setting and what it

@@ -1,5 +1,9 @@
 """The four-hourly log export: engagement events back to the CDP, each window once.
 
+Past 500 lines because the window loop, its guard (watermark and four-hour slot) and
+the manifest-last write are one set of ordering rules; the records (xdm.py), the quarantine
+books (quarantine.py) and the targets (aep.py) live apart.
+
     claim the watermark (ETag) -> for each complete window after it, in order:
         seal its ingestion hours -> read its events -> broadLog and trackingLog files
         -> quarantine states -> non-deliverable addresses file -> manifest (last)

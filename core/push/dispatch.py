@@ -1,5 +1,8 @@
 """Push dispatch: one request, personalised pushes to every active device of its targets.
 
+Past 500 lines because accept, plan, chunk and retry share the chunk claims and
+checkpoints; the providers (apns.py, fcm.py), templates and tokens live apart.
+
     POST /api/push/send  ->  accept()      202 with the dispatch id (a run id), at once
     queue `push-plans`   ->  plan()        targets resolved, cut into chunks of profiles
     queue `push-chunks`  ->  run_chunk()   each chunk sent by a worker of its own

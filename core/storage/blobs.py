@@ -1,5 +1,8 @@
 """Blob storage access that never holds a whole blob in memory.
 
+Past 500 lines by a few: chunked reads, block-staged writes and leases share one client
+wrapper and its ETag and retry handling.
+
 Reads are chunked downloads pinned to one ETag (a blob overwritten mid-read fails instead
 of mixing two versions). Writes are create-only unless asked otherwise; large writes are
 staged block by block and committed once, so readers never see half a file.

@@ -1,5 +1,8 @@
 """Sync definitions: the versioned document that declares every segment sync.
 
+Past 500 lines because the document's models validate across sections (fields,
+audiences, consent, governance), and their validators need the models side by side.
+
 One YAML (or JSON) document, `version: 1`, with a list of syncs. Each sync says where its
 files land, how to read them, which column identifies a person, how columns map to typed
 destination attributes and audience memberships, what the destination is, and the mode.

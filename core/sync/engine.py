@@ -1,5 +1,8 @@
 """Processing one bucket of a segment file: every row ends with one outcome and a reason.
 
+Past 500 lines because it is the Python reference of the C bucket path
+(native/switchboard_sync.c), kept whole so the two can be compared step by step.
+
     raw digest unchanged? -> unchanged (no typing needed)
     map & type -> dedupe -> suppression & consent -> diff against acknowledged state
       -> batch -> send -> checkpoint -> (bucket done) commit state

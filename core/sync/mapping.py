@@ -1,5 +1,8 @@
 """Typed mapping of source rows to destination attributes and audience memberships.
 
+Past 500 lines: one coercer per target type and Braze's standard-field formats; the C
+path mirrors this file, so it stays whole.
+
 A `RowMapper` is compiled once per file from the sync definition and the file's columns:
 each mapped field gets a coercer for its type, and Braze standard fields get their exact
 formats on top (`dob` YYYY-MM-DD, `gender` M/F/O/N/P, `country` ISO 3166-1 alpha-2,

@@ -1,5 +1,9 @@
 """A segment file from arrival to run report.
 
+Past 500 lines because the run's phases (accept, split, plan, fan out, finalize) share
+the run record and its checkpoints; each phase's own work lives in split.py, engine.py,
+state.py and reports.py.
+
     accept (receipt) -> split into identity buckets -> process buckets -> finalize
 
 Small files are processed in the invocation that received them. Files with more rows
