@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Protocol
 
+import orjson
 from pydantic import ValidationError
 
 from core.events.model import EngagementEvent
@@ -138,6 +139,22 @@ class Parsed:
 
 
 # -- helpers the providers share ---------------------------------------------------------
+
+
+class ProviderDefaults:
+    """What most providers answer and keep (a provider class sets only what differs)."""
+
+    retry_status: ClassVar[int] = 503
+    """Every provider here retries a 5xx (SNS: only a 5xx)."""
+    kept_headers: ClassVar[tuple[str, ...]] = ()
+
+
+def json_body(data: bytes | str, what: str = "the body") -> Any:
+    """Parsed JSON, or Malformed."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise Malformed(f"{what} is not JSON") from None
 
 
 def keys_of(value: str | None) -> list[str]:

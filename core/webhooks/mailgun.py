@@ -21,18 +21,18 @@ import hmac
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-import orjson
-
 from core.events.model import EventChannel, EventType
 from core.webhooks.hook import (
     Forged,
     InboundRequest,
     Malformed,
     Parsed,
+    ProviderDefaults,
     StoredDelivery,
     Verified,
     any_digest_matches,
     epoch_seconds,
+    json_body,
     keys_of,
     text,
     within,
@@ -47,20 +47,15 @@ _MAPPED = frozenset({"event", "timestamp", "id", "recipient", "url", "severity",
 
 
 def _document(body: bytes) -> dict[str, Any]:
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise Malformed("the body is not JSON") from None
+    document = json_body(body)
     if not isinstance(document, dict):
         raise Malformed("the body is not a JSON object")
     return document
 
 
-class Mailgun:
+class Mailgun(ProviderDefaults):
     name: ClassVar[str] = "mailgun"
     max_body_bytes: ClassVar[int] = 1 << 20
-    retry_status: ClassVar[int] = 503
-    kept_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, signing_keys: str, tolerance: timedelta) -> None:
         self._keys = [k.encode() for k in keys_of(signing_keys)]

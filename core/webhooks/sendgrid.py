@@ -21,7 +21,6 @@ import binascii
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,10 +32,12 @@ from core.webhooks.hook import (
     InboundRequest,
     Malformed,
     Parsed,
+    ProviderDefaults,
     StoredDelivery,
     Verified,
     digest,
     epoch_seconds,
+    json_body,
     keys_of,
     text,
     within,
@@ -69,12 +70,10 @@ def public_key(encoded: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
-class SendGrid:
+class SendGrid(ProviderDefaults):
     name: ClassVar[str] = "sendgrid"
     # SendGrid posts at 768 KB per batch; twice that leaves room without buffering a flood.
     max_body_bytes: ClassVar[int] = 2 << 20
-    retry_status: ClassVar[int] = 503
-    kept_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, public_keys: str, tolerance: timedelta) -> None:
         self._keys = [public_key(k) for k in keys_of(public_keys)]
@@ -108,10 +107,7 @@ class SendGrid:
         return True
 
     def events(self, delivery: StoredDelivery) -> Parsed:
-        try:
-            items = orjson.loads(delivery.body)
-        except orjson.JSONDecodeError:
-            raise Malformed("the body is not JSON") from None
+        items = json_body(delivery.body)
         if not isinstance(items, list):
             raise Malformed("the body is not a JSON array of events")
         parsed = Parsed()

@@ -30,7 +30,6 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-import orjson
 import requests
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -43,9 +42,11 @@ from core.webhooks.hook import (
     InboundRequest,
     Malformed,
     Parsed,
+    ProviderDefaults,
     StoredDelivery,
     Verified,
     digest,
+    json_body,
     keys_of,
     text,
     within,
@@ -87,10 +88,7 @@ def string_to_sign(envelope: dict[str, Any]) -> bytes:
 
 
 def _envelope(body: bytes) -> dict[str, Any]:
-    try:
-        envelope = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise Malformed("the body is not JSON") from None
+    envelope = json_body(body)
     if not isinstance(envelope, dict) or envelope.get("Type") not in _SIGNED_KEYS:
         raise Malformed("the body is not an SNS message")
     if not all(isinstance(envelope.get(k), str) for k in ("MessageId", "Timestamp", "TopicArn")):
@@ -98,11 +96,9 @@ def _envelope(body: bytes) -> dict[str, Any]:
     return envelope
 
 
-class AmazonSes:
+class AmazonSes(ProviderDefaults):
     name: ClassVar[str] = "ses"
     max_body_bytes: ClassVar[int] = 320 << 10  # SNS: 256 KB of message, and its envelope
-    retry_status: ClassVar[int] = 503  # SNS retries 5xx only (any 4xx counts as delivered)
-    kept_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -184,10 +180,7 @@ class AmazonSes:
 
     def events(self, delivery: StoredDelivery) -> Parsed:
         envelope = _envelope(delivery.body)
-        try:
-            message = orjson.loads(str(envelope.get("Message", "")))
-        except orjson.JSONDecodeError:
-            raise Malformed("the SNS Message is not an SES notification (not JSON)") from None
+        message = json_body(str(envelope.get("Message", "")), "the SNS Message")
         if not isinstance(message, dict):
             raise Malformed("the SNS Message is not an SES notification")
         parsed = Parsed()

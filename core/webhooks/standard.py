@@ -24,7 +24,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-import orjson
 from standardwebhooks.webhooks import Webhook
 
 from core.events.model import EventChannel, EventType
@@ -33,9 +32,11 @@ from core.webhooks.hook import (
     InboundRequest,
     Malformed,
     Parsed,
+    ProviderDefaults,
     StoredDelivery,
     Verified,
     epoch_seconds,
+    json_body,
     keys_of,
     text,
     within,
@@ -45,10 +46,9 @@ _FIELDS = ("email", "phone", "external_id", "campaign_id", "send_id", "dispatch_
            "bounce_reason", "subscription_status", "subscription_group_id")  # fmt: skip
 
 
-class StandardWebhooks:
+class StandardWebhooks(ProviderDefaults):
     name: ClassVar[str] = "standard"
     max_body_bytes: ClassVar[int] = 1 << 20
-    retry_status: ClassVar[int] = 503
     kept_headers: ClassVar[tuple[str, ...]] = ("webhook-id",)
 
     def __init__(self, secrets: str, tolerance: timedelta) -> None:
@@ -75,10 +75,7 @@ class StandardWebhooks:
         raise Forged("no configured secret verifies the signature")
 
     def events(self, delivery: StoredDelivery) -> Parsed:
-        try:
-            document = orjson.loads(delivery.body)
-        except orjson.JSONDecodeError:
-            raise Malformed("the body is not JSON") from None
+        document = json_body(delivery.body)
         if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
             raise Malformed('the body is not {"type", "timestamp", "data": {...}}')
         parsed = Parsed()

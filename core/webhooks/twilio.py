@@ -37,6 +37,7 @@ from core.webhooks.hook import (
     InboundRequest,
     Malformed,
     Parsed,
+    ProviderDefaults,
     StoredDelivery,
     Verified,
     any_digest_matches,
@@ -91,10 +92,9 @@ def form_payload(url: str, body: bytes) -> bytes:
     return (url + "".join(k + v for k, v in sorted(pairs))).encode()
 
 
-class Twilio:
+class Twilio(ProviderDefaults):
     name: ClassVar[str] = "twilio"
     max_body_bytes: ClassVar[int] = 64 << 10  # a message of 1,600 characters and its fields
-    retry_status: ClassVar[int] = 503
     kept_headers: ClassVar[tuple[str, ...]] = ("content-type",)
 
     def __init__(self, auth_tokens: str, public_url: str) -> None:
