@@ -128,6 +128,18 @@ class BoundedLines:
         whole = text.getvalue()[: text.tell()].endswith(("\n", "\r"))
         return header if whole else None
 
+    def _no_partial_bom(self) -> None:
+        """A file of only the first byte or two of a BOM is not UTF-8 (Python's utf-8-sig
+        decoder drops them at the end without a word)."""
+        try:
+            consumed = self._text.buffer.tell()
+        except (OSError, ValueError, AttributeError):
+            return
+        if 0 < consumed < len(codecs.BOM_UTF8):
+            raise UnicodeDecodeError(
+                "utf-8", codecs.BOM_UTF8[:consumed], 0, consumed, "part of a byte order mark"
+            )
+
     def record_text(self) -> str:
         """The text of the record's lines handed out since `record_done`, without the last
         line break."""
@@ -153,6 +165,8 @@ class BoundedLines:
             # and two for a line break: a longer line is refused on its first part.
             line = readline(limit - record + 2)
             if not line:
+                if line_number == 1:
+                    self._no_partial_bom()
                 return
             record += len(line) if line.isascii() else len(line.encode("utf-8"))
             if record > limit:
