@@ -23,7 +23,13 @@ from core.suppression import SuppressionSnapshot
 from core.sync.definitions import InputSpec, SyncDefinition, mapping_fingerprint
 from core.sync.engine import BucketWork, CheckpointLog, ChunkRunner
 from core.sync.mapping import RowMapper
-from core.sync.readers import FileRejected, InputLimits, RowReader, decompressed
+from core.sync.readers import (
+    DECOMPRESSION_ERRORS,
+    FileRejected,
+    InputLimits,
+    RowReader,
+    decompressed,
+)
 from core.sync.reports import RejectsPart
 from core.sync.split import (
     ReferenceNeeded,
@@ -38,6 +44,10 @@ from core.sync.state import SPEEDUPS, StateStore
 
 class Divergence(AssertionError):
     """C and the reference gave different answers for the same input."""
+
+
+_TEXT_ERRORS: tuple[type[Exception], ...] = (UnicodeDecodeError, *DECOMPRESSION_ERRORS)
+_FILE_ERRORS: tuple[type[Exception], ...] = (FileRejected, *_TEXT_ERRORS)
 
 
 def same(what: str, native: Any, reference: Any) -> None:
@@ -73,7 +83,7 @@ def reference_split(data: bytes, spec: InputSpec, buckets: int, limits: InputLim
                 continue
             bucket = bucket_of(identity_key(entry.values[0]), buckets)
             lines[bucket].append(work_line(entry) + b"\n")
-    except (FileRejected, UnicodeDecodeError, OSError, EOFError) as exc:
+    except _FILE_ERRORS as exc:
         return _rejected(exc)
     return ("split", lines, malformed)
 
@@ -88,7 +98,7 @@ def native_split(
         columns, rest, header = read_header(text, spec.field_delimiter, limits)
     except ReferenceNeeded:
         return None
-    except (FileRejected, UnicodeDecodeError, OSError, EOFError) as exc:
+    except _FILE_ERRORS as exc:
         return _rejected(exc)
     if not columns:
         return ("no_identity", "", "")
@@ -104,7 +114,7 @@ def native_split(
                 lines[bucket] += io.BytesIO(block).readlines()
     except ReferenceNeeded:
         return None
-    except (UnicodeDecodeError, OSError, EOFError) as exc:
+    except _TEXT_ERRORS as exc:
         return _rejected(exc)
     for bucket, block in splitter.drain():
         lines[bucket] += io.BytesIO(block).readlines()

@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from typing import IO, Any, cast
 
 import orjson
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from core.sync.definitions import FileFormat, InputSpec
 
 GZIP_MAGIC = b"\x1f\x8b"
 _READ_BYTES = 1 << 20
+
+
+_ISAL_ERROR: type[Exception] = isal_zlib.IsalError  # type: ignore[assignment]  # its stub says otherwise
+DECOMPRESSION_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, _ISAL_ERROR)
+"""What reading a damaged gzip file raises (ISA-L's own error is not an OSError)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from core.storage.blobs import BlobRef, BlockStager, BlockWriter
 from core.sync.definitions import FileFormat, SyncDefinition
 from core.sync.mapping import RowMapper
 from core.sync.readers import (
+    DECOMPRESSION_ERRORS,
     DEFAULT_LIMITS,
     FileRejected,
     InputLimits,
@@ -578,7 +579,7 @@ def _file_errors() -> Iterator[None]:
             "not_utf8",
             f"file is not valid UTF-8 ({exc.reason}); export it as UTF-8, nothing was sent",
         ) from None
-    except (OSError, EOFError) as exc:
+    except DECOMPRESSION_ERRORS as exc:
         raise FileRejected("corrupt_compression", f"cannot decompress the file: {exc}") from None
 
 
