@@ -40,8 +40,8 @@ from core.sync.definitions import SyncDefinition, parse_document
 from core.sync.engine import CheckpointLog
 from core.sync.readers import RowReader, SourceRow, decompressed
 from core.sync.service import RunPlan, finalize, plan_run, process_buckets, unchanged_index
+from core.sync.speedups import SPEEDUPS
 from core.sync.split import feed_splitter, read_header, split_file
-from core.sync.state import SPEEDUPS
 
 SIZES = (1_000_000, 5_000_000)
 EXTRA_ROWS = int(os.environ.get("BENCH_SYNC_EXTRA_ROWS", "0"))

@@ -1,83 +1,54 @@
-"""NCRONTAB schedules as Azure Functions timer triggers use them.
+"""NCRONTAB schedules as Azure Functions timer triggers use them, evaluated by `croniter`.
 
 Six fields, seconds first, evaluated in UTC: ``{second} {minute} {hour} {day} {month}
 {day-of-week}``. Each field takes ``*``, a value, a range ``a-b``, a step ``*/n`` or
 ``a-b/n``, and comma lists of those; months and weekdays also take English three-letter
 names. Day-of-week runs 0-6 with 0 = Sunday. When both day-of-month and day-of-week are
 restricted, a day matches if either does (classic cron rule, which NCrontab follows).
+
+What croniter accepts beyond NCRONTAB (five or seven fields, `L`, `#`, `?`, `H`, weekday 7,
+reversed ranges that wrap) is refused here, so a schedule that runs locally runs in Azure.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 
 from core.errors import ConfigError
 
-_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
-# (name, lowest, highest, names for values starting at `lowest`)
-_FIELDS: list[tuple[str, int, int, list[str]]] = [
-    ("second", 0, 59, []),
-    ("minute", 0, 59, []),
-    ("hour", 0, 23, []),
-    ("day", 1, 31, []),
-    ("month", 1, 12, _MONTHS),
-    ("day-of-week", 0, 6, _DAYS),
-]
-# How far ahead to look for an occurrence before declaring the schedule impossible (31 Feb).
+_NAMES = "jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|sun|mon|tue|wed|thu|fri|sat"
+_ITEM = rf"(\*|\d+|{_NAMES})(-(\d+|{_NAMES}))?(/\d+)?"
+_FIELD = re.compile(rf"{_ITEM}(,{_ITEM})*", re.IGNORECASE)
+_LIMITS = [("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31),
+           ("month", 1, 12), ("day-of-week", 0, 6)]  # fmt: skip
+# How far ahead croniter looks for an occurrence before the schedule counts as impossible.
 _SEARCH_YEARS = 5
 
 
-def _parse_value(text: str, low: int, names: list[str], field: str, expr: str) -> int:
-    lowered = text.lower()
-    if lowered in names:
-        return low + names.index(lowered)
-    if not text.isdigit():
-        raise ConfigError(f"schedule {expr!r}: {field} value {text!r} is not a number")
-    return int(text)
-
-
-def _parse_field(text: str, index: int, expr: str) -> frozenset[int]:
-    field, low, high, names = _FIELDS[index]
-    values: set[int] = set()
+def _check_field(text: str, index: int, expression: str) -> None:
+    field, low, high = _LIMITS[index]
+    if not _FIELD.fullmatch(text):
+        raise ConfigError(f"schedule {expression!r}: {field} {text!r} is not NCRONTAB")
     for part in text.split(","):
-        base, _, step_text = part.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise ConfigError(f"schedule {expr!r}: {field} step {step_text!r} must be >= 1")
-            step = int(step_text)
-        if base == "*":
-            start, end = low, high
-        elif "-" in base:
-            first, _, last = base.partition("-")
-            start = _parse_value(first, low, names, field, expr)
-            end = _parse_value(last, low, names, field, expr)
-        else:
-            start = _parse_value(base, low, names, field, expr)
-            end = high if step_text else start
-        if not (low <= start <= high and low <= end <= high) or start > end:
+        base, _, step = part.partition("/")
+        if step and int(step) == 0:
+            raise ConfigError(f"schedule {expression!r}: {field} step must be >= 1")
+        numbers = [int(v) for v in base.split("-") if v.isdigit()]
+        if any(not low <= n <= high for n in numbers) or numbers != sorted(numbers):
             raise ConfigError(
-                f"schedule {expr!r}: {field} {base!r} is outside {low}-{high} or reversed"
+                f"schedule {expression!r}: {field} {base!r} is outside {low}-{high} or reversed"
             )
-        values.update(range(start, end + 1, step))
-    return frozenset(values)
 
 
 @dataclass(frozen=True)
 class CronSchedule:
-    """A parsed six-field NCRONTAB expression."""
+    """A validated six-field NCRONTAB expression."""
 
     expression: str
-    seconds: frozenset[int]
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]
-    days_restricted: bool
-    weekdays_restricted: bool
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
@@ -88,47 +59,26 @@ class CronSchedule:
                 "'{second} {minute} {hour} {day} {month} {day-of-week}', "
                 f"got {len(parts)}"
             )
-        seconds, minutes, hours, days, months, weekdays = (
-            _parse_field(part, i, expression) for i, part in enumerate(parts)
-        )
-        return cls(
-            expression,
-            seconds,
-            minutes,
-            hours,
-            days,
-            months,
-            weekdays,
-            days_restricted=parts[3] != "*",
-            weekdays_restricted=parts[5] != "*",
-        )
-
-    def _day_matches(self, day: date) -> bool:
-        if day.month not in self.months:
-            return False
-        in_days = day.day in self.days
-        in_weekdays = (day.isoweekday() % 7) in self.weekdays
-        if self.days_restricted and self.weekdays_restricted:
-            return in_days or in_weekdays
-        return in_days and in_weekdays
+        for index, part in enumerate(parts):
+            _check_field(part, index, expression)
+        normalized = " ".join(parts)
+        try:
+            croniter(normalized, second_at_beginning=True)
+        except CroniterBadCronError as exc:
+            raise ConfigError(f"schedule {expression!r}: {exc}") from None
+        return cls(normalized)
 
     def next_after(self, moment: datetime) -> datetime:
         """The first occurrence strictly after `moment` (UTC, whole seconds)."""
-        moment = moment.astimezone(UTC).replace(microsecond=0)
-        day = moment.date()
-        last_day = day + timedelta(days=366 * _SEARCH_YEARS)
-        while day <= last_day:
-            if self._day_matches(day):
-                for hour in sorted(self.hours):
-                    for minute in sorted(self.minutes):
-                        for second in sorted(self.seconds):
-                            candidate = datetime(
-                                day.year, day.month, day.day, hour, minute, second, tzinfo=UTC
-                            )
-                            if candidate > moment:
-                                return candidate
-            day += timedelta(days=1)
-        raise ConfigError(f"schedule {self.expression!r} never fires")
+        start = moment.astimezone(UTC).replace(microsecond=0)
+        try:
+            found = croniter(
+                self.expression, start, second_at_beginning=True,
+                max_years_between_matches=_SEARCH_YEARS,
+            ).get_next(datetime)  # fmt: skip
+        except CroniterBadDateError:
+            raise ConfigError(f"schedule {self.expression!r} never fires") from None
+        return found.astimezone(UTC)
 
     def shortest_interval(self, sample_from: datetime, occurrences: int = 64) -> timedelta:
         """Smallest gap between consecutive occurrences over a sample, for rate guards."""

@@ -391,6 +391,12 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_WEBHOOK_RETENTION_DAYS",
         description="How long raw webhook deliveries are kept after they were processed.",
     )
+    webhook_batch_schedule: str = Field(
+        default="*/5 * * * * *",
+        validation_alias="SWITCHBOARD_WEBHOOK_BATCH_SCHEDULE",
+        description="NCRONTAB schedule of the webhook batcher, which moves handled "
+        "deliveries' events into the event store (six fields, UTC).",
+    )
 
     @field_validator("aep_streaming", mode="before")
     @classmethod
@@ -415,7 +421,9 @@ class Settings(BaseSettings):
         folder = value.strip().strip("/")
         return f"{folder}/" if folder else ""
 
-    @field_validator("log_export_schedule", "currents_schedule", "run_sweep_schedule")
+    @field_validator(
+        "log_export_schedule", "currents_schedule", "run_sweep_schedule", "webhook_batch_schedule"
+    )
     @classmethod
     def _schedule_parses(cls, value: str) -> str:
         try:

@@ -148,12 +148,13 @@ def _poison_queues() -> dict[str, PoisonHandler]:
     (no discovery by naming convention)."""
     from core.currents.discovery import FILES_QUEUE, run_of_file_message
     from core.privacy.erasure import ERASURE_QUEUE
-    from core.push.dispatch import CHUNK_QUEUE as PUSH_CHUNKS
-    from core.push.dispatch import PLAN_QUEUE, chunk_poisoned
+    from core.push.chunk_runner import chunk_poisoned
+    from core.push.dispatch_model import PLAN_QUEUE
+    from core.push.dispatch_model import PUSH_CHUNK_QUEUE as PUSH_CHUNKS
     from core.retries import RETRY_QUEUE
     from core.segments.arrival import run_of_poisoned_blob
-    from core.sync.service import CHUNK_QUEUE as SEGMENT_CHUNKS
     from core.sync.service import MANIFEST_QUEUE
+    from core.sync.service import SEGMENT_CHUNK_QUEUE as SEGMENT_CHUNKS
     from core.webhooks.deliveries import DELIVERY_QUEUE
 
     return {

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import azure.functions as func
 
-from core.push.dispatch import (
-    CHUNK_QUEUE,
+from core.push.chunk_runner import run_chunk
+from core.push.dispatch import accept, plan
+from core.push.dispatch_model import (
     PLAN_QUEUE,
-    ChunkMessage,
+    PUSH_CHUNK_QUEUE,
     DispatchRejected,
     DispatchRequest,
     PlanMessage,
-    accept,
-    plan,
-    run_chunk,
-    status,
+    PushChunkMessage,
 )
+from core.push.dispatch_status import status
 from core.push.templates import TemplateInvalid
 from core.verdicts import verdict_on_failure
 from functions._wiring import error_response, json_errors, json_response, parse_body, services
@@ -64,9 +63,9 @@ def plan_push_dispatch(message: func.QueueMessage) -> None:
         plan(services(), planned)
 
 
-@bp.queue_trigger(arg_name="message", queue_name=CHUNK_QUEUE, connection="AzureWebJobsStorage")
+@bp.queue_trigger(arg_name="message", queue_name=PUSH_CHUNK_QUEUE, connection="AzureWebJobsStorage")
 def send_push_chunk(message: func.QueueMessage) -> None:
-    chunk = ChunkMessage.model_validate_json(message.get_body())
+    chunk = PushChunkMessage.model_validate_json(message.get_body())
     with verdict_on_failure(
         services(), chunk.dispatch_id, final=False, attempt=message.dequeue_count
     ):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import azure.functions as func
 
 from core.sync.service import (
-    CHUNK_QUEUE,
     MANIFEST_QUEUE,
-    ChunkMessage,
+    SEGMENT_CHUNK_QUEUE,
     ManifestWait,
+    SegmentChunkMessage,
     process_chunk,
     resume_manifest,
 )
@@ -19,9 +19,11 @@ from functions._wiring import services
 bp = func.Blueprint()
 
 
-@bp.queue_trigger(arg_name="message", queue_name=CHUNK_QUEUE, connection="AzureWebJobsStorage")
+@bp.queue_trigger(
+    arg_name="message", queue_name=SEGMENT_CHUNK_QUEUE, connection="AzureWebJobsStorage"
+)
 def segment_chunk(message: func.QueueMessage) -> None:
-    chunk = ChunkMessage.model_validate_json(message.get_body())
+    chunk = SegmentChunkMessage.model_validate_json(message.get_body())
     with verdict_on_failure(services(), chunk.run_id, final=False, attempt=message.dequeue_count):
         process_chunk(services(), chunk)
 

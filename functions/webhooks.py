@@ -1,5 +1,6 @@
-"""Provider webhooks: `POST /api/webhooks/{provider}` (core/webhooks/receive.py) and the
-worker that turns kept deliveries into events (core/webhooks/processing.py).
+"""Provider webhooks: `POST /api/webhooks/{provider}` (core/webhooks/receive.py), the
+worker that applies each kept delivery and the batcher that moves their events into the
+event store (core/webhooks/processing.py).
 
 Anonymous: providers cannot send function keys, which is why every provider's signature
 is mandatory and an unconfigured provider answers 404.
@@ -14,9 +15,9 @@ import azure.functions as func
 
 from core.webhooks.deliveries import DELIVERY_QUEUE, DeliveryMessage
 from core.webhooks.hook import InboundRequest
-from core.webhooks.processing import process_delivery
+from core.webhooks.processing import process_delivery, run_batches
 from core.webhooks.receive import WebhookReceiver
-from functions._wiring import services, webhook_providers
+from functions._wiring import SETTINGS, services, webhook_providers
 
 bp = func.Blueprint()
 
@@ -46,3 +47,12 @@ def webhook(req: func.HttpRequest) -> func.HttpResponse:
 def webhook_delivery(message: func.QueueMessage) -> None:
     delivery = DeliveryMessage.model_validate_json(message.get_body())
     process_delivery(services(), webhook_providers(), delivery)
+
+
+# Timer triggers run on one instance at a time; sub-minute schedules need no monitor.
+@bp.timer_trigger(
+    arg_name="timer", schedule=SETTINGS.webhook_batch_schedule, run_on_startup=False,
+    use_monitor=False,
+)  # fmt: skip
+def webhook_batches(timer: func.TimerRequest) -> None:
+    run_batches(services(), webhook_providers())

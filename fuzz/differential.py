@@ -21,7 +21,7 @@ from core.destinations.base import BatchResult, Destination, ItemFailure
 from core.destinations.braze import BrazeDestination
 from core.suppression import SuppressionSnapshot
 from core.sync.definitions import InputSpec, SyncDefinition, mapping_fingerprint
-from core.sync.engine import BucketWork, CheckpointLog, ChunkRunner
+from core.sync.engine import BucketWork, CheckpointLog, SegmentChunkRunner
 from core.sync.mapping import RowMapper
 from core.sync.readers import (
     DECOMPRESSION_ERRORS,
@@ -31,6 +31,7 @@ from core.sync.readers import (
     decompressed,
 )
 from core.sync.reports import RejectsPart
+from core.sync.speedups import SPEEDUPS
 from core.sync.split import (
     ReferenceNeeded,
     bucket_of,
@@ -39,7 +40,7 @@ from core.sync.split import (
     read_header,
     work_line,
 )
-from core.sync.state import SPEEDUPS, StateStore
+from core.sync.state import StateStore
 
 
 class Divergence(AssertionError):
@@ -252,7 +253,7 @@ def run_bucket(
                           delimiter=sync.input.field_delimiter)  # fmt: skip
     checkpoints = CheckpointsKept()
     done: list[bytes] = []
-    runner = ChunkRunner(
+    runner = SegmentChunkRunner(
         storage, sync, RowMapper(sync, columns), destination, suppressions,
         run_id="r", worker="w", checkpoints=checkpoints, native=native,
         on_bucket_done=lambda work: done.append(

@@ -32,8 +32,9 @@ from core.sync.definitions import FieldMapping, InputSpec
 from core.sync.mapping import RowMapper, coercer
 from core.sync.native import _coercer, native_mapping
 from core.sync.readers import InputLimits, RowReader
+from core.sync.speedups import SPEEDUPS
 from core.sync.split import ReferenceNeeded, feed_splitter, identity_key, work_line
-from core.sync.state import SPEEDUPS, raw_digest
+from core.sync.state import raw_digest
 from fuzz.differential import (
     AcceptingDestination,
     BucketOutcome,

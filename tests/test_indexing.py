@@ -94,6 +94,10 @@ EXPECTED = {
         {"route": "webhooks/{provider}", "methods": ["POST"], "authLevel": "ANONYMOUS"},
     ),
     "webhook_delivery": ("queueTrigger", {"queueName": "webhook-deliveries"}),
+    "webhook_batches": (
+        "timerTrigger",
+        {"schedule": "*/5 * * * * *", "useMonitor": False, "runOnStartup": False},
+    ),
     "run_sweeper": (
         "timerTrigger",
         {"schedule": "0 */15 * * * *", "useMonitor": True, "runOnStartup": False},

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from core.events.store import EventStore
-from core.push.dispatch import ChunkState
+from core.push.dispatch_model import ChunkState
 from core.push.tokens import (
     Device,
     DeviceList,
@@ -420,7 +420,9 @@ def test_fifty_thousand_targets_fan_out_through_the_queue(
 
 
 def test_a_dispatch_whose_stored_request_is_gone_fails_with_the_reason(app_env) -> None:  # type: ignore[no-untyped-def]
-    from core.push.dispatch import ChunkMessage, PlanMessage, plan, run_chunk
+    from core.push.chunk_runner import run_chunk
+    from core.push.dispatch import plan
+    from core.push.dispatch_model import PlanMessage, PushChunkMessage
     from core.runs import RunKind, RunStatus
     from core.services import Services
     from core.settings import Settings
@@ -432,7 +434,7 @@ def test_a_dispatch_whose_stored_request_is_gone_fails_with_the_reason(app_env) 
     services.storage.tables.get(ChunkState).insert(
         ChunkState(partition_key=chunked.run_id, row_key="chunk-00001", profiles=1)
     )
-    run_chunk(services, ChunkMessage(dispatch_id=chunked.run_id, chunk=1))
+    run_chunk(services, PushChunkMessage(dispatch_id=chunked.run_id, chunk=1))
     for run_id, reason in ((unplanned.run_id, "cannot plan"), (chunked.run_id, "chunk-00001")):
         failed = services.runs.get(run_id)
         assert failed is not None and failed.status == RunStatus.FAILED

@@ -31,6 +31,7 @@ from core.sync.definitions import InputSpec, SyncDefinition, mapping_fingerprint
 from core.sync.mapping import RowMapper
 from core.sync.readers import DEFAULT_LIMITS
 from core.sync.service import fetched_ahead
+from core.sync.speedups import ALLOCATOR_TUNED, SPEEDUPS
 from core.sync.split import (
     SplitResult,
     fetch_work_blob,
@@ -38,7 +39,7 @@ from core.sync.split import (
     split_file,
     upload_held_work,
 )
-from core.sync.state import ALLOCATOR_TUNED, SPEEDUPS, StateStore
+from core.sync.state import StateStore
 from devhost.fakes.braze import FakeBraze
 from fuzz.differential import (
     BucketOutcome,

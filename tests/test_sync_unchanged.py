@@ -25,8 +25,9 @@ from core.sync import state_codec
 from core.sync.definitions import SyncDefinition, mapping_fingerprint, parse_document
 from core.sync.mapping import RowMapper
 from core.sync.native import native_mapping
+from core.sync.speedups import SPEEDUPS
 from core.sync.split import feed_splitter, identity_key, read_header
-from core.sync.state import SPEEDUPS, Snapshot, StateStore
+from core.sync.state import Snapshot, StateStore
 from core.sync.state_codec import TableIndex
 from core.sync.unchanged import SettledRows, UnchangedIndex
 from devhost.fakes.braze import FakeBraze
@@ -205,14 +206,14 @@ def _run_stored(
     """A bucket loaded from and written to Azurite; its counts, what Braze received, the
     stored snapshot's text and its layout."""
     from core.destinations.braze import BrazeDestination
-    from core.sync.engine import BucketWork, ChunkRunner
+    from core.sync.engine import BucketWork, SegmentChunkRunner
     from core.sync.reports import RejectsPart
 
     braze.reset(known)
     states = StateStore(storage, sync.id, destination, mapping_fingerprint(sync))
     state = states.load(0, native=native)
     client = BrazeDestination(braze.url, "fake-braze-key", requests_per_second=1e6)
-    runner = ChunkRunner(
+    runner = SegmentChunkRunner(
         storage, sync, RowMapper(sync, FULL_COLUMNS), client, SuppressionSnapshot({}),
         run_id=run_id, worker="w", native=native,
         on_bucket_done=lambda work: states.write(

@@ -8,7 +8,7 @@ from core.destinations.base import Destination
 from core.destinations.braze import BrazeDestination
 from core.errors import ConfigError
 from core.settings import Settings
-from core.sync.definitions import BrazeDestination as BrazeSpec
+from core.sync.definitions import BrazeDestinationSpec as BrazeSpec
 from core.sync.definitions import SyncDefinition
 
 

@@ -98,7 +98,10 @@ class Storage:
             **retries["table"],
         )
         self.queue_service = QueueServiceClient(
-            account.queue_url, credential=account.credential("queue"), **retries["queue"]
+            account.queue_url,
+            credential=account.credential("queue"),
+            session=_pooled_session(),
+            **retries["queue"],
         )
         self.blobs = BlobStore(self.blob_service)
         self.tables = Tables(self.table_service)

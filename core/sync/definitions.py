@@ -39,11 +39,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = (1,)
 _SYNC_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
-# Braze standard profile fields and what a source column may never be mapped to instead.
-BRAZE_STANDARD_FIELDS = {
-    "first_name", "last_name", "email", "phone", "dob", "gender", "country", "language",
-    "home_city", "time_zone", "email_subscribe", "push_subscribe",
-}  # fmt: skip
 # Custom attribute names that would shadow a standard field (Braze creates a duplicate).
 SHADOWED_STANDARD_FIELDS = {
     "birthday": "dob", "birthdate": "dob", "birth_date": "dob", "date_of_birth": "dob",
@@ -231,7 +226,7 @@ class Consent(Strict):
         return self
 
 
-class BrazeDestination(Strict):
+class BrazeDestinationSpec(Strict):
     MARKETING_ACTIONS: ClassVar[tuple[str, ...]] = ("email_targeting", "export_to_third_party")
     """What sending profiles to Braze always is, whatever a sync adds."""
 
@@ -252,7 +247,7 @@ class BrazeDestination(Strict):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
-Destination = Annotated[BrazeDestination, Field(discriminator="type")]
+DestinationSpec = Annotated[BrazeDestinationSpec, Field(discriminator="type")]
 
 
 class InputSpec(Strict):
@@ -321,7 +316,7 @@ class SyncDefinition(Strict):
     audiences: Audiences = Audiences()
     mode: SyncMode = SyncMode.UPDATE_ONLY
     consent: Consent | None = None
-    destination: Destination = BrazeDestination()
+    destination: DestinationSpec = BrazeDestinationSpec()
     processing: Processing = Processing()
     dry_run: bool = Field(
         default=False, description="every run of this sync is a preview: nothing is sent"

@@ -194,7 +194,7 @@ def build_item(sync: SyncDefinition, identity: str, change: Change) -> dict[str,
     return item
 
 
-class ChunkRunner:
+class SegmentChunkRunner:
     """Runs the buckets of one worker against the destination, batching across buckets.
 
     A bucket's state is handed to `on_bucket_done` once its rows are read and every item

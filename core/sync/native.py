@@ -19,7 +19,8 @@ import orjson
 from core.suppression import Channel, SuppressionSnapshot
 from core.sync.definitions import FieldType, SyncDefinition, SyncMode
 from core.sync.mapping import RowMapper, RowRejected
-from core.sync.state import SPEEDUPS, value_hash
+from core.sync.speedups import SPEEDUPS
+from core.sync.state import value_hash
 
 # Kinds of value as switchboard_sync.c numbers them (enum Kind).
 (

@@ -38,7 +38,7 @@ from core.storage import BlobRef, Storage
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import SuppressionList
 from core.sync.definitions import FileFormat, SyncDefinition, SyncMode, mapping_fingerprint
-from core.sync.engine import BatchStats, BucketWork, CheckpointLog, ChunkRunner
+from core.sync.engine import BatchStats, BucketWork, CheckpointLog, SegmentChunkRunner
 from core.sync.manifest import find_parts, is_manifest
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected
@@ -64,7 +64,7 @@ from core.sync.unchanged import UnchangedIndex, settled_exclusions
 
 log = logging.getLogger(__name__)
 _Fetched = TypeVar("_Fetched")
-CHUNK_QUEUE = "segment-chunks"
+SEGMENT_CHUNK_QUEUE = "segment-chunks"
 MANIFEST_QUEUE = "segment-manifests"
 """Manifests whose parts have not all landed yet, looked at again later (`ManifestWait`)."""
 _WRITERS = 4
@@ -127,7 +127,7 @@ class BucketResult(TableEntity):
     preview_blocks: list[str] = Field(default_factory=list)
 
 
-class ChunkMessage(BaseModel):
+class SegmentChunkMessage(BaseModel):
     """Queue message: a reference to work, never the rows themselves."""
 
     run_id: str
@@ -299,7 +299,9 @@ def _run_file(services: Services, blob: BlobRef, run: RunRecord, *, attempt: int
     if unchanged is not None:
         unchanged.stop()  # the workers read their own
     for group in groups:
-        services.storage.queues.send(CHUNK_QUEUE, ChunkMessage(run_id=run.run_id, buckets=group))
+        services.storage.queues.send(
+            SEGMENT_CHUNK_QUEUE, SegmentChunkMessage(run_id=run.run_id, buckets=group)
+        )
     log.info("segment file fanned out", extra={"run_id": run.run_id, "chunks": len(groups)})
     return services.runs.update(
         run.run_id, lambda r: r.detail.update({"chunks": len(groups), "rows": split.rows})
@@ -320,7 +322,7 @@ def unchanged_index(
     return UnchangedIndex(states, sync, SuppressionList(services.storage).snapshot(), run_id)
 
 
-def process_chunk(services: Services, message: ChunkMessage) -> None:
+def process_chunk(services: Services, message: SegmentChunkMessage) -> None:
     """Queue worker: process a group of buckets of a fanned-out run."""
     plans: EntityTable[RunPlan] = services.storage.tables.get(RunPlan)
     stored = plans.get(safe_key(message.run_id), "plan")
@@ -498,7 +500,7 @@ def process_buckets(
 
         writer.submit(write)
 
-    runner = ChunkRunner(
+    runner = SegmentChunkRunner(
         storage, sync, RowMapper(sync, plan.columns), destination,
         unchanged.suppressions if unchanged else SuppressionList(storage).snapshot(),
         run_id=run_id, worker=f"w{buckets[0] if buckets else 0:04d}", on_bucket_done=bucket_done,
@@ -589,7 +591,7 @@ class _BucketWriter:
 def _run_buckets(
     storage: Storage, sync: SyncDefinition, plan: RunPlan, run_id: str, buckets: list[int],
     in_memory: HeldWork | None, states: StateStore, results: EntityTable[BucketResult],
-    recorded: _Results, runner: ChunkRunner, unchanged: UnchangedIndex | None,
+    recorded: _Results, runner: SegmentChunkRunner, unchanged: UnchangedIndex | None,
 ) -> None:  # fmt: skip
     run_key = safe_key(run_id)
     finished = {row.row_key for row in results.query_partition(run_key)}  # one request

@@ -48,7 +48,7 @@ from core.sync.readers import (
     decompressed,
     header_columns,
 )
-from core.sync.state import SPEEDUPS
+from core.sync.speedups import SPEEDUPS
 from core.sync.unchanged import UnchangedIndex
 
 log = logging.getLogger(__name__)

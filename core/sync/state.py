@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib
 import logging
 import mmap
 import threading
@@ -58,6 +57,7 @@ from core.storage.blobs import BlobRef, BlockWriter
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.sync import state_codec
 from core.sync.lines import LineIndexes
+from core.sync.speedups import SPEEDUPS
 from core.sync.state_codec import (
     DIGESTS_SINCE,
     FORMAT_VERSION,
@@ -87,23 +87,6 @@ _FLUSH_BYTES = 4 << 20
 _QUEUED_BATCHES = 2
 """Batches a pack writer holds waiting for their commit before adding waits too."""
 _NULL_HASH = b"\x00" * 8
-
-
-def _load_speedups() -> Any:
-    try:
-        return importlib.import_module("switchboard_sync")
-    except ImportError:  # not built (no compiler where it was installed): the reference
-        return None
-
-
-SPEEDUPS = _load_speedups()
-"""native/switchboard_sync.c, or None; core/sync/native.py says when it is used."""
-_MMAP_THRESHOLD = 2 << 20
-_TRIM_THRESHOLD = 16 << 20
-ALLOCATOR_TUNED = SPEEDUPS is not None and SPEEDUPS.tune_allocator(_MMAP_THRESHOLD, _TRIM_THRESHOLD)
-"""Whether glibc's allocator thresholds are pinned (docs/decisions.md, "A first run's
-memory"): blocks of 2 MB or more are mapped and given back when freed, whatever the
-largest block freed so far; the environment's MALLOC_*_THRESHOLD_ take precedence."""
 
 
 def value_hash(value: Any) -> bytes:

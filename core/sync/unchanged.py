@@ -53,7 +53,8 @@ from core.sync.lines import LineIndex
 from core.sync.mapping import RowMapper, RowRejected
 from core.sync.native import native_mapping
 from core.sync.readers import FileRejected
-from core.sync.state import SPEEDUPS, DigestIndex, StateReader, StateStore
+from core.sync.speedups import SPEEDUPS
+from core.sync.state import DigestIndex, StateReader, StateStore
 
 log = logging.getLogger(__name__)
 _PREFETCH_BYTES = 64 << 20

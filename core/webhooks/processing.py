@@ -9,7 +9,8 @@ Per delivery (a queue message each, any number at once):
 Each step is safe to repeat (suppression changes carry their event's time; the row is
 create-only), so a delivery handled twice, or again after a crash, changes nothing more.
 
-Then, in batches (one batcher at a time, under a blob lease; whichever worker gets it):
+Then, in batches, from the batcher's timer (every few seconds; one batcher at a time, under
+a blob lease, since the run sweeper batches too):
 
     pending rows (up to BATCH) -> each row marked with the batch id -> one event segment
     `webhooks-{batch id}` of their events (deduplicated on the providers' event ids)
@@ -19,12 +20,9 @@ A batch that crashed is finished under the same id with the same rows (they carr
 the event store finds its own claims. Per-delivery segments were the first design: the
 event store's placement is one guarded transaction per segment and its dedup shards are
 shared by an hour's segments, so thousands of one-event segments from concurrent workers
-spent their time in retries (`bench/RESULTS.md`, webhooks).
-
-After its batches a batcher lets go of the lease and looks once more: a row written while
-it held the lease (by a worker that then could not get it) is taken by it or by whoever
-holds the lease next, so no row waits for the next delivery. The run sweeper runs a batch
-too, for a worker lost while holding the lease. Per delivery that is a blob read, an
+spent their time in retries. The second had each worker run the batcher after its delivery:
+a lease attempt and two partition reads per delivery, four times the storage calls of the
+delivery itself (`bench/RESULTS.md`, webhooks). Per delivery it is now a blob read, an
 insert and (for a few) a suppression transaction; a batch of hundreds costs a handful.
 """
 
@@ -32,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -93,15 +90,7 @@ class DeliveryReport:
 def process_delivery(
     services: Services, providers: Mapping[str, WebhookProvider], message: DeliveryMessage
 ) -> DeliveryReport:
-    """Queue worker: one delivery's effects, then any batches waiting."""
-    report = _effects(services, providers, message)
-    run_batches(services, providers)
-    return report
-
-
-def _effects(
-    services: Services, providers: Mapping[str, WebhookProvider], message: DeliveryMessage
-) -> DeliveryReport:
+    """Queue worker: one delivery's effects; its events wait for the batcher."""
     provider = providers.get(message.provider)
     if provider is None:
         raise ConfigError(f"webhook provider {message.provider!r} is no longer configured")
@@ -161,40 +150,22 @@ def _record(
     )  # fmt: skip
 
 
-_batching = threading.Event()
-"""Set while a worker of this process holds the batcher's lease."""
-
-
 def run_batches(services: Services, providers: Mapping[str, WebhookProvider]) -> int:
     """Batches of pending deliveries into the event store while the lease is ours (none
-    when another worker holds it); returns the deliveries batched.
-
-    A worker that finds this process's batcher running leaves its row to it: the batcher
-    clears its flag before it looks for rows one last time, so a row written before the
-    flag was seen set is always found."""
+    when another batcher holds it: the timer's next tick looks again); returns the
+    deliveries batched."""
     pending: EntityTable[PendingDelivery] = services.storage.tables.get(PendingDelivery)
     batched = 0
-    while not _batching.is_set():
-        try:
-            with services.storage.blobs.lease(WEBHOOKS_CONTAINER, _LEASE_BLOB, seconds=60):
-                _batching.set()
-                try:
-                    for _ in range(_MAX_BATCHES_PER_HOLD):
-                        done = _one_batch(services, providers, pending)
-                        batched += done
-                        if done == 0:
-                            break
-                finally:
-                    _batching.clear()
-        except LeaseUnavailable:
-            return batched  # another process's batcher looks again after it lets go
-        if _first(pending) is None:  # a row written while the lease was held: take it
-            return batched
+    try:
+        with services.storage.blobs.lease(WEBHOOKS_CONTAINER, _LEASE_BLOB, seconds=60):
+            for _ in range(_MAX_BATCHES_PER_HOLD):
+                done = _one_batch(services, providers, pending)
+                batched += done
+                if done < BATCH:
+                    break
+    except LeaseUnavailable:
+        pass
     return batched
-
-
-def _first(pending: EntityTable[PendingDelivery]) -> PendingDelivery | None:
-    return next(iter(pending.query_partition(_PENDING)), None)
 
 
 def _one_batch(

@@ -19,6 +19,7 @@ from typing import Any
 
 import core.currents.discovery
 import core.export.service
+import core.push.chunk_runner
 import core.push.dispatch
 import core.sync.service
 import core.webhooks.processing
@@ -78,7 +79,7 @@ _faulty(core.currents.discovery, "ingest_file", "currents-file", _file_named)
 _faulty(core.currents.discovery, "discover", "currents-timer", _always)
 _faulty(core.export.service, "_due_windows", "export", _always)
 _faulty(core.push.dispatch, "_frozen_targets", "push-plan", _always)
-_faulty(core.push.dispatch.ChunkRunner, "run", "push-chunk", _chunk_numbered)
+_faulty(core.push.chunk_runner.PushChunkRunner, "run", "push-chunk", _chunk_numbered)
 _faulty(core.webhooks.processing, "_effects", "webhook-delivery", _provider_named)
 
 # The real app, loaded by path after the faults are in place (the host loaded this file
