@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 
+_EPSILON = 1e-9
+
 
 class TokenBucket:
     """At most `rate` acquisitions per second on average, bursts up to `burst`."""
@@ -49,8 +51,8 @@ class TokenBucket:
                         self.capacity, self._tokens + (now - self._updated) * self.rate
                     )
                     self._updated = now
-                    if self._tokens >= 1.0:
-                        self._tokens -= 1.0
+                    if self._tokens >= 1.0 - _EPSILON:  # the refill's rounding, not a token short
+                        self._tokens = max(0.0, self._tokens - 1.0)
                         return waited
                     delay = (1.0 - self._tokens) / self.rate
             self._sleep(delay)

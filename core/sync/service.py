@@ -449,6 +449,10 @@ def process_buckets(
     results: EntityTable[BucketResult] = storage.tables.get(BucketResult)
     run_key = safe_key(run_id)
     audit, kind = AuditLog(storage), identity_kind(sync.identity.destination_key)
+    indexes = states.index_writer(run_id)
+    recorded = _Results(results, record_results)
+    pack = states.pack_writer(run_id)
+    writer = _BucketWriter()
 
     def bucket_done(work: BucketWork) -> None:
         reject_blocks, stage_rejects, rejects_kept = work.rejects.finish_small(_REJECTS_KEPT_BYTES)
@@ -500,18 +504,15 @@ def process_buckets(
 
         writer.submit(write)
 
-    runner = SegmentChunkRunner(
-        storage, sync, RowMapper(sync, plan.columns), destination,
-        unchanged.suppressions if unchanged else SuppressionList(storage).snapshot(),
-        run_id=run_id, worker=f"w{buckets[0] if buckets else 0:04d}", on_bucket_done=bucket_done,
-        dry_run=plan.preview, blocked_by=plan.blocked_by, checkpoints=checkpoints,
-        native=services.settings.sync_native_buckets,
-    )  # fmt: skip
-    indexes = states.index_writer(run_id)
-    recorded = _Results(results, record_results)
-    pack = states.pack_writer(run_id)
     try:
-        with _BucketWriter() as writer:
+        runner = SegmentChunkRunner(
+            storage, sync, RowMapper(sync, plan.columns), destination,
+            unchanged.suppressions if unchanged else SuppressionList(storage).snapshot(),
+            run_id=run_id, worker=f"w{buckets[0] if buckets else 0:04d}",
+            on_bucket_done=bucket_done, dry_run=plan.preview, blocked_by=plan.blocked_by,
+            checkpoints=checkpoints, native=services.settings.sync_native_buckets,
+        )  # fmt: skip
+        with writer:
             _run_buckets(
                 storage, sync, plan, run_id, buckets, in_memory, states, results, recorded,
                 runner, unchanged,
