@@ -274,12 +274,16 @@ def webhooks(host: HostProcess, storage: Storage) -> list[str]:
         found = wait_for(f"the {channel} suppression", suppressed)
         lookups.append(f"{found['address']}: {', '.join(found['reasons'])}")
     show("suppression list, updated from the webhooks:", lookups)
-    now = datetime.now(UTC)
-    events = [
-        e for e in EventStore(storage).read_window(
-            now.replace(minute=0, second=0, microsecond=0), now + timedelta(hours=1))
-        if e.source.startswith("webhook:")
-    ]  # fmt: skip
+
+    def webhook_events() -> list[Any]:  # the batcher moves them into the store every 5 s
+        now = datetime.now(UTC)
+        return [
+            e for e in EventStore(storage).read_window(
+                now.replace(minute=0, second=0, microsecond=0), now + timedelta(hours=1))
+            if e.source.startswith("webhook:")
+        ]  # fmt: skip
+
+    events = wait_for("the webhook events", lambda: len(webhook_events()) >= 2 and webhook_events())
     show("their events in the event store:", [
         f"{e.source:16} {e.channel.value:5} {e.type.value:16} {e.event_id[:28]}…" for e in events
     ])  # fmt: skip
