@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable
@@ -111,17 +110,6 @@ def _json_error(status: int, code: str, message: str) -> tuple[int, dict[str, st
     return status, {"Content-Type": "application/json"}, body
 
 
-def worker_threads() -> int:
-    """As many HTTP invocations at once as the Python worker runs: its thread pool is
-    PYTHON_THREADPOOL_THREAD_COUNT, by default Python's own default (cpu count + 4, at most
-    32). More requests wait for a thread, as they do in front of the real worker; letting
-    every connection invoke at once made them fight over the GIL and storage connections."""
-    configured = os.environ.get("PYTHON_THREADPOOL_THREAD_COUNT", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return min(32, (os.cpu_count() or 1) + 4)
-
-
 class HttpFrontEnd:
     """A threaded HTTP server dispatching to the app's HTTP functions."""
 
@@ -138,7 +126,6 @@ class HttpFrontEnd:
         self.by_name = {f.name.lower(): f for f in functions}
         self.prefix = f"/{route_prefix}" if route_prefix else ""
         self._invoke_admin = invoke_admin
-        self._invocations = threading.BoundedSemaphore(worker_threads())
         front = self
 
         class Handler(ResponseInOneWrite):
@@ -202,9 +189,7 @@ class HttpFrontEnd:
                 body=body,
             )
             try:
-                with self._invocations:
-                    result = route.function.invoke({route.function.trigger["name"]: request})
-                return _to_wire(result)
+                return _to_wire(route.function.invoke({route.function.trigger["name"]: request}))
             except Exception:
                 log.exception("function %s failed", route.function.name)
                 return 500, {}, b""
