@@ -80,7 +80,7 @@ _faulty(core.currents.discovery, "discover", "currents-timer", _always)
 _faulty(core.export.service, "_due_windows", "export", _always)
 _faulty(core.push.dispatch, "_frozen_targets", "push-plan", _always)
 _faulty(core.push.chunk_runner.PushChunkRunner, "run", "push-chunk", _chunk_numbered)
-_faulty(core.webhooks.processing, "_effects", "webhook-delivery", _provider_named)
+_faulty(core.webhooks.processing, "process_delivery", "webhook-delivery", _provider_named)
 
 # The real app, loaded by path after the faults are in place (the host loaded this file
 # under the name `function_app`).
