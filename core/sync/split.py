@@ -1,5 +1,8 @@
 """First pass over a segment file: validate the whole file, partition rows by identity.
 
+Past 500 lines because the reading loop, the per-bucket holding/spilling and the C fast
+path share one pass over the file and its limits; the readers live in readers.py.
+
 Every row goes to bucket `hash(identity) mod buckets`, so all rows of one person, and that
 person's delta state, meet in one bucket. A bucket is the unit of work and of state:
 processed on its own with only its state in memory, so memory stays flat however large
