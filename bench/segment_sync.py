@@ -36,8 +36,8 @@ from core.runs import RunKind, RunRecord
 from core.services import Services
 from core.settings import load_settings
 from core.storage import BlobRef
+from core.sync.checkpoints import CheckpointLog
 from core.sync.definitions import SyncDefinition, parse_document
-from core.sync.engine import CheckpointLog
 from core.sync.readers import RowReader, SourceRow, decompressed
 from core.sync.service import RunPlan, finalize, plan_run, process_buckets, unchanged_index
 from core.sync.speedups import SPEEDUPS
@@ -107,6 +107,7 @@ class PayloadOnly:
     """Builds every request body exactly as the Braze client does, and sends nothing."""
 
     name = "braze"
+    max_in_flight = 1  # nothing to wait for: inline, as (a)-(d) always measured
 
     def __init__(self, spec: BrazeDestination) -> None:
         self.max_batch_objects = spec.max_batch_objects

@@ -20,7 +20,7 @@ from typing import Any
 import requests
 
 from core.errors import RateLimitedError, TransientError
-from core.ratelimit import TokenBucket
+from core.ratelimit import Pacer, TokenBucket
 
 log = logging.getLogger(__name__)
 _MAX_BACKOFF_SECONDS = 30.0
@@ -74,7 +74,7 @@ class PoliteSender:
         max_attempts: int = 5,
         timeout_seconds: float = 30.0,
         session: requests.Session | None = None,
-        pacer: TokenBucket | None = None,
+        pacer: Pacer | None = None,
         sleep: Callable[[float], None] = time.sleep,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:

@@ -5,8 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 _EPSILON = 1e-9
+
+
+class Pacer(Protocol):
+    """What a sender asks before each request: a local bucket, or a budget shared by
+    workers (core/ratebudget.py)."""
+
+    def acquire(self) -> float: ...
+
+    def pause_for(self, seconds: float) -> None: ...
 
 
 class TokenBucket:

@@ -20,8 +20,9 @@ import orjson
 from core.destinations.base import BatchResult, Destination, ItemFailure
 from core.destinations.braze import BrazeDestination
 from core.suppression import SuppressionSnapshot
+from core.sync.checkpoints import CheckpointLog
 from core.sync.definitions import InputSpec, SyncDefinition, mapping_fingerprint
-from core.sync.engine import BucketWork, CheckpointLog, SegmentChunkRunner
+from core.sync.engine import BucketWork, SegmentChunkRunner
 from core.sync.mapping import RowMapper
 from core.sync.readers import (
     DECOMPRESSION_ERRORS,
@@ -210,6 +211,7 @@ class AcceptingDestination:
     here, not a destination's answers."""
 
     name = "braze"
+    max_in_flight = 1  # `sent` is in the order of sending
 
     def __init__(
         self, batch_size: int = 7, max_body_bytes: int = 2500, unmatched_one_in: int = 0

@@ -30,6 +30,8 @@ class Destination(Protocol):
     name: str
     max_batch_objects: int
     max_body_bytes: int
+    max_in_flight: int
+    """Batches sent at once by one worker; `send_batch` is called from that many threads."""
 
     def encode(self, item: dict[str, Any]) -> bytes:
         """One object as it goes on the wire; its length counts against `max_body_bytes`."""

@@ -3,7 +3,8 @@
 - At most `batch_size` objects (75 by default, 50 on some contracts) and under the 4 MB
   body cap per request; a `400 Max Input Length Exceeded` or `413` splits the batch.
 - Pacing, 429 waits (not counted as attempts) and 5xx/timeout retries with backoff and
-  jitter: core/http.py.
+  jitter: core/http.py; the pacer may be a budget shared by workers (core/ratebudget.py).
+- `send_batch` is called from up to `max_in_flight` threads at once (core/sync/inflight.py).
 - 401, 403 and 404 (unknown key, missing permission) raise TerminalError at once.
 - Per-item `errors[]` ({type, input_array, index}) come back as ItemFailures; an error
   saying the profile does not exist (update-only mode) marks that item unmatched.
@@ -18,11 +19,12 @@ from typing import Any
 
 import orjson
 import requests
+from requests.adapters import HTTPAdapter
 
 from core.destinations.base import BatchResult, ItemFailure
 from core.errors import TerminalError
 from core.http import PoliteSender
-from core.ratelimit import TokenBucket
+from core.ratelimit import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,9 @@ class BrazeDestination:
         requests_per_second: float = 50.0,
         max_attempts: int = 5,
         timeout_seconds: float = 30.0,
+        max_in_flight: int = 1,
         session: requests.Session | None = None,
-        pacer: TokenBucket | None = None,
+        pacer: Pacer | None = None,
         sleep: Callable[[float], None] = time.sleep,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -58,6 +61,12 @@ class BrazeDestination:
         self.max_batch_objects = batch_size
         self.max_body_bytes = max_body_bytes
         self.max_attempts = max_attempts
+        self.max_in_flight = max_in_flight
+        if session is None:  # one kept connection per batch in flight
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(10, max_in_flight))
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
         headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -242,9 +243,29 @@ class BrazeDestinationSpec(Strict):
 
     batch_size: int = Field(default=75, ge=1, le=75, description="objects per /users/track")
     max_body_bytes: int = Field(default=3_900_000, ge=10_000, le=4_000_000)
-    requests_per_second: float = Field(default=50.0, gt=0)
+    requests_per_second: float = Field(
+        default=50.0, gt=0,
+        description="the workspace's request budget for /users/track, shared by every worker "
+        "and sync with the same endpoint and key (give them the same value)",
+    )  # fmt: skip
     max_attempts: int = Field(default=5, ge=1, le=20)
     timeout_seconds: float = Field(default=30.0, gt=0)
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=128,
+        description="batches one worker has in flight at once; by default enough to reach "
+        "`requests_per_second` at 150 ms per request (at least 2, at most 64)",
+    )  # fmt: skip
+    shared_budget: bool = Field(
+        default=True,
+        description="pace through the budget in Table storage that every worker and sync of "
+        "this workspace shares (off: each worker paces alone)",
+    )
+
+    @property
+    def in_flight(self) -> int:
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        return min(64, max(2, math.ceil(self.requests_per_second * 0.15)))
 
 
 DestinationSpec = Annotated[BrazeDestinationSpec, Field(discriminator="type")]

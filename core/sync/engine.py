@@ -8,9 +8,10 @@ Past 500 lines because it is the Python reference of the C bucket path
       -> batch -> send -> checkpoint -> (bucket done) commit state
 
 Crash safety: after each acknowledged batch a checkpoint row records every item of the
-batch (bucket and source line) with its result. A re-run replays the buckets against the
-same (uncommitted) state; an item found in a checkpoint is settled from it instead of
-being sent again, so at most the one batch in flight when the process died is sent twice.
+batch (bucket and source line) with its result (core/sync/checkpoints.py). A re-run
+replays the buckets against the same (uncommitted) state; an item found in a checkpoint is
+settled from it instead of being sent again, so at most the batches in flight when the
+process died (the destination's `max_in_flight`, core/sync/inflight.py) are sent twice.
 A bucket's state is committed once all of its items are acknowledged.
 """
 
@@ -21,16 +22,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-from pydantic import Field
+from typing import Any
 
 from core.audit import Exclusion, exclusion
-from core.destinations.base import Destination
+from core.destinations.base import BatchResult, Destination
 from core.storage import Storage
-from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import Channel, SuppressionSnapshot
+from core.sync.checkpoints import CheckpointLog
 from core.sync.definitions import SyncDefinition, SyncMode
+from core.sync.inflight import InFlight
 from core.sync.mapping import MappedRow, RowMapper, RowRejected
 from core.sync.native import native_mapping
 from core.sync.readers import SourceRow
@@ -43,33 +43,6 @@ log = logging.getLogger(__name__)
 _PROGRESS_EVERY_SECONDS = 10.0
 _PROGRESS_CHECK_ROWS = 4096
 _NO_CONSENT = "no_consent"
-
-
-class BatchCheckpoint(TableEntity):
-    """Table `checkpoints`: PartitionKey run id, RowKey `{worker}-{batch}` zero-padded."""
-
-    table_name: ClassVar[str] = "checkpoints"
-
-    items: dict[str, list[Any]] = Field(default_factory=dict)
-    """`bucket:line` of every item of the batch -> [] if applied, else [unmatched, reason]."""
-
-
-class CheckpointLog:
-    """Where acknowledged batches are recorded, one table row per batch."""
-
-    def __init__(self, storage: Storage) -> None:
-        self._table: EntityTable[BatchCheckpoint] = storage.tables.get(BatchCheckpoint)
-
-    def load(self, run_id: str) -> dict[str, list[Any]]:
-        acknowledged: dict[str, list[Any]] = {}
-        for checkpoint in self._table.query_partition(safe_key(run_id)):
-            acknowledged.update(checkpoint.items)
-        return acknowledged
-
-    def record(self, run_id: str, key: str, items: dict[str, list[Any]]) -> None:
-        self._table.upsert(
-            BatchCheckpoint(partition_key=safe_key(run_id), row_key=key, items=items)
-        )
 
 
 def _item_key(bucket: int, line: int) -> str:
@@ -232,6 +205,9 @@ class SegmentChunkRunner:
         self.send_nulls = frozenset(m.target for m in sync.fields if m.send_nulls)
         self._names = ([t for t, _, _, _ in mapper.fields], [name for name, _ in mapper.audiences])
         self._checkpoints = checkpoints or CheckpointLog(storage)
+        self._in_flight: InFlight[list[_Span], BatchResult] = InFlight(
+            1 if dry_run else destination.max_in_flight, name=f"send-{worker}"
+        )
         self._batch: list[_Span] = []
         self._batch_objects = 0
         self._batch_bytes = 0
@@ -314,7 +290,14 @@ class SegmentChunkRunner:
 
     def finish(self) -> None:
         self._flush()
+        for batch, answer in self._in_flight.drain():
+            self._settle_batch(batch, answer)
+        self._in_flight.close()
         self._close_finished()
+
+    def close(self) -> None:
+        """After an error: wait for the sends under way, send nothing more."""
+        self._in_flight.close()
 
     def _close_finished(self) -> None:
         for work in [w for w in self._open if w.rows_done and w.in_flight == 0]:
@@ -524,11 +507,31 @@ class SegmentChunkRunner:
             work.counts.add(Outcome.WOULD_SEND)
 
     def _flush(self) -> None:
+        """Hand the batch to a sender; settle the batches that came back meanwhile."""
         if not self._batch:
             return
         batch, self._batch = self._batch, []
         self._batch_objects = self._batch_bytes = 0
-        failures = self._send(batch)
+        encoded: list[bytes] = []
+        keys: list[str] = []
+        for span in batch:  # read here: the spans' items live in this thread's state
+            encoded += span.items.encoded(span.start, span.end)
+            keys += span.items.keys(span.start, span.end)
+        self._batch_number += 1
+        key = f"{self.worker}-{self._batch_number:09d}"
+        for done, answer in self._in_flight.submit(batch, lambda: self._send(encoded, keys, key)):
+            self._settle_batch(done, answer)
+
+    def _settle_batch(self, batch: list[_Span], answer: BatchResult) -> None:
+        stats = batch[-1].items.work.stats
+        stats.sent += 1
+        stats.requests += answer.requests
+        stats.rate_limited_waits += answer.rate_limited_waits
+        stats.retries += answer.retries
+        self._in_flight.window.observe(answer.rate_limited_waits > 0)
+        failures = {
+            index: [failure.unmatched, failure.reason] for index, failure in answer.failures.items()
+        }
         offset = 0
         for span in batch:
             count = span.end - span.start
@@ -607,28 +610,14 @@ class SegmentChunkRunner:
         else:
             counts.add(Outcome.FAILED, _reason_code(str(result[1])))
 
-    def _send(self, batch: list[_Span]) -> dict[int, list[Any]]:
-        """Send one batch and checkpoint it; the failed objects by index in the batch."""
-        encoded: list[bytes] = []
-        keys: list[str] = []
-        for span in batch:
-            encoded += span.items.encoded(span.start, span.end)
-            keys += span.items.keys(span.start, span.end)
+    def _send(self, encoded: list[bytes], keys: list[str], key: str) -> BatchResult:
+        """On a sender thread: send one batch and checkpoint it before it counts as back."""
         answer = self.destination.send_batch(encoded)
-        stats = batch[-1].items.work.stats
-        stats.sent += 1
-        stats.requests += answer.requests
-        stats.rate_limited_waits += answer.rate_limited_waits
-        stats.retries += answer.retries
-        failures = {
-            index: [failure.unmatched, failure.reason] for index, failure in answer.failures.items()
-        }
-        recorded: dict[str, list[Any]] = {key: [] for key in keys}  # [] means applied
-        for index, result in failures.items():
-            recorded[keys[index]] = result
-        self._batch_number += 1
-        self._checkpoints.record(self.run_id, f"{self.worker}-{self._batch_number:09d}", recorded)
-        return failures
+        recorded: dict[str, list[Any]] = {item: [] for item in keys}  # [] means applied
+        for index, failure in answer.failures.items():
+            recorded[keys[index]] = [failure.unmatched, failure.reason]
+        self._checkpoints.record(self.run_id, key, recorded)
+        return answer
 
     def _load_checkpoints(self) -> None:
         self._acknowledged = self._checkpoints.load(self.run_id)

@@ -37,8 +37,9 @@ from core.services import Services
 from core.storage import BlobRef, Storage
 from core.storage.tables import EntityTable, TableEntity, safe_key
 from core.suppression import SuppressionList
+from core.sync.checkpoints import CheckpointLog
 from core.sync.definitions import FileFormat, SyncDefinition, SyncMode, mapping_fingerprint
-from core.sync.engine import BatchStats, BucketWork, CheckpointLog, SegmentChunkRunner
+from core.sync.engine import BatchStats, BucketWork, SegmentChunkRunner
 from core.sync.manifest import find_parts, is_manifest
 from core.sync.mapping import RowMapper
 from core.sync.readers import FileRejected
@@ -442,7 +443,7 @@ def process_buckets(
     crash, a bucket whose state it committed finds its result in the state (as a worker's
     does), and one that changed no state runs again, to the same end."""
     storage = services.storage
-    destination = destination or destination_for(sync, services.settings)
+    destination = destination or destination_for(sync, services.settings, services.storage)
     states = StateStore(
         storage, sync.id, destination.name, mapping_fingerprint(sync), sync.processing.state_buckets
     )
@@ -504,6 +505,7 @@ def process_buckets(
 
         writer.submit(write)
 
+    runner: SegmentChunkRunner | None = None
     try:
         runner = SegmentChunkRunner(
             storage, sync, RowMapper(sync, plan.columns), destination,
@@ -518,6 +520,8 @@ def process_buckets(
                 runner, unchanged,
             )  # fmt: skip
     finally:
+        if runner is not None:
+            runner.close()  # after an error: no send goes on behind the failed run
         if unchanged is not None:
             unchanged.stop()
         pack.close()  # the buckets finished before an error count too
