@@ -54,8 +54,9 @@ def test_killed_run_resumes_and_resends_at_most_the_window(tmp_path: Path) -> No
 
             def finished() -> dict | None:
                 # Only this sync's runs: a timer (Currents every 5 min) may record its own run.
-                answer = requests.get(f"{second.base_url}/api/runs",
-                                      params={"kind": "segment_sync"}, timeout=5)
+                answer = requests.get(
+                    f"{second.base_url}/api/runs", params={"kind": "segment_sync"}, timeout=5
+                )
                 runs = answer.json()["runs"]
                 done = [r for r in runs if r["status"] in ("succeeded", "failed")]
                 return done[0] if done else None

@@ -3,13 +3,23 @@
 Speaks the documented wire protocol: Bearer auth (401 on a wrong key), at most
 `max_objects` objects per request (400 "Max Input Length Exceeded"), 4 MB bodies (413),
 per-item non-fatal `errors` ({type, input_array, index}), `_update_existing_only` against
-the profiles it knows, 429 with `X-RateLimit-*` and `Retry-After` above `rate_per_second`,
-and injectable 5xx answers and latency. It applies what it accepts to its own profiles,
-so a test can compare the destination's final state.
+the profiles it knows, and injectable 5xx answers. It applies what it accepts to its own
+profiles, so a test can compare the destination's final state.
+
+Rate limit as Braze documents it: `rate_limit` requests per `rate_window_seconds` (3,000
+per 3 s for /users/track), counted in fixed windows; a request past it is answered 429 with
+`X-RateLimit-Limit`, `-Remaining`, `-Reset` and `Retry-After` (the window's end).
+`rate_per_second` is the same with 1-second windows.
+
+Latency: each answer waits a draw from a log-normal distribution with median
+`latency_seconds` and shape `latency_sigma` (0: always the median), capped at
+`latency_max_seconds`; 100 ms with sigma 0.3 is a REST round trip to a Braze cluster from
+the same continent, with its tail.
 
 Control from Python (`FakeBraze` object) or over HTTP (`GET /_fake/profiles`,
-`GET /_fake/received`, `POST /_fake/config`) when it runs as its own process
-(`python -m devhost.fakes.braze`).
+`GET /_fake/received`, `GET /_fake/stats`, `POST /_fake/config`) when it runs as its own
+process (`python -m devhost.fakes.braze`); `/_fake/stats` carries the process's CPU seconds
+so a benchmark can show that the fake was not the bottleneck.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +44,13 @@ class FakeBrazeState:
     api_key: str = "fake-braze-key"
     max_objects: int = 75
     rate_per_second: float | None = None
+    rate_limit: int | None = None
+    """Requests per `rate_window_seconds` (None: no limit, unless `rate_per_second`)."""
+    rate_window_seconds: float = 3.0
     latency_seconds: float = 0.0
+    latency_sigma: float = 0.0
+    latency_max_seconds: float = 5.0
+    latency_seed: int = 7
     fail_next: list[int] = field(default_factory=list)
     fail_every: int = 0
     """Answer every n-th request with 503 (0: never), for 5xx storms."""
@@ -49,6 +67,8 @@ class FakeBrazeState:
     """Every attributes object accepted, in order (when record_objects is on)."""
     window_start: float = 0.0
     window_count: int = 0
+    busiest_window: int = 0
+    """The most requests accepted in one rate window so far."""
 
 
 def _profile_key(item: dict[str, Any]) -> str | None:
@@ -85,6 +105,7 @@ def _apply(profile: dict[str, Any], attributes: dict[str, Any]) -> None:
 class FakeBraze(JsonFake):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
         super().__init__(host, port, FakeBrazeState(**config))
+        self._random = random.Random(self.state.latency_seed)
 
     def _get(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
         with self.lock:
@@ -92,6 +113,8 @@ class FakeBraze(JsonFake):
                 return 200, self.state.profiles, {}
             if path == "/_fake/received":
                 return 200, self.state.received, {}
+            if path == "/_fake/stats":
+                return 200, self.stats(), {}
         return 404, {"message": "not found"}, {}
 
     def _post(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
@@ -119,34 +142,60 @@ class FakeBraze(JsonFake):
             )
             self.state.profiles = {external_id: {} for external_id in known_profiles}
 
+    def stats(self) -> dict[str, Any]:
+        """Counters, and this process's CPU seconds (all of it: run the fake on its own)."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        state = self.state
+        return {
+            "requests": state.requests, "accepted_objects": state.accepted_objects,
+            "rate_limited": state.rate_limited, "server_errors": state.server_errors,
+            "busiest_window": state.busiest_window, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        }  # fmt: skip
+
     def profiles(self) -> dict[str, dict[str, Any]]:
         with self.lock:
             return json.loads(json.dumps(self.state.profiles))
 
     def _rate_limited(self, now: float) -> dict[str, str] | None:
         state = self.state
-        if state.rate_per_second is None:
+        if state.rate_limit is not None:
+            limit, window = state.rate_limit, state.rate_window_seconds
+        elif state.rate_per_second is not None:
+            limit, window = int(state.rate_per_second), 1.0
+        else:
             return None
-        if now - state.window_start >= 1.0:
-            state.window_start, state.window_count = math.floor(now), 0
-        state.window_count += 1
-        limit = int(state.rate_per_second)
-        reset = int(state.window_start) + 1
-        if state.window_count > limit:
+        start = math.floor(now / window) * window
+        if start != state.window_start:
+            state.window_start, state.window_count = start, 0
+        reset = start + window
+        if state.window_count >= limit:
             state.rate_limited += 1
             return {
                 "X-RateLimit-Limit": str(limit),
                 "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset": str(reset),
+                "X-RateLimit-Reset": str(math.ceil(reset)),
                 "Retry-After": f"{max(0.05, reset - now):.2f}",
             }
+        state.window_count += 1
+        state.busiest_window = max(state.busiest_window, state.window_count)
         return None
+
+    def _latency(self) -> float:
+        state = self.state
+        if not state.latency_seconds:
+            return 0.0
+        if not state.latency_sigma:
+            return state.latency_seconds
+        with self.lock:
+            draw = self._random.lognormvariate(math.log(state.latency_seconds), state.latency_sigma)
+        return min(draw, state.latency_max_seconds)
 
     def track(
         self, headers: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        if self.state.latency_seconds:
-            time.sleep(self.state.latency_seconds)
+        delay = self._latency()
+        if delay:
+            time.sleep(delay)
         with self.lock:
             state = self.state
             state.requests += 1
