@@ -9,7 +9,9 @@ its own (the second run reads the state the first left in Azurite):
              blobs in Azurite), typing, suppression, diff, batching, JSON bodies, state
              commit; no network send and no checkpoint writes
   changed    the same file again with 1% of the rows changed (state from `payloads`)
-  fake       the first run through the fake Braze server on loopback, checkpoints included"""
+  fake       the first run through the fake Braze server on loopback, checkpoints included,
+             one batch at a time (the baseline (b) has always been)
+  paced      (e) and (f): at the destination's speed, bench/paced_sync.py"""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from typing import Any
 
 from isal import igzip
 
+from bench.paced_sync import run_paced
 from bench.processes import in_process
 from core.destinations.base import BatchResult
 from core.destinations.braze import BrazeDestination
@@ -269,6 +272,10 @@ def run() -> dict[str, Any]:
     small_changed, large_changed = runs[SIZES[0], "changed"], runs[SIZES[1], "changed"]
     fake = _worker_process(SIZES[0], f"bench-fake-{os.getpid()}", "fake")
     rows = small["rows"]
+    print(f"   {rows:,} rows: paced, 1 worker ...", flush=True)
+    paced_one = run_paced(rows, 1, SYNC, generate)
+    print(f"   {rows:,} rows: paced, 4 workers ...", flush=True)
+    paced_four = run_paced(rows, 4, SYNC, generate)
 
     def growth(at_1m: float, at_5m: float) -> float:
         return round(at_5m / at_1m - 1, 3)
@@ -301,6 +308,8 @@ def run() -> dict[str, Any]:
         "first_over_changed_speedup_5m": round(
             large["payloads_seconds"] / large_changed["changed_seconds"], 2
         ),
+        "paced_one_worker": paced_one,
+        "paced_four_workers": paced_four,
         "counts_first": small["payloads_counts"],
         "counts_changed": small_changed["changed_counts"],
     }
@@ -333,6 +342,12 @@ def run() -> dict[str, Any]:
           f" second run: {figures['changed_peak_rss_mb_1m']} MB at 1M,"
           f" {figures['changed_peak_rss_mb_5m']} MB at 5M"
           f" (+{figures['changed_rss_growth_1m_to_5m'] * 100:.1f}%)")  # fmt: skip
+    for label, paced in (("(e) 1 worker ", paced_one), ("(f) 4 workers", paced_four)):
+        print(f"   {label}   {paced['objects_per_s']:>10,} objects/s"
+              f" = {paced['ratio_to_limit']:.0%} of the fake's limit (400 requests/s, 100 ms),"
+              f" {paced['share_429']:.2%} answered 429, {paced['requests']:,} requests;"
+              f" CPU: workers {paced['workers_cpu_seconds']} s, fake {paced['fake_cpu_seconds']} s"
+              f" in {paced['seconds']} s")  # fmt: skip
     if EXTRA_ROWS:
         more = figures["extra"]
         print(f"   at {EXTRA_ROWS:,} rows: first run {more['payloads_rows_per_s']:,} rows/s,"

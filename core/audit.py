@@ -6,10 +6,15 @@ reason, `no_consent`, the policy's id, `not_in_destination`). It is written once
 subject it can be looked up by: the profile id (the sync's identity), the e-mail address
 and the phone number, each as a SHA-256 hash of `kind:value` (normalised), never in clear.
 
-Table per month, `audit{YYYYMM}` (the month of `at`): PartitionKey the first two hex
-digits of the subject's hash (256 partitions, so a run's records go in transactions of up
-to 100), RowKey `{hash}:{run_id}` (a re-run writes the same rows). A lookup reads one key
-range per month kept; retention drops a month's whole table once all of it is older than
+Table per month, `audit{YYYYMM}` (the month of `at`), PartitionKey the first two hex
+digits of the subject's hash (256 partitions). Records are written in packs: one row per
+partition per write (`ExclusionPack`, RowKey `~pack:{run_id}:{random}`) holding that
+partition's records as zlib'd lines. One row per record (`ExclusionRecord`, RowKey
+`{hash}:{run_id}`, how months before packs were written and are still read) cost the
+SDK about 0.4 ms of CPU each inside a transaction: 60 s for a 1M-row export with 5%
+unconsented. A lookup reads one key range and the partition's packs per month kept, and
+drops the repeats a retried run may have written; an erasure rewrites the packs that
+name the subject. Retention drops a month's whole table once all of it is older than
 `SWITCHBOARD_AUDIT_RETENTION_DAYS`, so nothing is deleted row by row.
 """
 
@@ -17,6 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import uuid
+import zlib
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +34,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.storage import Storage
-from core.storage.tables import TableEntity
+from core.storage.tables import EntityTable, TableEntity
 from core.sync.mapping import RowRejected, normalise_email, normalise_phone
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,44 @@ class ExclusionRecord(TableEntity):
     at: datetime
     outcome: str
     rule: str
+
+
+class ExclusionPack(TableEntity):
+    """One write's records of one partition: lines `hash kind outcome rule`, zlib'd."""
+
+    table_name: ClassVar[str] = TABLE_PREFIX  # the month's table: table_for(at)
+
+    source: str
+    run_id: str
+    at: datetime
+    packed: bytes
+
+    def lines(self) -> list[tuple[str, str, str, str]]:
+        text = zlib.decompress(self.packed).decode()
+        return [_split(line) for line in text.split("\n") if line]
+
+    def records(self, digest: str) -> list[ExclusionRecord]:
+        return [
+            ExclusionRecord(
+                partition_key=self.partition_key, row_key=f"{digest}:{self.run_id}", kind=kind,
+                source=self.source, run_id=self.run_id, at=self.at, outcome=outcome, rule=rule,
+            )
+            for found, kind, outcome, rule in self.lines() if found == digest
+        ]  # fmt: skip
+
+
+def _split(line: str) -> tuple[str, str, str, str]:
+    digest, kind, outcome, rule = line.split(" ", 3)
+    return digest, kind, outcome, rule
+
+
+_PACK_LINES = 1000
+"""Records per pack: about 45 KB compressed (the hashes do not compress), under a binary
+property's 64 KiB."""
+_PACKS_FROM, _PACKS_BEFORE = "~pack:", "~pack;"
+"""Pack rows sort after every hash's rows ('~' follows the hex digits)."""
+Subject = tuple[str, str, str, str]
+"""(hash, kind, outcome, rule) of one record."""
 
 
 @dataclass(frozen=True)
@@ -113,23 +159,29 @@ class AuditLog:
         identity_kind: SubjectKind = "profile",
         at: datetime | None = None,
     ) -> int:
-        """Write a run's exclusions (idempotent for the same run); how many rows."""
+        """Write a run's exclusions; how many records."""
         at = at or datetime.now(UTC)
-        rows: list[ExclusionRecord] = []
-        for exclusion in exclusions:
-            for kind, value in exclusion.subjects(identity_kind):
-                digest = subject_hash(kind, value)
-                rows.append(
-                    ExclusionRecord(
-                        partition_key=digest[:2], row_key=f"{digest}:{run_id}", kind=kind,
-                        source=source, run_id=run_id, at=at, outcome=exclusion.outcome,
-                        rule=exclusion.rule,
-                    )
-                )  # fmt: skip
-        if not rows:
+        return self.write(source, run_id, subjects(exclusions, identity_kind), at)
+
+    def write(self, source: str, run_id: str, records: list[Subject], at: datetime) -> int:
+        """The records as packs: a row per partition (per 1,000 records), in parallel."""
+        if not records:
             return 0
-        table = self.storage.tables.get(ExclusionRecord, table_for(at, self.prefix))
-        return table.write_batch(rows, parallel=_WRITERS)
+        by_partition: dict[str, list[str]] = {}
+        for record in records:
+            by_partition.setdefault(record[0][:2], []).append(" ".join(record))
+        packs = [
+            ExclusionPack(
+                partition_key=partition, row_key=f"{_PACKS_FROM}{run_id}:{uuid.uuid4().hex[:12]}",
+                source=source, run_id=run_id, at=at,
+                packed=zlib.compress("\n".join(lines[at_line : at_line + _PACK_LINES]).encode()),
+            )
+            for partition, lines in by_partition.items()
+            for at_line in range(0, len(lines), _PACK_LINES)
+        ]  # fmt: skip
+        table = self.storage.tables.get(ExclusionPack, table_for(at, self.prefix))
+        table.write_batch(packs, parallel=_WRITERS)
+        return len(records)
 
     def lookup(self, kind: SubjectKind, value: str, *, now: datetime | None = None,
                retention_days: int) -> list[ExclusionRecord]:  # fmt: skip
@@ -143,13 +195,16 @@ class AuditLog:
             if month is None or _month_end(month) <= oldest:
                 continue
             table = tables.existing(ExclusionRecord, name)
-            found += [
-                r for r in table.query_partition(
-                    digest[:2], row_from=f"{digest}:", row_before=f"{digest};"
-                )
-                if r.at >= oldest
-            ]  # fmt: skip
-        return sorted(found, key=lambda r: (r.at, r.run_id), reverse=True)
+            found += table.query_partition(
+                digest[:2], row_from=f"{digest}:", row_before=f"{digest};"
+            )
+            for pack in tables.existing(ExclusionPack, name).query_partition(
+                digest[:2], row_from=_PACKS_FROM, row_before=_PACKS_BEFORE
+            ):
+                found += pack.records(digest)
+        # A retried run may have written a record twice: once is what happened.
+        unique = {(r.run_id, r.kind, r.outcome, r.rule): r for r in found if r.at >= oldest}
+        return sorted(unique.values(), key=lambda r: (r.at, r.run_id), reverse=True)
 
     def forget(self, kind: SubjectKind, value: str) -> int:
         """Delete every record of one subject (erasure); how many."""
@@ -165,6 +220,7 @@ class AuditLog:
             ):
                 table.delete(row.partition_key, row.row_key)
                 deleted += 1
+            deleted += _forget_in_packs(tables.existing(ExclusionPack, name), digest)
         return deleted
 
     def purge(self, *, retention_days: int, now: datetime | None = None) -> list[str]:
@@ -222,6 +278,76 @@ class AuditWriter:
         finally:
             self._pool.shutdown(wait=True)
         return self.written
+
+
+def _forget_in_packs(table: EntityTable[ExclusionPack], digest: str) -> int:
+    """Rewrite (or delete, if nothing else is left) every pack naming `digest`."""
+    forgotten = 0
+    for versioned in table.query_partition_versioned(
+        digest[:2], row_from=_PACKS_FROM, row_before=_PACKS_BEFORE
+    ):
+        pack = versioned.entity
+        lines = pack.lines()
+        kept = [" ".join(line) for line in lines if line[0] != digest]
+        if len(kept) == len(lines):
+            continue
+        forgotten += len(lines) - len(kept)
+        # Under the ETag read: a conflict (a concurrent erasure of the same pack) raises,
+        # and the erasure is retried as a whole.
+        if kept:
+            packed = zlib.compress("\n".join(kept).encode())
+            table.replace(pack.model_copy(update={"packed": packed}), versioned.etag)
+        else:
+            table.delete(pack.partition_key, pack.row_key, versioned.etag)
+    return forgotten
+
+
+def subjects(exclusions: Iterable[Exclusion], identity_kind: SubjectKind) -> list[Subject]:
+    """One record per subject an exclusion can be looked up by, hashed."""
+    return [
+        (subject_hash(kind, value), kind, exclusion.outcome, " ".join(exclusion.rule.split()))
+        for exclusion in exclusions
+        for kind, value in exclusion.subjects(identity_kind)
+    ]
+
+
+class AuditBuffer:
+    """A run's exclusions gathered across buckets and written together, so that a table
+    transaction carries many of a partition's rows: rows are spread over 256 partitions
+    by subject hash, and one bucket's few hundred exclusions written alone cost about one
+    transaction each (the SDK's multipart overhead, not the bytes, was the cost).
+
+    Ordering is the caller's: `flush` before anything that marks a bucket finished (its
+    state's commit, its result), so no finished bucket's exclusions are still in memory
+    when a crash comes. `add` flushes by itself past `max_rows`. Thread-safe; one flush
+    at a time, so a flush returns only once every row added before it is written."""
+
+    def __init__(
+        self, storage: Storage, source: str, run_id: str, identity_kind: SubjectKind,
+        *, max_rows: int = 20_000,
+    ) -> None:  # fmt: skip
+        self._log = AuditLog(storage)
+        self._source, self._run_id, self._kind = source, run_id, identity_kind
+        self._max_rows = max_rows
+        self._at = datetime.now(UTC)
+        self._rows: list[Subject] = []
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self.written = 0
+
+    def add(self, exclusions: Iterable[Exclusion]) -> None:
+        rows = subjects(exclusions, self._kind)
+        with self._lock:
+            self._rows.extend(rows)
+            full = len(self._rows) >= self._max_rows
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._flushing:
+            with self._lock:
+                rows, self._rows = self._rows, []
+            self.written += self._log.write(self._source, self._run_id, rows, self._at)
 
 
 def identity_kind(destination_key: str) -> SubjectKind:

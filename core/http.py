@@ -55,6 +55,8 @@ class Delivered:
     response: requests.Response
     retries: int
     rate_limited_waits: int
+    paced_seconds: float = 0.0
+    """Waited for the pacer (the budget), not for the server."""
 
     @property
     def requests(self) -> int:
@@ -94,8 +96,9 @@ class PoliteSender:
         attempt = 0
         waits = 0
         waited = 0.0
+        paced = 0.0
         while True:
-            self._pacer.acquire()
+            paced += self._pacer.acquire()
             try:
                 response = self._session.post(
                     self.url, data=body, headers=request_headers, timeout=self.timeout
@@ -123,7 +126,9 @@ class PoliteSender:
                 attempt += 1
                 self._backoff_or_raise(attempt, f"{self.service} answered {status}", status)
                 continue
-            return Delivered(response, retries=attempt, rate_limited_waits=waits)
+            return Delivered(
+                response, retries=attempt, rate_limited_waits=waits, paced_seconds=paced
+            )
 
     def _backoff_or_raise(self, attempt: int, reason: str, status: int | None = None) -> None:
         if attempt >= self.max_attempts:

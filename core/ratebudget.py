@@ -6,13 +6,13 @@ other, on Azure Functions instances that share nothing but storage. The budget i
 table row (`ratebudgets`), read and written under its ETag.
 
 The row holds GCRA's "theoretical arrival time" (`tat`): the moment up to which the
-budget's capacity is already promised. A worker reserves a slot of `n` requests, from
-max(tat, now - burst) to that plus n/rate, and moves `tat` to the slot's end; it then spends
-the slot's requests at their own times, locally, with no further storage call. Slots never
-overlap, so all workers together send at most `rate` per second plus `burst` (and the
-slot's length of clock skew between instances). A slot not used by its end is dropped,
-never carried into another worker's time. When the destination answers 429, the row's
-`paused_until` stops every worker, not only the one that was told.
+budget's capacity is already promised. A worker whose threads find no request credit left
+reserves as many as are waiting (at most 100 ms of the rate): they may go from
+max(now, tat - burst), and `tat` moves on by their count / rate. Reservations follow each
+other, so all workers together send at most `rate` per second, plus the burst, plus one
+reservation (and the clock skew between instances). Credits a worker has not spent soon
+after their time are dropped, never carried into later time. When the destination answers
+429, the row's `paused_until` stops every worker, not only the one that was told.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class SharedBudget:
         rate: float,
         *,
         burst: float | None = None,
-        slot_seconds: float = 0.1,
+        max_reservation_seconds: float = 0.1,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -65,46 +65,54 @@ class SharedBudget:
             raise ValueError("rate must be positive")
         self.rate = rate
         self.burst_seconds = (burst if burst is not None else max(1.0, rate * 0.05)) / rate
-        self.slot_size = max(1, math.floor(rate * slot_seconds))
+        self.max_reservation = max(1, math.floor(rate * max_reservation_seconds))
+        self.min_reservation = 1
+        """Not one round trip per request when threads arrive one by one."""
         self._table = table
         self._key = key
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._slot_start = 0.0
-        self._slot_used = 0
-        self._slot_size = 0
+        self._counting = threading.Lock()
+        """Apart from `_lock`, which a reservation holds through its round trip: the
+        threads arriving meanwhile count as waiting, and the next one is sized for them."""
+        self._credits = 0
+        self._usable_from = 0.0
+        self._usable_until = 0.0
+        self._waiting = 0
         self._paused_until = 0.0
         self.reservations = 0
-        """Storage round trips made for slots (for benchmarks and tests)."""
+        """Storage round trips made for credits (for benchmarks and tests)."""
 
     def acquire(self) -> float:
-        """Take one request, waiting for its time; returns the seconds waited."""
+        """Take one request credit, waiting for its time; returns the seconds waited."""
         waited = 0.0
-        while True:
-            with self._lock:
-                now = self._clock()
-                if now >= self._paused_until and not self._slot_usable(now):
-                    self._reserve(now)
-                mine = now >= self._paused_until
-                if mine:  # the next time in the slot is this request's
-                    delay = self._slot_start + self._slot_used / self.rate - now
-                    self._slot_used += 1
-                else:
-                    delay = self._paused_until - now
-            if delay > 0:  # outside the lock: other threads take the next times meanwhile
-                self._sleep(delay)
+        with self._counting:
+            self._waiting += 1
+        try:
+            while True:
+                with self._lock:
+                    now = self._clock()
+                    if now >= self._paused_until and (
+                        self._credits <= 0 or now >= self._usable_until
+                    ):
+                        wanted = max(self._waiting, self.min_reservation)
+                        self._reserve(now, min(wanted, self.max_reservation))
+                    if now < self._paused_until:
+                        delay = self._paused_until - now
+                    elif now >= self._usable_from:
+                        self._credits -= 1
+                        return waited
+                    else:
+                        delay = self._usable_from - now
+                self._sleep(delay)  # outside the lock: the others queue up meanwhile
                 waited += delay
-            if mine:
-                return waited
+        finally:
+            with self._counting:
+                self._waiting -= 1
 
-    def _slot_usable(self, now: float) -> bool:
-        end = self._slot_start + self._slot_size / self.rate
-        return self._slot_used < self._slot_size and now < end
-
-    def _reserve(self, now: float) -> None:
-        """One ETag-guarded read-modify-write: this worker's next slot (or the pause)."""
-        size = self.slot_size
+    def _reserve(self, now: float, count: int) -> None:
+        """One ETag-guarded read-modify-write: `count` credits (or the pause)."""
         reserved: list[float] = []
 
         def change(current: RateBudgetRow | None) -> RateBudgetRow | None:
@@ -113,25 +121,30 @@ class SharedBudget:
             if row.paused_until > now:
                 reserved.append(-row.paused_until)
                 return None
-            start = max(row.tat, now - self.burst_seconds)
-            reserved.append(start)
-            return row.model_copy(update={"tat": start + size / self.rate, "rate": self.rate})
+            reserved.append(max(now, row.tat - self.burst_seconds))
+            tat = max(row.tat, now) + count / self.rate
+            return row.model_copy(update={"tat": tat, "rate": self.rate})
 
         self._table.mutate(self._PARTITION, self._key, change, attempts=50)
         self.reservations += 1
-        if reserved and reserved[0] < 0:
+        if reserved[0] < 0:
             self._paused_until = -reserved[0]
-            self._slot_size = self._slot_used = 0
+            self._credits = 0
             return
-        self._slot_start, self._slot_used, self._slot_size = reserved[0], 0, size
+        start = reserved[0]
+        # Spent as their threads wake; whatever is left a reservation's length after its
+        # time goes unused rather than into someone else's time.
+        self._credits = count
+        self._usable_from = start
+        self._usable_until = start + max(count / self.rate, self.max_reservation / self.rate)
 
     def pause_for(self, seconds: float) -> None:
         """The destination said stop: this worker and (through the row) every other one
-        sends nothing for `seconds`; the slots reserved meanwhile start after the pause."""
+        sends nothing for `seconds`; what is reserved meanwhile starts after the pause."""
         until = self._clock() + seconds
         with self._lock:
             self._paused_until = max(self._paused_until, until)
-            self._slot_size = self._slot_used = 0
+            self._credits = 0
 
         def change(current: RateBudgetRow | None) -> RateBudgetRow | None:
             row = current or RateBudgetRow(partition_key=self._PARTITION, row_key=self._key)

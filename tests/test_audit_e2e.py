@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from core.audit import AuditLog, Exclusion, table_for
+from core.audit import AuditLog, Exclusion, ExclusionRecord, subject_hash, table_for
 from core.suppression import Channel, Reason, SuppressionList
 from tests.scenarios import people, to_csv
 from tests.test_governance_e2e import _consent_csv
@@ -112,3 +112,35 @@ def test_months_past_the_retention_are_dropped_whole(storage) -> None:  # type: 
     found = audit.lookup("profile", person, now=now, retention_days=60)
     assert [r.run_id for r in found] == ["run-3"]
     storage.tables.drop(table_for(recent, prefix))
+
+
+def test_packs_and_rows_from_before_packs_are_both_found_and_both_forgotten(storage) -> None:  # type: ignore[no-untyped-def]
+    prefix = "t" + uuid.uuid4().hex[:10]
+    audit = AuditLog(storage, prefix)
+    at = datetime(2002, 5, 3, tzinfo=UTC)
+    person, other = f"PK-{uuid.uuid4().hex[:8]}", f"PK-{uuid.uuid4().hex[:8]}"
+    excluded = [
+        Exclusion(person, "pk.person@example.com", None, "suppressed", "no_consent"),
+        Exclusion(other, None, None, "unmatched", "not_in_destination"),
+    ]
+    audit.record("sync:t", "run-new", excluded, at=at)
+    audit.record("sync:t", "run-new", excluded[:1], at=at)  # a retried bucket writes again
+    # A month written before packs: one row per record.
+    digest = subject_hash("profile", person)
+    storage.tables.get(ExclusionRecord, table_for(at, prefix)).upsert(ExclusionRecord(
+        partition_key=digest[:2], row_key=f"{digest}:run-old", kind="profile", source="sync:t",
+        run_id="run-old", at=at, outcome="suppressed", rule="hard_bounce",
+    ))  # fmt: skip
+    now = datetime(2002, 5, 20, tzinfo=UTC)
+    found = audit.lookup("profile", person, now=now, retention_days=60)
+    assert sorted((r.run_id, r.rule) for r in found) == [
+        ("run-new", "no_consent"), ("run-old", "hard_bounce")
+    ]  # fmt: skip
+    by_address = audit.lookup("email", "pk.person@example.com", now=now, retention_days=60)
+    assert [r.run_id for r in by_address] == ["run-new"]
+    assert audit.forget("profile", person) == 3  # the old row and both packs' records
+    assert audit.lookup("profile", person, now=now, retention_days=60) == []
+    assert [r.rule for r in audit.lookup("profile", other, now=now, retention_days=60)] == [
+        "not_in_destination"
+    ]  # the others in the same packs are kept
+    storage.tables.drop(table_for(at, prefix))

@@ -58,28 +58,47 @@ def test_results_come_back_in_the_order_sent_even_when_later_jobs_finish_first()
     flight.close()
 
 
-def test_a_full_window_waits_for_the_oldest_before_sending_more() -> None:
-    running = 0
-    most = 0
-    lock = threading.Lock()
+def test_a_full_window_starts_nothing_more_until_a_send_finishes() -> None:
     flight: InFlight[int, int] = InFlight(3)
+    release = threading.Event()
+    started: list[int] = []
+    back: list[tuple[int, int]] = []
 
-    def job() -> int:
-        nonlocal running, most
-        with lock:
-            running += 1
-            most = max(most, running)
-        with lock:
-            running -= 1
-        return 1
+    def job(n: int) -> Any:
+        def run() -> int:
+            started.append(n)
+            release.wait(30)
+            return n
 
-    total = 0
-    for n in range(50):
-        total += sum(r for _, r in flight.submit(n, job))
-        assert len(flight) <= 3
-    total += sum(r for _, r in flight.drain())
+        return run
+
+    submitter = threading.Thread(
+        target=lambda: [back.extend(flight.submit(n, job(n))) for n in range(6)]
+    )
+    submitter.start()
+    eventually(lambda: len(started) == 3, timeout=30)
+    assert submitter.is_alive()  # the fourth waits for room
+    assert started == [0, 1, 2]  # and has not started: three sends at most
+    release.set()
+    submitter.join(30)
+    back += flight.drain()
     flight.close()
-    assert total == 50 and most <= 3
+    assert back == [(n, n) for n in range(6)]
+
+
+def test_finished_sends_behind_a_slow_one_do_not_hold_the_window() -> None:
+    flight: InFlight[int, int] = InFlight(2)
+    slow = threading.Event()
+    back: list[tuple[int, int]] = []
+    back += flight.submit(0, lambda: 0 if slow.wait(30) else -1)
+    for n in range(1, 6):  # each finishes at once; the window still has room for them
+        back += flight.submit(n, lambda n=n: n)  # type: ignore[misc]
+    assert back == []  # none comes back before the slow one
+    assert len(flight) == 6
+    slow.set()
+    back += flight.drain()
+    flight.close()
+    assert back == [(n, n) for n in range(6)]
 
 
 def test_window_of_one_runs_inline_and_settles_at_once() -> None:

@@ -45,20 +45,20 @@ def test_workers_sharing_a_budget_stay_within_its_rate_together(storage: Any) ->
     rate = 100.0
     workers = _budgets(storage, clock, 3, rate)
     sent: list[float] = []
-    turn = workers[0].slot_size
+    turn = workers[0].min_reservation
     for n in range(900):  # each worker spends a slot's worth, then the next one goes
         workers[n // turn % 3].acquire()
         sent.append(clock.now)
     span = sent[-1] - sent[0]
     # Together, not each: 900 requests at 100/s take about 9 s whoever sends them.
-    assert span >= (len(sent) - workers[0].slot_size * 3) / rate
+    assert span >= (len(sent) - workers[0].max_reservation * 3) / rate
     burst = rate * workers[0].burst_seconds
     # The documented margin: a window holds at most rate x window, plus the burst, plus
-    # one slot (a slot's requests may leave up to its end).
-    assert _busiest(sent, 1.0) <= rate * 1.0 + burst + workers[0].slot_size
-    assert _busiest(sent, 3.0) <= rate * 3.0 + burst + workers[0].slot_size
-    # One storage round trip per slot, not per request.
-    assert sum(w.reservations for w in workers) <= len(sent) / workers[0].slot_size + 3 * 3
+    # one reservation (its credits may all go at its start).
+    assert _busiest(sent, 1.0) <= rate * 1.0 + burst + workers[0].max_reservation
+    assert _busiest(sent, 3.0) <= rate * 3.0 + burst + workers[0].max_reservation
+    # A storage round trip per reservation, not per request.
+    assert sum(w.reservations for w in workers) <= len(sent) / turn + 3 * 3
 
 
 def test_an_idle_budget_grants_no_more_than_its_burst_at_once(storage: Any) -> None:
@@ -69,7 +69,8 @@ def test_an_idle_budget_grants_no_more_than_its_burst_at_once(storage: Any) -> N
     start = clock.now
     for _ in range(200):
         worker.acquire()
-    assert clock.now - start >= (200 - worker.slot_size - 100.0 * worker.burst_seconds) / 100.0
+    allowance = worker.max_reservation + 100.0 * worker.burst_seconds
+    assert clock.now - start >= (200 - allowance) / 100.0
 
 
 def test_a_rate_limit_told_to_one_worker_pauses_the_others(storage: Any) -> None:
@@ -79,7 +80,7 @@ def test_a_rate_limit_told_to_one_worker_pauses_the_others(storage: Any) -> None
     second.acquire()
     told_at = clock.now
     first.pause_for(2.0)
-    clock.sleep(second.slot_size / 50.0)  # the other worker's current slot runs out
+    clock.sleep(second.max_reservation / 50.0)  # the other worker's credits run out
     second.acquire()
     assert clock.now >= told_at + 2.0  # it learned of the pause from the shared row
     waited = first.acquire()

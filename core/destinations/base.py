@@ -22,6 +22,8 @@ class BatchResult:
     requests: int = 1
     rate_limited_waits: int = 0
     retries: int = 0
+    paced_seconds: float = 0.0
+    """Waited for our own pacer: more batches in flight than the budget lets go."""
 
 
 class Destination(Protocol):

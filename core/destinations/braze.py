@@ -105,6 +105,7 @@ class BrazeDestination:
             requests=delivered.requests,
             rate_limited_waits=delivered.rate_limited_waits,
             retries=delivered.retries,
+            paced_seconds=delivered.paced_seconds,
         )
 
     def _split(self, items: list[bytes], retries: int, waits: int) -> BatchResult:

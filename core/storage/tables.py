@@ -259,6 +259,13 @@ class EntityTable(Generic[E]):
         chunks = [chunk for rows in by_partition.values() for chunk in _transaction_chunks(rows)]
 
         def submit(chunk: list[dict[str, Any]]) -> int:
+            if len(chunk) == 1:  # a transaction of one is a plain write, without multipart
+                entity = from_table_entity(self.model, chunk[0])
+                if create_only:
+                    self.insert(entity)
+                else:
+                    retrying(lambda: self.upsert(entity), what=f"{self.name} upsert")
+                return 1
             ops: list[Any] = [
                 (operation, row) if create_only else (operation, row, {"mode": "replace"})
                 for row in chunk

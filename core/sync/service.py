@@ -26,7 +26,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, Field
 
-from core.audit import AuditLog, AuditWriter, identity_kind
+from core.audit import AuditBuffer, AuditWriter, identity_kind
 from core.containers import SEGMENTS
 from core.destinations.base import Destination
 from core.destinations.registry import destination_for
@@ -449,10 +449,13 @@ def process_buckets(
     )
     results: EntityTable[BucketResult] = storage.tables.get(BucketResult)
     run_key = safe_key(run_id)
-    audit, kind = AuditLog(storage), identity_kind(sync.identity.destination_key)
+    kind = identity_kind(sync.identity.destination_key)
+    # Exclusions are written before anything marks their bucket finished: its state's
+    # commit (the pack's hook) or its result (the results' hook).
+    audit = AuditBuffer(storage, audit_source(sync), run_id, kind)
     indexes = states.index_writer(run_id)
-    recorded = _Results(results, record_results)
-    pack = states.pack_writer(run_id)
+    recorded = _Results(results, record_results, before_write=audit.flush)
+    pack = states.pack_writer(run_id, before_commit=audit.flush)
     writer = _BucketWriter()
 
     def bucket_done(work: BucketWork) -> None:
@@ -492,7 +495,7 @@ def process_buckets(
             # In this order: the result marks the bucket finished, so it goes last, once
             # the bucket's state is committed.
             if exclusions:
-                audit.record(audit_source(sync), run_id, exclusions, identity_kind=kind)
+                audit.add(exclusions)
             stage_rejects()
             if stage_preview is not None:
                 stage_preview()
@@ -525,6 +528,7 @@ def process_buckets(
         if unchanged is not None:
             unchanged.stop()
         pack.close()  # the buckets finished before an error count too
+    audit.flush()  # before the results go to whoever finalizes the run
     recorded.flush()
     if plan.sends:
         indexes.close()  # after every write is done: it names the snapshots written
@@ -538,9 +542,12 @@ class _Results:
     crash before it leaves the bucket to its retry, which finds the result in the snapshot
     it committed."""
 
-    def __init__(self, table: EntityTable[BucketResult], write: bool) -> None:
+    def __init__(
+        self, table: EntityTable[BucketResult], write: bool, before_write: Callable[[], None]
+    ) -> None:
         self._table = table
         self._write = write
+        self._before_write = before_write
         self.results: list[BucketResult] = []
         self._pending: list[BucketResult] = []
         self._lock = threading.Lock()
@@ -559,6 +566,7 @@ class _Results:
         with self._lock:
             pending, self._pending = self._pending, []
         if pending:  # upserts: a concurrent redelivery may have finished a bucket too
+            self._before_write()
             self._table.write_batch(pending)
 
 

@@ -818,8 +818,13 @@ class PackWriter:
     wait for a commit's round trips (a pointer transaction of 100 buckets takes Azurite
     about 0.15 s), unless `_QUEUED_BATCHES` are waiting already."""
 
-    def __init__(self, store: StateStore, run_id: str) -> None:
+    def __init__(
+        self, store: StateStore, run_id: str, before_commit: Callable[[], None] | None = None
+    ) -> None:
         self._store = store
+        self._before_commit = before_commit
+        """Runs before each pointer commit (what must be durable before a bucket counts
+        as finished: the run's audit rows)."""
         self.blob = f"{_PACKS}{run_id}-{uuid.uuid4().hex[:12]}.gz"
         store.storage.blobs.ensure_container(STATE_CONTAINER)
         self._client = store.storage.blob_service.get_blob_client(
@@ -901,6 +906,8 @@ class PackWriter:
                 self._broken = True
                 self._commit_blob(members)  # empties `members`
                 self._broken = False
+                if self._before_commit is not None:
+                    self._before_commit()
                 self._store.commit_pointers(queued)  # a conflict fails its own buckets only
             finally:
                 self._turn += 1
@@ -1082,8 +1089,10 @@ class StateStore:
                 return Snapshot.of(bucket, section, pointer, state.index(), layout)
         return Snapshot.of(bucket, _encode(state), pointer, state.index())
 
-    def pack_writer(self, run_id: str) -> PackWriter:
-        return PackWriter(self, run_id)
+    def pack_writer(
+        self, run_id: str, before_commit: Callable[[], None] | None = None
+    ) -> PackWriter:
+        return PackWriter(self, run_id, before_commit)
 
     def write(self, snapshot: Snapshot, run_id: str = "write") -> str:
         """One snapshot in a pack of its own; its bucket's new version."""
