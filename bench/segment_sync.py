@@ -119,6 +119,9 @@ class PayloadOnly:
         self.bodies = 0
         self.bytes = 0
 
+    def close(self) -> None:
+        pass
+
     def send_batch(self, items: list[bytes]) -> BatchResult:
         body = b'{"attributes":[' + b",".join(items) + b"]}"
         self.bodies += 1

@@ -90,6 +90,13 @@ class PoliteSender:
         self._sleep = sleep
         self._wall_clock = wall_clock
 
+    def close(self) -> None:
+        """Give back the pacer's share (a shared budget's) and the connections."""
+        close = getattr(self._pacer, "close", None)
+        if close is not None:
+            close()
+        self._session.close()
+
     def post(self, body: bytes, *, headers: dict[str, str] | None = None) -> Delivered:
         """`headers` are added to the sender's own for this call (e.g. a fresh token)."""
         request_headers = {**self._headers, **headers} if headers else self._headers

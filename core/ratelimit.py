@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-_EPSILON = 1e-9
+_EPSILON = 1e-6
+"""A millionth of a token: what clock rounding (epoch seconds carry ~0.2 us of it) may
+leave a refill short by. Without it a waiter would sleep for less than the clock can add."""
 
 
 class Pacer(Protocol):
@@ -41,6 +43,19 @@ class TokenBucket:
         self._lock = threading.Lock()
         self._paused_until = 0.0
 
+    def set_rate(self, rate: float, burst: float | None = None) -> None:
+        """From now on, at `rate` (what was earned until now at the old one is kept)."""
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        with self._lock:
+            now = self._clock()
+            if now >= self._paused_until:
+                self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+                self._updated = now
+            self.rate = rate
+            self.capacity = burst if burst is not None else max(1.0, rate)
+            self._tokens = min(self._tokens, self.capacity)
+
     def pause_for(self, seconds: float) -> None:
         """The server said stop: nobody acquires until `seconds` have passed."""
         with self._lock:
@@ -64,6 +79,7 @@ class TokenBucket:
                     if self._tokens >= 1.0 - _EPSILON:  # the refill's rounding, not a token short
                         self._tokens = max(0.0, self._tokens - 1.0)
                         return waited
-                    delay = (1.0 - self._tokens) / self.rate
+                    # At least a microsecond: a shorter wait may not move an epoch clock.
+                    delay = max(1e-6, (1.0 - self._tokens) / self.rate)
             self._sleep(delay)
             waited += delay

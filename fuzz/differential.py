@@ -225,6 +225,9 @@ class AcceptingDestination:
     def encode(self, item: dict[str, Any]) -> bytes:
         return self._braze.encode(item)
 
+    def close(self) -> None:
+        pass
+
     def send_batch(self, items: list[bytes]) -> BatchResult:
         self.sent += [orjson.loads(item) for item in items]
         if not self._unmatched:

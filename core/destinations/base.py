@@ -39,6 +39,10 @@ class Destination(Protocol):
         """One object as it goes on the wire; its length counts against `max_body_bytes`."""
         ...
 
+    def close(self) -> None:
+        """The run is done with it: give back what it holds (a budget share, connections)."""
+        ...
+
     def send_batch(self, items: list[bytes]) -> BatchResult:
         """Send all of `items` (encoded); failures are per item, by index. Raises
         TerminalError, or TransientError after its own retries, when the whole batch failed."""

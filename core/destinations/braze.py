@@ -78,6 +78,9 @@ class BrazeDestination:
             pacer=pacer, sleep=sleep, wall_clock=wall_clock,
         )  # fmt: skip
 
+    def close(self) -> None:
+        self._sender.close()
+
     def encode(self, item: dict[str, Any]) -> bytes:
         return orjson.dumps(item)
 

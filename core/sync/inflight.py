@@ -43,8 +43,7 @@ class AimdWindow:
             self.limit = max(1, self.limit // 2)
             self._clean = 0
             return
-        if held_back:
-            self.limit = max(1, self.limit - 1)
+        if held_back:  # more would only wait longer for the pacer: do not grow
             self._clean = 0
             return
         self._clean += 1

@@ -443,6 +443,7 @@ def process_buckets(
     crash, a bucket whose state it committed finds its result in the state (as a worker's
     does), and one that changed no state runs again, to the same end."""
     storage = services.storage
+    owned = destination is None  # built here: closed here (its budget share given back)
     destination = destination or destination_for(sync, services.settings, services.storage)
     states = StateStore(
         storage, sync.id, destination.name, mapping_fingerprint(sync), sync.processing.state_buckets
@@ -525,6 +526,8 @@ def process_buckets(
     finally:
         if runner is not None:
             runner.close()  # after an error: no send goes on behind the failed run
+        if owned:
+            destination.close()
         if unchanged is not None:
             unchanged.stop()
         pack.close()  # the buckets finished before an error count too
