@@ -19,9 +19,11 @@ import requests
 import yaml
 
 from core.containers import SEGMENTS
+from core.storage import Storage
+from core.storage.connection import parse_connection_string
 from devhost.fakes.braze import FakeBraze
 from devhost.process import HostProcess
-from devhost.services import free_port
+from devhost.services import LocalServices, free_port
 from tests.helpers import eventually
 from tests.scenarios import ENDED, people, to_csv
 
@@ -51,8 +53,11 @@ def _sync(sync_id: str, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def host(
-    local_services: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[HostProcess, FakeBraze]]:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[HostProcess, FakeBraze, Storage]]:
+    # Azurite of its own: the session's host watches the session's `segments` container
+    # and would take these files (as syncs it does not declare) before this host does.
+    services = LocalServices(with_s3=False)
     fake = FakeBraze(
         rate_limit=LIMIT, rate_window_seconds=1.0, latency_seconds=0.04, latency_sigma=0.4,
     ).start()  # fmt: skip
@@ -69,7 +74,7 @@ def host(
     path = tmp_path_factory.mktemp("budget") / "syncs.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "syncs": syncs}))
     env = {
-        **local_services,
+        **services.start(),
         "SWITCHBOARD_SYNCS_FILE": str(path),
         "SWITCHBOARD_BRAZE_REST_ENDPOINT": fake.url,
         "SWITCHBOARD_BRAZE_API_KEY": fake.state.api_key,
@@ -78,10 +83,11 @@ def host(
     app = HostProcess(env, free_port(), tmp_path_factory.mktemp("budget-host") / "log")
     try:
         app.wait_ready()
-        yield app, fake
+        yield app, fake, Storage(parse_connection_string(env["AzureWebJobsStorage"]))
     finally:
         app.stop()
         fake.stop()
+        services.stop()
 
 
 def _land(storage: Any, sync_id: str, data: bytes) -> str:
@@ -102,9 +108,9 @@ def _ended_run(app: HostProcess, sync_id: str) -> dict[str, Any]:
 
 
 def test_fanned_out_workers_and_a_second_sync_share_one_budget(
-    host: tuple[HostProcess, FakeBraze], storage: Any
+    host: tuple[HostProcess, FakeBraze, Storage],
 ) -> None:
-    app, fake = host
+    app, fake, storage = host
     first, second = people("BA", 3000), people("BB", 1200)  # 40 + 16 requests
     _land(storage, "budget-fanout", to_csv(first))
     _land(storage, "budget-second", to_csv(second))
@@ -122,9 +128,9 @@ def test_fanned_out_workers_and_a_second_sync_share_one_budget(
 
 
 def test_batches_in_flight_end_as_one_at_a_time_does(
-    host: tuple[HostProcess, FakeBraze], storage: Any
+    host: tuple[HostProcess, FakeBraze, Storage],
 ) -> None:
-    app, fake = host
+    app, fake, storage = host
     rows = people("WN", 1500)
     tags = {"window-one": "ONE", "window-many": "ANY"}
     # Update-only: a seventh of the profiles are unknown to Braze and come back unmatched.
