@@ -145,10 +145,14 @@ def test_failing_blob_goes_to_poison_after_threshold(host: DevHost, storage, uni
     poison = storage.queue_service.get_queue_client(POISON_QUEUE)
 
     def poisoned() -> list[dict]:
-        messages = [json.loads(base64.b64decode(m.content)) for m in poison.peek_messages(32)]
+        # The whole queue, not a peek: a peek sees the first 32 only, and other tests'
+        # poisoned blobs share this queue (how many depends on the order tests run in).
+        # Received for a second, then visible again; nothing is deleted.
+        found = poison.receive_messages(messages_per_page=32, visibility_timeout=1)
+        messages = [json.loads(base64.b64decode(m.content)) for m in found]
         return [m for m in messages if m["BlobName"] == f"{unique}/bad.txt"]
 
-    entry = eventually(poisoned)[0]
+    entry = eventually(poisoned, timeout=30)[0]
     assert entry["ContainerName"] == "inbox" and entry["FunctionId"].endswith("inbox_blob")
     idle_scans(host, "inbox_blob", 2)
     assert attempts() == 2
