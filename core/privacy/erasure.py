@@ -21,6 +21,7 @@ not kept, see core/verdicts.py).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,7 @@ from urllib.parse import unquote_to_bytes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.audit import AuditLog
-from core.errors import ConcurrencyConflict
+from core.errors import ConcurrencyConflict, LeaseUnavailable
 from core.events.event_erasure import erase_events
 from core.events.store import EVENTS_CONTAINER, EventStore
 from core.privacy.person import Matcher, Person
@@ -43,7 +44,7 @@ from core.suppression import Channel, Suppression, address_hash
 from core.sync.state import STATE_CONTAINER
 from core.sync.state_erasure import erase_from_states
 from core.webhooks.deliveries import WEBHOOKS_CONTAINER
-from core.webhooks.processing import PendingDelivery
+from core.webhooks.processing import BATCHER_LEASE, PendingDelivery
 
 log = logging.getLogger(__name__)
 ERASURE_QUEUE = "privacy-erasures"
@@ -58,6 +59,7 @@ _DELETED_WHOLE = frozenset({"segments", "sync-work", WEBHOOKS_CONTAINER})
 _NOT_SCRUBBED = frozenset({STATE_CONTAINER, EVENTS_CONTAINER, "azure-webjobs-hosts",
                            "azure-webjobs-secrets"})  # fmt: skip
 _BUSY_KINDS = (RunKind.SEGMENT_SYNC, RunKind.PUSH_DISPATCH)
+_LEASE_WAIT_SECONDS = 90
 
 
 class ErasureRequest(BaseModel):
@@ -152,6 +154,7 @@ def erase(services: Services, person: Person, run_id: str) -> Counter[str]:
     counts: Counter[str] = Counter()
     counts.update(erase_from_states(storage, matcher, run_id))
     counts.update(_push_registrations(services, person))
+    counts.update(_pending_webhook_events(services, matcher))
     counts.update(erase_events(EventStore(storage), matcher))
     counts.update(_files(services, matcher))
     counts.update(_tables(services, matcher))
@@ -221,6 +224,21 @@ def _file(blobs: BlobStore, container: str, name: str, matcher: Matcher) -> Coun
     return Counter({f"files.{container}.records": scrubbed.removed})
 
 
+def _pending_webhook_events(services: Services, matcher: Matcher) -> Counter[str]:
+    """Webhook events waiting for their batch, scrubbed while no batch is in flight (the
+    batcher's lease held): a batch that took them before would store them after the
+    event store was erased. Batches before the lease are stored by then, and erased next."""
+    deadline = time.monotonic() + _LEASE_WAIT_SECONDS
+    while True:
+        try:
+            with services.storage.blobs.lease(WEBHOOKS_CONTAINER, BATCHER_LEASE, seconds=60):
+                return _scrub_table(services, PendingDelivery, matcher)
+        except LeaseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)  # a batch holds it for seconds; the message is retried if not
+
+
 def _tables(services: Services, matcher: Matcher) -> Counter[str]:
     """Text properties of tables that may quote rows (kept rejects, run details, webhook
     events waiting for their batch)."""
@@ -229,17 +247,23 @@ def _tables(services: Services, matcher: Matcher) -> Counter[str]:
 
     counts: Counter[str] = Counter()
     for model in (BucketResult, Runs, PendingDelivery):
-        table: EntityTable[Any] = services.storage.tables.get(model)
-        for row in list(table.query("")):
-            if _scrub_entity(row, matcher) is None:
-                continue
+        counts.update(_scrub_table(services, model, matcher))
+    return counts
 
-            def scrubbed(current: Any) -> Any:  # read again: a run may be writing it
-                changed = None if current is None else _scrub_entity(current, matcher)
-                return None if changed is None else current.model_validate(changed)
 
-            table.mutate(row.partition_key, row.row_key, scrubbed)
-            counts[f"tables.{model.table_name}"] += 1
+def _scrub_table(services: Services, model: Any, matcher: Matcher) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    table: EntityTable[Any] = services.storage.tables.get(model)
+    for row in list(table.query("")):
+        if _scrub_entity(row, matcher) is None:
+            continue
+
+        def scrubbed(current: Any) -> Any:  # read again: a run may be writing it
+            changed = None if current is None else _scrub_entity(current, matcher)
+            return None if changed is None else current.model_validate(changed)
+
+        table.mutate(row.partition_key, row.row_key, scrubbed)
+        counts[f"tables.{model.table_name}"] += 1
     return counts
 
 

@@ -58,7 +58,8 @@ from core.webhooks.hook import Malformed, WebhookProvider
 
 log = logging.getLogger(__name__)
 BATCH = 500
-_LEASE_BLOB = "_batcher/lease"
+BATCHER_LEASE = "_batcher/lease"
+"""Held by whoever moves pending deliveries into the event store (and by an erasure)."""
 _PARALLEL_READS = 8
 _PENDING = "pending"
 _MAX_BATCHES_PER_HOLD = 20
@@ -157,7 +158,7 @@ def run_batches(services: Services, providers: Mapping[str, WebhookProvider]) ->
     pending: EntityTable[PendingDelivery] = services.storage.tables.get(PendingDelivery)
     batched = 0
     try:
-        with services.storage.blobs.lease(WEBHOOKS_CONTAINER, _LEASE_BLOB, seconds=60):
+        with services.storage.blobs.lease(WEBHOOKS_CONTAINER, BATCHER_LEASE, seconds=60):
             for _ in range(_MAX_BATCHES_PER_HOLD):
                 done = _one_batch(services, providers, pending)
                 batched += done
