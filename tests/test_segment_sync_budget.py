@@ -112,6 +112,7 @@ def test_fanned_out_workers_and_a_second_sync_share_one_budget(
     host: tuple[HostProcess, FakeBraze, Storage],
 ) -> None:
     app, fake, storage = host
+    before = fake.stats()  # the module's other syncs (unshared, 1,000/s) meet 429s by design
     first, second = people("BA", 3000), people("BB", 1200)  # 40 + 16 requests, about 4 s
     _land(storage, "budget-fanout", to_csv(first))
     _land(storage, "budget-second", to_csv(second))
@@ -123,8 +124,8 @@ def test_fanned_out_workers_and_a_second_sync_share_one_budget(
     profiles = fake.profiles()
     assert all(profiles[r["crmId"]]["loyalty_points"] == int(r["points"]) for r in first + second)
     stats = fake.stats()
-    # Under the limit together: the fake never had to refuse a request.
-    assert stats["rate_limited"] == 0, stats
+    # Under the limit together: the fake never had to refuse one of these requests.
+    assert stats["rate_limited"] - before["rate_limited"] == 0, (before, stats)
     assert stats["busiest_window"] <= LIMIT
 
 
