@@ -89,6 +89,15 @@ class Settings(BaseSettings):
         validation_alias="SWITCHBOARD_BRAZE_API_KEY",
         description="Braze REST API key with the users.track permission (a secret).",
     )
+    campaign_drop_connection: SecretStr | None = Field(
+        default=None,
+        validation_alias="SWITCHBOARD_CAMPAIGN_DROP_CONNECTION",
+        description=(
+            "Azure Storage connection string of the account Adobe Campaign's import "
+            "workflows read (its external account); unset means this app's own storage "
+            "account (a secret)."
+        ),
+    )
     s3_endpoint_url: str | None = Field(
         default=None,
         validation_alias="SWITCHBOARD_S3_ENDPOINT_URL",

@@ -35,6 +35,9 @@ class Reason(StrEnum):
     UNSUBSCRIBE = "unsubscribe"
     SPAM_COMPLAINT = "spam_complaint"
     MANUAL_BLOCKLIST = "manual_blocklist"
+    QUARANTINED = "quarantined"
+    """Campaign's quarantine (log export): only for destinations that honour it."""
+    DENYLISTED = "denylisted"
 
 
 class Suppression(TableEntity):
@@ -124,6 +127,15 @@ class SuppressionSnapshot:
     @property
     def empty(self) -> bool:
         return not any(self.by_channel.values())
+
+    def merged(self, other: dict[Channel, dict[str, Reason]]) -> SuppressionSnapshot:
+        """This list plus `other`'s hashes (a reason here wins)."""
+        by_channel = {channel: dict(hashes) for channel, hashes in self.by_channel.items()}
+        for channel, hashes in other.items():
+            into = by_channel.setdefault(channel, {})
+            for key, reason in hashes.items():
+                into.setdefault(key, reason)
+        return SuppressionSnapshot(by_channel)
 
     def reason_for(self, channel: Channel, address: str | None) -> Reason | None:
         if not address:

@@ -41,7 +41,7 @@ from core.sync.split import (
     read_header,
     work_line,
 )
-from core.sync.state import StateStore
+from core.sync.state import Change, StateStore
 
 
 class Divergence(AssertionError):
@@ -211,6 +211,7 @@ class AcceptingDestination:
     here, not a destination's answers."""
 
     name = "braze"
+    capabilities = BrazeDestination.capabilities
     max_in_flight = 1  # `sent` is in the order of sending
 
     def __init__(
@@ -221,6 +222,9 @@ class AcceptingDestination:
         self._braze = BrazeDestination("http://unused.invalid", "unused", batch_size=batch_size)
         self._unmatched = unmatched_one_in
         self.sent: list[Any] = []
+
+    def item(self, sync: SyncDefinition, identity: str, change: Change) -> dict[str, Any]:
+        return self._braze.item(sync, identity, change)
 
     def encode(self, item: dict[str, Any]) -> bytes:
         return self._braze.encode(item)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from core.destinations.braze import users_track_object
 from core.sync.definitions import FieldMapping, InputSpec, load_document
-from core.sync.engine import build_item
 from core.sync.mapping import RowMapper, RowRejected, looks_like_mojibake
 from core.sync.readers import (
     DEFAULT_LIMITS,
@@ -148,14 +148,14 @@ def test_diff_sends_only_changed_attributes_and_owned_memberships() -> None:
 def test_items_carry_update_only_and_membership_shapes() -> None:
     state = SyncState({}, None)
     change = state.diff("C1", {"email": "a@x.io"}, {"vip": True}, frozenset())
-    assert build_item(VIP, "C1", change) == {
+    assert users_track_object(VIP, "C1", change) == {
         "external_id": "C1", "_update_existing_only": True, "email": "a@x.io",
         "audience_vip": True,
     }  # fmt: skip
     arrays = DOC.get("arrays")
     assert arrays is not None
     change = state.diff("J1", {}, {"alpha": True}, frozenset())
-    assert build_item(arrays, "J1", change) == {
+    assert users_track_object(arrays, "J1", change) == {
         "external_id": "J1",
         "cdp_audiences": {"add": ["alpha"]},
     }  # upsert: no _update_existing_only

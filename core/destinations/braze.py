@@ -21,10 +21,13 @@ import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
-from core.destinations.base import BatchResult, ItemFailure
+from core.destinations.base import BatchResult, Capabilities, ItemFailure
 from core.errors import TerminalError
 from core.http import PoliteSender
 from core.ratelimit import Pacer
+from core.sync.definitions import SyncDefinition, SyncMode
+from core.sync.native import NATIVE_OBJECT_FORMAT
+from core.sync.state import Change
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,39 @@ def _is_unmatched(error_type: str) -> bool:
     return any(marker in lowered for marker in _UNMATCHED_MARKERS)
 
 
+def users_track_object(sync: SyncDefinition, identity: str, change: Change) -> dict[str, Any]:
+    """The /users/track attributes object for one profile's change."""
+    item: dict[str, Any] = {sync.identity.destination_key: identity}
+    if sync.mode != SyncMode.UPSERT:
+        item["_update_existing_only"] = True
+    item.update(change.attributes)
+    audiences = sync.audiences
+    by_name = {segment.name: segment for segment in audiences.segments}
+    if audiences.representation == "boolean":
+        for name in change.added:
+            item[audiences.attribute_for(by_name[name])] = True
+        for name in change.removed:
+            item[audiences.attribute_for(by_name[name])] = False
+    elif change.added or change.removed:
+        operations: dict[str, list[str]] = {}
+        if change.added:
+            operations["add"] = list(change.added)
+        if change.removed:
+            operations["remove"] = list(change.removed)
+        item[audiences.array_attribute] = operations
+    return item
+
+
 class BrazeDestination:
     name = "braze"
+    capabilities = Capabilities(
+        modes=frozenset(SyncMode),
+        reports_unknown=True,  # update-only objects for unknown profiles come back as errors
+        identities=("external_id", "braze_id", "email", "phone"),
+        grouping="requests",
+        acknowledgement="response",
+        native_format=NATIVE_OBJECT_FORMAT,  # the C path writes /users/track objects
+    )
 
     def __init__(
         self,
@@ -80,6 +114,9 @@ class BrazeDestination:
 
     def close(self) -> None:
         self._sender.close()
+
+    def item(self, sync: SyncDefinition, identity: str, change: Change) -> dict[str, Any]:
+        return users_track_object(sync, identity, change)
 
     def encode(self, item: dict[str, Any]) -> bytes:
         return orjson.dumps(item)

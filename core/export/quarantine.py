@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from core.errors import ConcurrencyConflict
 from core.events.model import EventType, from_epoch_millis
 from core.storage import Storage
-from core.suppression import mask
+from core.suppression import Channel, Reason, mask
 
 SIGNIFICANT_GAP = timedelta(hours=24)
 COUNT_RESET_AFTER = timedelta(days=10)
@@ -74,6 +74,11 @@ ADDRESS_FIELDS = {
     "rcs": "phone",
     "push": "push_token",
 }
+
+
+_SUPPRESSION_CHANNEL = {
+    "email": Channel.EMAIL, "sms": Channel.PHONE, "whatsapp": Channel.PHONE, "rcs": Channel.PHONE,
+}  # fmt: skip
 
 
 class AddressState(BaseModel):
@@ -208,6 +213,23 @@ class QuarantineBook:
 
     def _existing_shards(self) -> list[str]:
         return [ref.name for ref in self.blobs.list(STATE_CONTAINER, "quarantine/v1/")]
+
+    def suppressed(self) -> dict[Channel, dict[str, Reason]]:
+        """Address hashes in Quarantine or On denylist, as a suppression list keys them
+        (e-mail under email; SMS, WhatsApp and RCS numbers under phone)."""
+        found: dict[Channel, dict[str, Reason]] = {Channel.EMAIL: {}, Channel.PHONE: {}}
+        by_status = {
+            AddressStatus.QUARANTINE.value: Reason.QUARANTINED,
+            AddressStatus.ON_DENYLIST.value: Reason.DENYLISTED,
+        }
+        with ThreadPoolExecutor(_PARALLEL_IO) as pool:
+            for rows, _ in pool.map(self._read, self._existing_shards()):
+                for key, row in rows.items():
+                    reason = by_status.get(row["status"])
+                    channel = _SUPPRESSION_CHANNEL.get(row["channel"])
+                    if reason is not None and channel is not None:
+                        found[channel].setdefault(key, reason)
+        return found
 
     def with_errors(self, window_start: datetime) -> frozenset[str]:
         """Every address With errors before the window (a delivery clears those), also when

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from core.destinations.campaign import CampaignDestinationSpec
 from core.errors import ConfigError
 from core.governance import Governance, Sent, Verdict, action_id, evaluate, label_id
 from core.push.apps import PushApp
@@ -231,6 +232,10 @@ class BrazeDestinationSpec(Strict):
     MARKETING_ACTIONS: ClassVar[tuple[str, ...]] = ("email_targeting", "export_to_third_party")
     """What sending profiles to Braze always is, whatever a sync adds."""
 
+    RULES_VERSION: ClassVar[int] = 1
+    """Raise it when a Braze rule in code changes (the typing of a standard field, say):
+    the next run re-types every row and re-sends the values the change affects."""
+
     type: Literal["braze"] = "braze"
     marketing_actions: tuple[str, ...] = Field(
         default=(), description="marketing actions this sync performs besides Braze's own"
@@ -261,6 +266,18 @@ class BrazeDestinationSpec(Strict):
         "this workspace shares (off: each worker paces alone)",
     )
 
+    def problems(self, sync: SyncDefinition) -> list[str]:
+        """What of `sync` Braze cannot take as it is."""
+        targets = [mapping.target for mapping in sync.fields]
+        if sync.identity.destination_key == "phone" and "email" in targets:
+            # /users/track identifies an object by its email when it has both.
+            return [
+                f"fields[{targets.index('email')}].target 'email' with identity.destination_key"
+                " 'phone': Braze would identify these profiles by the e-mail address; key the "
+                "sync by email or external_id, or map the address to a custom attribute"
+            ]
+        return []
+
     @property
     def in_flight(self) -> int:
         if self.max_in_flight is not None:
@@ -268,7 +285,9 @@ class BrazeDestinationSpec(Strict):
         return min(64, max(2, math.ceil(self.requests_per_second * 0.15)))
 
 
-DestinationSpec = Annotated[BrazeDestinationSpec, Field(discriminator="type")]
+DestinationSpec = Annotated[
+    BrazeDestinationSpec | CampaignDestinationSpec, Field(discriminator="type")
+]
 
 
 class InputSpec(Strict):
@@ -424,14 +443,9 @@ class SyncDefinition(Strict):
         audience_names = [s.name for s in self.audiences.segments]
         if len(set(audience_names)) != len(audience_names):
             raise ValueError("audience names must be unique")
-        targets = [mapping.target for mapping in self.fields]
-        if self.identity.destination_key == "phone" and "email" in targets:
-            # /users/track identifies an object by its email when it has both.
-            raise ValueError(
-                f"fields[{targets.index('email')}].target 'email' with identity.destination_key "
-                "'phone': Braze would identify these profiles by the e-mail address; key the "
-                "sync by email or external_id, or map the address to a custom attribute"
-            )
+        problems = self.destination.problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -515,9 +529,11 @@ class SyncDocument(Strict):
 
 
 def mapping_fingerprint(sync: SyncDefinition) -> str:
-    """Changes whenever the columns a sync reads, or how it reads them, change."""
+    """Changes whenever the columns a sync reads, how it reads them, or its destination's
+    rules change (raw digests under another fingerprint are not trusted: core/sync/state.py)."""
     relevant = sync.model_dump_json(include={"identity", "fields", "audiences", "consent", "input"})
-    return hashlib.sha256(relevant.encode()).hexdigest()[:16]
+    rules = f"{sync.destination.type}:{sync.destination.RULES_VERSION}"
+    return hashlib.sha256(f"{relevant}\n{rules}".encode()).hexdigest()[:16]
 
 
 def _location(data: Any, loc: tuple[int | str, ...]) -> str:

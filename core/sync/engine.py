@@ -32,7 +32,7 @@ from core.sync.checkpoints import CheckpointLog
 from core.sync.definitions import SyncDefinition, SyncMode
 from core.sync.inflight import InFlight
 from core.sync.mapping import MappedRow, RowMapper, RowRejected
-from core.sync.native import native_mapping
+from core.sync.native import NATIVE_OBJECT_FORMAT, native_mapping
 from core.sync.readers import SourceRow
 from core.sync.reports import Outcome, OutcomeCounts, PreviewPart, RejectsPart
 from core.sync.split import work_rows
@@ -149,29 +149,6 @@ class BucketWork:
     """The work lines C processed: excluded rows and unapplied items point into them."""
 
 
-def build_item(sync: SyncDefinition, identity: str, change: Change) -> dict[str, Any]:
-    """The /users/track attributes object for one profile's change."""
-    item: dict[str, Any] = {sync.identity.destination_key: identity}
-    if sync.mode != SyncMode.UPSERT:
-        item["_update_existing_only"] = True
-    item.update(change.attributes)
-    audiences = sync.audiences
-    by_name = {segment.name: segment for segment in audiences.segments}
-    if audiences.representation == "boolean":
-        for name in change.added:
-            item[audiences.attribute_for(by_name[name])] = True
-        for name in change.removed:
-            item[audiences.attribute_for(by_name[name])] = False
-    elif change.added or change.removed:
-        operations: dict[str, list[str]] = {}
-        if change.added:
-            operations["add"] = list(change.added)
-        if change.removed:
-            operations["remove"] = list(change.removed)
-        item[audiences.array_attribute] = operations
-    return item
-
-
 class SegmentChunkRunner:
     """Runs the buckets of one worker against the destination, batching across buckets.
 
@@ -229,7 +206,8 @@ class SegmentChunkRunner:
             self._load_checkpoints()
         self.native = (
             native_mapping(sync, mapper, suppressions, self._suppressed_raw)
-            if native and not dry_run and not self._acknowledged else None
+            if native and not dry_run and not self._acknowledged
+            and destination.capabilities.native_format == NATIVE_OBJECT_FORMAT else None
         )  # fmt: skip
         """The mapping compiled for the C path, or None: every bucket on the reference."""
 
@@ -321,6 +299,7 @@ class SegmentChunkRunner:
         counts = work.counts
         digest_values = mapper.digest_values
         unchanged_raw = 0  # the common case, counted here: an enum lookup per row adds up
+        full = self.destination.capabilities.resend_unchanged
         number = 0
         for number, entry in enumerate(rows, start=1):
             if number % _PROGRESS_CHECK_ROWS == 0:
@@ -339,7 +318,9 @@ class SegmentChunkRunner:
                 )  # fmt: skip
                 continue
             seen.add(identity)
-            if state.unchanged_raw(identity, digest):
+            if full:
+                pass  # a full refresh sends every row whole: nothing is settled unread
+            elif state.unchanged_raw(identity, digest):
                 # Acknowledged before exactly as it is: valid then, nothing to send now.
                 reason = self._suppressed_raw(values)
                 if reason:
@@ -350,7 +331,7 @@ class SegmentChunkRunner:
                 else:
                     unchanged_raw += 1
                 continue
-            if state.withheld_again(identity, digest):
+            if not full and state.withheld_again(identity, digest):
                 # Held back again as it was: recorded when first held back (or suppressed now).
                 reason = self._suppressed_raw(values)
                 counts.add(Outcome.SUPPRESSED, reason or _NO_CONSENT)
@@ -381,7 +362,9 @@ class SegmentChunkRunner:
                 counts.add(Outcome.SUPPRESSED, reason)
                 self._exclude(work, identity, (row.email, row.phone), Outcome.SUPPRESSED, reason)
                 continue
-            change = state.diff(identity, row.attributes, row.memberships, self.send_nulls)
+            change = state.diff(
+                identity, row.attributes, row.memberships, self.send_nulls, whole=full
+            )
             if change.empty:
                 state.remember_digest(identity, digest)
                 counts.add(Outcome.UNCHANGED)
@@ -453,10 +436,10 @@ class SegmentChunkRunner:
     ) -> None:  # fmt: skip
         if self.blocked_by is not None:
             return  # removals (mirror, withdrawal) wait too: a blocked sync sends nothing
+        item = self.destination.item(self.sync, identity, change)
         pending = _Pending(
-            work, line, identity, change, digest, build_item(self.sync, identity, change),
-            contact=contact, withdrawal=withdrawal,
-        )  # fmt: skip
+            work, line, identity, change, digest, item, contact=contact, withdrawal=withdrawal
+        )
         if work.preview is not None:
             self._preview(work, pending)
             return

@@ -6,6 +6,11 @@ recognise, the reference's own coercer to call (so the answer is always the refe
 Configurations the module does not take return None, and those runs use the reference:
 dry runs (they write previews), runs resumed from checkpoints, and mappings where two
 attributes of one object would share a name.
+
+The C path writes each queued object in one wire format, `NATIVE_OBJECT_FORMAT`; only a
+destination that declares that format as its own (`Capabilities.native_format`) gets C's
+objects. Every other destination's buckets run on the reference, which hands it typed
+changes to encode itself (docs/ARCHITECTURE.md, "The destination seam").
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ _LOOKUP_TARGETS = {
     "push_subscribe",
 }
 _IDENTITY_KINDS = {"email": 1, "phone": 2}
+NATIVE_OBJECT_FORMAT = "braze.users_track"
+"""What switchboard_sync.c's put_item writes: a /users/track attributes object."""
 
 Coerced = tuple[bytes, bytes, str | None] | None
 """A typed value as C takes it: its JSON, its state hash and, for text, the text."""

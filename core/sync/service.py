@@ -29,14 +29,20 @@ from pydantic import BaseModel, Field
 from core.audit import AuditBuffer, AuditWriter, identity_kind
 from core.containers import SEGMENTS
 from core.destinations.base import Destination
-from core.destinations.registry import destination_for
+from core.destinations.registry import (
+    check_configured,
+    destination_for,
+    destination_name,
+    takes_native_objects,
+)
 from core.errors import ConfigError, TerminalError
+from core.export.quarantine import QuarantineBook
 from core.runs import RunRecord, RunStatus
 from core.segments import arrival
 from core.services import Services
 from core.storage import BlobRef, Storage
 from core.storage.tables import EntityTable, TableEntity, safe_key
-from core.suppression import SuppressionList
+from core.suppression import SuppressionList, SuppressionSnapshot
 from core.sync.checkpoints import CheckpointLog
 from core.sync.definitions import FileFormat, SyncDefinition, SyncMode, mapping_fingerprint
 from core.sync.engine import BatchStats, BucketWork, SegmentChunkRunner
@@ -224,7 +230,7 @@ def _run_file(services: Services, blob: BlobRef, run: RunRecord, *, attempt: int
         sync = services.syncs().get(sync_id)
         if sync is None:
             raise ConfigError(f"no sync is declared with id {sync_id!r}")
-        destination = destination_for(sync, services.settings)  # fails on missing credentials
+        check_configured(sync, services.settings)
     except ConfigError as exc:
         return _close(services, blob, run.run_id, RunStatus.FAILED, error=str(exc),
                       error_code="config_error")  # fmt: skip
@@ -244,7 +250,7 @@ def _run_file(services: Services, blob: BlobRef, run: RunRecord, *, attempt: int
     unchanged: UnchangedIndex | None = None
     audit: AuditWriter | None = None
     try:
-        unchanged = unchanged_index(services, sync, destination.name, run.run_id)
+        unchanged = unchanged_index(services, sync, destination_name(sync), run.run_id)
         if unchanged is not None and not _is_preview(sync, blob):
             audit = AuditWriter(
                 services.storage, audit_source(sync), run.run_id,
@@ -314,13 +320,25 @@ def unchanged_index(
 ) -> UnchangedIndex | None:
     """What the split needs to settle unchanged rows (core/sync/unchanged.py), or None
     when the sync runs on the reference throughout."""
-    if not services.settings.sync_native_buckets:
+    if not services.settings.sync_native_buckets or not takes_native_objects(sync):
         return None
     states = StateStore(
         services.storage, sync.id, destination, mapping_fingerprint(sync),
         sync.processing.state_buckets,
     )  # fmt: skip
     return UnchangedIndex(states, sync, SuppressionList(services.storage).snapshot(), run_id)
+
+
+def _suppressions(
+    services: Services, destination: Destination, unchanged: UnchangedIndex | None
+) -> SuppressionSnapshot:
+    """The run's suppression list, with the log export's quarantine where the destination
+    honours it (Campaign's own rules: core/export/quarantine.py)."""
+    snapshot = unchanged.suppressions if unchanged else SuppressionList(services.storage).snapshot()
+    if not destination.capabilities.honours_quarantine:
+        return snapshot
+    book = QuarantineBook(services.storage, services.settings.quarantine_soft_threshold)
+    return snapshot.merged(book.suppressed())
 
 
 def process_chunk(services: Services, message: SegmentChunkMessage) -> None:
@@ -444,7 +462,9 @@ def process_buckets(
     does), and one that changed no state runs again, to the same end."""
     storage = services.storage
     owned = destination is None  # built here: closed here (its budget share given back)
-    destination = destination or destination_for(sync, services.settings, services.storage)
+    destination = destination or destination_for(
+        sync, services.settings, services.storage, run_id=run_id
+    )
     states = StateStore(
         storage, sync.id, destination.name, mapping_fingerprint(sync), sync.processing.state_buckets
     )
@@ -513,7 +533,7 @@ def process_buckets(
     try:
         runner = SegmentChunkRunner(
             storage, sync, RowMapper(sync, plan.columns), destination,
-            unchanged.suppressions if unchanged else SuppressionList(storage).snapshot(),
+            _suppressions(services, destination, unchanged),
             run_id=run_id, worker=f"w{buckets[0] if buckets else 0:04d}",
             on_bucket_done=bucket_done, dry_run=plan.preview, blocked_by=plan.blocked_by,
             checkpoints=checkpoints, native=services.settings.sync_native_buckets,

@@ -318,9 +318,14 @@ class SyncState:
         attributes: dict[str, Any],
         memberships: dict[str, bool],
         send_nulls: frozenset[str],
+        *,
+        whole: bool = False,
     ) -> Change:
+        """What changed since the acknowledged state; `whole`: every value and membership
+        as the row has them (a full refresh), nulls only where they clear a value."""
         known = self.profiles.get(identity)
-        hashes = known.hashes if known else {}
+        acknowledged = known.hashes if known else {}
+        hashes = {} if whole else acknowledged
         owned = known.audiences if known else set()
         changed: dict[str, Any] = {}
         changed_hashes: dict[str, bytes] = {}
@@ -328,7 +333,7 @@ class SyncState:
             if value is None:
                 # Null means "the source is empty": cleared only where the mapping says so
                 # and only if we had sent something.
-                if name in send_nulls and hashes.get(name, _NULL_HASH) != _NULL_HASH:
+                if name in send_nulls and acknowledged.get(name, _NULL_HASH) != _NULL_HASH:
                     changed[name] = None
                     changed_hashes[name] = _NULL_HASH
                 continue
@@ -336,8 +341,10 @@ class SyncState:
             if hashes.get(name) != digest:
                 changed[name] = value
                 changed_hashes[name] = digest
-        added = tuple(sorted(n for n, m in memberships.items() if m and n not in owned))
-        removed = tuple(sorted(n for n, m in memberships.items() if not m and n in owned))
+        added = tuple(sorted(n for n, m in memberships.items() if m and (whole or n not in owned)))
+        removed = tuple(
+            sorted(n for n, m in memberships.items() if not m and (whole or n in owned))
+        )
         return Change(changed, added, removed, changed_hashes)
 
     def acknowledge(self, identity: str, change: Change, digest: bytes | None) -> None:
