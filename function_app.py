@@ -5,6 +5,7 @@ import azure.functions as func
 from functions import (
     currents,
     http_api,
+    known_profiles,
     log_export,
     privacy_api,
     privacy_erasure,
@@ -21,6 +22,7 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(http_api.bp)
 app.register_functions(segment_arrival.bp)
 app.register_functions(segment_chunks.bp)
+app.register_functions(known_profiles.bp)
 app.register_functions(suppressions_api.bp)
 app.register_functions(log_export.bp)
 app.register_functions(currents.bp)

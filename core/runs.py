@@ -31,6 +31,8 @@ class RunKind(StrEnum):
     CURRENTS = "currents"
     PUSH_DISPATCH = "push_dispatch"
     PRIVACY_ERASURE = "privacy_erasure"
+    KNOWN_PROFILES = "known_profiles"
+    """A platform's profile export applied to a known-profiles registry."""
     WEBHOOK_DELIVERY = "webhook_delivery"
     """Recorded only when a delivery fails (one run per delivery would flood the log)."""
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from core.errors import StorageError
 from core.services import Services
 from core.settings import load_settings
+from core.storage import BlobRef
 from core.webhooks.hook import WebhookProvider
 from core.webhooks.providers import configured_providers
 
@@ -78,3 +79,11 @@ def parse_body(req: func.HttpRequest, model: type[M]) -> M | func.HttpResponse:
             for e in exc.errors(include_url=False, include_input=False)
         )
         return error_response(400, "bad_request", problems)
+
+
+def blob_ref(client: Any) -> BlobRef:
+    """The version of the blob a blob trigger was handed (`azurefunctions` BlobClient)."""
+    props = client.get_blob_properties()
+    return BlobRef(
+        client.container_name, client.blob_name, str(props.etag), props.size, props.last_modified
+    )

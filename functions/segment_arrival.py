@@ -7,10 +7,9 @@ import azurefunctions.extensions.bindings.blob as blob
 
 from core.containers import SEGMENTS
 from core.segments.arrival import run_of_blob
-from core.storage import BlobRef
 from core.sync.service import process_segment_file
 from core.verdicts import verdict_on_failure
-from functions._wiring import SETTINGS, services
+from functions._wiring import SETTINGS, blob_ref, services
 
 bp = func.Blueprint()
 
@@ -22,10 +21,7 @@ bp = func.Blueprint()
     source=func.BlobSource(SETTINGS.segments_trigger_source),
 )
 def segment_file_arrived(client: blob.BlobClient) -> None:
-    props = client.get_blob_properties()
-    ref = BlobRef(
-        client.container_name, client.blob_name, str(props.etag), props.size, props.last_modified
-    )
+    ref = blob_ref(client)
     # The host retries a failing blob, then poisons it (functions/verdicts.py ends the run).
     with verdict_on_failure(services(), lambda: run_of_blob(services(), ref), final=False):
         process_segment_file(services(), ref)

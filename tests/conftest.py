@@ -84,7 +84,7 @@ SCENARIOS = (
     "storm-429", "storm-5xx", "crash", "terminal", "gzip", "jsonl", "consent", "upsert",
     "fanout", "dryrun", "mirror", "manifest", "push", "lookup-budget", "early-manifest",
     "manifest-deadline", "header-only", "long-line", "gov-blocked", "gov-drop",
-    "gov-dataset", "consent-aep", "consent-withdrawn", "erasure",
+    "gov-dataset", "consent-aep", "consent-withdrawn", "erasure", "campaign",
 )  # fmt: skip
 
 
@@ -134,6 +134,8 @@ def scenario_syncs(path: Path) -> Path:
             copy["processing"] = {"in_memory_max_rows": 100, "unchanged_lookup_mb": 0.07}
         if name == "storm-5xx":
             copy["destination"] = {"type": "braze", "max_attempts": 8}
+        if name == "campaign":  # Adobe Campaign import files; its registry is its own
+            copy["destination"] = {"type": "adobe_campaign", "known_profiles": "campaign-e2e"}
         if name in GOVERNED:
             copy = GOVERNED[name](copy)
         document["syncs"].append(copy)
