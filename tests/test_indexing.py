@@ -28,6 +28,10 @@ EXPECTED = {
         "blobTrigger",
         {"path": "segments/{sync_id}/{name}", "connection": "AzureWebJobsStorage"},
     ),
+    "profile_export_arrived": (
+        "blobTrigger",
+        {"path": "known-profiles/{registry}/{name}", "connection": "AzureWebJobsStorage"},
+    ),
     "change_suppression": (
         "httpTrigger",
         {"route": "suppressions", "methods": ["POST", "DELETE"], "authLevel": "FUNCTION"},

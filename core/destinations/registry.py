@@ -56,10 +56,11 @@ def _braze(
 
 def campaign_drop_storage(settings: Settings, storage: Storage | None) -> Storage | None:
     """The account Campaign's workflow reads: its own connection string, or ours."""
-    if settings.campaign_drop_connection is None:
+    connection = settings.campaign_drop_connection
+    if connection is None or not connection.get_secret_value().strip():
         return storage
     try:
-        account = parse_connection_string(settings.campaign_drop_connection.get_secret_value())
+        account = parse_connection_string(connection.get_secret_value())
     except ConfigError as exc:
         raise ConfigError(f"SWITCHBOARD_CAMPAIGN_DROP_CONNECTION: {exc}") from None
     return Storage(account)
@@ -78,8 +79,7 @@ def _campaign(
 
 
 def _campaign_settings(settings: Settings) -> None:
-    if settings.campaign_drop_connection is not None:
-        campaign_drop_storage(settings, None)
+    campaign_drop_storage(settings, None)  # a malformed connection string: ConfigError
 
 
 @dataclass(frozen=True)
